@@ -1,0 +1,144 @@
+"""
+Performance, measured as ratios of two things timed side by side in one process.
+
+Every row times A and B with the same harness (warm-up, then the median of repeats; CUDA events on a GPU)
+and prints rate_A, rate_B and their ratio, so the numbers compare like with like on whatever machine
+runs them. `python bench.py` prints the table and writes out/bench/results.json;
+`python bench.py --rows=generation_kv_cache` runs some rows only.
+
+A row is a plain function (cfg, device) -> dict made by `row(...)`. Paper issues append theirs to ROWS.
+"""
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+
+from model import GPT, ModelConfig, parse_config, pick_device
+
+
+@dataclass
+class Config:
+    rows: str = ""           # comma-separated row names; empty = all
+    device: str = "auto"
+    repeats: int = 5         # timed repeats per side (median reported)
+    warmup: int = 2
+    out_dir: str = "out/bench"
+    seed: int = 0
+
+
+PRESETS = {"smoke": dict(repeats=1, warmup=1)}
+
+
+def time_fn(fn, cfg, device):
+    """Median wall seconds of fn() over cfg.repeats runs after cfg.warmup runs."""
+    for _ in range(cfg.warmup):
+        fn()
+    times = []
+    for _ in range(cfg.repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def row(name, what, a_label, a_rate, b_label, b_rate, unit, target=None, **extra):
+    """ratio = rate_A / rate_B; `target` (optional) is the ratio the issue asks for, checked >=."""
+    ratio = a_rate / b_rate
+    return dict(name=name, what=what, a=a_label, a_rate=a_rate, b=b_label, b_rate=b_rate, unit=unit,
+                ratio=ratio, target=target, meets_target=None if target is None else ratio >= target, **extra)
+
+
+# --- rows ------------------------------------------------------------------------------------------
+SIZES = {   # small: the built-in experiments' shape; medium: a few times wider and deeper
+    "small": dict(n_layer=4, n_head=4, n_embd=128, d_ff=512, vocab_size=512, block_size=128),
+    "medium": dict(n_layer=8, n_head=8, n_embd=256, d_ff=1024, vocab_size=512, block_size=128),
+}
+
+
+def _train_tokens_per_s(flavor, size, cfg, device, batch=16):
+    mcfg = ModelConfig(flavor=flavor, bias=flavor == "gpt2", **SIZES[size])
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, mcfg.vocab_size, (batch, mcfg.block_size), device=device)
+    y = torch.roll(x, -1, dims=1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return batch * mcfg.block_size / time_fn(step, cfg, device), model.num_params()
+
+
+def train_step(size):
+    def bench_row(cfg, device):
+        gpt2, n_gpt2 = _train_tokens_per_s("gpt2", size, cfg, device)
+        llama, n_llama = _train_tokens_per_s("llama", size, cfg, device)
+        return row(f"train_{size}", f"training step, {size} model ({n_gpt2/1e6:.2f}M / {n_llama/1e6:.2f}M params)",
+                   "gpt2", gpt2, "llama", llama, "tokens/s")
+    bench_row.__name__ = f"train_{size}"
+    return bench_row
+
+
+def generation_kv_cache(cfg, device, batch=8, prompt_len=16, new_tokens=64):
+    mcfg = ModelConfig(flavor="llama", bias=False, **SIZES["small"])
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device).eval()
+    prompts = torch.randint(0, mcfg.vocab_size, (batch, prompt_len), device=device)
+    cached = model.generate(prompts, new_tokens, use_cache=True)
+    assert torch.equal(cached, model.generate(prompts, new_tokens, use_cache=False)), "cache changed the output"
+    t_cache = time_fn(lambda: model.generate(prompts, new_tokens, use_cache=True), cfg, device)
+    t_plain = time_fn(lambda: model.generate(prompts, new_tokens, use_cache=False), cfg, device)
+    n = batch * new_tokens
+    return row("generation_kv_cache", f"greedy generation, {batch} x {prompt_len}+{new_tokens} tokens",
+               "KV cache", n / t_cache, "no cache", n / t_plain, "tokens/s")
+
+
+ROWS = [train_step("small"), train_step("medium"), generation_kv_cache]
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, PRESETS)
+    device = pick_device(cfg.device)
+    wanted = [r for r in cfg.rows.split(",") if r]
+    names = [f.__name__ for f in ROWS]
+    unknown = [r for r in wanted if r not in names]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; valid rows: {', '.join(names)}")
+    results = []
+    print(f"{'row':<24} {'A':>24} {'B':>24} {'ratio A/B':>10}  target")
+    for fn in ROWS:
+        if wanted and fn.__name__ not in wanted:
+            continue
+        r = fn(cfg, device)
+        results.append(r)
+        tgt = "" if r["target"] is None else f">= {r['target']} ({'met' if r['meets_target'] else 'NOT met'})"
+        print(f"{r['name']:<24} {r['a'] + ' ' + format(r['a_rate'], '.4g'):>24} "
+              f"{r['b'] + ' ' + format(r['b_rate'], '.4g'):>24} {r['ratio']:>10.2f}  {tgt}   [{r['unit']}; {r['what']}]")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    env = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+               gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
+    path = os.path.join(cfg.out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(config=asdict(cfg), env=env, rows=results), f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
