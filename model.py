@@ -10,7 +10,8 @@ Hook points the five papers need (see ../shared/DESIGN.md), all given per forwar
 global state:
 - mlp_mask:    multiplies the MLP hidden activation (after the nonlinearity, after gating for SwiGLU,
                before the down projection). One tensor broadcastable to (B, T, d_ff) used in every
-               layer, or a list with one entry per layer (None = no mask in that layer).
+               layer, or a list with one entry per layer (None = no mask in that layer). Instead of a
+               tensor, an object with .mlp_forward(mlp, x) may compute the masked MLP itself (fast paths).
 - adapters:    attach_adapter(layer, module) adds module(x_normed, ctx) to that block's MLP output;
                ctx is the `adapter_ctx` object passed to forward (per-row ids, block-lists, ...).
 - doc_ids:     (B, T) int per-token document ids; a token attends to earlier tokens of its own document
@@ -142,6 +143,10 @@ class MLP(nn.Module):
         return F.gelu(self.up(x), approximate="tanh")         # GPT-2's gelu_new
 
     def forward(self, x, mask=None):
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            # a mask object computes the masked MLP itself (e.g. NULLs' fast path, which evaluates only the
+            # active neurons); it must equal down(hidden(x) * its_dense_mask)
+            return mask.mlp_forward(self, x)
         h = self.hidden(x)                                   # (B, T, d_ff)
         if mask is not None:
             h = h * mask.to(h.dtype)
