@@ -91,6 +91,7 @@ def sequence_ids(tokens, valid=None):
 def sink_mask(ids, n_shared, n_sink, p):
     """Per-token MemSinks mask. ids (B, T) int64 -> (B, T, n_shared + n_sink) float:
     shared neurons 1, sink neuron j 1 iff u_j(id) < p."""
-    sinks = (lcg_uniforms(ids, n_sink) < p).float()
+    uniq, inv = torch.unique(ids, return_inverse=True)   # draw once per distinct id, index per token
+    sinks = (lcg_uniforms(uniq, n_sink) < p).float()[inv]
     shared = torch.ones(*ids.shape, n_shared, device=ids.device)
     return torch.cat([shared, sinks], dim=-1)

@@ -24,9 +24,12 @@ from memsinks import lcg_uniforms
 # -------------------------------------------------------------------------------------------------
 
 def source_sinks(src_ids, n_pool, n_source):
-    """src_ids (...) int64 -> (..., n_source) int64 pool indices (sorted) of the source's active sinks."""
-    u = lcg_uniforms(src_ids, n_pool)                                  # (..., n_pool)
-    return torch.topk(u, n_source, dim=-1, largest=False).indices.sort(dim=-1).values
+    """src_ids (...) int64 -> (..., n_source) int64 pool indices (sorted) of the source's active sinks.
+    Drawn once per distinct id (a batch holds few sources but many tokens), then indexed per token."""
+    uniq, inv = torch.unique(src_ids, return_inverse=True)
+    u = lcg_uniforms(uniq, n_pool)                                     # (U, n_pool)
+    idx = torch.topk(u, n_source, dim=-1, largest=False).indices.sort(dim=-1).values
+    return idx[inv]                                                    # (..., n_source)
 
 
 def source_mask(src_ids, n_gen, n_pool, n_source, forget=()):
