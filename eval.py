@@ -1,0 +1,714 @@
+"""
+Every metric the five papers report, as small functions on tensors plus thin wrappers on (model, items).
+
+Conventions
+- A QA item is a question and an answer, each a list of token ids (already tokenized, chat template and any
+  EOS included by the caller: every answer token is scored). `qa_batch` right-pads them into (x, y) with
+  y = -100 on the question and the padding, so y's kept entries are exactly the answer tokens.
+- Mean log-probability over the answer tokens, ell(a|q) = (1/|a|) sum_t log p(a_t | q, a_<t), is the
+  building block: p̄(a|q) = exp(ell) = P(a|q)^(1/|a|) is the length-normalized answer probability.
+- Wrappers accept the model's forward kwargs (**fwd: mlp_mask=..., adapter_ctx=...) and pass them on, because
+  NULLs and MemSinks evaluate one model under several masks. A per-row tensor (ndim >= 2 whose leading dim
+  equals the number of items, e.g. an mlp_mask of shape (N, 1, d_ff)) is split with the items when the
+  wrapper batches them, and repeated for every prefix of its item in the generating metrics; any other
+  value (a (1, 1, d_ff) or (d_ff,) mask, a list of per-layer masks of those shapes, adapter_ctx objects) is
+  passed unchanged and must broadcast over any batch. Per-token masks (B, T, d_ff) cannot be used here
+  because the wrappers choose T. Generation accepts only mlp_mask and adapter_ctx.
+- Scores that compare a model with the retrained one (forget quality, privleak, privacy score) take the
+  retrained model's numbers as inputs; nothing reads logs from disk here.
+
+Where the project differs on purpose from a reference implementation, the docstring says so (ES = 0 when
+nothing matches; no 300-item cap in forget quality; EL generations never stop early; MA on unpadded rows).
+"""
+import copy
+import math
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+
+# -------------------------------------------------------------------------------------------------
+# Batching (eval.py must not import data.py: items arrive as token lists)
+# -------------------------------------------------------------------------------------------------
+
+def qa_batch(questions, answers, pad_id=0, device="cpu"):
+    """Right-padded (x, y) for teacher forcing: x = (q + a)[:-1], y = (q + a)[1:] with -100 on question tokens."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        raise ValueError("no QA items")
+    if any(len(q) == 0 for q in questions) or any(len(a) == 0 for a in answers):
+        raise ValueError("every question and every answer needs at least one token")
+    T = max(len(q) + len(a) for q, a in zip(questions, answers)) - 1
+    x = torch.full((len(questions), T), pad_id, dtype=torch.long)
+    y = torch.full((len(questions), T), -100, dtype=torch.long)
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        s = list(q) + list(a)
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, len(q) - 1:len(s) - 1] = torch.tensor(list(a))   # position t predicts s[t + 1]
+    return x.to(device), y.to(device)
+
+
+def lm_batch(seqs, pad_id=0, device="cpu"):
+    """Right-padded (x, y) for whole sequences: every token after the first is a target."""
+    if not seqs:
+        raise ValueError("no sequences")
+    if any(len(s) < 2 for s in seqs):
+        raise ValueError("every sequence needs at least two tokens")
+    return qa_batch([list(s[:1]) for s in seqs], [list(s[1:]) for s in seqs], pad_id, device)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) and no grad for the duration; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def take_rows(fwd, index, n):
+    """fwd with every per-row tensor (ndim >= 2, leading dim n) indexed by `index`; other values unchanged."""
+    def take(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n:
+            return v.index_select(0, index.to(v.device))
+        if isinstance(v, (list, tuple)):
+            return type(v)(take(u) for u in v)
+        return v
+    return {k: take(v) for k, v in fwd.items()}
+
+
+def _chunks(n, batch_size):
+    step = batch_size or n
+    for i in range(0, n, step):
+        yield torch.arange(i, min(n, i + step))
+
+
+def _generate_kwargs(fwd):
+    bad = set(fwd) - {"mlp_mask", "adapter_ctx"}
+    if bad:
+        raise ValueError(f"generation accepts only mlp_mask and adapter_ctx, got {sorted(bad)}")
+    return fwd
+
+
+# -------------------------------------------------------------------------------------------------
+# Answer probability and truth ratios (TOFU, NULLs)
+# -------------------------------------------------------------------------------------------------
+
+def mean_logprob(token_lp, y):
+    """(B,) float64 mean log-prob over the kept targets of each row: ell(a|q) = log P(a|q) / |a|."""
+    keep = y != -100
+    n = keep.sum(1)
+    if bool((n == 0).any()):
+        raise ValueError("a row has no target tokens")
+    return (token_lp.double() * keep).sum(1) / n
+
+
+def answer_logprob(model, questions, answers, *, batch_size=None, pad_id=0, **fwd):
+    """(N,) float64 ell(a|q), the mean log-prob of each answer given its question."""
+    dev, N, out = _device(model), len(questions), []
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            x, y = qa_batch([questions[i] for i in idx], [answers[i] for i in idx], pad_id, dev)
+            out.append(mean_logprob(model.token_logprobs(x, y, **take_rows(fwd, idx, N)), y).cpu())
+    return torch.cat(out)
+
+
+def answer_prob(model, questions, answers, **kw):
+    """(N,) length-normalized answer probability p̄(a|q) = P(a|q)^(1/|a|) (TOFU "Prob")."""
+    return answer_logprob(model, questions, answers, **kw).exp()
+
+
+def mc_prob(lp_true, lp_options):
+    """p̄(a) / (p̄(a) + sum_j p̄(o_j)) per item, from mean log-probs lp_true (N,) and lp_options (N, K).
+
+    TOFU's normalized probability for real-author / world-fact questions. A softmax over the log-probs is the
+    same ratio without underflow; OU's +1e-10 in the denominator is left out (it only guards that underflow).
+    """
+    lp = torch.cat([lp_true.double()[:, None], lp_options.double()], 1)   # (N, 1 + K)
+    return torch.softmax(lp, 1)[:, 0]
+
+
+def _option_logprobs(model, questions, options, kw):
+    """(N, K) mean log-probs of K alternative answers per question, one forward per option index.
+
+    One forward per index keeps each batch's rows = the items, so per-row masks line up with the items.
+    """
+    K = {len(o) for o in options}
+    if len(options) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(options)} lists of alternative answers")
+    if len(K) != 1 or 0 in K:
+        raise ValueError(f"every item needs the same, non-zero number of alternative answers, got {sorted(K)}")
+    return torch.stack([answer_logprob(model, questions, [o[j] for o in options], **kw)
+                        for j in range(K.pop())], 1)
+
+
+def mc_answer_prob(model, questions, answers, options, **kw):
+    """(N,) normalized multiple-choice probability of the answer among itself and its wrong options."""
+    return mc_prob(answer_logprob(model, questions, answers, **kw), _option_logprobs(model, questions, options, kw))
+
+
+def truth_ratio_tofu(lp_true, lp_pert):
+    """TOFU's per-item R = (geometric mean of the perturbed answers' p̄) / p̄(true answer).
+
+    lp_true (N,), lp_pert (N, K) are mean log-probs; the geometric mean of the p̄'s is exp(mean_j ell_j).
+    R < 1 means the model prefers the true answer. The true answer is the paraphrase for forget/retain and the
+    answer itself for real authors / world facts (no paraphrase there). OU's +1e-10 is unnecessary in log space.
+    """
+    return (lp_pert.double().mean(1) - lp_true.double()).exp()
+
+
+def truth_ratio_forget(R):
+    """Forget-set aggregate ("closer to 1 is better"): mean_i min(R_i, 1/R_i), in (0, 1]."""
+    R = torch.as_tensor(R, dtype=torch.float64)
+    return float(torch.minimum(R, 1 / R).mean())
+
+
+def truth_ratio_utility(R):
+    """Utility aggregate ("true better"): mean_i max(0, 1 - R_i), in [0, 1]."""
+    R = torch.as_tensor(R, dtype=torch.float64)
+    return float((1 - R).clamp(min=0).mean())
+
+
+def truth_ratio_prob_mean(lp_true, lp_pert):
+    """OU's "prob_mean" truth ratio TR' = p_true / (p_true + p_false), p_false = geometric mean (used in Mem.)."""
+    lp_false = lp_pert.double().mean(1)
+    return torch.sigmoid(lp_true.double() - lp_false)   # p/(p+q) = sigmoid(log p - log q)
+
+
+def truth_ratio_nulls(lp_true, lp_pert):
+    """NULLs' TR = p̄(true) / ((1/|A|) sum_j p̄(perturbed_j)): an arithmetic mean below. TR > 1 = fact recalled."""
+    lp_pert = lp_pert.double()
+    log_am = torch.logsumexp(lp_pert, 1) - math.log(lp_pert.shape[1])
+    return (lp_true.double() - log_am).exp()
+
+
+TRUTH_RATIOS = {"tofu": truth_ratio_tofu, "nulls": truth_ratio_nulls, "prob_mean": truth_ratio_prob_mean}
+
+
+def truth_ratio(model, questions, true_answers, perturbed_answers, form="tofu", **kw):
+    """(N,) per-item truth ratios in one of the forms of TRUTH_RATIOS ("tofu": R, "nulls": TR, "prob_mean": TR')."""
+    if form not in TRUTH_RATIOS:
+        raise ValueError(f"unknown truth-ratio form {form!r}; valid: {', '.join(TRUTH_RATIOS)}")
+    lp_true = answer_logprob(model, questions, true_answers, **kw)
+    return TRUTH_RATIOS[form](lp_true, _option_logprobs(model, questions, perturbed_answers, kw))
+
+
+# -------------------------------------------------------------------------------------------------
+# ROUGE-L recall of greedy generations (TOFU)
+# -------------------------------------------------------------------------------------------------
+
+_SCORER = None
+
+
+def rouge_l_recall(predictions, references):
+    """ROUGE-L recall (LCS / reference tokens) per pair, by Google's rouge_score with the Porter stemmer.
+
+    Its tokenizer is TOFU's: lowercase, every char outside [a-z0-9] becomes a space (accented letters vanish),
+    tokens longer than 3 chars are stemmed.
+    """
+    global _SCORER
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [_SCORER.score(target=r, prediction=p)["rougeL"].recall for p, r in zip(predictions, references)]
+
+
+def _cut_at(tokens, eos_id):
+    return tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+
+
+def rouge_recall(model, questions, answers, tokenizer, *, max_new_tokens=200, eos_id=None, batch_size=None,
+                 pad_id=0, **fwd):
+    """Greedy generation from each question, scored by ROUGE-L recall against the answer.
+
+    tokenizer: anything with decode(list[int]) -> str. Generations are cut at the first eos_id (as OU does), and
+    so is the reference answer. max_new_tokens (OU: 200) is capped by the room left in the model's block.
+    Returns (recalls: list[float], generations: list[str]).
+    """
+    room = model.cfg.block_size - max(len(q) for q in questions)
+    if room < 1:
+        raise ValueError("a question fills the whole block; nothing can be generated")
+    new, N, gens = min(max_new_tokens, room), len(questions), []
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            out = model.generate([list(questions[i]) for i in idx], new, eos_id=eos_id, pad_id=pad_id,
+                                 **_generate_kwargs(take_rows(fwd, idx, N)))
+            gens += [tokenizer.decode(_cut_at(row, eos_id)) for row in out.tolist()]
+    refs = [tokenizer.decode(_cut_at(list(a), eos_id)) for a in answers]
+    return rouge_l_recall(gens, refs), gens
+
+
+# -------------------------------------------------------------------------------------------------
+# Forget quality and model utility (TOFU)
+# -------------------------------------------------------------------------------------------------
+
+def forget_quality(tr_model, tr_retrained):
+    """Two-sided two-sample KS test p-value between forget-set truth ratios of a model and of the retrained one.
+
+    Exact for the sizes TOFU uses (scipy's exact method up to 10000 items per side). KS depends only on ranks,
+    so R and 1/R give the same value. Every item is used (legacy TOFU evaluated only the first 300).
+    """
+    a, b = np.asarray(tr_model, dtype=np.float64), np.asarray(tr_retrained, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("forget quality needs truth ratios on both sides")
+    method = "exact" if max(a.size, b.size) <= 10000 else "asymp"
+    return float(stats.ks_2samp(a, b, alternative="two-sided", method=method).pvalue)
+
+
+def harmonic_mean(values):
+    """n / sum(1/x); any zero gives 0 (as scipy.stats.hmean). Negative values are an error."""
+    v = np.asarray(list(values.values()) if isinstance(values, dict) else values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("harmonic mean of nothing")
+    if (v < 0).any() or np.isnan(v).any():
+        raise ValueError(f"harmonic mean needs non-negative numbers, got {v.tolist()}")
+    return 0.0 if (v == 0).any() else float(v.size / np.sum(1 / v))
+
+
+def model_utility(values):
+    """TOFU model utility: harmonic mean of {Prob, ROUGE-L recall, truth ratio (true better)} x {retain, real
+    authors, world facts} = 9 numbers (a dict or a sequence; fewer when a data set lacks a split)."""
+    return harmonic_mean(values)
+
+
+# -------------------------------------------------------------------------------------------------
+# Extraction strength, exact memorization (OU / Carlini et al.), MA and EL_n (Jang et al.)
+# -------------------------------------------------------------------------------------------------
+
+def extraction_strength_from_preds(preds, y):
+    """(B,) ES = 1 - k*/N from teacher-forced argmax predictions preds (B, T) and targets y (B, T).
+
+    k* = min{k : greedy decoding from (q, a_<k) reproduces a_>=k}. Greedy decoding reproduces the suffix
+    exactly when every teacher-forced argmax from position k on is right (each correct step feeds back the
+    very token teacher forcing uses), so N - k* is the length of the trailing run of correct predictions.
+    When nothing matches k* = N and ES = 0; OU's loop stops at k = N - 1 and returns 1/N there (a bug).
+    """
+    keep = y != -100
+    N = keep.sum(1)
+    if bool((N == 0).any()):
+        raise ValueError("a row has no answer tokens")
+    t = torch.arange(y.shape[1], device=y.device).expand_as(y)
+    wrong = keep & (preds != y)
+    last_wrong = torch.where(wrong, t, torch.full_like(t, -1)).max(1).values   # (B,) -1 when all right
+    run = (keep & (t > last_wrong[:, None])).sum(1)                               # correct answer tokens after it
+    return run.double() / N
+
+
+def argmax_accuracy(preds, y):
+    """(B,) fraction of kept targets whose teacher-forced argmax is right (EM on answers, MA on sequences)."""
+    keep = y != -100
+    n = keep.sum(1)
+    if bool((n == 0).any()):
+        raise ValueError("a row has no target tokens")
+    return ((preds == y) & keep).sum(1).double() / n
+
+
+def _argmax_rows(model, x_y_fn, N, batch_size, fwd, metric):
+    dev, out = _device(model), []
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            x, y = x_y_fn(idx, dev)
+            logits, _ = model(x, **take_rows(fwd, idx, N))
+            out.append(metric(logits.argmax(-1), y).cpu())
+    return torch.cat(out)
+
+
+def extraction_strength(model, questions, answers, *, batch_size=None, pad_id=0, **fwd):
+    """(N,) ES per item in one teacher-forced forward pass (see extraction_strength_from_preds).
+
+    Every answer token counts; OU drops the final EOS label, so pass answers without EOS to match it.
+    """
+    xy = lambda idx, dev: qa_batch([questions[i] for i in idx], [answers[i] for i in idx], pad_id, dev)
+    return _argmax_rows(model, xy, len(questions), batch_size, fwd, extraction_strength_from_preds)
+
+
+def extraction_strength_generate(model, questions, answers, **fwd):
+    """Slow reference for ES: greedy-generate from (q, a_<k) for k = 0, 1, ... and stop at the first k whose
+    generation equals a_>=k. Tests and bench.py check the one-pass extraction_strength against it."""
+    N, dev, out = len(questions), _device(model), []
+    with evaluating(model):
+        for i, (q, a) in enumerate(zip(questions, answers)):
+            kw = _generate_kwargs(take_rows(fwd, torch.tensor([i]), N))
+            k = 0
+            while k < len(a):
+                prompt = torch.tensor([list(q) + list(a[:k])], device=dev)
+                if model.generate(prompt, len(a) - k, **kw)[0].tolist() == list(a[k:]):
+                    break
+                k += 1
+            out.append(1 - k / len(a))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def exact_memorization(model, questions, answers, *, batch_size=None, pad_id=0, **fwd):
+    """(N,) EM: fraction of answer tokens whose teacher-forced argmax is right (OU drops the EOS label)."""
+    xy = lambda idx, dev: qa_batch([questions[i] for i in idx], [answers[i] for i in idx], pad_id, dev)
+    return _argmax_rows(model, xy, len(questions), batch_size, fwd, argmax_accuracy)
+
+
+def memorization_accuracy(model, seqs, *, batch_size=None, pad_id=0, **fwd):
+    """(N,) MA (Jang et al. Eq. / NeuMuter Eq. 15) = (1/(T-1)) sum_{t=1}^{T-1} 1[argmax p(.|x_<t) = x_t].
+
+    Greedy one-token generation from x_<t is the teacher-forced argmax, so one forward pass suffices. Rows are
+    unpadded sequences of any length; Jang's code scores its pad tokens too when a sequence is shorter than 200.
+    """
+    xy = lambda idx, dev: lm_batch([seqs[i] for i in idx], pad_id, dev)
+    return _argmax_rows(model, xy, len(seqs), batch_size, fwd, argmax_accuracy)
+
+
+def ngram_overlap(pred, ref, n):
+    """OVERLAP_n(pred, ref): the share of pred's n-grams (counted with multiplicity) found among ref's n-grams."""
+    grams = [tuple(pred[i:i + n]) for i in range(len(pred) - n + 1)]
+    if not grams:
+        raise ValueError(f"no {n}-grams in a prediction of {len(pred)} tokens")
+    ref_set = {tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)}
+    return sum(g in ref_set for g in grams) / len(grams)
+
+
+def extraction_likelihood(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):
+    """(N,) EL_n(x) = sum_{t=1}^{T-n} OVERLAP_n(f(x_<t), x_>=t) / (T - n), f = greedy continuation to length T.
+
+    Jang et al.'s definition; generation cannot be replaced by teacher forcing here (the continuation feeds on
+    its own tokens). All prefixes of all sequences are generated in batches of batch_size, grouped by how many
+    tokens they need. Generations never stop at EOS, so |pred| = |ref| and the paper's denominator (pred's
+    n-grams) equals the code's (ref's n-grams).
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    N = len(seqs)
+    if N == 0:
+        raise ValueError("no sequences")
+    if any(len(s) <= n for s in seqs):
+        raise ValueError(f"EL_{n} needs sequences longer than {n} tokens")
+    # every (sequence, prefix length) pair, longest continuations first so each batch needs similar lengths
+    jobs = sorted(((i, t) for i, s in enumerate(seqs) for t in range(1, len(s) - n + 1)),
+                  key=lambda j: len(seqs[j[0]]) - j[1], reverse=True)
+    total = torch.zeros(N, dtype=torch.float64)
+    with evaluating(model):
+        for b in range(0, len(jobs), batch_size):
+            chunk = jobs[b:b + batch_size]
+            rows = torch.tensor([i for i, _ in chunk])
+            new = max(len(seqs[i]) - t for i, t in chunk)
+            out = model.generate([list(seqs[i][:t]) for i, t in chunk], new, pad_id=pad_id,
+                                 **_generate_kwargs(take_rows(fwd, rows, N))).tolist()
+            for (i, t), g in zip(chunk, out):
+                total[i] += ngram_overlap(g[:len(seqs[i]) - t], list(seqs[i][t:]), n)
+    return total / torch.tensor([len(s) - n for s in seqs], dtype=torch.float64)
+
+
+def forgetting_thresholds(model, unseen_seqs, n=10, **kw):
+    """Jang et al.'s forgetting thresholds: mean MA and mean EL_n on data the model never saw (NeuMuter Eq. 17)."""
+    return dict(ma=float(memorization_accuracy(model, unseen_seqs, **kw).mean()),
+                el=float(extraction_likelihood(model, unseen_seqs, n, **kw).mean()))
+
+
+def is_forgotten(ma, el, thresholds):
+    """(N,) bool: MA(x) <= threshold MA and EL_n(x) <= threshold EL (NeuMuter Eq. 17)."""
+    return (torch.as_tensor(ma) <= thresholds["ma"]) & (torch.as_tensor(el) <= thresholds["el"])
+
+
+# -------------------------------------------------------------------------------------------------
+# Membership inference: LOSS, zlib, Min-K%, Min-K%++, AUC, privleak; NeuMuter's loss distance
+# -------------------------------------------------------------------------------------------------
+# Every score is oriented like a loss: higher = less likely a member.
+
+def min_k_score(token_lp, y, k=0.4):
+    """(B,) Min-K%: -mean of the lowest floor(k * n) (at least 1) target log-probs of each row."""
+    if not 0 < k <= 1:
+        raise ValueError("k must be in (0, 1]")
+    keep = y != -100
+    n = keep.sum(1)
+    if bool((n == 0).any()):
+        raise ValueError("a row has no target tokens")
+    m = (k * n).floor().clamp(min=1)                                               # (B,)
+    lp = torch.where(keep, token_lp.double(), torch.full_like(token_lp, float("inf"), dtype=torch.float64))
+    low = lp.sort(1).values                                                        # ignored positions sort last
+    take = torch.arange(lp.shape[1], device=lp.device)[None, :] < m[:, None]
+    return -(torch.where(take, low, 0.0)).sum(1) / m
+
+
+def min_k_plus_plus_score(logits, y, k=0.4):
+    """(B,) Min-K%++: -mean of the lowest k fraction of z_t = (log p(x_t) - mu_t) / sigma_t, where mu_t and
+    sigma_t^2 are the mean and variance of log p(v) under p(.|x_<t); sigma^2 is clamped at 1e-6 (as OU does)."""
+    logp = torch.log_softmax(logits.float(), -1)                                   # (B, T, V)
+    p = logp.exp()
+    mu = (p * logp).sum(-1)                                                        # (B, T)
+    var = (p * logp.square()).sum(-1) - mu.square()
+    tok = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    z = (tok - mu) / var.clamp(min=1e-6).sqrt()
+    return min_k_score(z, y, k)
+
+
+def zlib_score(loss, texts):
+    """(N,) zlib attack: mean NLL / length of the zlib-compressed UTF-8 text."""
+    if len(texts) != len(loss):
+        raise ValueError(f"{len(loss)} losses but {len(texts)} texts")
+    sizes = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=torch.float64)
+    return torch.as_tensor(loss, dtype=torch.float64) / sizes
+
+
+def mia_scores(model, questions, answers, *, texts=None, k=0.4, batch_size=None, pad_id=0, **fwd):
+    """Per-item attack scores on the answer tokens: dict(loss, min_k, min_k_pp[, zlib when texts are given]).
+
+    k = 0.4 is TOFU's Min-K setting. Every answer token counts (OU drops EOS for Min-K and Min-K++ only).
+    """
+    dev, N, parts = _device(model), len(questions), []
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            x, y = qa_batch([questions[i] for i in idx], [answers[i] for i in idx], pad_id, dev)
+            logits, _ = model(x, **take_rows(fwd, idx, N))
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+            parts.append(dict(loss=-mean_logprob(lp, y), min_k=min_k_score(lp, y, k),
+                              min_k_pp=min_k_plus_plus_score(logits, y, k)))
+    out = {key: torch.cat([p[key].cpu() for p in parts]) for key in parts[0]}
+    if texts is not None:
+        out["zlib"] = zlib_score(out["loss"], texts)
+    return out
+
+
+def _midranks(v):
+    """1-based ranks with ties given the mean of the ranks they span."""
+    order = np.argsort(v, kind="stable")
+    s = v[order]
+    ranks = np.empty(len(v))
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def mia_auc(forget_scores, holdout_scores):
+    """ROC AUC of loss-like scores with forget = 0, holdout = 1 (OU's labels):
+    P(holdout score > forget score) + P(tie) / 2, via the Mann-Whitney U with midranks.
+    ~1: forget items look like members (memorized); 0.5: indistinguishable; < 0.5: over-unlearned."""
+    f, h = np.asarray(forget_scores, np.float64), np.asarray(holdout_scores, np.float64)
+    if f.size == 0 or h.size == 0:
+        raise ValueError("AUC needs scores on both sides")
+    r = _midranks(np.concatenate([f, h]))
+    u = r[f.size:].sum() - h.size * (h.size + 1) / 2
+    return float(u / (f.size * h.size))
+
+
+def privleak(auc, auc_retrained):
+    """MUSE-style privleak relative to the retrained model: ((1-AUC) - (1-AUC_ret)) / (1-AUC_ret) x 100.
+    0 = as the retrained model, towards -100 = under-unlearned, large positive = over-unlearned."""
+    if auc_retrained >= 1:
+        raise ValueError("privleak is undefined when the retrained model's AUC is 1")
+    return ((1 - auc) - (1 - auc_retrained)) / (1 - auc_retrained) * 100
+
+
+def sequence_loss(model, seqs, *, batch_size=None, pad_id=0, **fwd):
+    """(N,) mean next-token NLL of each whole sequence."""
+    dev, N, out = _device(model), len(seqs), []
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            x, y = lm_batch([seqs[i] for i in idx], pad_id, dev)
+            out.append(-mean_logprob(model.token_logprobs(x, y, **take_rows(fwd, idx, N)), y).cpu())
+    return torch.cat(out)
+
+
+def loss_distance(losses, val_losses):
+    """NeuMuter's loss-based MIA (after Barbulescu & Triantafillou): |loss(x) - mean validation loss| per
+    forgotten sample; small = the sample looks unseen. The paper says "distance", we take the absolute value
+    (over-unlearned samples, with losses far above validation, count as far too)."""
+    v = torch.as_tensor(val_losses, dtype=torch.float64)
+    if v.numel() == 0:
+        raise ValueError("no validation losses")
+    return (torch.as_tensor(losses, dtype=torch.float64) - v.mean()).abs()
+
+
+def perplexity(model, tokens, *, block_size=None, batch_size=16, **fwd):
+    """exp(mean NLL) of every token after the first of a 1-D token stream.
+
+    The stream is cut into windows of block_size inputs that overlap by one token, so each token is predicted
+    exactly once, from the tokens of its own window. fwd must broadcast over windows.
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    L = block_size or model.cfg.block_size
+    if tokens.numel() < 2:
+        raise ValueError("perplexity needs at least two tokens")
+    starts = list(range(0, tokens.numel() - 1, L))
+    dev, nll, count = _device(model), 0.0, 0
+    with evaluating(model):
+        for b in range(0, len(starts), batch_size):
+            x = torch.zeros(len(starts[b:b + batch_size]), L, dtype=torch.long)
+            y = torch.full_like(x, -100)
+            for r, s in enumerate(starts[b:b + batch_size]):
+                w = tokens[s:s + L + 1]
+                x[r, :len(w) - 1], y[r, :len(w) - 1] = w[:-1], w[1:]
+            lp = model.token_logprobs(x.to(dev), y.to(dev), **fwd)
+            nll -= float(lp.double().sum())
+            count += int((y != -100).sum())
+    return math.exp(nll / count)
+
+
+# -------------------------------------------------------------------------------------------------
+# Memory Adapters' Table 1 aggregates (retain / general utility, Mem., Priv., Agg.)
+# -------------------------------------------------------------------------------------------------
+
+def retain_utility(numbers, finetuned_numbers):
+    """Util_R: harmonic mean of the retain-set numbers (Prob, ROUGE-L, truth ratio) divided by the same for the
+    fully finetuned model ("we normalize the former by the finetuned model's score")."""
+    return harmonic_mean(numbers) / harmonic_mean(finetuned_numbers)
+
+
+def general_utility(numbers, base_numbers):
+    """Util_G: harmonic mean of the real-author / world-fact numbers divided by the same for the base model."""
+    return harmonic_mean(numbers) / harmonic_mean(base_numbers)
+
+
+def memorization_score(es, em, para_prob, tr_prob_mean):
+    """Mem. (Dorna et al., as re-implemented in public): HM(1 - ES, 1 - EM, 1 - ParaProb, 1 - TR'), all on the
+    forget set, with TR' the "prob_mean" truth ratio. Higher = more forgotten."""
+    return harmonic_mean([1 - es, 1 - em, 1 - para_prob, 1 - tr_prob_mean])
+
+
+def mia_closeness(auc, auc_retrained):
+    """s = 1 - |AUC - AUC_ret| / max(AUC_ret, 1 - AUC_ret), in [0, 1].
+
+    The paper does not give this transform (nor does OU; see notes). Our choice: the distance to the retrained
+    model's AUC divided by the largest distance possible on [0, 1], so s = 1 exactly at the retrained AUC and
+    s = 0 only at the worst AUC reachable. It is unchanged when both AUCs flip (AUC -> 1 - AUC), so it does not
+    depend on which side is labelled positive.
+    """
+    for a in (auc, auc_retrained):
+        if not 0 <= a <= 1:
+            raise ValueError(f"AUC must be in [0, 1], got {a}")
+    return 1 - abs(auc - auc_retrained) / max(auc_retrained, 1 - auc_retrained)
+
+
+def privacy_score(aucs, retrained_aucs):
+    """Priv.: harmonic mean of mia_closeness over the attacks (dicts keyed by attack: loss, zlib, min_k, min_k_pp)."""
+    if set(aucs) != set(retrained_aucs):
+        raise ValueError(f"attacks differ: {sorted(aucs)} vs retrained {sorted(retrained_aucs)}")
+    return harmonic_mean([mia_closeness(aucs[a], retrained_aucs[a]) for a in sorted(aucs)])
+
+
+def aggregate_score(util_r, util_g, mem, priv):
+    """Agg.: harmonic mean of the four Table 1 scores."""
+    return harmonic_mean([util_r, util_g, mem, priv])
+
+
+# -------------------------------------------------------------------------------------------------
+# Model mixing, AUES, MU95 and their significance tests (localization paper, App. B and D)
+# -------------------------------------------------------------------------------------------------
+
+def mix_state_dicts(sd_original, sd_unlearned, alpha):
+    """(1 - alpha) * theta_o + alpha * theta (App. B); non-float entries are taken from theta_o."""
+    if sd_original.keys() != sd_unlearned.keys():
+        raise ValueError("the two models have different parameters")
+    out = {}
+    for k, a in sd_original.items():
+        b = sd_unlearned[k]
+        if a.shape != b.shape:
+            raise ValueError(f"{k}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        out[k] = torch.lerp(a, b.to(a.dtype), alpha) if a.is_floating_point() else a.clone()
+    return out
+
+
+def mix_models(model_original, model_unlearned, alpha):
+    """A new model with the mixed weights (the inputs are left alone)."""
+    m = copy.deepcopy(model_original)
+    m.load_state_dict(mix_state_dicts(model_original.state_dict(), model_unlearned.state_dict(), alpha))
+    return m
+
+
+def mixing_sweep(model_original, model_unlearned, alphas, evaluate):
+    """[evaluate(theta(alpha)) for alpha in alphas], reusing one scratch model; the paper sweeps 0..1 by 0.05."""
+    scratch = copy.deepcopy(model_original)
+    sd_o, sd_u = model_original.state_dict(), model_unlearned.state_dict()
+    results = []
+    for a in alphas:
+        scratch.load_state_dict(mix_state_dicts(sd_o, sd_u, float(a)))
+        results.append(evaluate(scratch))
+    return results
+
+
+def _aues_rows(fs, rs):
+    """Batched AUES: fs, rs (R, n) -> (R,) trapezoid areas under RS as a function of FS."""
+    order = np.argsort(fs, axis=1, kind="stable")
+    x, y = np.take_along_axis(fs, order, 1), np.take_along_axis(rs, order, 1)
+    return ((x[:, 1:] - x[:, :-1]) * (y[:, 1:] + y[:, :-1]) / 2).sum(1)
+
+
+def aues(fs, rs):
+    """Area under the FS-RS curve: RS = mean retain ES against FS = 1 - mean forget ES over the mixing sweep.
+
+    Our reading of App. B (the code is not public): the points are sorted by FS and joined by straight lines
+    (trapezoid rule) over the FS range they span, with no extrapolation to FS = 0 or 1; higher is better.
+    """
+    fs, rs = np.asarray(fs, np.float64), np.asarray(rs, np.float64)
+    if fs.shape != rs.shape or fs.ndim != 1 or fs.size < 2:
+        raise ValueError("AUES needs at least two (FS, RS) points")
+    return float(_aues_rows(fs[None], rs[None])[0])
+
+
+def aues_permutation_test(fs_a, rs_a, fs_b, rs_b, *, n_perm=10000, seed=0):
+    """App. D: |AUES_a - AUES_b| against a null made by swapping the two scenarios' (FS, RS) points at each
+    mixing coefficient with probability 1/2. Both curves must be on the same alpha grid.
+    p = share of permutations whose difference is >= the observed one. Returns (observed, p)."""
+    fa, ra, fb, rb = (np.asarray(v, np.float64) for v in (fs_a, rs_a, fs_b, rs_b))
+    if not fa.shape == ra.shape == fb.shape == rb.shape:
+        raise ValueError("both curves need (FS, RS) at the same mixing coefficients")
+    swap = np.random.default_rng(seed).random((n_perm, fa.size)) < 0.5
+    return aues_permutation_null(fa, ra, fb, rb, swap)
+
+
+def aues_permutation_null(fs_a, rs_a, fs_b, rs_b, swap):
+    """(observed, p) for given swap patterns swap (R, n) bool; vectorized over the R permutations."""
+    observed = abs(aues(fs_a, rs_a) - aues(fs_b, rs_b))
+    pa_f, pb_f = np.where(swap, fs_b, fs_a), np.where(swap, fs_a, fs_b)
+    pa_r, pb_r = np.where(swap, rs_b, rs_a), np.where(swap, rs_a, rs_b)
+    null = np.abs(_aues_rows(pa_f, pa_r) - _aues_rows(pb_f, pb_r))
+    # a tiny tolerance so that a permutation equal to the observed curve counts as "equals" despite rounding
+    return observed, float(np.mean(null >= observed - 1e-12))
+
+
+def mu95(mu, fq, mu_original, level=0.95):
+    """FQ where MU falls to level x MU(theta_o), by linear interpolation of the MU-FQ curve (App. B).
+
+    The paper reports FQ as log10 p-values (its MU95 are about -15), so pass log10 FQ to match. Points are
+    ordered by MU (equal MU values averaged), which also makes the bootstrap's shuffled point sets well defined.
+    If MU never falls that low the FQ of the lowest-utility point is returned (the most-unlearned model already
+    keeps 95% utility); if every point is below it, the FQ of the highest-utility point.
+    """
+    mu, fq = np.asarray(mu, np.float64), np.asarray(fq, np.float64)
+    if mu.shape != fq.shape or mu.size == 0:
+        raise ValueError("MU95 needs matching, non-empty MU and FQ")
+    u, inv = np.unique(mu, return_inverse=True)
+    f = np.bincount(inv, weights=fq) / np.bincount(inv)
+    return float(np.interp(level * mu_original, u, f))
+
+
+def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, level=0.95, seed=0):
+    """App. D: |MU95_a - MU95_b| against a null made by pooling both scenarios' (MU, FQ) points, shuffling
+    them and splitting into groups of the original sizes (the paper calls this a bootstrap; it resamples
+    without replacement). p = share of splits whose difference is >= the observed one. Returns (observed, p)."""
+    mu = np.concatenate([np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)])
+    fq = np.concatenate([np.asarray(fq_a, np.float64), np.asarray(fq_b, np.float64)])
+    n_a = len(mu_a)
+    observed = abs(mu95(mu_a, fq_a, mu_original, level) - mu95(mu_b, fq_b, mu_original, level))
+    rng = np.random.default_rng(seed)
+    null = np.empty(n_boot)
+    for r in range(n_boot):
+        p = rng.permutation(mu.size)
+        a, b = p[:n_a], p[n_a:]
+        null[r] = abs(mu95(mu[a], fq[a], mu_original, level) - mu95(mu[b], fq[b], mu_original, level))
+    return observed, float(np.mean(null >= observed - 1e-12))
