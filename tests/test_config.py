@@ -1,0 +1,153 @@
+"""--key=value config parsing, presets, errors that list the valid keys, device picking."""
+import typing
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from model import ModelConfig, parse_config, pick_device
+
+
+@dataclass
+class Cfg:
+    n_layer: int = 2
+    lr: float = 3e-3
+    name: str = "run"
+    compile: bool = False
+    betas: tuple = (0.9, 0.95)
+    sizes: tuple[int, ...] = (1, 2)
+    pair: tuple[int, float] = (1, 0.5)
+    widths: list[int] = field(default_factory=lambda: [4, 8])
+    data: typing.Optional[str] = None      # Optional annotation
+    limit: typing.Optional[int] = 10       # Optional with a non-None default
+    anything: object = None                # default None, no usable type: parse sensibly
+    preset: str = "default"
+
+
+PRESETS = {"smoke": {"n_layer": 1, "lr": 1e-2, "name": "smoke"}, "paper": {"n_layer": 12, "data": "wiki"}}
+
+
+def parse(*argv, presets=PRESETS):
+    return parse_config(Cfg, list(argv), presets)
+
+
+def test_defaults_without_args():
+    assert parse() == Cfg()
+
+
+def test_scalar_types():
+    c = parse("--n_layer=4", "--lr=3e-4", "--name=hello world", "--compile=true")
+    assert (c.n_layer, c.lr, c.name, c.compile) == (4, 3e-4, "hello world", True)
+    assert type(c.n_layer) is int and type(c.lr) is float
+    assert parse("--lr=1").lr == 1.0 and type(parse("--lr=1").lr) is float   # int-looking float stays float
+    assert parse("--n_layer=1e3").n_layer == 1000                             # integral scientific notation
+
+
+@pytest.mark.parametrize("text,val", [("true", True), ("True", True), ("1", True), ("yes", True),
+                                      ("false", False), ("FALSE", False), ("0", False), ("no", False)])
+def test_bool_spellings(text, val):
+    assert parse(f"--compile={text}").compile is val
+
+
+def test_tuples_and_lists():
+    assert parse("--betas=0.8,0.99").betas == (0.8, 0.99)
+    assert parse("--betas=(0.8,0.99)").betas == (0.8, 0.99)
+    assert parse("--betas=(0.8, 1)").betas == (0.8, 1.0)                 # element types follow the default
+    assert type(parse("--betas=(0.8, 1)").betas[1]) is float
+    assert parse("--sizes=3,4,5").sizes == (3, 4, 5)                     # tuple[int, ...]: any length
+    assert parse("--sizes=(7,)").sizes == (7,)
+    assert parse("--sizes=()").sizes == ()
+    assert parse("--pair=2,0.25").pair == (2, 0.25)                      # tuple[int, float]: fixed
+    assert parse("--widths=[16,32]").widths == [16, 32]
+
+
+def test_none_handling():
+    assert parse("--data=None").data is None
+    assert parse("--data=wiki").data == "wiki"
+    assert parse("--limit=None").limit is None                           # Optional[int] with default 10
+    assert parse("--limit=5").limit == 5
+    # a None-default field with no usable type takes int, then float, then str
+    assert parse("--anything=3").anything == 3 and type(parse("--anything=3").anything) is int
+    assert parse("--anything=0.5").anything == 0.5
+    assert parse("--anything=abc").anything == "abc"
+    assert parse("--anything=None").anything is None
+
+
+def test_presets_apply_first_then_overrides():
+    c = parse("--lr=5e-4", "--preset=smoke")          # preset is applied first wherever it stands
+    assert (c.n_layer, c.lr, c.name, c.preset) == (1, 5e-4, "smoke", "smoke")
+    assert parse("--preset=paper").data == "wiki"
+    assert parse("--preset=paper").preset == "paper"
+
+
+def test_presets_default_to_module_PRESETS():
+    # parse_config finds PRESETS in the module that defines the Config class (this test module)
+    assert parse_config(Cfg, ["--preset=smoke"]).n_layer == 1
+
+
+def test_dash_spelling_of_keys():
+    assert parse("--n-layer=3").n_layer == 3
+
+
+def _fails(capsys, *argv, presets=PRESETS):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv, presets=presets)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    for key in ("n_layer", "lr", "betas", "data", "widths"):        # the valid keys are listed
+        assert f"--{key}" in err
+    return err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--nlayer=3"], "unknown key 'nlayer'"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+    (["n_layer=3"], "malformed"),
+    (["--n_layer"], "malformed"),
+    (["--n_layer=three"], "bad value for --n_layer"),
+    (["--n_layer=1.5"], "bad value for --n_layer"),
+    (["--lr=fast"], "bad value for --lr"),
+    (["--compile=maybe"], "bad value for --compile"),
+    (["--n_layer=None"], "bad value for --n_layer"),                 # not Optional
+    (["--pair=1,2,3"], "bad value for --pair"),                      # fixed-length tuple
+    (["--betas=a,b"], "bad value for --betas"),
+    (["--n_layer=1", "--n_layer=2"], "given twice"),
+    (["--preset=smoke", "--preset=paper"], "given twice"),
+])
+def test_errors_exit_and_list_valid_keys(capsys, argv, msg):
+    assert msg in _fails(capsys, *argv)
+
+
+def test_preset_with_unknown_key_fails(capsys):
+    assert "unknown keys" in _fails(capsys, "--preset=bad", presets={"bad": {"nope": 1}})
+
+
+def test_post_init_errors_exit(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(ModelConfig, ["--flavor=bert"], {})
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "flavor must be" in err and "--n_embd" in err
+    # and the real model config parses its bare `tuple` field element-wise
+    assert parse_config(ModelConfig, ["--rope_scaling=8,1,4,8192"], {}).rope_scaling == (8, 1, 4, 8192)
+
+
+def test_help_lists_keys_with_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--lr" in out and "0.003" in out and "(0.9, 0.95)" in out and "smoke" in out
+
+
+def test_pick_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="unknown device"):
+        pick_device("gpu")

@@ -1,0 +1,391 @@
+"""The shared training loop, its optimizer groups and schedule, checkpoints and exact resume (all on CPU)."""
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+
+import model as M
+from model import (GPT, ModelConfig, TrainConfig, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
+                   save_checkpoint, set_rng_state, train)
+
+V, T = 48, 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models on a shared 2-core machine: a second intra-op thread only adds contention (10x slower here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(flavor="gpt2", seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(flavor=flavor, vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, d_ff=64,
+                           bias=flavor == "gpt2", dropout=dropout))
+
+
+SEQS = torch.randint(0, V, (6, T + 1), generator=torch.Generator().manual_seed(123))
+
+
+def batches(step, B=4):
+    """The data order is a function of the step alone: exact resume needs nothing else."""
+    g = torch.Generator().manual_seed(1000 + step)
+    rows = SEQS[torch.randint(0, len(SEQS), (B,), generator=g)]
+    return {"x": rows[:, :-1], "y": rows[:, 1:]}
+
+
+class SeqIter:
+    """An iterator feeding the same kind of batches, resumable through its state_dict."""
+    def __init__(self, seed=7):
+        self.g = torch.Generator().manual_seed(seed)
+        self.n = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.n += 1
+        rows = SEQS[torch.randint(0, len(SEQS), (4,), generator=self.g)]
+        return {"x": rows[:, :-1], "y": rows[:, 1:]}
+
+    def state_dict(self):
+        return {"g": self.g.get_state(), "n": self.n}
+
+    def load_state_dict(self, s):
+        self.g.set_state(s["g"])
+        self.n = s["n"]
+
+
+def cfg(**kw):
+    base = dict(lr=1e-2, warmup_steps=2, max_steps=10, device="cpu", log_every=0, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+# --- schedule ------------------------------------------------------------------------------------
+
+def lr_reference(step, max_lr, warmup, total, min_lr):
+    # written out separately, in float64: linear warmup (step+1)/warmup, then half a cosine to min_lr at `total`
+    if step < warmup:
+        return max_lr * (step + 1.0) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / float(total - warmup)
+    return min_lr + (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def test_lr_schedule_matches_formula():
+    for warmup, total in [(0, 10), (3, 10), (10, 10), (5, 100)]:
+        for step in range(total + 3):
+            assert lr_at(step, 3e-3, warmup, total, 3e-4) == pytest.approx(lr_reference(step, 3e-3, warmup, total, 3e-4),
+                                                                           rel=1e-12)
+
+
+def test_lr_schedule_worked_values():
+    assert lr_at(0, 1.0, 4, 104, 0.1) == 0.25                 # first warmup step
+    assert lr_at(3, 1.0, 4, 104, 0.1) == 1.0                  # end of warmup
+    assert lr_at(4, 1.0, 4, 104, 0.1) == 1.0                  # cosine starts at the top
+    assert lr_at(54, 1.0, 4, 104, 0.1) == pytest.approx(0.55)  # halfway: the mean of max and min
+    assert lr_at(104, 1.0, 4, 104, 0.1) == 0.1 and lr_at(500, 1.0, 4, 104, 0.1) == 0.1
+    with pytest.raises(ValueError):
+        lr_at(0, 1.0, 11, 10, 0.1)
+    with pytest.raises(ValueError):
+        lr_at(0, 1.0, 0, 0, 0.1)
+
+
+# --- optimizer groups ----------------------------------------------------------------------------
+
+def _names(model, group):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {by_id[id(p)] for p in group["params"]}
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_weight_decay_only_on_2d_weights(flavor):
+    m = tiny(flavor)
+    opt = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))
+    groups = {g["name"]: g for g in opt.param_groups}
+    decay, no_decay = _names(m, groups["decay"]), _names(m, groups["no_decay"])
+    assert decay == {n for n, p in m.named_parameters() if p.dim() == 2}
+    assert no_decay == {n for n, p in m.named_parameters() if p.dim() == 1}
+    assert "wte.weight" in decay                               # embeddings decay, as in nanoGPT
+    assert not any(n.endswith(".bias") or "ln" in n for n in decay)
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == m.num_params()                             # the tied lm_head counted once, nothing lost
+
+
+def test_extra_groups_are_taken_out_and_frozen_params_left_out():
+    m = tiny()
+    values = m.blocks[1].mlp.down.weight
+    m.blocks[0].attn.qkv.weight.requires_grad_(False)
+    opt = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95),
+                         extra_groups=[{"params": [values], "lr": 1e-2, "weight_decay": 0.0, "constant_lr": True,
+                                        "name": "values"}])
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert _names(m, groups["values"]) == {"blocks.1.mlp.down.weight"}
+    assert "blocks.1.mlp.down.weight" not in _names(m, groups["decay"])
+    assert "blocks.0.attn.qkv.weight" not in set().union(*(_names(m, g) for g in opt.param_groups))
+    g = groups["values"]
+    assert (g["lr"], g["base_lr"], g["weight_decay"], g["constant_lr"]) == (1e-2, 1e-2, 0.0, True)
+    assert groups["decay"]["constant_lr"] is False and groups["decay"]["base_lr"] == 1e-3
+
+
+def test_duplicate_params_raise():
+    m = tiny()
+    w = m.blocks[0].mlp.up.weight
+    with pytest.raises(ValueError, match="two optimizer groups"):
+        make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), extra_groups=[{"params": [w]}, {"params": [w]}])
+    with pytest.raises(ValueError, match="two optimizer groups"):
+        make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), extra_groups=[{"params": [w, w]}])
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        make_optimizer(m, 1e-3, 0.1)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+@dataclass
+class RunCfg:
+    lr: float = 1e-2
+    name: str = "unit"
+    betas: tuple = (0.9, 0.95)
+
+
+def _trained_pair():
+    m = tiny()
+    opt = make_optimizer(m, 1e-2, 0.1)
+    for step in range(3):
+        b = batches(step)
+        m(b["x"], b["y"])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m, opt = _trained_pair()
+    tok = {"kind": "word", "vocab": ["<pad>", "the", "cat"], "eos_id": 2}
+    path = save_checkpoint(tmp_path / "sub" / "ckpt.pt", m, opt, step=3, config=RunCfg(), tokenizer=tok,
+                           extra={"note": "hi"})
+    draw = torch.rand(3)                                       # the RNG state was saved before this draw
+    ck = load_checkpoint(path)
+    assert ck["step"] == 3 and ck["config"] == {"lr": 1e-2, "name": "unit", "betas": (0.9, 0.95)}
+    assert ck["tokenizer"] == tok and ck["extra"] == {"note": "hi"}
+    assert ck["model_config"]["n_embd"] == 32
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    m2 = model_from_checkpoint(ck)
+    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert m2.lm_head.weight is m2.wte.weight                  # tying survives the round trip
+    opt2 = make_optimizer(m2, 1e-2, 0.1)
+    opt2.load_state_dict(ck["optimizer"])
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    set_rng_state(ck["rng"])
+    assert torch.equal(torch.rand(3), draw)
+
+
+def test_checkpoint_strips_wrapper_prefixes(tmp_path):
+    m = tiny()
+
+    class Wrapped(nn.Module):                                  # what torch.compile returns: the model in _orig_mod
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+    assert all(k.startswith("_orig_mod.") for k in Wrapped(m).state_dict())
+    save_checkpoint(tmp_path / "c.pt", Wrapped(m), step=1)
+    ck = load_checkpoint(tmp_path / "c.pt")
+    assert set(ck["model"]) == set(m.state_dict()) and ck["optimizer"] is None
+
+
+def test_interrupted_write_keeps_old_checkpoint(tmp_path, monkeypatch):
+    m, opt = _trained_pair()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, m, opt, step=3)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):                          # dies half way through writing
+        f.write(b"\x80\x02half a pickle")
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        m.wte.weight.add_(1.0)
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, m, opt, step=4)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                 # no temp file left behind
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["step"] == 3
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError):
+        model_from_checkpoint(str(tmp_path / "nope.pt"))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def test_training_memorizes_a_tiny_set():
+    m = tiny()
+    h = train(m, batches, cfg(lr=1e-2, max_steps=80, warmup_steps=5))
+    assert len(h["loss"]) == 80 and h["steps"] == 80 and h["tokens_per_s"] > 0 and h["wall_time"] > 0
+    assert h["loss"][0] > 3.0                                  # ~ log(48) = 3.87 at the start
+    assert sum(h["loss"][-5:]) / 5 < 0.5                       # 6 sequences memorized
+    with torch.no_grad():
+        b = batches(999)
+        assert (m(b["x"])[0].argmax(-1)[:, 2:] == b["y"][:, 2:]).float().mean() > 0.9
+
+
+def _crash_at(k, feed):
+    def crashing(step):
+        if step == k:
+            raise RuntimeError("power cut")
+        return feed(step)
+    return crashing
+
+
+@pytest.mark.parametrize("feed", ["callable", "iterator"])
+def test_exact_resume_is_bit_identical(tmp_path, feed):
+    c = cfg(max_steps=12, warmup_steps=3, ckpt_every=5)
+    evals = lambda model, step: {"probe": torch.rand(()).item()}   # uses the global RNG in between steps
+    full = train(tiny(dropout=0.1), batches if feed == "callable" else SeqIter(), c, eval_fn=evals)
+    ref = tiny(dropout=0.1)
+    train(ref, batches if feed == "callable" else SeqIter(), c)
+
+    path = str(tmp_path / "run.pt")
+    c2 = cfg(max_steps=12, warmup_steps=3, ckpt_every=5, ckpt_path=path, resume=True)
+    if feed == "callable":
+        first = _crash_at(7, batches)
+    else:
+        class Crashing(SeqIter):
+            def __next__(self):
+                if self.n == 7:
+                    raise RuntimeError("power cut")
+                return super().__next__()
+        first = Crashing()
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(tiny(dropout=0.1), first, c2, eval_fn=evals)
+    assert load_checkpoint(path)["step"] == 5
+    torch.rand(100)                                            # the world moves on between the two runs
+    resumed = tiny(seed=99, dropout=0.1)                       # a different init: everything must come from disk
+    lines = []
+    h = train(resumed, batches if feed == "callable" else SeqIter(seed=12345), c2, eval_fn=evals, log=lines.append)
+    assert any("resumed from" in l and "step 5" in l for l in lines)
+    assert h["start_step"] == 5 and h["loss"] == full["loss"] and len(h["loss"]) == 12
+    for (n, p), q in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert load_checkpoint(path)["step"] == 12
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    lines = []
+    h = train(tiny(), batches, cfg(max_steps=2, ckpt_path=str(tmp_path / "x.pt"), resume=True), log=lines.append)
+    assert h["start_step"] == 0 and any("starting from step 0" in l for l in lines)
+
+
+def test_iterator_without_state_cannot_checkpoint(tmp_path):
+    with pytest.raises(TypeError, match="state_dict"):
+        train(tiny(), iter([batches(0)]), cfg(ckpt_path=str(tmp_path / "x.pt")))
+
+
+def test_checkpoints_hold_run_config_and_tokenizer(tmp_path, monkeypatch):
+    @dataclass
+    class ScriptConfig:                                        # a script's Config, read by field name
+        lr: float = 1e-2
+        max_steps: int = 6
+        ckpt_every: int = 4
+        ckpt_path: str = str(tmp_path / "s.pt")
+        device: str = "cpu"
+        log_every: int = 0
+        hidden: int = 7                                        # not a TrainConfig field: ignored by train
+    saved, real = [], M.save_checkpoint
+    monkeypatch.setattr(M, "save_checkpoint", lambda *a, **k: saved.append(k["extra"]["history"]["loss"][:]) or real(*a, **k))
+    train(tiny(), batches, ScriptConfig(), tokenizer={"vocab": ["a", "b"]})
+    assert [len(s) for s in saved] == [4, 6]                   # every 4 steps and at the end
+    ck = load_checkpoint(tmp_path / "s.pt")
+    assert ck["step"] == 6 and ck["config"]["hidden"] == 7 and ck["tokenizer"] == {"vocab": ["a", "b"]}
+
+
+def test_eval_callback_and_progress_lines():
+    seen = []
+
+    def eval_fn(model, step):
+        seen.append((step, model.training))
+        return {"ppl": torch.tensor(2.5), "n": 3}
+    lines = []
+    h = train(tiny(), batches, cfg(max_steps=10, eval_every=4, log_every=3), eval_fn=eval_fn, log=lines.append)
+    assert seen == [(4, False), (8, False), (10, False)]       # in eval mode, every 4 steps and at the end
+    assert h["eval"] == [{"step": s, "ppl": 2.5, "n": 3} for s in (4, 8, 10)]
+    progress = [l for l in lines if l.startswith("step ")]
+    assert [l.split()[1] for l in progress] == ["3/10", "6/10", "9/10", "10/10"]
+    pat = r"^step \d+/10 \| loss \d+\.\d{3} \| lr \d\.\de-\d\d \| [\d.]+[kM]? tok/s \| eta \d+:\d\d$"
+    assert all(re.match(pat, l) for l in progress), progress
+    assert float(progress[-1].split("|")[1].split()[1]) == pytest.approx(h["loss"][-1], abs=5e-4)
+    assert M._hms(42) == "0:42" and M._hms(3725) == "1:02:05" and M._human(10_500) == "10.5k"
+
+
+def test_schedule_in_the_loop_and_constant_groups():
+    m = tiny()
+    opt = make_optimizer(m, 1e-2, 0.0, extra_groups=[{"params": m.blocks[1].mlp.down.parameters(), "lr": 5e-3,
+                                                        "constant_lr": True, "name": "values"}])
+    c = cfg(max_steps=7, warmup_steps=2, min_lr=1e-3)
+    h = train(m, batches, c, optimizer=opt)
+    assert h["lr"] == pytest.approx([lr_reference(s, 1e-2, 2, 7, 1e-3) for s in range(7)], rel=1e-12)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["values"]["lr"] == 5e-3                      # left alone by the schedule
+    assert groups["decay"]["lr"] == pytest.approx(lr_reference(6, 1e-2, 2, 7, 1e-3), rel=1e-12)
+
+
+def test_grad_clip_bounds_the_update():
+    m = tiny()
+    before = [p.detach().clone() for p in m.parameters()]
+    sgd = torch.optim.SGD(m.parameters(), lr=0.5)
+    train(m, batches, cfg(max_steps=1, warmup_steps=0, grad_clip=1e-3), optimizer=sgd)
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(m.parameters(), before)))
+    assert step.item() == pytest.approx(0.5 * 1e-3, rel=1e-4)  # lr * clipped grad norm
+
+
+def test_model_kwargs_reach_the_model_and_frozen_params_stay():
+    m = tiny()
+    up0 = m.blocks[0].mlp.up.weight.detach().clone()
+    emb0 = m.wte.weight.detach().clone()
+    masked = lambda s: {**batches(s), "mlp_mask": torch.zeros(64)}     # every MLP hidden unit off
+    train(m, masked, cfg(max_steps=3, weight_decay=0.0), param_filter=lambda n, p: n != "wte.weight")
+    assert torch.equal(m.blocks[0].mlp.up.weight, up0)         # no gradient through a zero mask, no decay
+    assert torch.equal(m.wte.weight, emb0) and not m.wte.weight.requires_grad
+    assert not torch.equal(m.blocks[0].attn.qkv.weight, tiny().blocks[0].attn.qkv.weight)
+
+
+def test_custom_loss_fn_and_unknown_batch_keys():
+    def weighted(model, b):                                    # e.g. a per-token weight from source ids
+        logits, _ = model(b["x"])
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), reduction="none")
+        return (nll * b["w"].flatten()).sum() / b["w"].sum()
+    feed = lambda s: {**batches(s), "w": (torch.arange(T) % 2).float().expand(4, T)}
+    m = tiny()
+    with torch.no_grad():
+        expect = weighted(m, feed(0)).item()
+    h = train(m, feed, cfg(max_steps=2), loss_fn=weighted)
+    assert h["loss"][0] == pytest.approx(expect, rel=1e-6)
+    with pytest.raises(ValueError, match="not model inputs"):
+        train(tiny(), feed, cfg(max_steps=1, warmup_steps=0))
+
+
+def test_bad_train_input():
+    with pytest.raises(ValueError, match="max_steps > 0"):
+        train(tiny(), batches, cfg(max_steps=0))
+    with pytest.raises(ValueError, match="warmup_steps <= max_steps"):
+        train(tiny(), batches, cfg(max_steps=5, warmup_steps=6))
+    with pytest.raises(TypeError):
+        train(tiny(), 42, cfg())
