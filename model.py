@@ -214,6 +214,13 @@ class GPT(nn.Module):
             if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16)/.half() would also round the RoPE frequencies; keep them float32 whatever the weights are
+        out = super()._apply(fn, *args, **kwargs)
+        if self.cfg.flavor == "llama":
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return out
+
     @staticmethod
     def _init_weights(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
