@@ -562,8 +562,7 @@ def pick_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         torch.device(name)
     except RuntimeError as e:
@@ -633,25 +632,7 @@ def _convert(s, typ, default):
             el = [typing.Any] * len(parts)
         vals = [_convert(p, t, dataclasses.MISSING) for p, t in zip(parts, el)]
         return tuple(vals) if tuple in (typ, origin) else vals
-    if typ is dict or origin is dict:
-        import ast
-        val = ast.literal_eval(s)
-        if not isinstance(val, dict):
-            raise ValueError("expected a dict literal like {'a': 1}")
-        return val
     return typ(s)                                               # float, str, or any class built from a string
-
-
-def _field_defaults(cls):
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-        else:
-            out[f.name] = dataclasses.MISSING
-    return out
 
 
 def parse_config(ConfigClass, argv=None, presets=None):
@@ -666,7 +647,10 @@ def parse_config(ConfigClass, argv=None, presets=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if presets is None:
         presets = getattr(sys.modules.get(ConfigClass.__module__), "PRESETS", None) or {}
-    defaults = _field_defaults(ConfigClass)
+    MISSING = dataclasses.MISSING
+    defaults = {f.name: f.default if f.default is not MISSING else
+                f.default_factory() if f.default_factory is not MISSING else MISSING
+                for f in dataclasses.fields(ConfigClass)}
     try:
         hints = typing.get_type_hints(ConfigClass)
     except Exception:                                           # unresolvable string annotations: use the defaults
@@ -677,7 +661,7 @@ def parse_config(ConfigClass, argv=None, presets=None):
         lines = [f"usage: python {os.path.basename(sys.argv[0] or 'script')} [--preset=NAME] [--key=value ...]",
                  f"presets: {', '.join(presets) if presets else '(none)'}", "keys (default):"]
         w = max((len(k) for k in defaults), default=0)
-        lines += [f"  --{k:<{w}}  {'(required)' if v is dataclasses.MISSING else repr(v)}" for k, v in defaults.items()]
+        lines += [f"  --{k:<{w}}  {'(required)' if v is MISSING else repr(v)}" for k, v in defaults.items()]
         return "\n".join(lines)
 
     def fail(msg):
@@ -996,11 +980,15 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
     history, start = {"loss": [], "lr": [], "eval": []}, 0
     if tc.resume and tc.ckpt_path and os.path.exists(tc.ckpt_path):
         ck = load_checkpoint(tc.ckpt_path, device)
+        extra = ck.get("extra") or {}
+        if ck.get("optimizer") is None or (is_iter and extra.get("data") is None):
+            raise ValueError(f"{tc.ckpt_path} lacks the optimizer or data state an exact resume needs "
+                             "(was it written by train()?)")
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        start, history = ck["step"], ck["extra"]["history"]
+        start, history = ck["step"], extra.get("history", history)
         if is_iter:
-            batches.load_state_dict(ck["extra"]["data"])
+            batches.load_state_dict(extra["data"])
         set_rng_state(ck["rng"])
         say(f"resumed from {tc.ckpt_path} at step {start}")
     elif tc.resume:

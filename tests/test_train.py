@@ -294,6 +294,12 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert h["start_step"] == 0 and any("starting from step 0" in l for l in lines)
 
 
+def test_resume_needs_optimizer_state(tmp_path):
+    path = save_checkpoint(tmp_path / "bare.pt", tiny(), step=4)     # saved by hand, without an optimizer
+    with pytest.raises(ValueError, match="exact resume"):
+        train(tiny(), batches, cfg(ckpt_path=str(path), resume=True))
+
+
 def test_iterator_without_state_cannot_checkpoint(tmp_path):
     with pytest.raises(TypeError, match="state_dict"):
         train(tiny(), iter([batches(0)]), cfg(ckpt_path=str(tmp_path / "x.pt")))

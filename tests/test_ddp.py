@@ -1,0 +1,116 @@
+"""Data-parallel training on CPU: 2 processes with gloo, as torchrun would launch them."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import model as M
+from model import GPT, ModelConfig, TrainConfig, load_checkpoint, train
+
+V, T, B, STEPS = 40, 10, 4, 6
+
+
+def tiny():
+    # bias=False: a key bias gets only round-off gradient (softmax ignores a shift shared by all keys), and Adam
+    # scales that noise up to lr-sized steps, so it could not match a single-process run to 1e-5 anyway
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, d_ff=64, bias=False))
+
+
+def batches(step):
+    """A global batch of 4 rows whose two halves count different numbers of targets (-100s only in the first
+    rows), with per-token document ids and a per-row MLP mask, so sharding and loss weighting both matter."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, V, (B, T), generator=g)
+    y = torch.roll(x, -1, 1)
+    y[0, :6] = -100
+    y[1, :3] = -100
+    doc = (torch.arange(T) >= 4).long().expand(B, T)
+    mask = (torch.rand(B, 1, 64, generator=g) > 0.3).float()          # (B, 1, d_ff)
+    return {"x": x, "y": y, "doc_ids": doc, "mlp_mask": mask}
+
+
+def mean_ce(model, b):                                                 # a custom objective through loss_fn
+    logits, _ = model(b["x"], doc_ids=b["doc_ids"])
+    return F.cross_entropy(logits.flatten(0, 1), torch.roll(b["x"], -1, 1).flatten())
+
+
+def cfg(ckpt_path=None):
+    return TrainConfig(lr=1e-2, warmup_steps=1, max_steps=STEPS, device="cpu", log_every=2, ckpt_path=ckpt_path)
+
+
+LINES, SAVED = [], []
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TEST_CKPT=os.path.join(out_dir, "ckpt.pt"))
+    torch.set_num_threads(1)
+    real = M.save_checkpoint
+    M.save_checkpoint = lambda *a, **k: SAVED.append(a[3]) or real(*a, **k)
+    # the first train() call finds no process group and makes (and ends) its own, as under torchrun;
+    # the second runs inside a group the caller set up
+    m1 = tiny()
+    h1 = train(m1, batches, cfg(ckpt_path=os.environ["TEST_CKPT"]), log=LINES.append)
+    assert not dist.is_initialized()
+    os.environ["MASTER_PORT"] = str(port + 1)
+    dist.init_process_group("gloo")
+    m2 = tiny()
+    h2 = train(m2, batches, cfg(), loss_fn=mean_ce, log=LINES.append)
+    dist.destroy_process_group()
+    torch.save({"m1": m1.state_dict(), "h1": h1, "m2": m2.state_dict(), "h2": h2, "lines": LINES, "saved": SAVED},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_match_single_process(tmp_path):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:   # the single-process runs first: they also warm up lazy imports the forked ranks then inherit
+        s1 = tiny()
+        h1 = train(s1, batches, cfg(), log=None)
+        s2 = tiny()
+        h2 = train(s2, batches, cfg(), loss_fn=mean_ce, log=None)
+    finally:
+        torch.set_num_threads(n)
+    # fork, not spawn: re-importing torch in two fresh processes takes longer than the whole test on 2 cores
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    for key, single, hist in (("m1", s1, h1), ("m2", s2, h2)):
+        for name, p in single.state_dict().items():
+            assert torch.equal(r0[key][name], r1[key][name]), name       # both ranks hold the same weights
+            assert torch.allclose(r0[key][name], p, atol=1e-5, rtol=0), name
+        h = "h" + key[1]
+        assert r0[h]["loss"] == r1[h]["loss"]                            # the logged loss is the global one
+        assert r0[h]["loss"] == pytest.approx(hist["loss"], abs=1e-5)
+
+    # only rank 0 logs and writes checkpoints, and its checkpoint has no DDP `module.` prefix
+    assert r1["lines"] == [] and r1["saved"] == []
+    assert r0["saved"] == [STEPS] and any(l.startswith(f"step {STEPS}/{STEPS}") for l in r0["lines"])
+    assert any("x 2 ranks" in l for l in r0["lines"])
+    ck = load_checkpoint(tmp_path / "ckpt.pt")
+    assert set(ck["model"]) == set(s1.state_dict())
+
+
+def test_batch_must_divide_by_ranks(monkeypatch):
+    # checked before any communication, so a fake 3-rank world inside an existing 1-process group is enough
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="does not divide"):
+            train(tiny(), batches, cfg(), log=None)
+    finally:
+        dist.destroy_process_group()
