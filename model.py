@@ -765,6 +765,9 @@ def save_checkpoint(path, model, optimizer=None, step=0, config=None, tokenizer=
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                          # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:                                       # includes Ctrl-C: never leave a half file behind
         if os.path.exists(tmp):
@@ -924,6 +927,7 @@ def _human(x):
 
 
 _MODEL_KWARGS = ("doc_ids", "mlp_mask", "adapter_ctx")
+_METADATA = ("source_ids",)    # data.py's per-token source labels: for masks and metrics, not a model input
 
 
 def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None, eval_fn=None, param_filter=None,
@@ -936,7 +940,9 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
     batches: a callable step -> dict, or an iterator of dicts with state_dict()/load_state_dict() (needed when
              checkpointing). A dict holds the GLOBAL batch: x, y (shifted targets, -100 ignored) and optionally
              doc_ids / mlp_mask / adapter_ctx, passed to the model; under torchrun each rank keeps its own
-             contiguous slice of every tensor whose first dim is the batch size. Extra keys need a loss_fn.
+             contiguous slice of every tensor whose first dim is the batch size (inside dicts/lists too);
+             other objects (mask objects, adapter contexts) reach every rank whole, so per-row ones must be
+             built from the shard, in a loss_fn. Keys other than these and source_ids need a loss_fn.
     cfg:     a TrainConfig, or a script's Config / dict read by field name (missing fields take the defaults).
     loss_fn: (model, batch) -> scalar loss for custom objectives; `model` may be DDP-wrapped, so call it (not
              its methods) for the forward pass, and use unwrap(model) for attributes. Under DDP its gradient
@@ -1027,7 +1033,7 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
                 loss = loss_fn(net, local)
                 report = loss.detach() / world
             else:
-                unknown = set(local) - {"x", "y", *_MODEL_KWARGS}
+                unknown = set(local) - {"x", "y", *_MODEL_KWARGS, *_METADATA}
                 if unknown:
                     raise ValueError(f"batch keys {sorted(unknown)} are not model inputs: pass a loss_fn that uses them")
                 kw = {k: local[k] for k in _MODEL_KWARGS if k in local}

@@ -223,6 +223,9 @@ def test_interrupted_write_keeps_old_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, m, opt, step=4)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"]                 # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask       # the temp file's 0600 is not what lands
     assert path.read_bytes() == before
     assert load_checkpoint(path)["step"] == 3
 
@@ -386,6 +389,9 @@ def test_custom_loss_fn_and_unknown_batch_keys():
     assert h["loss"][0] == pytest.approx(expect, rel=1e-6)
     with pytest.raises(ValueError, match="not model inputs"):
         train(tiny(), feed, cfg(max_steps=1, warmup_steps=0))
+    # data.py's source ids ride along as labels; the default loss does not need them
+    with_src = lambda s: {**batches(s), "source_ids": torch.ones(4, T, dtype=torch.long)}
+    assert train(tiny(), with_src, cfg(max_steps=2))["loss"] == train(tiny(), batches, cfg(max_steps=2))["loss"]
 
 
 def test_bad_train_input():
