@@ -14,8 +14,20 @@ Differences from the authors' released code, on purpose (../shared/notes/sinks-n
 - packed rows use causal AND same-document attention (model.py's doc_ids); the release masks only
   (j > i) AND same-doc, leaking other documents' future tokens.
 """
+import copy
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass, asdict
+
 import torch
 
+import baselines
+import data
+import eval as ev
+import model as M
 from memsinks import lcg_uniforms
 
 
@@ -110,3 +122,633 @@ def _hidden(mlp, x, cols):
     if mlp.flavor == "llama":
         return torch.nn.functional.silu(proj(mlp.gate)) * proj(mlp.up)
     return torch.nn.functional.gelu(proj(mlp.up), approximate="tanh")
+
+
+# -------------------------------------------------------------------------------------------------
+# The NULLs model state: which sources exist, which are forgotten; unlearning; routing
+# -------------------------------------------------------------------------------------------------
+
+class Sinks:
+    """What a NULLs model needs beside its weights: the sink layout, the sources it was trained on, and the
+    persistent forget list (saved with the checkpoint). A forgotten source is never activated: its sink
+    neurons stay 0 under any routing, and routing never picks it."""
+
+    def __init__(self, n_gen, n_pool, n_source, sources, forgotten=()):
+        if not 0 < n_source <= n_pool:
+            raise ValueError(f"need 0 < n_source <= n_pool, got n_source={n_source}, n_pool={n_pool}")
+        self.n_gen, self.n_pool, self.n_source = n_gen, n_pool, n_source
+        self.sources = sorted(int(s) for s in sources)
+        self.forgotten = set()
+        for s in forgotten:
+            self.forget(s)
+
+    def forget(self, source_id):
+        """Unlearning without gradients: add the source to the forget list. Forgetting twice is harmless."""
+        if int(source_id) not in set(self.sources):
+            raise KeyError(f"source {source_id} does not exist (this model knows {len(self.sources)} sources, "
+                           f"ids {self.sources[0]}..{self.sources[-1]})")
+        self.forgotten.add(int(source_id))
+
+    def mask(self, src_ids, fast=True):
+        """The training / inference mask for per-token source ids (B, T)."""
+        make = ActiveSinks if fast else source_mask
+        return make(src_ids, self.n_gen, self.n_pool, self.n_source, forget=self.forgotten)
+
+    def row_mask(self, src_ids):
+        """Dense (N, 1, d_ff) masks, one source per row (what eval.py's batched metrics take)."""
+        return source_mask(torch.as_tensor(src_ids, dtype=torch.long)[:, None], self.n_gen, self.n_pool,
+                           self.n_source, forget=self.forgotten)
+
+    def expected_mask(self):
+        """(d_ff,) backbone 1, every sink at its activation probability N_source / N_pool (no source known)."""
+        return torch.cat([torch.ones(self.n_gen), torch.full((self.n_pool,), self.n_source / self.n_pool)])
+
+    def backbone_mask(self):
+        """(d_ff,) backbone only, every sink off: a diagnostic state the model never trained in."""
+        return torch.cat([torch.ones(self.n_gen), torch.zeros(self.n_pool)])
+
+    def state_dict(self):
+        return {"n_gen": self.n_gen, "n_pool": self.n_pool, "n_source": self.n_source,
+                "sources": self.sources, "forgotten": sorted(self.forgotten)}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        return cls(d["n_gen"], d["n_pool"], d["n_source"], d["sources"], d["forgotten"])
+
+
+@torch.no_grad()
+def remove_permanently(model, sinks, source_id):
+    """Permanent removal: zero, in every layer, the parameters of the sink neurons active in the source's mask
+    (their rows of up/gate, biases included, and their value vectors, the columns of down), and forget it.
+    Any other source whose mask shares some of those neurons (N_source^2 / N_pool of them on average) loses
+    them too: its sink-on behaviour degrades a little, which routing-based forgetting avoids."""
+    sinks.forget(source_id)
+    cols = sinks.n_gen + source_sinks(torch.tensor([int(source_id)]), sinks.n_pool, sinks.n_source)[0]
+    for block in model.blocks:
+        mlp = block.mlp
+        for lin in [mlp.up] + ([mlp.gate] if hasattr(mlp, "gate") else []):
+            lin.weight[cols.to(lin.weight.device)] = 0
+            if lin.bias is not None:
+                lin.bias[cols.to(lin.bias.device)] = 0
+        mlp.down.weight[:, cols.to(mlp.down.weight.device)] = 0
+
+
+@torch.no_grad()
+def embed(model, seqs, mask, batch_size=64):
+    """(N, n_embd) mean-pooled final hidden states (after the last norm) of token lists, under one mask:
+    the paper's "mean-pooled token representations" used for nearest-source routing (Appendix A.2)."""
+    dev = next(model.parameters()).device
+    captured = []
+    hook = model.ln_f.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        out = []
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            T = max(len(s) for s in chunk)
+            x = torch.zeros(len(chunk), T, dtype=torch.long)
+            valid = torch.zeros(len(chunk), T)
+            for r, s in enumerate(chunk):
+                x[r, :len(s)], valid[r, :len(s)] = torch.tensor(s), 1
+            captured.clear()
+            model(x.to(dev), mlp_mask=None if mask is None else mask.to(dev))
+            h, valid = captured[-1].float(), valid.to(dev)
+            out.append(((h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)).cpu())
+        return torch.cat(out)
+    finally:
+        hook.remove()
+
+
+def nearest_sources(queries, source_emb, source_ids, exclude=()):
+    """For each query embedding (Q, C), the id of the source whose embedding (S, C) has the highest cosine
+    similarity, never one in `exclude` (the forgotten sources)."""
+    sim = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(source_emb, dim=-1).t()
+    ids = torch.as_tensor(source_ids, dtype=torch.long)
+    sim[:, torch.isin(ids, torch.tensor(sorted(exclude), dtype=torch.long))] = float("-inf")
+    return ids[sim.argmax(1)]
+
+
+# -------------------------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # data: "world" = the built-in fictional world (people are the sources); otherwise a hub name or local
+    # path of documents for data.load_text_dataset, one document = one source (e.g. "wikipedia")
+    data: str = "world"
+    n_people: int = 100
+    n_families: int = 40
+    n_cities: int = 10
+    n_countries: int = 4
+    n_docs: int = 2000                 # real data: number of documents (sources) to train on
+    text_field: str = "text"
+    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
+    n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
+    # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
+    flavor: str = "llama"
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0
+    n_embd: int = 128
+    n_gen: int = 64
+    n_pool: int = 1024
+    n_source: int = 64
+    block_size: int = 160
+    fast_path: bool = True             # compute only the active neurons (tested equal to the dense mask)
+    # training (the same for NULLs, Retrained and Standard)
+    epochs: int = 40
+    batch_size: int = 20
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    # post-hoc baselines on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
+    unlearn_epochs: int = 5
+    unlearn_batch: int = 2
+    npo_beta: float = 0.5
+    npo_lr: float = 1e-3
+    ga_lr: float = 1e-3
+    relearn_steps: int = 20
+    relearn_lr: float = 1e-3
+    # sweeps behind a flag: "overlap" (Fig 8a), "n_source" (8b), "capacity" (8c); "" = none
+    sweep: str = ""
+    sweep_values: tuple = ()
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "out/nulls"
+    log_every: int = 50
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
+                  n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
+                  log_every=0),
+    # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
+    # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
+    "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
+                  n_kv_head=3, n_embd=576, n_gen=500, n_pool=7692, n_source=100, block_size=1024, epochs=3,
+                  batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=1000, npo_lr=1e-5, ga_lr=1e-5,
+                  relearn_lr=1e-5, unlearn_batch=8, log_every=100),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: sources, their token lists, and the facts to probe
+# -------------------------------------------------------------------------------------------------
+
+def load_sources(cfg):
+    """-> dict(tok, docs {source id: token list}, forget [ids], world (None for real data), holdout [token lists])."""
+    if cfg.data == "world":
+        world = data.make_world(cfg.seed, n_people=cfg.n_people, n_families=cfg.n_families,
+                               n_cities=cfg.n_cities, n_countries=cfg.n_countries)
+        tok = data.world_tokenizer()
+        docs = {s: tok.encode(t, strict=True) for s, t in world.articles.items()}
+        holdout = [tok.encode(t, strict=True) for t in world.holdout_articles.values()]
+        forget = list(world.forget_order[:cfg.n_forget])
+    else:
+        tok = data.GPT2Tokenizer(cfg.gpt2_ranks or None)
+        recs = data.load_text_dataset(cfg.data, n=cfg.n_docs + max(10, cfg.n_docs // 50))
+        texts = [r[cfg.text_field] for r in recs if r.get(cfg.text_field)]
+        enc = [tok.encode(t)[:cfg.block_size] for t in texts]
+        enc = [e for e in enc if len(e) >= 8]
+        docs = {i + 1: e for i, e in enumerate(enc[:cfg.n_docs])}
+        holdout = enc[cfg.n_docs:]
+        world = None
+        forget = list(range(1, len(docs) + 1, max(1, len(docs) // cfg.n_forget)))[:cfg.n_forget]
+    if not 0 < cfg.n_forget < len(docs):
+        raise ValueError(f"n_forget must be in 1..{len(docs) - 1}, got {cfg.n_forget}")
+    longest = max(len(d) for d in docs.values())
+    if longest >= cfg.block_size:
+        raise ValueError(f"a source has {longest} tokens; raise block_size above it (now {cfg.block_size})")
+    return dict(tok=tok, docs=docs, forget=forget, world=world, holdout=holdout)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training: NULLs, Retrained (NULLs without the forgotten sources) and a standard transformer
+# -------------------------------------------------------------------------------------------------
+
+def model_config(cfg, vocab_size):
+    # the standard transformer gets the same MLP width, so the same parameter count, with every neuron on
+    return M.ModelConfig(flavor=cfg.flavor, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, d_ff=cfg.n_gen + cfg.n_pool,
+                         bias=cfg.flavor == "gpt2", tie_embeddings=True)
+
+
+def checkpoint_path(cfg, name, source_ids):
+    """out_dir/<name>-<fingerprint>.pt: a finished model is reused by a rerun with the same settings, and a
+    run with other settings never resumes from it."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out_dir", "log_every", "sweep", "sweep_values")}
+    key = json.dumps([keep, name, list(source_ids)], sort_keys=True, default=str)
+    return os.path.join(cfg.out_dir, f"{name}-{zlib.crc32(key.encode()):08x}.pt")
+
+
+def train_lm(cfg, tok, docs, source_ids, sinks, name):
+    """Train a fresh model on the documents of `source_ids` (one document per row), with the sink masks of
+    `sinks` (None = a standard transformer). The checkpoint in out_dir makes an interrupted run resumable."""
+    torch.manual_seed(cfg.seed)
+    net = M.GPT(model_config(cfg, tok.vocab_size))
+    rows = data.one_per_row([docs[s] for s in source_ids], source_ids, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            block_size=cfg.block_size)
+    order = data.EpochIterator(len(source_ids), cfg.batch_size, seed=cfg.seed)
+    steps = cfg.epochs * order.steps_per_epoch
+    device = M.pick_device(cfg.device)
+
+    def batch_at(step):   # a pure function of the step: resumed runs see exactly the same batches
+        epoch, pos = divmod(step, order.steps_per_epoch)
+        idx = order.order(epoch)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        b = {k: rows[k][idx] for k in ("x", "y", "doc_ids")}
+        if sinks is not None:   # built on the training device: the mask object is not moved by the loop
+            b["mlp_mask"] = sinks.mask(rows["source_ids"][idx].to(device), fast=cfg.fast_path)
+        return b
+    tc = M.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                       max_steps=steps, grad_clip=cfg.grad_clip, log_every=cfg.log_every, device=cfg.device,
+                       seed=cfg.seed, ckpt_path=checkpoint_path(cfg, name, source_ids), ckpt_every=max(50, steps // 4),
+                       resume=True)
+    print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
+    hist = M.train(net, batch_at, tc, tokenizer=tok.state_dict())
+    net.eval()
+    return net, hist
+
+
+# -------------------------------------------------------------------------------------------------
+# Probing facts: the NULLs truth ratio of cloze prompts, under a chosen source's mask
+# -------------------------------------------------------------------------------------------------
+
+def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None):
+    """(N,) NULLs truth ratio TR = p̄(value | cloze) / mean_j p̄(wrong value_j | cloze) of each fact.
+    route: (N,) source ids whose sink masks are applied (with `sinks`' forget list); fixed_mask: one mask for
+    every item (e.g. backbone only); neither: no mask (the standard transformer)."""
+    out = torch.empty(len(facts), dtype=torch.float64)
+    by_k = {}
+    for i, f in enumerate(facts):              # eval.truth_ratio needs the same number of wrong answers per call
+        by_k.setdefault(len(f.perturbed_values), []).append(i)
+    for idx in by_k.values():
+        fwd = {}
+        if route is not None:
+            fwd["mlp_mask"] = sinks.row_mask([int(route[i]) for i in idx]).to(next(net.parameters()).device)
+        elif fixed_mask is not None:
+            fwd["mlp_mask"] = fixed_mask.to(next(net.parameters()).device)
+        q = [tok.encode(facts[i].cloze) for i in idx]
+        a = [tok.encode(facts[i].value) for i in idx]
+        p = [[tok.encode(v) for v in facts[i].perturbed_values] for i in idx]
+        out[idx] = ev.truth_ratio(net, q, a, p, form="nulls", batch_size=256, pad_id=tok.pad_id, **fwd)
+    return out
+
+
+def summarize(tr):
+    """Truth ratios are heavy-tailed (one fact can reach 1e6): the geometric mean and the fraction above 1."""
+    tr = torch.as_tensor(tr, dtype=torch.float64)
+    if len(tr) == 0:
+        return {"n": 0, "geomean": None, "frac_gt1": None}
+    return {"n": len(tr), "geomean": float(tr.log().mean().exp()), "frac_gt1": float((tr > 1).double().mean())}
+
+
+def probe_facts(world, forget):
+    """The facts of each forgotten person's article, with the routes that state them. Returns a list of
+    (fact, person) and, per fact, the 'stating' route: a retained source whose article states the fact (a
+    sibling for family facts, a same-city person for city facts, a resident of the birth city for the inferred
+    country); unique facts have none, so they go to a retained sibling."""
+    gone, items = set(forget), []
+    by_id = {f.id: f for f in world.facts}
+    for p in forget:
+        person = world.person(p)
+        sibling = next((s for s in person.siblings if s not in gone), None)
+        for f in world.facts_of(p):
+            if f.kind == "inferred":
+                stating = [s for prem in f.premises for s in by_id[prem].source_ids if s not in gone]
+                # prefer a source stating the city -> country premise: the step the model must take
+                city_prem = [s for s in by_id[f.premises[-1]].source_ids if s not in gone]
+                stating = city_prem or stating
+            elif f.kind == "shared":
+                stating = [s for s in f.source_ids if s not in gone]
+            else:
+                stating = []
+            route = stating[0] if stating else sibling
+            if route is None:
+                raise ValueError(f"person {p} has no retained sibling or stating source to route to")
+            items.append((f, p, route))
+    return items
+
+
+# -------------------------------------------------------------------------------------------------
+# Post-hoc gradient unlearning on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
+# -------------------------------------------------------------------------------------------------
+
+def forget_batches(cfg, tok, docs, forget):
+    rows = data.one_per_row([docs[s] for s in forget], forget, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return [{k: rows[k][i:i + cfg.unlearn_batch] for k in ("x", "y", "doc_ids")}
+            for i in range(0, len(forget), cfg.unlearn_batch)]
+
+
+def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
+    """NPO or gradient ascent for cfg.unlearn_epochs epochs over the forgotten sources; metrics every epoch."""
+    net = copy.deepcopy(std_net)
+    if name == "npo":
+        objective, lr = baselines.make_objective("npo", ref_model=copy.deepcopy(std_net), beta=cfg.npo_beta,
+                                                 retain_weight=0.0), cfg.npo_lr
+    else:
+        objective, lr = baselines.make_objective("ga"), cfg.ga_lr
+    res = baselines.unlearn(net, objective, batches, epochs=cfg.unlearn_epochs, lr=lr, metrics_fn=metrics_fn,
+                            eval_every=len(batches))
+    net.eval()
+    return net, res
+
+
+def relearn(cfg, net, tok, train_seqs, test_seqs, mask_rows=None):
+    """Fine-tune on part of each forgotten source (train_seqs) and track the loss on the rest (test_seqs).
+    mask_rows: (N, 1, d_ff) per-source masks (NULLs / Retrained as deployed) or None (standard)."""
+    net = copy.deepcopy(net).train()
+    dev = next(net.parameters()).device
+    x, y = ev.lm_batch(train_seqs, tok.pad_id, dev)
+    kw = {} if mask_rows is None else {"mlp_mask": mask_rows.to(dev)}
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.relearn_lr, weight_decay=0.0)
+    curve = [float(ev.sequence_loss(net, test_seqs, pad_id=tok.pad_id, **kw).mean())]
+    for _ in range(cfg.relearn_steps):
+        net.train()
+        _, loss = net(x, y, **kw)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(float(ev.sequence_loss(net, test_seqs, pad_id=tok.pad_id, **kw).mean()))
+    return curve
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment
+# -------------------------------------------------------------------------------------------------
+
+def claim(name, value, threshold, held, detail=""):
+    return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
+
+
+def train_three(cfg, src):
+    tok, docs, forget = src["tok"], src["docs"], src["forget"]
+    all_ids = sorted(docs)
+    retained = [s for s in all_ids if s not in set(forget)]
+    t0 = time.time()
+    nulls_net, h_nulls = train_lm(cfg, tok, docs, all_ids, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids), "nulls")
+    retr_net, h_retr = train_lm(cfg, tok, docs, retained, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained), "retrained")
+    std_net, h_std = train_lm(cfg, tok, docs, all_ids, None, "standard")
+    times = {"train_s": time.time() - t0, "nulls_final_loss": h_nulls["loss"][-1] if h_nulls["loss"] else None,
+             "standard_final_loss": h_std["loss"][-1] if h_std["loss"] else None}
+    return nulls_net, retr_net, std_net, retained, times
+
+
+def run(cfg):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    src = load_sources(cfg)
+    tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
+    all_ids = sorted(docs)
+    nulls_net, retr_net, std_net, retained, times = train_three(cfg, src)
+    dev = next(nulls_net.parameters()).device
+    sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids)                   # Sink-On: nothing forgotten yet
+    retr_sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained)
+    metrics = {"times": times, "n_sources": len(all_ids), "forget": forget,
+               "params": {"nulls": nulls_net.num_params(), "standard": std_net.num_params()}}
+
+    # routing (Appendix A.2): mean-pooled final hidden states of each source's text. No source is known for a
+    # query, so both sides are embedded under the expected mask (every sink at N_source / N_pool).
+    emb = embed(nulls_net, [docs[s] for s in all_ids], sinks.expected_mask())
+    nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
+                                               exclude=set(forget)).tolist()))
+    # unlearning: put the sources on the forget list (no weights change)
+    sinks_off = Sinks.from_state_dict(sinks.state_dict())
+    t = time.perf_counter()
+    for s in forget:
+        sinks_off.forget(s)
+    metrics["times"]["forget_list_s"] = time.perf_counter() - t
+
+    # capability (claim 5): held-out text, NULLs routed to the nearest source, vs the standard transformer
+    hold = src["holdout"]
+    hold_route = nearest_sources(embed(nulls_net, hold, sinks.expected_mask()), emb, all_ids, exclude=set(forget))
+    val_nulls = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks_off.row_mask(hold_route).to(dev)).mean())
+    val_std = float(ev.sequence_loss(std_net, hold, pad_id=tok.pad_id).mean())
+    metrics["val_loss"] = {"nulls": val_nulls, "standard": val_std}
+
+    # loss on the forgotten sources themselves, per mode (the Harry Potter study's Figure 5a measure)
+    fseqs = [docs[s] for s in forget]
+    route_near = torch.tensor([nearest[s] for s in forget])
+    metrics["forget_loss"] = {
+        "sink_on": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id, mlp_mask=sinks.row_mask(forget).to(dev)).mean()),
+        "sink_off": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id, mlp_mask=sinks_off.row_mask(route_near).to(dev)).mean()),
+        "retrained": float(ev.sequence_loss(retr_net, fseqs, pad_id=tok.pad_id, mlp_mask=retr_sinks.row_mask(route_near).to(dev)).mean()),
+        "standard": float(ev.sequence_loss(std_net, fseqs, pad_id=tok.pad_id).mean())}
+
+    claims = []
+    if world is not None:
+        claims += probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, sinks_off,
+                              retr_sinks, nearest, emb, all_ids)
+    else:
+        for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept",
+                  "3 gradient unlearning not selective"):
+            claims.append(claim(c, None, None, None, "not measured: real documents come without facts"))
+
+    # relearning (claim 4): fine-tune on the first half of each forgotten source, loss on the second half
+    half = [(d[:len(d) // 2], d[len(d) // 2:]) for d in fseqs]
+    train_half, test_half = [a for a, _ in half], [b for _, b in half]
+    npo_net = metrics.pop("_npo_net", None)
+    if npo_net is None:
+        npo_net, _ = gradient_baseline(cfg, "npo", std_net, forget_batches(cfg, tok, docs, forget), None)
+    curves = {"sink_off": relearn(cfg, nulls_net, tok, train_half, test_half, sinks_off.row_mask(route_near)),
+              "retrained": relearn(cfg, retr_net, tok, train_half, test_half, retr_sinks.row_mask(route_near)),
+              "npo": relearn(cfg, npo_net, tok, train_half, test_half)}
+    metrics["relearning"] = curves
+    rec = {k: c[0] - c[-1] for k, c in curves.items()}
+    gap = abs(curves["sink_off"][-1] - curves["retrained"][-1]) / curves["retrained"][-1]
+    claims.append(claim("4 relearning: NPO recovers markedly faster than Sink-Off (>= 2x the loss drop), "
+                        "Sink-Off ends within 10% of Retrained",
+                        {"drop_npo": rec["npo"], "drop_sink_off": rec["sink_off"], "rel_gap_to_retrained": gap},
+                        {"drop_ratio": 2.0, "rel_gap": 0.10},
+                        bool(rec["npo"] >= 2 * max(rec["sink_off"], 0.0) and rec["npo"] > 0 and gap <= 0.10)))
+    ratio = val_nulls / val_std
+    claims.append(claim("5 capability: NULLs held-out loss within 3% of a standard transformer (same params)",
+                        ratio, 1.03, bool(ratio <= 1.03), f"NULLs {val_nulls:.4f} vs standard {val_std:.4f}"))
+    metrics["wall_time_s"] = time.time() - t_start
+    return metrics, claims
+
+
+def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, sinks_off, retr_sinks,
+                nearest, emb, all_ids):
+    """Truth ratios of the forgotten people's facts in every mode (Figures 3a, 3b, 4), the gradient baselines'
+    trajectories (Figure 3c), and claims 1-3."""
+    forget = src["forget"]
+    items = probe_facts(world, forget)
+    facts = [f for f, _, _ in items]
+    own = torch.tensor([p for _, p, _ in items])
+    stating = torch.tensor([r for _, _, r in items])
+    near = torch.tensor([nearest[p] for _, p, _ in items])
+    # per-prompt routing of an unlabelled cloze prompt (Appendix A.2)
+    prompt_emb = embed(nulls_net, [tok.encode(f.cloze) for f in facts], sinks.expected_mask())
+    prompt = nearest_sources(prompt_emb, emb, all_ids, exclude=set(forget))
+    tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks),
+          "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask()),
+          "standard": truth_ratios(std_net, tok, facts)}
+    for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
+        tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks_off)
+        tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks)
+    kinds = [f.kind for f in facts]
+    # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
+    # (under the routing to a stating source / sibling), "unique" = the rest
+    retr_ok = tr["retrained/stating"] > 1
+    paper_cat = ["shared" if k == "shared" else ("inferred*" if ok else "unique*") for k, ok in zip(kinds, retr_ok)]
+    table = {}
+    for mode, v in tr.items():
+        table[mode] = {}
+        for cat in ("unique", "shared", "inferred", "unique*", "inferred*"):
+            sel = [i for i in range(len(facts)) if (kinds[i] == cat or paper_cat[i] == cat)]
+            table[mode][cat] = summarize(v[sel])
+    metrics["truth_ratio"] = table
+    metrics["routing"] = {
+        "nearest_is_sibling": float(sum(nearest[p] in world.person(p).siblings for p in forget) / len(forget)),
+        "nearest_same_birth_city": float(sum(world.person(nearest[p]).birth_city == world.person(p).birth_city
+                                             for p in forget) / len(forget)),
+        "prompt_routed_to_stating_source": float(sum(int(prompt[i]) in facts[i].source_ids for i in range(len(facts)))
+                                                 / len(facts))}
+    metrics["per_fact"] = [{"fact": f.id, "kind": f.kind, "person": p, "route_stating": r, "route_nearest": nearest[p],
+                            **{m: float(v[i]) for m, v in tr.items()}} for i, (f, p, r) in enumerate(items)]
+
+    # Figure 3c: NPO and gradient ascent on the standard transformer, 5 epochs over the forgotten articles
+    uniq = [f for f in facts if f.kind == "unique"]
+    shared = [f for f in facts if f.kind == "shared"]
+
+    def metrics_fn(net, step):
+        u, s = summarize(truth_ratios(net, tok, uniq)), summarize(truth_ratios(net, tok, shared))
+        return {"unique_frac_gt1": u["frac_gt1"], "shared_frac_gt1": s["frac_gt1"],
+                "unique_geomean": u["geomean"], "shared_geomean": s["geomean"]}
+    batches = forget_batches(cfg, tok, src["docs"], forget)
+    metrics["gradient_baselines"] = {}
+    claims = []
+    for name in ("npo", "ga"):
+        net, res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
+        if name == "npo":
+            metrics["_npo_net"] = net
+        traj = res.trajectory
+        metrics["gradient_baselines"][name] = {"trajectory": traj, "train_time_s": res.train_time}
+        d_u = traj[0]["unique_frac_gt1"] - traj[-1]["unique_frac_gt1"]
+        d_s = traj[0]["shared_frac_gt1"] - traj[-1]["shared_frac_gt1"]
+        ratio = d_s / d_u if d_u > 0 else None
+        claims.append(claim(f"3 {name.upper()} is not selective: shared facts (frac TR>1) fall at least half as "
+                            "fast as article-specific ones", ratio, 0.5, None if ratio is None else bool(ratio >= 0.5),
+                            f"drop unique {d_u:.3f}, drop shared {d_s:.3f} over {cfg.unlearn_epochs} epochs"
+                            + ("" if d_u > 0 else "; unique facts did not fall, ratio undefined")))
+
+    # claim 1: unique facts under the paper's nearest-source routing
+    on, off, re_ = (table[m]["unique"] for m in ("sink_on", "sink_off/nearest", "retrained/nearest"))
+    fold = on["geomean"] / off["geomean"]
+    diff = abs(off["frac_gt1"] - re_["frac_gt1"])
+    claims.insert(0, claim("1 Sink-Off removes unique facts like retraining (nearest routing): |frac TR>1 "
+                           "Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
+                           {"frac_diff": diff, "geomean_fold": fold}, {"frac_diff": 0.15, "geomean_fold": 100},
+                           bool(diff <= 0.15 and fold >= 100),
+                           f"frac TR>1: on {on['frac_gt1']:.2f}, off {off['frac_gt1']:.2f}, retrained {re_['frac_gt1']:.2f}"))
+    # claim 2: shared and inferred facts, routed to a source that states them
+    vals, ok = {}, True
+    for cat in ("shared", "inferred"):
+        o, r = table["sink_off/stating"][cat], table["retrained/stating"][cat]
+        vals[cat] = {"sink_off_frac": o["frac_gt1"], "retrained_frac": r["frac_gt1"]}
+        ok &= o["frac_gt1"] >= 0.9 and abs(o["frac_gt1"] - r["frac_gt1"]) <= 0.1
+    claims.insert(1, claim("2 Sink-Off keeps shared and inferred facts (routed to a stating source): frac TR>1 "
+                           ">= 0.9 and within 0.1 of Retrained", vals, {"frac": 0.9, "diff": 0.1}, bool(ok)))
+    return claims
+
+
+# -------------------------------------------------------------------------------------------------
+# Report: the printed table, results.json / results.md, plots
+# -------------------------------------------------------------------------------------------------
+
+def fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def report(cfg, metrics, claims):
+    lines = []
+    if "truth_ratio" in metrics:
+        lines += ["Truth ratio of the forgotten people's facts (geometric mean / fraction with TR > 1); "
+                  "unique*, inferred* = the paper's split of article-specific facts by the retrained model", "",
+                  "| mode | unique | shared | inferred | unique* | inferred* |", "| --- | --- | --- | --- | --- | --- |"]
+        for mode, row in metrics["truth_ratio"].items():
+            cells = [f"{fmt(row[c]['geomean'])} / {fmt(row[c]['frac_gt1'], '.2f')} (n={row[c]['n']})" for c in
+                     ("unique", "shared", "inferred", "unique*", "inferred*")]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines += ["", "routing: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["routing"].items()), "",
+                  "Gradient unlearning on the standard transformer (fraction of facts with TR > 1, per epoch)", "",
+                  "| method | step | unique | shared |", "| --- | --- | --- | --- |"]
+        for name, g in metrics["gradient_baselines"].items():
+            for r in g["trajectory"]:
+                lines.append(f"| {name} | {r['step']} | {fmt(r['unique_frac_gt1'], '.2f')} | {fmt(r['shared_frac_gt1'], '.2f')} |")
+    fl, vl = metrics["forget_loss"], metrics["val_loss"]
+    lines += ["", "Loss on the forgotten sources: " + ", ".join(f"{k} {v:.3f}" for k, v in fl.items()),
+              f"Held-out loss: NULLs {vl['nulls']:.4f}, standard {vl['standard']:.4f} "
+              f"(params {metrics['params']['nulls'] / 1e6:.2f}M each)",
+              "Relearning, held-out half of the forgotten sources (loss at step 0 -> end): " +
+              ", ".join(f"{k} {c[0]:.3f} -> {c[-1]:.3f}" for k, c in metrics["relearning"].items()), "",
+              "| claim | value | threshold | held |", "| --- | --- | --- | --- |"]
+    for c in claims:
+        lines.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {json.dumps(c['threshold'])} | "
+                     f"{c['held']} |" + (f" {c['detail']}" if c["detail"] else ""))
+    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
+        f.write("# nulls.py results\n\n" + text + "\n")
+    path = os.path.join(cfg.out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"config": asdict(cfg), "metrics": metrics, "claims": claims}, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+    plot(cfg, metrics)
+    print(f"wrote {path}")
+
+
+def plot(cfg, metrics):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    if "per_fact" in metrics:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))          # Figures 3a, 3b
+        for ax, kind in zip(axes, ("shared", "unique")):
+            for mode in ("sink_on", "sink_off/nearest", "retrained/nearest"):
+                v = [math.log10(max(r[mode], 1e-12)) for r in metrics["per_fact"] if r["kind"] == kind]
+                ax.hist(v, bins=20, alpha=0.5, label=mode)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set(title=f"{kind} facts", xlabel="log10 truth ratio")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(cfg.out_dir, "fig3ab_truth_ratio.png"), dpi=120)
+        fig, ax = plt.subplots(figsize=(4.5, 4))                  # Figure 3c
+        for name, g in metrics["gradient_baselines"].items():
+            t = g["trajectory"]
+            ax.plot([r["unique_frac_gt1"] for r in t], [r["shared_frac_gt1"] for r in t], "o-", label=name)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(xlabel="article-specific: frac TR > 1", ylabel="shared: frac TR > 1", title="gradient unlearning")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(cfg.out_dir, "fig3c_gradient_baselines.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))                    # Figure 7b
+    for name, c in metrics["relearning"].items():
+        ax.plot(c, label=name)
+    ax.set(xlabel="fine-tuning step", ylabel="held-out loss of forgotten sources", title="relearning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "fig7b_relearning.png"), dpi=120)
+    plt.close("all")
+
+
+def main(argv=None):
+    cfg = M.parse_config(Config, argv, PRESETS)
+    if cfg.sweep:
+        return run_sweep(cfg)
+    metrics, claims = run(cfg)
+    report(cfg, metrics, claims)
+    return metrics, claims
+
+
+if __name__ == "__main__":
+    main()
