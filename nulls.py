@@ -15,6 +15,7 @@ Differences from the authors' released code, on purpose (../shared/notes/sinks-n
   (j > i) AND same-doc, leaking other documents' future tokens.
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -739,6 +740,69 @@ def plot(cfg, metrics):
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "fig7b_relearning.png"), dpi=120)
     plt.close("all")
+
+
+# -------------------------------------------------------------------------------------------------
+# Sweeps behind --sweep (Figure 8): each point trains its own models, so they are slow
+# -------------------------------------------------------------------------------------------------
+
+SWEEP_DEFAULTS = {"overlap": (0.25, 0.125, 0.0625, 0.03125),      # N_source / N_pool at fixed N_source
+                  "n_source": (16, 32, 64, 128),                   # N_source at fixed overlap ratio
+                  "capacity": (64, 128)}                           # n_embd: NULLs vs standard, same params
+
+
+def sweep_point(cfg, src):
+    """Unique-fact truth ratios of the forgotten people (Sink-On, Sink-Off, Retrained; nearest routing) and,
+    for the capacity sweep, Sink-On NULLs vs the standard transformer on every person's unique facts."""
+    tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
+    all_ids = sorted(docs)
+    retained = [s for s in all_ids if s not in set(forget)]
+    sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids)
+    nulls_net, _ = train_lm(cfg, tok, docs, all_ids, sinks, "nulls")
+    if cfg.sweep == "capacity":
+        std_net, _ = train_lm(cfg, tok, docs, all_ids, None, "standard")
+        uniq = [f for f in world.facts if f.kind == "unique"]
+        return {"nulls_sink_on": summarize(truth_ratios(nulls_net, tok, uniq, torch.tensor([f.person for f in uniq]), sinks)),
+                "standard": summarize(truth_ratios(std_net, tok, uniq))}
+    retr_net, _ = train_lm(cfg, tok, docs, retained, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained), "retrained")
+    emb = embed(nulls_net, [docs[s] for s in all_ids], sinks.expected_mask())
+    nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
+                                               exclude=set(forget)).tolist()))
+    items = [(f, p) for f, p, _ in probe_facts(world, forget) if f.kind == "unique"]
+    facts = [f for f, _ in items]
+    own, near = torch.tensor([p for _, p in items]), torch.tensor([nearest[p] for _, p in items])
+    off = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids, forgotten=forget)
+    return {"sink_on": summarize(truth_ratios(nulls_net, tok, facts, own, sinks)),
+            "sink_off": summarize(truth_ratios(nulls_net, tok, facts, near, off)),
+            "retrained": summarize(truth_ratios(retr_net, tok, facts, near,
+                                                Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained)))}
+
+
+def run_sweep(cfg):
+    if cfg.sweep not in SWEEP_DEFAULTS:
+        raise SystemExit(f"unknown sweep {cfg.sweep!r}; valid: {', '.join(SWEEP_DEFAULTS)}")
+    if cfg.data != "world":
+        raise SystemExit("the sweeps probe facts, which only the built-in world has (--data=world)")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    src = load_sources(cfg)
+    rows = []
+    for v in cfg.sweep_values or SWEEP_DEFAULTS[cfg.sweep]:
+        if cfg.sweep == "overlap":
+            point = dataclasses.replace(cfg, n_pool=round(cfg.n_source / v))
+        elif cfg.sweep == "n_source":
+            point = dataclasses.replace(cfg, n_source=int(v), n_pool=round(int(v) * cfg.n_pool / cfg.n_source))
+        else:
+            point = dataclasses.replace(cfg, n_embd=int(v))
+        res = sweep_point(point, src)
+        rows.append({"value": v, "n_pool": point.n_pool, "n_source": point.n_source, "n_embd": point.n_embd, **res})
+        print(f"{cfg.sweep}={v}: " + ", ".join(f"{k} {fmt(r['geomean'])} / {fmt(r['frac_gt1'], '.2f')}"
+                                              for k, r in res.items()))
+    path = os.path.join(cfg.out_dir, f"sweep_{cfg.sweep}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"config": asdict(cfg), "rows": rows}, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return rows
 
 
 def main(argv=None):
