@@ -108,7 +108,33 @@ def generation_kv_cache(cfg, device, batch=8, prompt_len=16, new_tokens=64):
                "KV cache", n / t_cache, "no cache", n / t_plain, "tokens/s")
 
 
-ROWS = [train_step("small"), train_step("medium"), generation_kv_cache]
+def extraction_strength_one_pass(cfg, device, q_len=16, n_ans=64):
+    """eval.py's one-forward ES against the reference that greedy-generates from every answer prefix."""
+    import eval as ev
+    device = torch.device(device)
+    mcfg = ModelConfig(flavor="llama", bias=False, tie_embeddings=False, **SIZES["small"])
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device).eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    qs = [torch.randint(0, mcfg.vocab_size, (q_len,), generator=g).tolist() for _ in range(3)]
+    own = model.generate(qs, n_ans).tolist()
+    # ES 1 (the model's own continuation: the reference stops at k = 0), ES 3/4 (token 15 changed, then the model's
+    # own continuation again: 16 prefixes fail first) and a random answer (ES 0: every prefix is generated)
+    j = 15
+    head = own[1][:j] + [(own[1][j] + 1) % mcfg.vocab_size]
+    ans = [own[0], head + model.generate([qs[1] + head], n_ans - j - 1)[0].tolist(),
+           torch.randint(0, mcfg.vocab_size, (n_ans,), generator=g).tolist()]
+    fast, slow = ev.extraction_strength(model, qs, ans), []
+    t_fast = time_fn(lambda: ev.extraction_strength(model, qs, ans), cfg, device)
+    # the reference runs ~3000 generation steps: timed once, and that run's values are the ones checked
+    once = Config(**{**asdict(cfg), "repeats": 1, "warmup": 0})
+    t_slow = time_fn(lambda: slow.append(ev.extraction_strength_generate(model, qs, ans)), once, device)
+    assert torch.equal(fast, slow[0]), "one-pass ES != generated ES"
+    return row("extraction_strength_one_pass", f"ES of {len(qs)} answers of {n_ans} tokens (ES {fast.tolist()})",
+               "one forward", len(qs) / t_fast, "generate per prefix", len(qs) / t_slow, "items/s", target=20)
+
+
+ROWS = [train_step("small"), train_step("medium"), generation_kv_cache, extraction_strength_one_pass]
 
 
 def main(argv=None):

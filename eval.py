@@ -641,6 +641,15 @@ def mixing_sweep(model_original, model_unlearned, alphas, evaluate):
     return results
 
 
+def strengths(es_forget, es_retain):
+    """(FS, RS) of one model (App. B): Forget Strength 1 - mean ES on the forget set, Retain Strength mean ES on
+    the retain set; both higher = better."""
+    f, r = torch.as_tensor(es_forget, dtype=torch.float64), torch.as_tensor(es_retain, dtype=torch.float64)
+    if f.numel() == 0 or r.numel() == 0:
+        raise ValueError("FS and RS need ES values on both sets")
+    return 1 - float(f.mean()), float(r.mean())
+
+
 def _aues_rows(fs, rs):
     """Batched AUES: fs, rs (R, n) -> (R,) trapezoid areas under RS as a function of FS."""
     order = np.argsort(fs, axis=1, kind="stable")

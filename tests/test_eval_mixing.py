@@ -52,6 +52,13 @@ def test_mix_models_endpoints_and_sweep():
 
 # --- AUES ----------------------------------------------------------------------------------------
 
+def test_forget_and_retain_strength():
+    assert ev.strengths([1.0, 0.5, 0.0, 0.5], [0.25, 0.75]) == (0.5, 0.5)
+    assert ev.strengths(torch.tensor([0.2, 0.4]), [1.0]) == pytest.approx((0.7, 1.0))
+    with pytest.raises(ValueError):
+        ev.strengths([], [1.0])
+
+
 def aues_reference(fs, rs):
     pts = sorted(zip(fs, rs), key=lambda p: p[0])
     return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
