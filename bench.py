@@ -134,12 +134,73 @@ def extraction_strength_one_pass(cfg, device, q_len=16, n_ans=64):
                "one forward", len(qs) / t_fast, "generate per prefix", len(qs) / t_slow, "items/s", target=20)
 
 
-ROWS = [train_step("small"), train_step("medium"), generation_kv_cache, extraction_strength_one_pass]
+def nulls_fast_path(ratio_name, n_pool, n_source):
+    """NULLs training step: only the active neurons (ActiveSinks) vs the full hidden layer times the mask."""
+    def bench_row(cfg, device):
+        import nulls
+        n_gen, batch, T = 64, 20, 128
+        mcfg = ModelConfig(flavor="llama", bias=False, **{**SIZES["small"], "d_ff": n_gen + n_pool})
+        torch.manual_seed(cfg.seed)
+        model = GPT(mcfg).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randint(0, mcfg.vocab_size, (batch, T), device=device)
+        src = torch.arange(1, batch + 1, device=device)[:, None].expand(batch, T)
+
+        def step(fast):
+            mask = (nulls.ActiveSinks if fast else nulls.source_mask)(src, n_gen, n_pool, n_source)
+            _, loss = model(x, x, mlp_mask=mask)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t_fast, t_dense = time_fn(lambda: step(True), cfg, device), time_fn(lambda: step(False), cfg, device)
+        n = batch * T
+        return row(f"nulls_fast_path_{ratio_name}", f"NULLs training step, N_gen {n_gen}, N_pool {n_pool}, "
+                   f"N_source {n_source} (N_pool/N_source = {n_pool // n_source})", "active neurons only",
+                   n / t_fast, "dense masked", n / t_dense, "tokens/s", target=3 if n_pool // n_source >= 80 else None)
+    bench_row.__name__ = f"nulls_fast_path_{ratio_name}"
+    return bench_row
+
+
+def nulls_unlearn_vs_npo(cfg, device):
+    """Unlearning one source: NULLs puts it on the forget list; NPO runs one epoch on the source's article."""
+    import copy
+    import baselines
+    import data
+    import nulls
+    ncfg = nulls.Config()
+    world = data.make_world(0)
+    tok = data.world_tokenizer()
+    sid = world.forget_order[0]
+    mcfg = nulls.model_config(ncfg, tok.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    doc = tok.encode(world.articles[sid])
+    rows = data.one_per_row([doc], [sid], eos_id=tok.eos_id, pad_id=tok.pad_id)
+    batch = {k: rows[k].to(device) for k in ("x", "y", "doc_ids")}
+    ids = sorted(world.articles)
+
+    sinks = nulls.Sinks(ncfg.n_gen, ncfg.n_pool, ncfg.n_source, ids)
+
+    def forget():
+        sinks.forget(sid)
+
+    def npo_epoch():
+        net = copy.deepcopy(model)
+        obj = baselines.make_objective("npo", ref_model=copy.deepcopy(model), beta=ncfg.npo_beta, retain_weight=0.0)
+        baselines.unlearn(net, obj, [batch], epochs=1, lr=ncfg.npo_lr)
+    t_forget, t_npo = time_fn(forget, cfg, device), time_fn(npo_epoch, cfg, device)
+    return row("nulls_unlearn_vs_npo", "unlearn one source: forget list (NULLs) vs one NPO epoch on its article "
+               "(model copies included)", "forget list", 1 / t_forget, "NPO epoch", 1 / t_npo, "unlearnings/s",
+               forget_list_ms=t_forget * 1e3)
+
+
+ROWS = [train_step("small"), train_step("medium"), generation_kv_cache, extraction_strength_one_pass,
+        nulls_fast_path("default", 1024, 64), nulls_fast_path("paper_ratio", 80 * 64, 64), nulls_unlearn_vs_npo]
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
-    device = pick_device(cfg.device)
+    device = torch.device(pick_device(cfg.device))
     wanted = [r for r in cfg.rows.split(",") if r]
     names = [f.__name__ for f in ROWS]
     unknown = [r for r in wanted if r not in names]
