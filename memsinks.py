@@ -22,7 +22,18 @@ Where we deliberately differ from the authors' released code (../shared/notes/si
   neighbouring or multiple ids give unrelated masks and no id means "all sinks on".
 The constants a and M are theirs (M = 2^32 - 5, the largest prime below 2^32).
 """
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass, asdict, replace
+
 import torch
+import torch.nn.functional as F
+
+import data as D
+import model as M
 
 LCG_A = 1588635695
 LCG_M = 4294967291          # 2^32 - 5, prime
@@ -95,3 +106,910 @@ def sink_mask(ids, n_shared, n_sink, p):
     sinks = (lcg_uniforms(uniq, n_sink) < p).float()[inv]
     shared = torch.ones(*ids.shape, n_shared, device=ids.device)
     return torch.cat([shared, sinks], dim=-1)
+
+
+def token_sequence_ids(tokens, doc_ids):
+    """Per-token ids for rows that may pack several documents: every token gets sequence_ids() of the tokens of
+    its own document piece in that row. tokens, doc_ids: (B, T); a new document starts wherever doc_ids changes
+    (padding, doc id -1, is a segment like any other and gets an id nobody trains on)."""
+    B, T = tokens.shape
+    dev = tokens.device
+    t = torch.arange(T, device=dev).expand(B, T)
+    new = torch.ones(B, T, dtype=torch.bool, device=dev)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.cummax(t * new, dim=1).values                               # (B, T) first position of the segment
+    powers = mod_powers(_HASH_BASE, T, dev)
+    terms = mulmod((tokens.long() + 1) % LCG_M, powers[t - start])           # position counted inside the document
+    seg = (torch.arange(B, device=dev)[:, None] * T + start).flatten()        # one slot per segment
+    sums = torch.zeros(B * T, dtype=torch.long, device=dev).index_add_(0, seg, terms.flatten())
+    return (sums[seg].view(B, T) % LCG_M) % (LCG_M - 1) + 1
+
+
+def noisy_ids(ids, repeated, d, generator=None, doc_ids=None):
+    """Sequence-id noise (Figure 5c): each occurrence of a repeated sequence in this batch (a row, or a (row,
+    document) piece of a packed row) gets, with probability d, a fresh random id for all of its tokens.
+    ids, repeated: (B, T) int64 / bool. Fresh ids lie in [2^62, 2^63), so they never equal a data or hash id."""
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"id noise d must be in [0, 1], got {d}")
+    if d == 0.0:
+        return ids
+    B, T = ids.shape
+    rows = torch.arange(B, device=ids.device)[:, None].expand(B, T)
+    doc = doc_ids if doc_ids is not None else torch.zeros_like(ids)
+    _, inv = torch.unique(torch.stack([rows, doc], -1).view(-1, 2), dim=0, return_inverse=True)
+    U = int(inv.max()) + 1
+    flip = (torch.rand(U, generator=generator) < d).to(ids.device)[inv].view(B, T) & repeated
+    fresh = torch.randint(2**62, 2**63 - 1, (U,), generator=generator).to(ids.device)[inv].view(B, T)
+    return torch.where(flip, fresh, ids)
+
+
+# -------------------------------------------------------------------------------------------------
+# The sink layer: shared neurons first, the sink pool last; evaluation modes
+# -------------------------------------------------------------------------------------------------
+
+def split_neurons(d_ff, g):
+    """(n_shared, n_sink): the first int(g * d_ff) hidden neurons are shared (the authors' int(I * p_gen); the
+    1e-6 keeps 0.7 * 10 from rounding down to 6), the rest are sinks."""
+    n_shared = int(g * d_ff + 1e-6)
+    if not 0 < n_shared < d_ff:
+        raise ValueError(f"g={g} with d_ff={d_ff} leaves no shared or no sink neurons")
+    return n_shared, d_ff - n_shared
+
+
+def drop_scale(n_shared, n_sink, p, rescale="authors"):
+    """Factor on the shared neurons when the sinks are dropped. The authors' code multiplies them by
+    (g + p) / g (as Maini et al.'s example-tied dropout does); that is a heuristic: the expected hidden mass of
+    training is g + (1 - g) p per neuron slot, which "mass" restores exactly; "none" leaves them at 1."""
+    g = n_shared / (n_shared + n_sink)
+    scales = {"authors": (g + p) / g, "mass": (g + (1 - g) * p) / g, "none": 1.0}
+    if rescale not in scales:
+        raise ValueError(f"rescale must be one of {sorted(scales)}, got {rescale!r}")
+    return scales[rescale]
+
+
+EVAL_MODES = ("dropped", "expected", "own")
+
+
+def eval_mask(mode, n_shared, n_sink, p, ids=None, rescale="authors", device=None):
+    """The MLP hidden mask of an evaluation mode:
+    dropped  - sinks 0, shared neurons x drop_scale (the unlearned model; the paper evaluates this);
+    expected - sinks at their expected value p, shared 1 (classical dropout at test time);
+    own      - each token's own training mask from its sequence id, no rescale (ids (B, T) required).
+    Returns a (d_ff,) tensor, or (B, T, d_ff) for "own"."""
+    if mode == "own":
+        if ids is None:
+            raise ValueError("eval mode 'own' needs the sequence ids")
+        return sink_mask(ids, n_shared, n_sink, p)
+    if mode == "dropped":
+        shared, sink = drop_scale(n_shared, n_sink, p, rescale), 0.0
+    elif mode == "expected":
+        shared, sink = 1.0, p
+    else:
+        raise ValueError(f"unknown eval mode {mode!r}; modes: {', '.join(EVAL_MODES)}")
+    return torch.cat([torch.full((n_shared,), shared), torch.full((n_sink,), sink)]).to(device)
+
+
+# -------------------------------------------------------------------------------------------------
+# Gradient masking (Section 4): stop-gradient routing after Cloud et al., forward unchanged
+# -------------------------------------------------------------------------------------------------
+
+def route_mask(repeated, n_shared, n_sink):
+    """(..., d_ff) float: 1 where a neuron may learn from the token. Repeated sequences route to the
+    memorization block (the last n_sink neurons), every other sequence to the generalization block."""
+    mem = torch.cat([torch.zeros(n_shared), torch.ones(n_sink)]).to(repeated.device)
+    return torch.where(repeated[..., None], mem, 1 - mem)
+
+
+class GradientRoute:
+    """An mlp_mask object (model.py calls .mlp_forward): the forward is the plain MLP, but neuron i learns from
+    token t only where route[t, i] = 1. Both its input weights (up / gate rows) and its value vector (down
+    column) are routed, and nothing flows back into the residual stream through a blocked neuron:
+        y = W_down (m * h) + sg(W_down) ((1 - m) * sg(h)) + b,   sg = stop-gradient,
+    whose value is W_down h + b. (Masking h alone, as in Cloud et al.'s activation routing, would still update
+    the down columns of blocked neurons, whose weight gradient is h itself.) Note AdamW's momentum and weight
+    decay still move a neuron in steps where it got no gradient: the paper masks gradients, not updates."""
+
+    def __init__(self, route):
+        self.route = route
+
+    def mlp_forward(self, mlp, x):
+        h = mlp.hidden(x)                                                    # (B, T, d_ff)
+        m = self.route.to(h.dtype)
+        y = F.linear(h * m, mlp.down.weight, mlp.down.bias)
+        return y + F.linear(h.detach() * (1 - m), mlp.down.weight.detach())
+
+
+# -------------------------------------------------------------------------------------------------
+# Post-hoc localization on the standard model (Section 3, Appendix C; Chang et al. 2024)
+# -------------------------------------------------------------------------------------------------
+# Both localizers score every MLP neuron of layers >= first_layer on the repeated set, and the top r fraction
+# of each layer is dropped (Appendix C). Chang et al. localize one example at a time; we localize the whole
+# repeated set at once: that is the unlearning target MemSinks removes in one go, and per-example
+# localization of 100 sequences would cost 100 times as much. Chang et al. skip layer 0; first_layer=1 does.
+
+HC_GAMMA, HC_ZETA = -0.1, 1.1      # the hard concrete's stretch interval (Louizos et al.), as in Chang et al.
+
+
+def hc_init_log_alpha(mask_p):
+    """log_alpha that gives a deterministic gate of mask_p: logit((mask_p - gamma) / (zeta - gamma))."""
+    q = (mask_p - HC_GAMMA) / (HC_ZETA - HC_GAMMA)
+    return math.log(q / (1 - q))
+
+
+def hc_gate(log_alpha, beta, u=None):
+    """Hard-concrete gate in [0, 1]. With uniform noise u (training):
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta); without (evaluation): s = sigmoid(log_alpha).
+    Then gate = clamp(s (zeta - gamma) + gamma, 0, 1)."""
+    z = log_alpha if u is None else (torch.log(u) - torch.log1p(-u) + log_alpha) / beta
+    return (torch.sigmoid(z) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0, 1)
+
+
+def hc_open_prob(log_alpha, beta):
+    """P(gate != 0) = sigmoid(log_alpha - beta log(-gamma / zeta)), the expected L0 norm per gate."""
+    return torch.sigmoid(log_alpha - beta * math.log(-HC_GAMMA / HC_ZETA))
+
+
+def _frozen(model):
+    """Context: model in eval mode with every parameter frozen (localizers only differentiate their masks)."""
+    class Ctx:
+        def __enter__(self):
+            self.state = [(p, p.requires_grad) for p in model.parameters()]
+            self.training = model.training
+            for p, _ in self.state:
+                p.requires_grad_(False)
+            model.eval()
+
+        def __exit__(self, *exc):
+            for p, r in self.state:
+                p.requires_grad_(r)
+            model.train(self.training)
+    return Ctx()
+
+
+def hard_concrete_scores(model, rows, *, steps=100, lr=0.05, lam=1.0, beta=0.33, mask_p=0.9, stop=0.4,
+                         batch_size=32, first_layer=0, seed=0, log=None):
+    """Chang et al.'s Hard Concrete localizer: a gate per MLP neuron (one noise draw per neuron per forward,
+    shared by every token), trained with Adam to keep the repeated sequences' loss low while an L0 penalty
+    closes gates: loss = LM loss + lam * mean over layers of mean P(gate != 0). Stops after `steps` or once
+    the penalty is below `stop`. Score = sigmoid(log_alpha): the gates the memorized text needs stay open.
+    rows: dict with x, y (and optional doc_ids). Returns a list of (d_ff,) scores, None for skipped layers."""
+    if len(rows["x"]) == 0:
+        raise ValueError("no sequences to localize")
+    L, d_ff = model.cfg.n_layer, model.cfg.d_ff
+    dev = next(model.parameters()).device
+    log_alpha = torch.full((L - first_layer, d_ff), hc_init_log_alpha(mask_p), device=dev, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    N = len(rows["x"])
+    with _frozen(model):
+        for step in range(steps):
+            idx = torch.randint(0, N, (min(batch_size, N),), generator=gen)
+            b = _batch(rows, idx, dev)
+            u = torch.rand(log_alpha.shape, generator=gen).clamp(1e-6, 1 - 1e-6).to(dev)
+            gates = hc_gate(log_alpha, beta, u)
+            _, lm = model(b["x"], b["y"], mlp_mask=[None] * first_layer + list(gates), doc_ids=b.get("doc_ids"))
+            reg = hc_open_prob(log_alpha, beta).mean(1).mean()
+            (lm + lam * reg).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if log and (step % 25 == 0 or step == steps - 1):
+                log(f"hard concrete {step}: lm {lm.item():.3f} open {reg.item():.3f}")
+            if reg.item() < stop:
+                break
+    scores = torch.sigmoid(log_alpha.detach())
+    return [None] * first_layer + list(scores)
+
+
+def _true_token_prob(model, b, masks):
+    """(B, T) probability of each target token (0 where y = -100) under per-layer masks."""
+    logits, _ = model(b["x"], mlp_mask=masks, doc_ids=b.get("doc_ids"))
+    keep = b["y"] != -100
+    p = torch.softmax(logits.float(), -1).gather(-1, b["y"].clamp(min=0)[..., None])[..., 0]
+    return p * keep
+
+
+def ig_alphas(steps):
+    """Midpoint rule on [0, 1]: alpha_k = (k + 1/2) / steps. Chang et al.'s code averages linspace(0, 1, m)
+    (end points included); both approximate the same integral, the midpoint rule to O(1/m^2)."""
+    return [(k + 0.5) / steps for k in range(steps)]
+
+
+def integrated_gradients_scores(model, rows, *, steps=16, first_layer=0, positions="all", batch_size=64):
+    """Integrated gradients (baseline 0) of the true-token probability with respect to each layer's MLP hidden
+    activations a, one layer at a time: IG_i = a_i * integral_0^1 dF(alpha a)/d a_i d alpha, summed over the
+    sequences' positions. The gradient of F with respect to a per-neuron scale s on the activations is exactly
+    sum_t a_t,i dF/da_t,i, so each alpha costs one forward and backward with mlp_mask = alpha * ones.
+    positions="all": F = sum over targets of p(true token), the whole layer scaled along the path (one path per
+               layer and batch; the default, cheap).
+    positions="each": Chang et al.'s knowledge-neuron form: for every target position t separately only a_t is
+               scaled and F = p_t; attributions are averaged over positions. T times as costly.
+    Returns a list of (d_ff,) scores (None for skipped layers)."""
+    if positions not in ("all", "each"):
+        raise ValueError(f"positions must be 'all' or 'each', got {positions!r}")
+    N = len(rows["x"])
+    if N == 0:
+        raise ValueError("no sequences to localize")
+    L, d_ff = model.cfg.n_layer, model.cfg.d_ff
+    dev = next(model.parameters()).device
+    out = [None] * first_layer
+    with _frozen(model):
+        for layer in range(first_layer, L):
+            total = torch.zeros(d_ff, dtype=torch.float64, device=dev)
+            for i in range(0, N, batch_size):
+                b = _batch(rows, torch.arange(i, min(N, i + batch_size)), dev)
+                for alpha in ig_alphas(steps):
+                    if positions == "all":
+                        s = torch.full((d_ff,), alpha, device=dev, requires_grad=True)
+                        masks = [None] * L
+                        masks[layer] = s
+                        _true_token_prob(model, b, masks).sum().backward()
+                        total += s.grad.double()
+                    else:
+                        total += _ig_each_position(model, b, layer, alpha)
+            n_pos = int((rows["y"] != -100).sum()) if positions == "each" else 1
+            out.append((total / steps / n_pos).float())
+    return out
+
+
+def _ig_each_position(model, b, layer, alpha):
+    """Sum over the batch's target positions t of dp_t/ds_t, where only position t's activation is scaled by
+    alpha (a copy of each row per target position; causal attention keeps p_t blind to later positions)."""
+    L, d_ff = model.cfg.n_layer, model.cfg.d_ff
+    r, t = (b["y"] != -100).nonzero(as_tuple=True)                       # one copy per target (row r, position t)
+    T = b["x"].shape[1]
+    s = torch.ones(len(r), T, d_ff, device=b["x"].device)
+    s[torch.arange(len(r)), t] = alpha
+    s.requires_grad_(True)
+    masks = [None] * L
+    masks[layer] = s
+    rep = {k: v[r] for k, v in b.items()}
+    p = _true_token_prob(model, rep, masks)                              # (R, T)
+    p[torch.arange(len(r)), t].sum().backward()
+    return s.grad[torch.arange(len(r)), t].double().sum(0)
+
+
+def drop_top(scores, r):
+    """Per-layer masks that zero the top round(r * d_ff) neurons of each scored layer (None elsewhere)."""
+    if not 0 <= r <= 1:
+        raise ValueError(f"drop ratio must be in [0, 1], got {r}")
+    masks = []
+    for s in scores:
+        if s is None:
+            masks.append(None)
+            continue
+        m = torch.ones_like(s)
+        m[torch.topk(s, int(round(r * len(s)))).indices] = 0.0
+        masks.append(m)
+    return masks
+
+
+def _batch(rows, idx, device):
+    """Rows idx of the per-row tensors, trailing columns without targets cut, on device."""
+    y = rows["y"][idx]
+    T = int((y != -100).any(0).nonzero().max()) + 1 if bool((y != -100).any()) else y.shape[1]
+    return {k: v[idx][:, :T].to(device) for k, v in rows.items() if torch.is_tensor(v) and v.dim() == 2}
+
+
+# -------------------------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    preset: str = ""
+    # data: TS-Repetition / TS-Canary (Section 3) built from the built-in stories, TinyStories, or a local file
+    setting: str = "repetition"        # repetition | canary
+    dataset: str = "stories"           # stories (built-in grammar, word tokens) | tinystories | a local path
+    text_field: str = "text"
+    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: $UNLEARNABLE_GPT2_RANKS / tiktoken)
+    n_rep: int = 100                   # repeated sequences ...
+    rep: int = 32                      # ... each seen this many times per epoch
+    n_single: int = 3000               # sequences seen once per epoch
+    n_val: int = 500                   # fresh validation sequences
+    canary_len: int = 10               # TS-Canary: random words appended to each repeated sequence
+    block_size: int = 128              # longer sequences are cut
+    pack: bool = False                 # pack sequences into rows (per-token ids and document attention)
+    # model: the same architecture and step budget for every model
+    flavor: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 512
+    # MemSinks
+    g: float = 0.7                     # fraction of shared (generalization) neurons per MLP
+    p: float = 0.3                     # probability that a sink neuron is on for a sequence
+    ids: str = "hash"                  # hash of the tokens (Appendix I) | data: the sequences' numbering (Appendix G)
+    id_noise: float = 0.0              # d: chance that an occurrence of a repeated sequence gets a fresh id (Fig 5c)
+    drop_rescale: str = "authors"      # shared-neuron factor with sinks dropped: authors (g+p)/g | mass | none
+    # training
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_points: int = 4               # evaluations per model for the learning curves (Figures 4a, 4b)
+    eval_batch_size: int = 250
+    # post-hoc localization on the standard model (Section 3, Appendix C)
+    drop_ratios: tuple = (0.01, 0.03, 0.1, 0.3)   # r: fraction of each layer's neurons dropped
+    posthoc_first_layer: int = 0       # Chang et al. skip layer 0 (1); we score every layer by default, as sinks are
+    hc_steps: int = 100
+    hc_lr: float = 0.05
+    hc_lambda: float = 1.0
+    hc_beta: float = 0.33
+    hc_init: float = 0.9
+    hc_stop: float = 0.4
+    hc_batch: int = 32
+    ig_steps: int = 16                 # Appendix C
+    ig_positions: str = "all"          # all (whole layer on one path) | each (Chang et al., one position at a time)
+    # sweeps behind a flag, each trains several models: p (Fig 5a), size (5b), noise (5c), dynamics (Fig 7)
+    sweep: str = ""
+    sweep_values: tuple = ()           # default: p 0.1,0.3,0.5,0.7; size (n_embd) 64,128,192; noise 0,0.1,0.5
+    dyn_every: int = 40                # dynamics: the tracked sequence is seen every dyn_every steps
+    dyn_steps: int = 400
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0                   # torch CPU threads; 0 = torch's default
+    out_dir: str = "out/memsinks"
+    log_every: int = 50
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_rep=4, rep=6, n_single=40, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64, epochs=1.0,
+                  batch_size=8, warmup_steps=2, eval_points=2, drop_ratios=(0.1, 0.3), hc_steps=3, hc_batch=4,
+                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0),
+    # Section 3 / 5.1 on one GPU: TinyStories (100 stories x 128 + 20,000 once), GPT-2 BPE, a GPT-2-medium shape
+    # (24 layers, d 1024, MLP 4x, ~344M params), constant lr (Appendix B: min lr = max lr); Chang et al.'s post-hoc
+    # settings (layer 0 skipped, lambda and iterations from Appendix C's grids, drop ratios around theirs)
+    "paper": dict(dataset="tinystories", n_rep=100, rep=128, n_single=20000, n_val=1000, block_size=512,
+                  n_layer=24, n_head=16, n_embd=1024, d_ff=4096, epochs=2.5, batch_size=32, lr=6e-4, min_lr=6e-4,
+                  warmup_steps=100, eval_points=8, eval_batch_size=32, drop_ratios=(0.001, 0.005, 0.01, 0.05, 0.1),
+                  posthoc_first_layer=1, hc_steps=1000, hc_lr=1e-2, hc_lambda=500.0, hc_batch=8,
+                  log_every=100),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: the training set, its deduplicated version, validation and the repeated sequences
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Sets:
+    tok: object
+    train: dict          # every tensor (N, T): x, y, ids (sequence id per token), repeated (bool), [doc_ids]
+    dedup: dict          # each repeated sequence once, plus the singles
+    val: dict
+    rep: dict            # the n_rep repeated sequences once each, with their training ids
+    rs: object           # data.RepetitionSet
+
+
+def make_sets(cfg):
+    if cfg.dataset == "stories":
+        tok, texts = D.stories_tokenizer(), None
+    else:
+        tok = D.GPT2Tokenizer(cfg.gpt2_ranks or None)
+        need = cfg.n_rep + cfg.n_single + cfg.n_val
+        recs = D.load_text_dataset(cfg.dataset, n=need + max(100, need // 20))   # slack for duplicates
+        if not recs or cfg.text_field not in recs[0]:
+            raise KeyError(f"{cfg.dataset} records have no field {cfg.text_field!r}")
+        texts = [r[cfg.text_field] for r in recs]
+    if cfg.setting == "repetition":
+        rs = D.ts_repetition(cfg.n_rep, cfg.rep, cfg.n_single, cfg.seed, n_val=cfg.n_val, texts=texts)
+    elif cfg.setting == "canary":
+        rs = D.ts_canary(cfg.n_rep, cfg.rep, cfg.n_single, cfg.seed, n_val=cfg.n_val, texts=texts,
+                         canary_len=cfg.canary_len)
+    else:
+        raise ValueError(f"setting must be 'repetition' or 'canary', got {cfg.setting!r}")
+    if min(cfg.n_rep, cfg.n_single, cfg.n_val) < 1:
+        raise ValueError("need n_rep, n_single and n_val >= 1")
+    cache = {}
+
+    def enc(t):
+        if t not in cache:
+            cache[t] = tok.encode(t)[:cfg.block_size]
+        return cache[t]
+
+    n1 = cfg.n_rep + cfg.n_single + 1
+    dedup_texts = rs.repeated_texts + rs.single_texts
+    sets = Sets(tok=tok, rs=rs,
+                train=rows_of(cfg, tok, [enc(t) for t in rs.texts], rs.seq_ids, rs.repeated),
+                dedup=rows_of(cfg, tok, [enc(t) for t in dedup_texts], range(1, n1),
+                              [True] * cfg.n_rep + [False] * cfg.n_single),
+                val=rows_of(cfg, tok, [enc(t) for t in rs.val_texts], range(n1, n1 + cfg.n_val), [False] * cfg.n_val),
+                rep=rows_of(cfg, tok, [enc(t) for t in rs.repeated_texts], range(1, cfg.n_rep + 1), [True] * cfg.n_rep,
+                            pack=False))
+    if rs.canaries:   # TS-Canary: also score the canary tokens alone
+        y, cy = sets.rep["y"], torch.full_like(sets.rep["y"], -100)
+        for i, (t, c) in enumerate(zip(rs.repeated_texts, rs.canaries)):
+            n_doc, n_c = len(enc(t)), len(tok.encode(t)) - len(tok.encode(t[:-len(c) - 1]))
+            lo = max(0, len(tok.encode(t)) - n_c - 1)                    # target position of the first canary token
+            cy[i, lo:n_doc - 1] = y[i, lo:n_doc - 1]
+        sets.rep["canary_y"] = cy
+    return sets
+
+
+def rows_of(cfg, tok, token_lists, data_ids, repeated, pack=None):
+    """Rows of token lists (one per row, or packed) with per-token sequence ids and repeated flags."""
+    pack = cfg.pack if pack is None else pack
+    data_ids = list(data_ids)
+    if pack:
+        b = D.pack_documents(token_lists, data_ids, cfg.block_size, tok.eos_id, tok.pad_id)
+    else:
+        b = D.one_per_row(token_lists, data_ids, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    doc = b["doc_ids"]
+    ids = token_sequence_ids(b["x"], doc) if cfg.ids == "hash" else b["source_ids"]
+    if cfg.ids not in ("hash", "data"):
+        raise ValueError(f"ids must be 'hash' or 'data', got {cfg.ids!r}")
+    flags = torch.tensor(list(repeated) + [False])                 # index -1 (padding) -> False
+    out = {"x": b["x"], "y": b["y"], "ids": ids, "repeated": flags[doc]}
+    if pack:
+        out["doc_ids"] = doc
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Training: standard, deduplicated, MemSinks and gradient-masked models
+# -------------------------------------------------------------------------------------------------
+
+KINDS = ("standard", "memsinks", "gradmask")
+PRIMARY = {"standard": ("plain",), "memsinks": ("dropped",), "gradmask": ("keep", "dropped")}
+
+
+def model_config(cfg, vocab_size):
+    return M.ModelConfig(flavor=cfg.flavor, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=cfg.d_ff, bias=cfg.flavor == "gpt2")
+
+
+def train_mask(cfg, kind, b):
+    """The MLP mask a training batch runs with."""
+    n_shared, n_sink = split_neurons(cfg.d_ff, cfg.g)
+    if kind == "memsinks":        # built on the fly from the per-token ids, on the batch's device
+        return sink_mask(b["ids"], n_shared, n_sink, cfg.p)
+    if kind == "gradmask":
+        return GradientRoute(route_mask(b["repeated"], n_shared, n_sink))
+    return None
+
+
+def eval_modes(cfg, kind):
+    """{mode: batch -> mlp_mask} for evaluating a model of this kind."""
+    n_shared, n_sink = split_neurons(cfg.d_ff, cfg.g)
+    if kind == "memsinks":
+        fixed = {m: eval_mask(m, n_shared, n_sink, cfg.p, rescale=cfg.drop_rescale) for m in ("dropped", "expected")}
+        return {"dropped": lambda b: fixed["dropped"].to(b["x"].device),
+                "expected": lambda b: fixed["expected"].to(b["x"].device),
+                "own": lambda b: sink_mask(b["ids"], n_shared, n_sink, cfg.p)}
+    if kind == "gradmask":        # the forward was dense in training: drop the memorization block, no rescale
+        drop = eval_mask("dropped", n_shared, n_sink, cfg.p, rescale="none")
+        return {"keep": lambda b: None, "dropped": lambda b: drop.to(b["x"].device)}
+    return {"plain": lambda b: None}
+
+
+@torch.no_grad()
+def mean_loss(net, rows, mask_fn=lambda b: None, batch_size=250, y_key="y"):
+    """Token-weighted mean NLL over every target of `rows` (a validation loss)."""
+    dev = next(net.parameters()).device
+    was = net.training
+    net.eval()
+    total, count = 0.0, 0
+    auto = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for i in range(0, len(rows["x"]), batch_size):
+        b = _batch({**rows, "y": rows[y_key]}, torch.arange(i, min(len(rows["x"]), i + batch_size)), dev)
+        with auto:
+            lp = net.token_logprobs(b["x"], b["y"], mlp_mask=mask_fn(b), doc_ids=b.get("doc_ids"))
+        total -= float(lp.double().sum())
+        count += int((b["y"] != -100).sum())
+    net.train(was)
+    if count == 0:
+        raise ValueError("no targets to score")
+    return total / count
+
+
+def evaluate(cfg, net, kind, sets, modes=None):
+    """{mode/val, mode/rep (, mode/canary)} losses."""
+    out = {}
+    for mode, fn in eval_modes(cfg, kind).items():
+        if modes is None or mode in modes:
+            out[f"{mode}/val"] = mean_loss(net, sets.val, fn, cfg.eval_batch_size)
+            out[f"{mode}/rep"] = mean_loss(net, sets.rep, fn, cfg.eval_batch_size)
+            if "canary_y" in sets.rep:
+                out[f"{mode}/canary"] = mean_loss(net, sets.rep, fn, cfg.eval_batch_size, y_key="canary_y")
+    return out
+
+
+_NOT_TRAINING = ("preset", "drop_ratios", "posthoc_first_layer", "hc_steps", "hc_lr", "hc_lambda", "hc_beta", "hc_init",
+                 "hc_stop", "hc_batch", "ig_steps", "ig_positions", "sweep", "sweep_values", "device", "threads",
+                 "out_dir", "log_every", "eval_batch_size")
+
+
+def checkpoint_path(cfg, name, steps):
+    """out_dir/ckpt/<name>-<fingerprint>.pt: a rerun with the same settings reuses the finished model, a run with
+    other settings never resumes from it."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
+    key = json.dumps([keep, name, steps], sort_keys=True, default=str)
+    return os.path.join(cfg.out_dir, "ckpt", f"{name}-{zlib.crc32(key.encode()):08x}.pt")
+
+
+def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None, log=print):
+    """Train a fresh model (same init for every name: seeded) on `rows` for `steps` steps. every=(row, k) puts
+    row `row` first in every k-th batch (Figure 7). Returns (net, history); history["eval"] holds the curve."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    torch.manual_seed(cfg.seed)
+    net = M.GPT(model_config(cfg, sets.tok.vocab_size))
+    N = len(rows["x"]) - (every is not None)                   # the tracked row is not part of the shuffle
+    order = D.EpochIterator(N, cfg.batch_size, seed=cfg.seed)
+    dev = M.pick_device(cfg.device)
+
+    def batch_at(step):           # a pure function of the step: a resumed run sees exactly the same batches
+        epoch, pos = divmod(step, order.steps_per_epoch)
+        idx = order.order(epoch)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].clone()
+        if every is not None and step % every[1] == 0:
+            idx[0] = every[0]
+        b = _batch(rows, idx, "cpu")
+        if kind == "memsinks" and cfg.id_noise > 0:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            b["ids"] = noisy_ids(b["ids"], b["repeated"], cfg.id_noise, gen, b.get("doc_ids"))
+        return b
+
+    def loss_fn(model, b):
+        _, loss = model(b["x"], b["y"], mlp_mask=train_mask(cfg, kind, b), doc_ids=b.get("doc_ids"))
+        return loss
+
+    if eval_fn is None:
+        def eval_fn(model, step):  # the curve in the primary modes, every mode on the full sets at the end
+            return evaluate(cfg, model, kind, sets, None if step == steps else PRIMARY[kind])
+    tc = M.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                       warmup_steps=min(cfg.warmup_steps, steps), max_steps=steps, grad_clip=cfg.grad_clip,
+                       log_every=cfg.log_every, eval_every=max(1, math.ceil(steps / max(1, cfg.eval_points))),
+                       device=cfg.device, seed=cfg.seed, ckpt_path=checkpoint_path(cfg, name, steps), resume=True)
+    say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
+    say(f"{kind}, {len(rows['x'])} rows, {steps} steps, {net.num_params() / 1e6:.2f}M params on {dev}")
+    hist = M.train(net, batch_at, tc, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
+    net.eval()
+    return net, hist
+
+
+def steps_for(cfg, n_rows):
+    return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
+
+
+# -------------------------------------------------------------------------------------------------
+# The main run: Sections 3 to 5 on TS-Repetition (or TS-Canary)
+# -------------------------------------------------------------------------------------------------
+
+def claim(name, value, threshold, held, detail=""):
+    return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
+
+
+def closure(rep_model, std):
+    """Fraction of the standard model's memorization gap L_val - L_rep that a model's rep loss closes."""
+    return (rep_model - std["rep"]) / (std["val"] - std["rep"])
+
+
+def posthoc(cfg, sets, std_net, std, log=print):
+    """Localize on the repeated set, drop the top r of each layer, measure forgetting and degradation."""
+    t0 = time.time()
+    rows = {k: sets.rep[k] for k in ("x", "y")}
+    scores = {"hard_concrete": hard_concrete_scores(
+                  std_net, rows, steps=cfg.hc_steps, lr=cfg.hc_lr, lam=cfg.hc_lambda, beta=cfg.hc_beta,
+                  mask_p=cfg.hc_init, stop=cfg.hc_stop, batch_size=cfg.hc_batch, first_layer=cfg.posthoc_first_layer,
+                  seed=cfg.seed, log=log),
+              "integrated_gradients": integrated_gradients_scores(
+                  std_net, rows, steps=cfg.ig_steps, first_layer=cfg.posthoc_first_layer, positions=cfg.ig_positions,
+                  batch_size=cfg.eval_batch_size)}
+    out = {}
+    for method, s in scores.items():
+        out[method] = []
+        for r in cfg.drop_ratios:
+            masks = drop_top(s, r)
+            val = mean_loss(std_net, sets.val, lambda b: masks, cfg.eval_batch_size)
+            rep = mean_loss(std_net, sets.rep, lambda b: masks, cfg.eval_batch_size)
+            out[method].append({"r": r, "val": val, "rep": rep, "forgetting": rep - std["rep"],
+                                "degradation": val - std["val"]})
+            log(f"{method} r={r}: val {val:.4f} rep {rep:.4f}")
+    out["time_s"] = time.time() - t0
+    return out
+
+
+def curve(hist):
+    return [dict(e) for e in hist["eval"]]
+
+
+def run_main(cfg, sets, log=print):
+    S = steps_for(cfg, len(sets.train["x"]))
+    S_dedup = steps_for(cfg, len(sets.dedup["x"]))
+    models, nets, times = {}, {}, {}
+    plan = [("standard", "standard", sets.train, S), ("dedup_epochs", "standard", sets.dedup, S_dedup),
+            ("dedup_steps", "standard", sets.dedup, S), ("memsinks", "memsinks", sets.train, S),
+            ("gradmask", "gradmask", sets.train, S)]
+    for name, kind, rows, steps in plan:
+        t0 = time.time()
+        nets[name], hist = train_model(cfg, sets, name, kind, rows, steps, log=log)
+        final = hist["eval"][-1]
+        models[name] = {"kind": kind, "steps": steps, "final": {k: v for k, v in final.items() if k != "step"},
+                        "curve": curve(hist), "time_s": time.time() - t0}
+    f = {n: m["final"] for n, m in models.items()}
+    std = {"val": f["standard"]["plain/val"], "rep": f["standard"]["plain/rep"]}
+    post = posthoc(cfg, sets, nets["standard"], std, log)
+    ms = {"forgetting": f["memsinks"]["dropped/rep"] - std["rep"], "degradation": f["memsinks"]["dropped/val"] - std["val"]}
+    dd = {"forgetting": f["dedup_epochs"]["plain/rep"] - std["rep"], "degradation": f["dedup_epochs"]["plain/val"] - std["val"]}
+    metrics = {"models": models, "posthoc": post, "tradeoff": {"memsinks": ms, "dedup_epochs": dd},
+               "gap_closure": {"memsinks_dropped": closure(f["memsinks"]["dropped/rep"], std),
+                               "memsinks_expected": closure(f["memsinks"]["expected/rep"], std),
+                               "memsinks_own": closure(f["memsinks"]["own/rep"], std),
+                               "gradmask_dropped": closure(f["gradmask"]["dropped/rep"], std),
+                               "dedup_epochs": closure(f["dedup_epochs"]["plain/rep"], std)},
+               "params": nets["standard"].num_params(), "tokens_per_row": float((sets.train["y"] != -100).sum(1).float().mean())}
+    return metrics, main_claims(cfg, metrics)
+
+
+def main_claims(cfg, m):
+    f = {n: x["final"] for n, x in m["models"].items()}
+    sv, sr = f["standard"]["plain/val"], f["standard"]["plain/rep"]
+    msv = f["memsinks"]["dropped/val"]
+    c = [claim("1 standard training memorizes: repeated-sequence loss far below validation loss (L_rep / L_val)",
+               sr / sv, 0.5, sr / sv <= 0.5, f"L_rep {sr:.4f}, L_val {sv:.4f}")]
+    cl = m["gap_closure"]["memsinks_dropped"]
+    c.append(claim("2 MemSinks with sinks dropped closes at least half of the memorization gap", cl, 0.5, cl >= 0.5,
+                   f"L_rep(MemSinks dropped) {f['memsinks']['dropped/rep']:.4f}"))
+    rel = msv / sv - 1
+    c.append(claim("3a MemSinks (sinks dropped) validation loss within 3% of standard training (relative change)",
+                   rel, 0.03, rel <= 0.03, f"{msv:.4f} vs {sv:.4f}"))
+    de = f["dedup_epochs"]["plain/val"]
+    c.append(claim("3b MemSinks (sinks dropped) validation loss below the deduplicated model at the same epochs "
+                   "(difference)", msv - de, 0.0, msv < de,
+                   f"{msv:.4f} vs {de:.4f} ({m['models']['dedup_epochs']['steps']} steps); not a claim: dedup at the "
+                   f"same steps {f['dedup_steps']['plain/val']:.4f}"))
+    gv = f["gradmask"]["keep/val"]
+    c.append(claim("4 gradient masking (memorization neurons kept) has a worse validation loss than standard "
+                   "(difference)", gv - sv, 0.0, gv > sv, f"{gv:.4f} vs {sv:.4f}; dropped {f['gradmask']['dropped/val']:.4f}"))
+    ms = m["tradeoff"]["memsinks"]
+    reach = [(meth, p) for meth in ("hard_concrete", "integrated_gradients") for p in m["posthoc"][meth]
+             if p["forgetting"] >= ms["forgetting"]]
+    best = min((p["degradation"] for _, p in reach), default=None)
+    c.append(claim("5 MemSinks beats post-hoc localization: the least degradation of any post-hoc point forgetting at "
+                   "least as much (None = none does) exceeds MemSinks' degradation", best, ms["degradation"],
+                   best is None or best > ms["degradation"],
+                   f"MemSinks forgets {ms['forgetting']:.4f} at degradation {ms['degradation']:.4f}; "
+                   f"best post-hoc forgetting {max(p['forgetting'] for meth in ('hard_concrete', 'integrated_gradients') for p in m['posthoc'][meth]):.4f}"))
+    return c
+
+
+# -------------------------------------------------------------------------------------------------
+# Sweeps (Figures 5a, 5b, 5c and 7), each behind --sweep
+# -------------------------------------------------------------------------------------------------
+
+SWEEP_DEFAULTS = {"p": (0.1, 0.3, 0.5, 0.7), "size": (64, 128, 192), "noise": (0.0, 0.1, 0.5)}
+
+
+def _std_and_sinks(cfg, sets, log, tag=""):
+    """Train (or reuse) the standard and MemSinks models of cfg; their final losses and the MemSinks point."""
+    S = steps_for(cfg, len(sets.train["x"]))
+    _, h_std = train_model(cfg, sets, f"standard{tag}", "standard", sets.train, S, log=log)
+    net, h_ms = train_model(cfg, sets, f"memsinks{tag}", "memsinks", sets.train, S, log=log)
+    std = {"val": h_std["eval"][-1]["plain/val"], "rep": h_std["eval"][-1]["plain/rep"]}
+    v, r = h_ms["eval"][-1]["dropped/val"], h_ms["eval"][-1]["dropped/rep"]
+    return {"std_val": std["val"], "std_rep": std["rep"], "val": v, "rep": r, "own_rep": h_ms["eval"][-1]["own/rep"],
+            "closure": closure(r, std), "forgetting": r - std["rep"], "degradation": v - std["val"],
+            "params": net.num_params()}
+
+
+def run_sweep(cfg, sets, log=print):
+    values = tuple(cfg.sweep_values) or SWEEP_DEFAULTS.get(cfg.sweep, ())
+    rows, claims = [], []
+    if cfg.sweep in ("p", "noise"):
+        field = {"p": "p", "noise": "id_noise"}[cfg.sweep]
+        for v in values:
+            r = _std_and_sinks(replace(cfg, **{field: float(v)}), sets, log, f"_{cfg.sweep}{v}")
+            rows.append({field: float(v), **r})
+            log(f"{field}={v}: closure {r['closure']:.3f}")
+        cl = {row[field]: row["closure"] for row in rows}
+        if cfg.sweep == "p":
+            ref = 0.3 if 0.3 in cl else min(cl)
+            claims.append(claim(f"5a activating too many sinks weakens isolation: gap closure at p={max(cl)} below "
+                                f"that at p={ref}", cl[max(cl)], cl[ref], cl[max(cl)] < cl[ref]))
+        else:
+            if 0.1 in cl:
+                claims.append(claim("5c robust to 10% id noise: gap closure at d=0.1 still >= 0.5", cl[0.1], 0.5,
+                                    cl[0.1] >= 0.5))
+            claims.append(claim(f"5c inconsistent ids break isolation: gap closure at d={max(cl)} below d={min(cl)}",
+                                cl[max(cl)], cl[min(cl)], cl[max(cl)] < cl[min(cl)]))
+    elif cfg.sweep == "size":
+        for v in values:
+            sub = replace(cfg, n_embd=int(v), d_ff=4 * int(v))
+            r = _std_and_sinks(sub, sets, log, f"_size{v}")
+            rows.append({"n_embd": int(v), **r})
+            log(f"n_embd={v}: forgetting {r['forgetting']:.3f} degradation {r['degradation']:.3f}")
+        small, big = rows[0], rows[-1]
+        claims.append(claim(f"5b larger models degrade less: MemSinks' degradation at n_embd={big['n_embd']} below "
+                            f"n_embd={small['n_embd']}", big["degradation"], small["degradation"],
+                            big["degradation"] < small["degradation"]))
+    elif cfg.sweep == "dynamics":
+        rows, claims = run_dynamics(cfg, sets, log)
+    else:
+        raise ValueError(f"unknown sweep {cfg.sweep!r}; sweeps: p, size, noise, dynamics")
+    return {"sweep": cfg.sweep, "rows": rows}, claims
+
+
+def run_dynamics(cfg, sets, log):
+    """Figure 7: one sequence seen every dyn_every steps among singles; its training loss (MemSinks: under its own
+    mask, the loss that sizes its update) after every step, for standard training and MemSinks."""
+    singles = ~sets.train["repeated"].any(1)
+    T = max(sets.train["x"].shape[1], sets.rep["x"].shape[1])
+    pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)
+    rows = {k: torch.cat([pad(sets.train[k][singles], fill), pad(sets.rep[k][:1], fill)])
+            for k, fill in (("x", sets.tok.pad_id), ("y", -100), ("ids", 0), ("repeated", False))}
+    one = {k: v[-1:] for k, v in rows.items()}
+    out, traces = [], {}
+    sub = replace(cfg, eval_points=cfg.dyn_steps)
+    for kind in ("standard", "memsinks"):
+        fn = eval_modes(cfg, kind)["own" if kind == "memsinks" else "plain"]
+        ev = lambda net, step, fn=fn: {"tracked": mean_loss(net, one, fn)}
+        _, hist = train_model(sub, sets, f"dynamics_{kind}", kind, rows, cfg.dyn_steps,
+                              every=(len(rows["x"]) - 1, cfg.dyn_every), eval_fn=ev, log=log)
+        traces[kind] = [e["tracked"] for e in hist["eval"]]
+        # amplitude of the learning-forgetting cycles: max - min of the loss between two presentations, averaged
+        # over the cycles of the second half of training
+        k = cfg.dyn_every
+        cyc = [traces[kind][s:s + k] for s in range(0, cfg.dyn_steps, k) if s >= cfg.dyn_steps // 2]
+        amp = sum(max(c) - min(c) for c in cyc) / max(1, len(cyc))
+        half = traces[kind][cfg.dyn_steps // 2:]
+        out.append({"kind": kind, "amplitude": amp, "mean_loss_second_half": sum(half) / max(1, len(half)),
+                    "trace": traces[kind]})
+    a = {r["kind"]: r["amplitude"] for r in out}
+    return out, [claim("7 MemSinks' learning-forgetting cycles have a lower amplitude than standard training's",
+                       a["memsinks"], a["standard"], a["memsinks"] < a["standard"])]
+
+
+# -------------------------------------------------------------------------------------------------
+# Report: the printed table, results.json / results.md, plots
+# -------------------------------------------------------------------------------------------------
+
+def fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+LABELS = {"standard": "standard (with repetition)", "dedup_epochs": "deduplicated, same epochs",
+          "dedup_steps": "deduplicated, same steps", "memsinks": "MemSinks", "gradmask": "gradient masking"}
+MODE_LABELS = {"plain": "-", "dropped": "sinks dropped", "expected": "sinks at expected value p",
+               "own": "own training mask", "keep": "memorization neurons kept"}
+
+
+def table_lines(cfg, metrics):
+    canary = cfg.setting == "canary"
+    lines = ["| model | steps | evaluation | val loss | repeated loss | gap closed |" + (" canary loss |" if canary else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if canary else "")]
+    f = {n: m["final"] for n, m in metrics["models"].items()}
+    std = {"val": f["standard"]["plain/val"], "rep": f["standard"]["plain/rep"]}
+    for name, m in metrics["models"].items():
+        modes = [k[:-4] for k in m["final"] if k.endswith("/val")]
+        for mode in modes:
+            label = ("memorization neurons dropped" if name == "gradmask" and mode == "dropped" else MODE_LABELS[mode])
+            lines.append(f"| {LABELS[name]} | {m['steps']} | {label} | {fmt(m['final'][mode + '/val'])} | "
+                         f"{fmt(m['final'][mode + '/rep'])} | {closure(m['final'][mode + '/rep'], std):.2f} |" +
+                         (f" {fmt(m['final'][mode + '/canary'])} |" if canary else ""))
+    lines += ["", "Post-hoc localization on the standard model (drop the top r of every scored layer); forgetting = "
+              "rise of the repeated loss, degradation = rise of the validation loss", "",
+              "| method | r | val loss | repeated loss | forgetting | degradation |", "| --- | --- | --- | --- | --- | --- |"]
+    for meth in ("hard_concrete", "integrated_gradients"):
+        for p in metrics["posthoc"][meth]:
+            lines.append(f"| {meth} | {p['r']} | {fmt(p['val'])} | {fmt(p['rep'])} | {fmt(p['forgetting'])} | "
+                         f"{fmt(p['degradation'])} |")
+    for name, t in metrics["tradeoff"].items():
+        lines.append(f"| {LABELS[name]} | - | {fmt(f[name]['dropped/val' if name == 'memsinks' else 'plain/val'])} | "
+                     f"{fmt(f[name]['dropped/rep' if name == 'memsinks' else 'plain/rep'])} | {fmt(t['forgetting'])} | "
+                     f"{fmt(t['degradation'])} |")
+    return lines
+
+
+def out_folder(cfg):
+    """out_dir for the main run, out_dir/sweep_<name> for a sweep (checkpoints are shared in out_dir/ckpt)."""
+    return os.path.join(cfg.out_dir, f"sweep_{cfg.sweep}") if cfg.sweep else cfg.out_dir
+
+
+def report(cfg, metrics, claims):
+    if cfg.sweep:
+        rows = metrics["rows"]
+        keys = [k for k in rows[0] if k != "trace"]
+        lines = [f"Sweep {cfg.sweep}", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+        lines += ["| " + " | ".join(fmt(r[k], ".4g") if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+                  for r in rows]
+    else:
+        lines = table_lines(cfg, metrics)
+    lines += ["", "| claim | value | threshold | held | detail |", "| --- | --- | --- | --- | --- |"]
+    for c in claims:
+        v = fmt(c["value"], ".4g") if isinstance(c["value"], float) else str(c["value"])
+        lines.append(f"| {c['claim']} | {v} | {c['threshold']} | {c['held']} | {c['detail']} |")
+    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s ({metrics['env']['threads']} torch threads, "
+                 f"{metrics['env']['device']})")
+    text = "\n".join(lines)
+    print(text)
+    out = out_folder(cfg)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(f"# memsinks.py results ({cfg.setting}{', sweep ' + cfg.sweep if cfg.sweep else ''})\n\n{text}\n")
+    path = os.path.join(out, "results.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump({"config": asdict(cfg), "metrics": metrics, "claims": claims}, fh, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+    plot(cfg, metrics)
+    print(f"wrote {path}")
+
+
+def plot(cfg, metrics):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    save = lambda fig, name: (fig.tight_layout(), fig.savefig(os.path.join(out_folder(cfg), name), dpi=120))
+    if cfg.sweep:
+        rows = metrics["rows"]
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        if cfg.sweep == "dynamics":                                    # Figure 7
+            for r in rows:
+                ax.plot(range(1, len(r["trace"]) + 1), r["trace"], label=r["kind"], lw=0.8)
+            ax.set(xlabel="step", ylabel="training loss of the tracked sequence", title="learning and forgetting")
+        elif cfg.sweep == "size":                                      # Figure 5b
+            ax.plot([r["degradation"] for r in rows], [r["forgetting"] for r in rows], "o-")
+            for r in rows:
+                ax.annotate(f"d={r['n_embd']}", (r["degradation"], r["forgetting"]))
+            ax.set(xlabel="model degradation", ylabel="sequence forgetting", title="model size")
+        else:                                                          # Figures 5a, 5c
+            x = "p" if cfg.sweep == "p" else "id_noise"
+            ax.plot([r[x] for r in rows], [r["rep"] for r in rows], "o-", label="MemSinks, sinks dropped")
+            ax.plot([r[x] for r in rows], [r["std_rep"] for r in rows], "k--", label="standard")
+            ax.set(xlabel=x, ylabel="repeated-sequence loss")
+        ax.legend()
+        save(fig, f"fig_sweep_{cfg.sweep}.png")
+        plt.close("all")
+        return
+    ms = metrics["models"]
+    for fig_name, split, series in (
+            ("fig4a_val_loss.png", "val", [("standard", "plain"), ("dedup_epochs", "plain"), ("dedup_steps", "plain"),
+                                           ("memsinks", "dropped"), ("gradmask", "keep"), ("gradmask", "dropped")]),
+            ("fig4b_repeated_loss.png", "rep", [("standard", "plain"), ("memsinks", "dropped"), ("gradmask", "dropped")])):
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        for name, mode in series:
+            c = ms[name]["curve"]
+            ax.plot([e["step"] for e in c], [e[f"{mode}/{split}"] for e in c], "o-",
+                    label=LABELS[name] + ("" if mode == "plain" else f", {mode}"))
+        ax.set(xlabel="step", ylabel=f"{'validation' if split == 'val' else 'repeated-sequence'} loss")
+        ax.legend(fontsize=6)
+        save(fig, fig_name)
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))                         # Figure 4c
+    for meth in ("hard_concrete", "integrated_gradients"):
+        pts = metrics["posthoc"][meth]
+        ax.plot([p["degradation"] for p in pts], [p["forgetting"] for p in pts], "o-", label=meth)
+    for name, t in metrics["tradeoff"].items():
+        ax.plot([t["degradation"]], [t["forgetting"]], "*", ms=12, label=LABELS[name])
+    ax.set(xlabel="model degradation (val loss rise)", ylabel="sequence forgetting (repeated loss rise)")
+    ax.legend(fontsize=7)
+    save(fig, "fig4c_tradeoff.png")
+    plt.close("all")
+
+
+def main(argv=None):
+    cfg = M.parse_config(Config, argv, PRESETS)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    sets = make_sets(cfg)
+    print(f"{cfg.setting}: {len(sets.train['x'])} training rows ({cfg.n_rep} x {cfg.rep} repeated + {cfg.n_single} "
+          f"once), {cfg.n_val} validation, vocabulary {sets.tok.vocab_size}")
+    if cfg.sweep:
+        metrics, claims = run_sweep(cfg, sets)
+    else:
+        metrics, claims = run_main(cfg, sets)
+    metrics["wall_time_s"] = time.time() - t0
+    metrics["env"] = {"device": M.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    report(cfg, metrics, claims)
+    return metrics, claims
+
+
+if __name__ == "__main__":
+    main()

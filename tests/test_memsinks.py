@@ -1,0 +1,473 @@
+"""memsinks.py: ids, id noise, eval modes, gradient masking, the post-hoc localizers, claims, and the smoke run.
+References are slow and explicit (float64, Python loops, worked examples); fast paths are checked against them."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import memsinks as ms
+import model as M
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose a lot to it on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(flavor="gpt2", d_ff=10, n_layer=2, seed=0):
+    cfg = M.ModelConfig(flavor=flavor, vocab_size=23, block_size=16, n_layer=n_layer, n_head=2, n_embd=8, d_ff=d_ff,
+                        bias=flavor == "gpt2")
+    torch.manual_seed(seed)
+    net = M.GPT(cfg)
+    with torch.no_grad():            # larger weights than GPT-2's init, so every path carries real signal
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return net
+
+
+# -------------------------------------------------------------------------------------------------
+# sequence ids for packed rows, id noise
+# -------------------------------------------------------------------------------------------------
+
+def test_token_sequence_ids_equal_each_document_hashed_alone():
+    docs = [[5, 6, 7], [9], [5, 6, 7], [1, 2, 3, 4], [8, 8]]
+    # packed: row 0 = doc0 + doc1 + doc3 piece, row 1 = doc2 (same tokens as doc0) + doc4 + padding
+    x = torch.tensor([[5, 6, 7, 9, 1, 2, 3, 4], [5, 6, 7, 8, 8, 0, 0, 0]])
+    doc = torch.tensor([[0, 0, 0, 1, 3, 3, 3, 3], [2, 2, 2, 4, 4, -1, -1, -1]])
+    got = ms.token_sequence_ids(x, doc)
+    alone = {d: ms.sequence_ids(torch.tensor([docs[d]])).item() for d in range(5)}
+    for r in range(2):
+        for t in range(8):
+            if doc[r, t] >= 0:
+                assert got[r, t].item() == alone[doc[r, t].item()], (r, t)
+    assert got[0, 0] == got[1, 0]                    # the same text gets the same id wherever it stands
+    # one document per row: the row's sequence_ids over its valid tokens, on every token
+    rows = D.one_per_row(docs, eos_id=1, pad_id=0)
+    ids = ms.token_sequence_ids(rows["x"], rows["doc_ids"])
+    ref = ms.sequence_ids(rows["x"], rows["doc_ids"] >= 0)
+    valid = rows["doc_ids"] >= 0
+    assert torch.equal(ids[valid], ref[:, None].expand_as(ids)[valid])
+    assert (ids > 0).all()
+
+
+def test_noisy_ids_flip_whole_occurrences_of_repeated_sequences_only():
+    B, T, d = 4000, 5, 0.3
+    ids = torch.arange(1, B + 1)[:, None].expand(B, T).clone()
+    repeated = (torch.arange(B) % 2 == 0)[:, None].expand(B, T).clone()
+    g = torch.Generator().manual_seed(0)
+    out = ms.noisy_ids(ids, repeated, d, g)
+    changed = out != ids
+    assert not changed[~repeated].any()                                 # singles keep their ids
+    assert torch.equal(changed.all(1), changed.any(1))                  # a whole row flips or none of it
+    assert (out[changed] >= 2**62).all()                                # fresh ids never collide with data ids
+    assert (out[changed].view(-1, T) == out[changed].view(-1, T)[:, :1]).all()   # one fresh id per occurrence
+    frac = changed[repeated[:, 0], 0].float().mean().item()
+    assert abs(frac - d) < 0.04                                         # binomial sd ~ 0.01
+    assert len(set(out[changed.all(1), 0].tolist())) == int(changed.all(1).sum())   # fresh ids are distinct
+    # deterministic in the generator; d = 0 is the identity; d outside [0, 1] is an error
+    assert torch.equal(out, ms.noisy_ids(ids, repeated, d, torch.Generator().manual_seed(0)))
+    assert ms.noisy_ids(ids, repeated, 0.0) is ids
+    assert torch.equal(ms.noisy_ids(ids, repeated, 1.0, g)[repeated] >= 2**62, torch.ones(int(repeated.sum()), dtype=torch.bool))
+    with pytest.raises(ValueError):
+        ms.noisy_ids(ids, repeated, 1.5)
+
+
+def test_noisy_ids_packed_rows_flip_each_document_on_its_own():
+    ids = torch.tensor([[7, 7, 7, 9, 9, 9]]).expand(3000, 6).clone()
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1]]).expand(3000, 6)
+    rep = torch.ones(3000, 6, dtype=torch.bool)
+    out = ms.noisy_ids(ids, rep, 0.5, torch.Generator().manual_seed(1), doc)
+    a, b = out[:, 0] != 7, out[:, 3] != 9
+    assert (out[:, :3] == out[:, :1]).all() and (out[:, 3:] == out[:, 3:4]).all()
+    assert abs(a.float().mean().item() - 0.5) < 0.05 and abs(b.float().mean().item() - 0.5) < 0.05
+    assert abs((a & b).float().mean().item() - 0.25) < 0.04           # independent draws per document
+
+
+# -------------------------------------------------------------------------------------------------
+# the sink layer and the evaluation modes
+# -------------------------------------------------------------------------------------------------
+
+def test_split_and_drop_scale_worked_examples():
+    assert ms.split_neurons(512, 0.7) == (358, 154)                    # the prototype's split
+    assert ms.split_neurons(10, 0.7) == (7, 3)                         # 0.7 * 10 = 6.999... in floating point
+    for g in (0.0, 1.0):
+        with pytest.raises(ValueError):
+            ms.split_neurons(10, g)
+    # g = 3/5, p = 0.3: authors (g + p) / g = 1.5; expected mass (g + (1 - g) p) / g = 0.72 / 0.6 = 1.2
+    assert ms.drop_scale(3, 2, 0.3, "authors") == pytest.approx(1.5)
+    assert ms.drop_scale(3, 2, 0.3, "mass") == pytest.approx(1.2)
+    assert ms.drop_scale(3, 2, 0.3, "none") == 1.0
+    with pytest.raises(ValueError):
+        ms.drop_scale(3, 2, 0.3, "other")
+    assert ms.eval_mask("dropped", 3, 2, 0.3).tolist() == pytest.approx([1.5, 1.5, 1.5, 0, 0])
+    assert ms.eval_mask("expected", 3, 2, 0.3).tolist() == pytest.approx([1, 1, 1, 0.3, 0.3])
+    with pytest.raises(ValueError):
+        ms.eval_mask("own", 3, 2, 0.3)
+    with pytest.raises(ValueError):
+        ms.eval_mask("nope", 3, 2, 0.3)
+
+
+def test_expected_mode_is_the_average_of_the_own_masks():
+    n_shared, n_sink, p = 4, 300, 0.3
+    own = ms.eval_mask("own", n_shared, n_sink, p, ids=torch.arange(1, 4001)[:, None])[:, 0]    # (4000, d_ff)
+    exp = ms.eval_mask("expected", n_shared, n_sink, p)
+    assert (own.mean(0) - exp).abs().max() < 0.03                      # per-neuron mean over ids ~ p (sd 0.007)
+    assert torch.equal(own[:, :n_shared], torch.ones(4000, n_shared))
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_eval_modes_equal_editing_the_down_projection(flavor):
+    """A mask after the nonlinearity (after gating) and before the down projection is the same as scaling the
+    down projection's columns: dropped = sink columns 0 and shared columns x (g+p)/g; own = the sequence's
+    training mask, also what the model trains with."""
+    net = tiny(flavor, d_ff=30)
+    n_shared, n_sink = ms.split_neurons(30, 0.7)
+    x = torch.randint(0, 23, (3, 9))
+    for mode in ("dropped", "expected"):
+        ref = copy.deepcopy(net)
+        col = ms.eval_mask(mode, n_shared, n_sink, 0.3)
+        with torch.no_grad():
+            for blk in ref.blocks:
+                blk.mlp.down.weight.mul_(col)
+        assert torch.allclose(net(x, mlp_mask=col)[0], ref(x)[0], atol=1e-5)
+    ids = torch.tensor([11, 12, 11])[:, None].expand(3, 9)
+    cfg = ms.Config(d_ff=30, g=0.7, p=0.3)
+    own = ms.eval_modes(cfg, "memsinks")["own"]({"x": x, "ids": ids})
+    assert torch.equal(own, ms.train_mask(cfg, "memsinks", {"ids": ids}))
+    for r in range(3):            # per row: the same as scaling the columns by that sequence's mask
+        ref = copy.deepcopy(net)
+        with torch.no_grad():
+            for blk in ref.blocks:
+                blk.mlp.down.weight.mul_(own[r, 0])
+        assert torch.allclose(net(x, mlp_mask=own)[0][r], ref(x[r:r + 1])[0][0], atol=1e-5)
+    assert not torch.allclose(own[0, 0], own[1, 0])                   # different sequences, different sinks
+
+
+def test_memsinks_training_mask_keeps_gradients_off_inactive_sinks():
+    net = tiny("gpt2", d_ff=40)
+    cfg = ms.Config(d_ff=40, g=0.5, p=0.3)
+    x = torch.randint(0, 23, (2, 7))
+    ids = torch.full((2, 7), 1234)
+    mask = ms.train_mask(cfg, "memsinks", {"ids": ids})[0, 0]
+    _, loss = net(x, torch.roll(x, -1, 1), mlp_mask=ms.train_mask(cfg, "memsinks", {"ids": ids}))
+    loss.backward()
+    for blk in net.blocks:
+        row = blk.mlp.up.weight.grad.abs().sum(1)
+        col = blk.mlp.down.weight.grad.abs().sum(0)
+        assert (row[mask == 0] == 0).all() and (col[mask == 0] == 0).all()
+        assert (row[mask == 1] > 0).all() and (col[mask == 1] > 0).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# gradient masking: forward unchanged, gradients routed (float64 explicit reference)
+# -------------------------------------------------------------------------------------------------
+
+def _gelu_tanh_and_grad(u):
+    k = math.sqrt(2 / math.pi)
+    th = math.tanh(k * (u + 0.044715 * u ** 3))
+    return 0.5 * u * (1 + th), 0.5 * (1 + th) + 0.5 * u * (1 - th * th) * k * (1 + 3 * 0.044715 * u * u)
+
+
+def _silu_and_grad(z):
+    s = 1 / (1 + math.exp(-z))
+    return z * s, s * (1 + z * (1 - s))
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_gradient_route_matches_explicit_float64_reference(flavor):
+    torch.manual_seed(1)
+    cfg = M.ModelConfig(flavor=flavor, n_embd=4, d_ff=6, n_head=1, bias=flavor == "gpt2")
+    mlp = M.MLP(cfg).double()
+    x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(1, 5, 4, dtype=torch.float64)
+    route = (torch.rand(1, 5, 6) < 0.5).double()
+    y = ms.GradientRoute(route).mlp_forward(mlp, x)
+    assert torch.allclose(y, mlp(x), atol=1e-12)                       # forward unchanged
+    (y * c).sum().backward()
+    W_up, W_down = mlp.up.weight.detach(), mlp.down.weight.detach()
+    b_up = mlp.up.bias.detach() if mlp.up.bias is not None else torch.zeros(6, dtype=torch.float64)
+    W_g = mlp.gate.weight.detach() if flavor == "llama" else None
+    g_up, g_down, g_x = torch.zeros_like(W_up), torch.zeros_like(W_down), torch.zeros(5, 4, dtype=torch.float64)
+    g_bup, g_gate = torch.zeros(6, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
+    for t in range(5):
+        xt, ct = x[0, t].detach(), c[0, t]
+        for i in range(6):
+            u = float(W_up[i] @ xt + b_up[i])
+            if flavor == "gpt2":
+                h, dh_du = _gelu_tanh_and_grad(u)
+                dh_dg = 0.0
+            else:
+                z = float(W_g[i] @ xt)
+                s, ds = _silu_and_grad(z)
+                h, dh_du, dh_dg = s * u, s, ds * u
+            m = float(route[0, t, i])
+            g_down[:, i] += m * ct * h                                  # value vector: only routed tokens
+            gh = m * float(W_down[:, i] @ ct)                            # dL/dh, blocked where m = 0
+            g_up[i] += gh * dh_du * xt
+            g_bup[i] += gh * dh_du
+            g_x[t] += gh * dh_du * W_up[i]
+            if flavor == "llama":
+                g_gate[i] += gh * dh_dg * xt
+                g_x[t] += gh * dh_dg * W_g[i]
+    assert torch.allclose(mlp.down.weight.grad, g_down, atol=1e-10)
+    assert torch.allclose(mlp.up.weight.grad, g_up, atol=1e-10)
+    assert torch.allclose(x.grad[0], g_x, atol=1e-10)
+    if flavor == "gpt2":
+        assert torch.allclose(mlp.up.bias.grad, g_bup, atol=1e-10)
+        assert torch.allclose(mlp.down.bias.grad, c[0].sum(0), atol=1e-10)   # the bias is no neuron's: all tokens
+    else:
+        assert torch.allclose(mlp.gate.weight.grad, g_gate, atol=1e-10)
+
+
+def test_gradient_masking_routes_repeated_to_memorization_neurons_in_the_whole_model():
+    cfg = ms.Config(d_ff=10, g=0.7)
+    n_shared, _ = ms.split_neurons(10, 0.7)
+    x = torch.randint(0, 23, (4, 8))
+    y = torch.roll(x, -1, 1)
+    rep = torch.tensor([True, False, True, False])[:, None].expand(4, 8)
+    grads, logits = {}, {}
+    for name, rows in (("rep", [0, 2]), ("single", [1, 3]), ("mixed", [0, 1, 2, 3])):
+        net = tiny("gpt2")
+        b = {"repeated": rep[rows]}
+        lg, _ = net(x[rows], mlp_mask=ms.train_mask(cfg, "gradmask", b))
+        logits[name] = lg.detach()
+        F.cross_entropy(lg.flatten(0, 1), y[rows].flatten(), reduction="sum").backward()
+        grads[name] = {k: p.grad.clone() for k, p in net.named_parameters()}
+    plain, _ = tiny("gpt2")(x)
+    assert torch.allclose(logits["mixed"], plain.detach(), atol=1e-6)  # the forward is the plain model's
+    for l in range(2):
+        up, down = f"blocks.{l}.mlp.up.weight", f"blocks.{l}.mlp.down.weight"
+        assert (grads["rep"][up][:n_shared] == 0).all() and (grads["rep"][down][:, :n_shared] == 0).all()
+        assert (grads["single"][up][n_shared:] == 0).all() and (grads["single"][down][:, n_shared:] == 0).all()
+        assert grads["rep"][up][n_shared:].abs().sum() > 0 and grads["single"][up][:n_shared].abs().sum() > 0
+    for k in grads["mixed"]:                   # routing is per token: a mixed batch is the sum of its parts
+        assert torch.allclose(grads["mixed"][k], grads["rep"][k] + grads["single"][k], atol=1e-5), k
+
+
+# -------------------------------------------------------------------------------------------------
+# hard concrete (Chang et al. / Louizos et al.)
+# -------------------------------------------------------------------------------------------------
+
+def test_hard_concrete_gate_formulas():
+    # init: the deterministic gate equals mask_p; NeuMuter's mask_p = 1 gives log 11
+    for mp in (0.5, 0.9, 1.0):
+        la = ms.hc_init_log_alpha(mp)
+        assert ms.hc_gate(torch.tensor(la, dtype=torch.float64), 0.33).item() == pytest.approx(mp)
+    assert ms.hc_init_log_alpha(1.0) == pytest.approx(math.log(11))
+    # stochastic gate against the scalar formula
+    for la in (-2.0, 0.0, 1.3):
+        for beta in (0.33, 2 / 3):
+            for u in (1e-4, 0.1, 0.5, 0.77, 0.9999):
+                s = 1 / (1 + math.exp(-(math.log(u) - math.log(1 - u) + la) / beta))
+                ref = min(1.0, max(0.0, s * 1.2 - 0.1))
+                got = ms.hc_gate(torch.tensor(la, dtype=torch.float64), beta, torch.tensor(u, dtype=torch.float64))
+                assert got.item() == pytest.approx(ref, abs=1e-12)
+
+
+def test_hard_concrete_open_probability_against_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(400_000, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    for la in (-1.5, 0.0, 2.0):
+        for beta in (0.33, 2 / 3):
+            mc = (ms.hc_gate(torch.tensor(la, dtype=torch.float64), beta, u) > 0).double().mean().item()
+            assert ms.hc_open_prob(torch.tensor(la, dtype=torch.float64), beta).item() == pytest.approx(mc, abs=0.003)
+
+
+def test_hard_concrete_scores_train_only_the_gates():
+    net = tiny("gpt2", d_ff=12, n_layer=3)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randint(0, 23, (6, 9))
+    rows = {"x": x, "y": torch.roll(x, -1, 1)}
+    s1 = ms.hard_concrete_scores(net, rows, steps=15, lr=0.1, lam=5.0, batch_size=4, first_layer=1, stop=0.0, seed=3)
+    assert s1[0] is None and len(s1) == 3 and all(s.shape == (12,) for s in s1[1:])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())       # the model is untouched
+    assert all(p.requires_grad for p in net.parameters()) and net.training           # and restored
+    init = torch.sigmoid(torch.tensor(ms.hc_init_log_alpha(0.9)))
+    assert torch.cat(s1[1:]).mean() < init                             # the L0 penalty closed gates
+    s2 = ms.hard_concrete_scores(net, rows, steps=15, lr=0.1, lam=5.0, batch_size=4, first_layer=1, stop=0.0, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(s1[1:], s2[1:]))     # seeded
+    # the stopping rule: a penalty threshold above the initial penalty stops after the first step
+    s3 = ms.hard_concrete_scores(net, rows, steps=15, lr=0.1, lam=5.0, batch_size=4, stop=1.0)
+    assert (torch.cat(s3) - init).abs().max() < 0.05
+    with pytest.raises(ValueError):
+        ms.hard_concrete_scores(net, {"x": x[:0], "y": x[:0]})
+
+
+# -------------------------------------------------------------------------------------------------
+# integrated gradients against a hook-based float64 reference
+# -------------------------------------------------------------------------------------------------
+
+def _true_probs(net, x, y):
+    p = torch.softmax(net(x)[0], -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    return p * (y != -100)
+
+
+def _ig_reference(net, x, y, layer, steps, positions):
+    """The definition, directly: replace the activations a of `layer` (all positions, or position t only) by
+    alpha * a through a hook on the down projection's input, differentiate F with respect to the replaced
+    values, multiply by a, average over alpha, sum over positions (each: average over positions)."""
+    down = net.blocks[layer].mlp.down
+    total, n_pos = torch.zeros(net.cfg.d_ff, dtype=torch.float64), 0
+    targets = [(None, None)] if positions == "all" else [(r, t) for r in range(x.shape[0]) for t in range(x.shape[1])
+                                                         if y[r, t] != -100]
+    for r, t in targets:
+        for alpha in ms.ig_alphas(steps):
+            store = {}
+
+            def hook(mod, inp):
+                a = inp[0].detach()
+                leaf = (alpha * a).requires_grad_(True) if positions == "all" else (alpha * a[r, t]).requires_grad_(True)
+                store.update(a=a, leaf=leaf)
+                if positions == "all":
+                    return (leaf,)
+                h = a.clone()
+                h[r, t] = leaf
+                return (h,)
+            hd = down.register_forward_pre_hook(hook)
+            p = _true_probs(net, x, y)
+            hd.remove()
+            F_ = p.sum() if positions == "all" else p[r, t]
+            (g,) = torch.autograd.grad(F_, store["leaf"])
+            a = store["a"] if positions == "all" else store["a"][r, t]
+            total += (a * g).reshape(-1, net.cfg.d_ff).sum(0)
+        n_pos += 1
+    return total / steps / (n_pos if positions == "each" else 1)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_integrated_gradients_all_positions_equal_reference_and_complete(flavor):
+    net = tiny(flavor, d_ff=10, n_layer=2).double()
+    x = torch.randint(0, 23, (3, 6))
+    y = torch.roll(x, -1, 1)
+    y[0, 4:] = -100                                                     # padding is not scored
+    got = ms.integrated_gradients_scores(net, {"x": x, "y": y}, steps=4, batch_size=2)
+    for layer in range(2):
+        ref = _ig_reference(net, x, y, layer, 4, "all")
+        assert torch.allclose(got[layer].double(), ref, rtol=1e-4, atol=1e-6), layer
+    # completeness: the attributions sum to F(a) - F(0) (64-point midpoint rule, O(1/m^2))
+    fine = ms.integrated_gradients_scores(net, {"x": x, "y": y}, steps=64, first_layer=1)
+    assert fine[0] is None
+    with torch.no_grad():
+        F1 = _true_probs(net, x, y).sum()
+        zero = [None, torch.zeros(10, dtype=torch.float64)]
+        p0 = torch.softmax(net(x, mlp_mask=zero)[0], -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        F0 = (p0 * (y != -100)).sum()
+    assert fine[1].double().sum().item() == pytest.approx((F1 - F0).item(), rel=2e-3, abs=1e-5)
+
+
+def test_integrated_gradients_each_position_equals_reference():
+    net = tiny("gpt2", d_ff=8, n_layer=2).double()
+    x = torch.randint(0, 23, (2, 5))
+    y = torch.roll(x, -1, 1)
+    y[1, 3:] = -100
+    got = ms.integrated_gradients_scores(net, {"x": x, "y": y}, steps=3, positions="each", batch_size=1)
+    for layer in range(2):
+        assert torch.allclose(got[layer].double(), _ig_reference(net, x, y, layer, 3, "each"), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError):
+        ms.integrated_gradients_scores(net, {"x": x, "y": y}, positions="some")
+
+
+def test_drop_top_zeroes_the_highest_scores_per_layer():
+    scores = [None, torch.tensor([0.1, 0.5, 0.3, 0.9]), torch.tensor([4.0, 3.0, 2.0, 1.0])]
+    m = ms.drop_top(scores, 0.5)
+    assert m[0] is None
+    assert m[1].tolist() == [1, 0, 1, 0] and m[2].tolist() == [0, 0, 1, 1]
+    assert ms.drop_top(scores, 0.0)[1].tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError):
+        ms.drop_top(scores, 1.5)
+
+
+# -------------------------------------------------------------------------------------------------
+# data, losses, claims, and the runs end to end
+# -------------------------------------------------------------------------------------------------
+
+def test_mean_loss_is_token_weighted_cross_entropy():
+    net = tiny("gpt2")
+    x = torch.randint(0, 23, (5, 7))
+    y = torch.roll(x, -1, 1)
+    y[1, 3:] = -100
+    y[4, 1:] = -100
+    rows = {"x": x, "y": y, "ids": torch.ones_like(x)}
+    ref = F.cross_entropy(net(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100).item()
+    assert ms.mean_loss(net, rows, batch_size=2) == pytest.approx(ref, rel=1e-5)
+
+
+def test_sets_ids_and_canary_targets():
+    cfg = ms.Config(setting="canary", n_rep=3, rep=4, n_single=10, n_val=5, canary_len=6)
+    sets = ms.make_sets(cfg)
+    tok, rs = sets.tok, sets.rs
+    assert len(sets.train["x"]) == 3 * 4 + 10 and len(sets.dedup["x"]) == 3 + 10
+    # hash ids: every copy of a repeated sequence has the id of its row in the repeated set
+    train_ids = {tuple(r[(r != 0)].tolist()): i for r, i in zip(sets.train["x"], sets.train["ids"][:, 0].tolist())}
+    for r, i in zip(sets.rep["x"], sets.rep["ids"][:, 0].tolist()):
+        assert train_ids[tuple(r[(r != 0)].tolist())] == i
+    assert sets.train["repeated"][:, 0].sum() == 12 and not sets.val["repeated"].any()
+    for i, c in enumerate(rs.canaries):   # the canary targets are exactly the canary's tokens
+        cy = sets.rep["canary_y"][i]
+        assert tok.decode(cy[cy != -100].tolist()) == c
+    data_ids = ms.make_sets(ms.Config(n_rep=3, rep=4, n_single=10, n_val=5, ids="data"))
+    assert sorted(set(data_ids.rep["ids"][:, 0].tolist())) == [1, 2, 3]
+
+
+def _metrics(std_val, std_rep, ms_val, ms_rep, dedup_val, gm_val, posthoc):
+    fin = lambda **kw: {"final": kw, "steps": 10}
+    return {"models": {"standard": fin(**{"plain/val": std_val, "plain/rep": std_rep}),
+                       "dedup_epochs": fin(**{"plain/val": dedup_val, "plain/rep": 1.0}),
+                       "dedup_steps": fin(**{"plain/val": 0.9, "plain/rep": 1.0}),
+                       "memsinks": fin(**{"dropped/val": ms_val, "dropped/rep": ms_rep}),
+                       "gradmask": fin(**{"keep/val": gm_val, "dropped/val": gm_val + 0.1})},
+            "gap_closure": {"memsinks_dropped": (ms_rep - std_rep) / (std_val - std_rep)},
+            "tradeoff": {"memsinks": {"forgetting": ms_rep - std_rep, "degradation": ms_val - std_val}},
+            "posthoc": {"hard_concrete": posthoc, "integrated_gradients": []}}
+
+
+def test_claims_follow_the_measurements():
+    pts = [{"forgetting": 0.1, "degradation": 0.01}, {"forgetting": 0.5, "degradation": 0.3}]
+    good = ms.main_claims(None, _metrics(1.0, 0.3, 1.01, 0.72, 1.1, 1.2, pts))
+    assert [c["held"] for c in good] == [True, True, True, True, True, True]
+    assert good[1]["value"] == pytest.approx(0.6) and good[5]["value"] == pytest.approx(0.3)
+    bad = ms.main_claims(None, _metrics(1.0, 0.8, 1.05, 0.85, 1.0, 0.9, [{"forgetting": 0.2, "degradation": 0.0}]))
+    assert [c["held"] for c in bad] == [False, False, False, False, False, False]
+    none = ms.main_claims(None, _metrics(1.0, 0.3, 1.01, 0.72, 1.1, 1.2, [{"forgetting": 0.1, "degradation": 0.0}]))
+    assert none[5]["value"] is None and none[5]["held"] is True          # no post-hoc point forgets as much
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    metrics, claims = ms.main(["--preset=smoke", f"--out_dir={out}", "--threads=1"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["config"]["preset"] == "smoke" and os.path.exists(os.path.join(out, "results.md"))
+    assert [c["claim"][:2] for c in res["claims"]] == ["1 ", "2 ", "3a", "3b", "4 ", "5 "]
+    assert all(set(c) >= {"claim", "value", "threshold", "held"} for c in res["claims"])
+    f = res["metrics"]["models"]
+    sv, sr = f["standard"]["final"]["plain/val"], f["standard"]["final"]["plain/rep"]
+    closure = (f["memsinks"]["final"]["dropped/rep"] - sr) / (sv - sr)
+    assert res["claims"][1]["value"] == pytest.approx(closure) and res["claims"][1]["held"] == (closure >= 0.5)
+    assert set(f["memsinks"]["final"]) == {f"{m}/{s}" for m in ("dropped", "expected", "own") for s in ("val", "rep")}
+    assert f["dedup_epochs"]["steps"] < f["standard"]["steps"] == f["dedup_steps"]["steps"]
+    assert len(res["metrics"]["posthoc"]["hard_concrete"]) == 2
+    # a rerun reuses the finished models (checkpoints keyed by the settings) and reports the same numbers
+    metrics2, _ = ms.main(["--preset=smoke", f"--out_dir={out}", "--threads=1", "--drop_ratios=0.1"])
+    assert metrics2["models"]["memsinks"]["final"] == metrics["models"]["memsinks"]["final"]
+
+
+def test_smoke_sweeps_and_canary(tmp_path):
+    _, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=dynamics", "--threads=1"])
+    res = json.load(open(tmp_path / "sweep_dynamics" / "results.json"))
+    assert [r["kind"] for r in res["metrics"]["rows"]] == ["standard", "memsinks"]
+    assert len(res["metrics"]["rows"][0]["trace"]) == 7 and claims[0]["claim"].startswith("7 ")
+    _, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=noise", "--sweep_values=0,0.5",
+                         "--threads=1"])
+    assert len(claims) == 1 and claims[0]["value"] is not None
+    m, _ = ms.main(["--preset=smoke", f"--out_dir={tmp_path / 'c'}", "--setting=canary", "--threads=1"])
+    assert "dropped/canary" in m["models"]["memsinks"]["final"]
