@@ -194,8 +194,57 @@ def nulls_unlearn_vs_npo(cfg, device):
                forget_list_ms=t_forget * 1e3)
 
 
+def memsinks_train_overhead(cfg, device, batch=32):
+    """MemSinks training step (sink masks built on the fly from the per-token ids every step) vs the same model
+    without a mask; the issue asks for >= 0.95."""
+    import memsinks
+    mcfg = ModelConfig(flavor="gpt2", **SIZES["small"])
+    n_shared, n_sink = memsinks.split_neurons(mcfg.d_ff, 0.7)
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, mcfg.vocab_size, (batch, mcfg.block_size), device=device)
+    ids = memsinks.sequence_ids(x)[:, None].expand_as(x)                     # one sequence per row
+
+    def step(sinks):
+        mask = memsinks.training_mask(ids, n_shared, n_sink, 0.3) if sinks else None
+        _, loss = model(x, x, mlp_mask=mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t_sink, t_plain = time_fn(lambda: step(True), cfg, device), time_fn(lambda: step(False), cfg, device)
+    n = batch * mcfg.block_size
+    return row("memsinks_train_overhead", f"training step, small gpt2, {batch} sequences, g 0.7, p 0.3",
+               "MemSinks", n / t_sink, "no mask", n / t_plain, "tokens/s", target=0.95)
+
+
+def memsinks_mask_generation(cfg, device, rows=64, docs_per_row=4, T=128, n_shared=358, n_sink=154):
+    """Per-token sink masks for packed rows: the tensorized jump-ahead LCG vs a per-sequence Python loop over a
+    seeded torch generator (what example-tied dropout does, and what the paper's small-scale code did)."""
+    import memsinks
+    g = torch.Generator().manual_seed(cfg.seed)
+    seg = T // docs_per_row
+    ids = torch.randint(1, 2**40, (rows, docs_per_row), generator=g).repeat_interleave(seg, 1).to(device)  # (rows, T)
+
+    def loop():
+        out = torch.empty(rows, T, n_shared + n_sink, device=device)
+        for r in range(rows):
+            for s in range(0, T, seg):
+                gen = torch.Generator().manual_seed(int(ids[r, s]))
+                sinks = (torch.rand(n_sink, generator=gen) < 0.3).float().to(device)
+                out[r, s:s + seg] = torch.cat([torch.ones(n_shared, device=device), sinks])
+        return out
+    t_fast = time_fn(lambda: memsinks.sink_mask(ids, n_shared, n_sink, 0.3), cfg, device)
+    t_loop = time_fn(loop, cfg, device)
+    n = rows * T
+    return row("memsinks_mask_generation", f"per-token masks, {rows} packed rows x {docs_per_row} sequences x "
+               f"{seg} tokens, {n_shared}+{n_sink} neurons", "tensorized LCG", n / t_fast, "Python loop", n / t_loop,
+               "tokens/s")
+
+
 ROWS = [train_step("small"), train_step("medium"), generation_kv_cache, extraction_strength_one_pass,
-        nulls_fast_path("default", 1024, 64), nulls_fast_path("paper_ratio", 80 * 64, 64), nulls_unlearn_vs_npo]
+        nulls_fast_path("default", 1024, 64), nulls_fast_path("paper_ratio", 80 * 64, 64), nulls_unlearn_vs_npo,
+        memsinks_train_overhead, memsinks_mask_generation]
 
 
 def main(argv=None):

@@ -103,9 +103,30 @@ def sink_mask(ids, n_shared, n_sink, p):
     """Per-token MemSinks mask. ids (B, T) int64 -> (B, T, n_shared + n_sink) float:
     shared neurons 1, sink neuron j 1 iff u_j(id) < p."""
     uniq, inv = torch.unique(ids, return_inverse=True)   # draw once per distinct id, index per token
-    sinks = (lcg_uniforms(uniq, n_sink) < p).float()[inv]
-    shared = torch.ones(*ids.shape, n_shared, device=ids.device)
-    return torch.cat([shared, sinks], dim=-1)
+    table = torch.ones(len(uniq), n_shared + n_sink, device=ids.device)               # (U, d_ff)
+    table[:, n_shared:] = (lcg_uniforms(uniq, n_sink) < p).float()
+    return table.index_select(0, inv.flatten()).view(*ids.shape, n_shared + n_sink)   # one write of (B, T, d_ff)
+
+
+class SinkMask:
+    """The training mask as an mlp_mask object (model.py calls .mlp_forward): equal to passing `mask` itself,
+    but the hidden activation is multiplied in place (neither GELU's nor SwiGLU's backward needs its output),
+    which saves one (B, T, d_ff) tensor per layer."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def mlp_forward(self, mlp, x):
+        h = mlp.hidden(x)                                                    # (B, T, d_ff)
+        return mlp.down(h.mul_(self.mask.to(h.dtype)))
+
+
+def training_mask(ids, n_shared, n_sink, p):
+    """The MemSinks mask of a training batch, ids (B, T). When every row holds one sequence, one (B, 1, d_ff)
+    mask per row is built and broadcast over its tokens, else one per token (packed rows)."""
+    if ids.shape[-1] > 1 and bool((ids == ids[..., :1]).all()):
+        ids = ids[..., :1]
+    return SinkMask(sink_mask(ids, n_shared, n_sink, p))
 
 
 def token_sequence_ids(tokens, doc_ids):
@@ -542,6 +563,8 @@ def rows_of(cfg, tok, token_lists, data_ids, repeated, pack=None):
     ids = token_sequence_ids(b["x"], doc) if cfg.ids == "hash" else b["source_ids"]
     if cfg.ids not in ("hash", "data"):
         raise ValueError(f"ids must be 'hash' or 'data', got {cfg.ids!r}")
+    if not pack:            # padding takes its row's id: its mask is never scored, and whole rows share one mask
+        ids = ids[:, :1].expand_as(ids).clone()
     flags = torch.tensor(list(repeated) + [False])                 # index -1 (padding) -> False
     out = {"x": b["x"], "y": b["y"], "ids": ids, "repeated": flags[doc]}
     if pack:
@@ -566,7 +589,7 @@ def train_mask(cfg, kind, b):
     """The MLP mask a training batch runs with."""
     n_shared, n_sink = split_neurons(cfg.d_ff, cfg.g)
     if kind == "memsinks":        # built on the fly from the per-token ids, on the batch's device
-        return sink_mask(b["ids"], n_shared, n_sink, cfg.p)
+        return training_mask(b["ids"], n_shared, n_sink, cfg.p)
     if kind == "gradmask":
         return GradientRoute(route_mask(b["repeated"], n_shared, n_sink))
     return None

@@ -142,7 +142,7 @@ def test_eval_modes_equal_editing_the_down_projection(flavor):
     ids = torch.tensor([11, 12, 11])[:, None].expand(3, 9)
     cfg = ms.Config(d_ff=30, g=0.7, p=0.3)
     own = ms.eval_modes(cfg, "memsinks")["own"]({"x": x, "ids": ids})
-    assert torch.equal(own, ms.train_mask(cfg, "memsinks", {"ids": ids}))
+    assert torch.equal(own, ms.train_mask(cfg, "memsinks", {"ids": ids}).mask.expand_as(own))
     for r in range(3):            # per row: the same as scaling the columns by that sequence's mask
         ref = copy.deepcopy(net)
         with torch.no_grad():
@@ -152,12 +152,31 @@ def test_eval_modes_equal_editing_the_down_projection(flavor):
     assert not torch.allclose(own[0, 0], own[1, 0])                   # different sequences, different sinks
 
 
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_training_mask_object_equals_the_dense_mask(flavor):
+    """The in-place SinkMask fast path against the dense per-token tensor: outputs and every gradient."""
+    n_shared, n_sink = 14, 16
+    x = torch.randint(0, 23, (3, 8))
+    y = torch.roll(x, -1, 1)
+    for ids in (torch.tensor([5, 9, 5])[:, None].expand(3, 8),                      # one sequence per row
+                torch.tensor([[5] * 3 + [7] * 5, [9] * 8, [7] * 6 + [5] * 2])):     # packed rows
+        out = []
+        for mask in (ms.sink_mask(ids, n_shared, n_sink, 0.3), ms.training_mask(ids, n_shared, n_sink, 0.3)):
+            net = tiny(flavor, d_ff=30)
+            logits, loss = net(x, y, mlp_mask=mask)
+            loss.backward()
+            out.append((logits.detach(), [p.grad.clone() for p in net.parameters()]))
+        assert torch.allclose(out[0][0], out[1][0], atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][1], out[1][1]))
+    assert ms.training_mask(torch.tensor([5, 9])[:, None].expand(2, 8), n_shared, n_sink, 0.3).mask.shape == (2, 1, 30)
+
+
 def test_memsinks_training_mask_keeps_gradients_off_inactive_sinks():
     net = tiny("gpt2", d_ff=40)
     cfg = ms.Config(d_ff=40, g=0.5, p=0.3)
     x = torch.randint(0, 23, (2, 7))
     ids = torch.full((2, 7), 1234)
-    mask = ms.train_mask(cfg, "memsinks", {"ids": ids})[0, 0]
+    mask = ms.sink_mask(ids, 20, 20, 0.3)[0, 0]
     _, loss = net(x, torch.roll(x, -1, 1), mlp_mask=ms.train_mask(cfg, "memsinks", {"ids": ids}))
     loss.backward()
     for blk in net.blocks:
