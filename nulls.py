@@ -155,10 +155,16 @@ class Sinks:
         make = ActiveSinks if fast else source_mask
         return make(src_ids, self.n_gen, self.n_pool, self.n_source, forget=self.forgotten)
 
-    def row_mask(self, src_ids):
-        """Dense (N, 1, d_ff) masks, one source per row (what eval.py's batched metrics take)."""
-        return source_mask(torch.as_tensor(src_ids, dtype=torch.long)[:, None], self.n_gen, self.n_pool,
-                           self.n_source, forget=self.forgotten)
+    def row_mask(self, src_ids, also_forget=None):
+        """Dense (N, 1, d_ff) masks, one source per row (what eval.py's batched metrics take).
+        also_forget: (N,) a source per row whose sinks are excluded too (Sink-Off for that row's target), so
+        each row is evaluated with only its own target forgotten, as when one source is unlearned."""
+        m = source_mask(torch.as_tensor(src_ids, dtype=torch.long)[:, None], self.n_gen, self.n_pool,
+                        self.n_source, forget=self.forgotten)
+        if also_forget is not None:
+            own = source_mask(torch.as_tensor(also_forget, dtype=torch.long)[:, None], 0, self.n_pool, self.n_source)
+            m[..., self.n_gen:] *= 1 - own
+        return m
 
     def expected_mask(self):
         """(d_ff,) backbone 1, every sink at its activation probability N_source / N_pool (no source known)."""
@@ -337,12 +343,16 @@ def model_config(cfg, vocab_size):
                          bias=cfg.flavor == "gpt2", tie_embeddings=True)
 
 
-def checkpoint_path(cfg, name, source_ids):
-    """out_dir/<name>-<fingerprint>.pt: a finished model is reused by a rerun with the same settings, and a
-    run with other settings never resumes from it."""
+def checkpoint_path(cfg, name, source_ids, docs_digest=""):
+    """out_dir/<name>-<fingerprint>.pt: a finished model is reused by a rerun with the same settings and the
+    same training tokens (docs_digest), and a run with other settings or data never resumes from it."""
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out_dir", "log_every", "sweep", "sweep_values")}
-    key = json.dumps([keep, name, list(source_ids)], sort_keys=True, default=str)
+    key = json.dumps([keep, name, list(source_ids), docs_digest], sort_keys=True, default=str)
     return os.path.join(cfg.out_dir, f"{name}-{zlib.crc32(key.encode()):08x}.pt")
+
+
+def docs_digest(docs, source_ids):
+    return f"{zlib.crc32(json.dumps([docs[s] for s in source_ids]).encode()):08x}"
 
 
 def train_lm(cfg, tok, docs, source_ids, sinks, name):
@@ -365,8 +375,8 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
         return b
     tc = M.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                        max_steps=steps, grad_clip=cfg.grad_clip, log_every=cfg.log_every, device=cfg.device,
-                       seed=cfg.seed, ckpt_path=checkpoint_path(cfg, name, source_ids), ckpt_every=max(50, steps // 4),
-                       resume=True)
+                       seed=cfg.seed, ckpt_every=max(50, steps // 4), resume=True,
+                       ckpt_path=checkpoint_path(cfg, name, source_ids, docs_digest(docs, source_ids)))
     print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
     hist = M.train(net, batch_at, tc, tokenizer=tok.state_dict())
     net.eval()
@@ -377,10 +387,11 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
 # Probing facts: the NULLs truth ratio of cloze prompts, under a chosen source's mask
 # -------------------------------------------------------------------------------------------------
 
-def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None):
+def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None, forgotten=None):
     """(N,) NULLs truth ratio TR = p̄(value | cloze) / mean_j p̄(wrong value_j | cloze) of each fact.
-    route: (N,) source ids whose sink masks are applied (with `sinks`' forget list); fixed_mask: one mask for
-    every item (e.g. backbone only); neither: no mask (the standard transformer)."""
+    route: (N,) source ids whose sink masks are applied (with `sinks`' forget list, and each row's
+    `forgotten` source excluded: Sink-Off); fixed_mask: one mask for every item (e.g. backbone only);
+    neither: no mask (the standard transformer)."""
     out = torch.empty(len(facts), dtype=torch.float64)
     by_k = {}
     for i, f in enumerate(facts):              # eval.truth_ratio needs the same number of wrong answers per call
@@ -388,7 +399,8 @@ def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None):
     for idx in by_k.values():
         fwd = {}
         if route is not None:
-            fwd["mlp_mask"] = sinks.row_mask([int(route[i]) for i in idx]).to(next(net.parameters()).device)
+            fwd["mlp_mask"] = sinks.row_mask([int(route[i]) for i in idx], None if forgotten is None else
+                                             [int(forgotten[i]) for i in idx]).to(next(net.parameters()).device)
         elif fixed_mask is not None:
             fwd["mlp_mask"] = fixed_mask.to(next(net.parameters()).device)
         q = [tok.encode(facts[i].cloze) for i in idx]
@@ -516,7 +528,11 @@ def run(cfg):
     emb = embed(nulls_net, [docs[s] for s in all_ids], sinks.expected_mask())
     nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
                                                exclude=set(forget)).tolist()))
-    # unlearning: put the sources on the forget list (no weights change)
+    # Unlearning = putting a source on the forget list; no weight changes. Sink-Off is evaluated one target
+    # source at a time (the paper unlearns one article): each row excludes its own target's sinks. Forgetting
+    # all n_forget sources at once would switch off the union of their sinks (1 - (1 - N_source/N_pool)^10,
+    # ~48% of the pool at the default overlap 1/16) and so half of every routed source's sinks as well.
+    # The Retrained model is trained once without all of them (a slightly stronger removal than one at a time).
     sinks_off = Sinks.from_state_dict(sinks.state_dict())
     t = time.perf_counter()
     for s in forget:
@@ -526,7 +542,7 @@ def run(cfg):
     # capability (claim 5): held-out text, NULLs routed to the nearest source, vs the standard transformer
     hold = src["holdout"]
     hold_route = nearest_sources(embed(nulls_net, hold, sinks.expected_mask()), emb, all_ids, exclude=set(forget))
-    val_nulls = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks_off.row_mask(hold_route).to(dev)).mean())
+    val_nulls = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.row_mask(hold_route).to(dev)).mean())
     val_std = float(ev.sequence_loss(std_net, hold, pad_id=tok.pad_id).mean())
     metrics["val_loss"] = {"nulls": val_nulls, "standard": val_std}
 
@@ -535,13 +551,14 @@ def run(cfg):
     route_near = torch.tensor([nearest[s] for s in forget])
     metrics["forget_loss"] = {
         "sink_on": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id, mlp_mask=sinks.row_mask(forget).to(dev)).mean()),
-        "sink_off": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id, mlp_mask=sinks_off.row_mask(route_near).to(dev)).mean()),
+        "sink_off": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id,
+                                           mlp_mask=sinks.row_mask(route_near, forget).to(dev)).mean()),
         "retrained": float(ev.sequence_loss(retr_net, fseqs, pad_id=tok.pad_id, mlp_mask=retr_sinks.row_mask(route_near).to(dev)).mean()),
         "standard": float(ev.sequence_loss(std_net, fseqs, pad_id=tok.pad_id).mean())}
 
     claims = []
     if world is not None:
-        claims += probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, sinks_off,
+        claims += probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks,
                               retr_sinks, nearest, emb, all_ids)
     else:
         for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept",
@@ -554,7 +571,7 @@ def run(cfg):
     npo_net = metrics.pop("_npo_net", None)
     if npo_net is None:
         npo_net, _ = gradient_baseline(cfg, "npo", std_net, forget_batches(cfg, tok, docs, forget), None)
-    curves = {"sink_off": relearn(cfg, nulls_net, tok, train_half, test_half, sinks_off.row_mask(route_near)),
+    curves = {"sink_off": relearn(cfg, nulls_net, tok, train_half, test_half, sinks.row_mask(route_near, forget)),
               "retrained": relearn(cfg, retr_net, tok, train_half, test_half, retr_sinks.row_mask(route_near)),
               "npo": relearn(cfg, npo_net, tok, train_half, test_half)}
     metrics["relearning"] = curves
@@ -572,7 +589,7 @@ def run(cfg):
     return metrics, claims
 
 
-def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, sinks_off, retr_sinks,
+def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks,
                 nearest, emb, all_ids):
     """Truth ratios of the forgotten people's facts in every mode (Figures 3a, 3b, 4), the gradient baselines'
     trajectories (Figure 3c), and claims 1-3."""
@@ -589,7 +606,7 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
           "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask()),
           "standard": truth_ratios(std_net, tok, facts)}
     for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
-        tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks_off)
+        tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks, forgotten=own)
         tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks)
     kinds = [f.kind for f in facts]
     # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
@@ -771,9 +788,8 @@ def sweep_point(cfg, src):
     items = [(f, p) for f, p, _ in probe_facts(world, forget) if f.kind == "unique"]
     facts = [f for f, _ in items]
     own, near = torch.tensor([p for _, p in items]), torch.tensor([nearest[p] for _, p in items])
-    off = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids, forgotten=forget)
     return {"sink_on": summarize(truth_ratios(nulls_net, tok, facts, own, sinks)),
-            "sink_off": summarize(truth_ratios(nulls_net, tok, facts, near, off)),
+            "sink_off": summarize(truth_ratios(nulls_net, tok, facts, near, sinks, forgotten=own)),
             "retrained": summarize(truth_ratios(retr_net, tok, facts, near,
                                                 Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained)))}
 

@@ -90,3 +90,11 @@ def test_smoke_run_writes_results_with_claims(tmp_path):
     # the claims are computed from the measured numbers, e.g. claim 5 is the loss ratio printed beside it
     vl = res["metrics"]["val_loss"]
     assert res["claims"][-1]["value"] == pytest.approx(vl["nulls"] / vl["standard"])
+
+
+def test_checkpoint_names_depend_on_the_training_tokens():
+    a = nulls.Config()
+    d1 = nulls.docs_digest({1: [3, 4], 2: [5]}, [1, 2])
+    d2 = nulls.docs_digest({1: [3, 4], 2: [6]}, [1, 2])
+    assert d1 != d2
+    assert nulls.checkpoint_path(a, "nulls", [1, 2], d1) != nulls.checkpoint_path(a, "nulls", [1, 2], d2)
