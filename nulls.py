@@ -544,7 +544,11 @@ def run(cfg):
     hold_route = nearest_sources(embed(nulls_net, hold, sinks.expected_mask()), emb, all_ids, exclude=set(forget))
     val_nulls = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.row_mask(hold_route).to(dev)).mean())
     val_std = float(ev.sequence_loss(std_net, hold, pad_id=tok.pad_id).mean())
-    metrics["val_loss"] = {"nulls": val_nulls, "standard": val_std}
+    # diagnostics: no routing, every sink at its expected value; the backbone alone
+    val_exp = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.expected_mask().to(dev)).mean())
+    val_bb = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.backbone_mask().to(dev)).mean())
+    metrics["val_loss"] = {"nulls": val_nulls, "standard": val_std, "nulls_expected_mask": val_exp,
+                           "nulls_backbone_only": val_bb}
 
     # loss on the forgotten sources themselves, per mode (the Harry Potter study's Figure 5a measure)
     fseqs = [docs[s] for s in forget]
@@ -700,7 +704,8 @@ def report(cfg, metrics, claims):
                 lines.append(f"| {name} | {r['step']} | {fmt(r['unique_frac_gt1'], '.2f')} | {fmt(r['shared_frac_gt1'], '.2f')} |")
     fl, vl = metrics["forget_loss"], metrics["val_loss"]
     lines += ["", "Loss on the forgotten sources: " + ", ".join(f"{k} {v:.3f}" for k, v in fl.items()),
-              f"Held-out loss: NULLs {vl['nulls']:.4f}, standard {vl['standard']:.4f} "
+              f"Held-out loss: NULLs {vl['nulls']:.4f} (routed to the nearest source; expected mask "
+              f"{vl['nulls_expected_mask']:.4f}, backbone only {vl['nulls_backbone_only']:.4f}), standard {vl['standard']:.4f} "
               f"(params {metrics['params']['nulls'] / 1e6:.2f}M each)",
               "Relearning, held-out half of the forgotten sources (loss at step 0 -> end): " +
               ", ".join(f"{k} {c[0]:.3f} -> {c[-1]:.3f}" for k, c in metrics["relearning"].items()), "",
