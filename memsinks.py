@@ -21,6 +21,32 @@ Where we deliberately differ from the authors' released code (../shared/notes/si
   degenerate (every sink on). We scramble the id with a 64-bit mixer first and map it into [1, M-1], so
   neighbouring or multiple ids give unrelated masks and no id means "all sinks on".
 The constants a and M are theirs (M = 2^32 - 5, the largest prime below 2^32).
+
+The rest of the file is the paper end to end, `python memsinks.py` (CPU, built-in stories, a few minutes):
+- Sink layer: the first int(g d_ff) hidden neurons are shared, the rest the sink pool; the mask multiplies the
+  hidden activation after the nonlinearity (after gating for SwiGLU), before the down projection, the same
+  mask in every layer, no 1/p rescale in training (all as the authors' code). Evaluation modes: sinks
+  dropped (shared neurons x (g + p) / g, the authors' heuristic; --drop_rescale=mass|none), sinks at their
+  expected value p, and a sequence's own training mask. Ids: a hash of the tokens (default) or the data's
+  numbering (--ids=data); --id_noise=d gives an occurrence of a repeated sequence a fresh id with prob. d.
+- Data (Section 3): TS-Repetition, or TS-Canary with --setting=canary: n_rep stories seen `rep` times per
+  epoch among n_single seen once, fresh validation stories. One sequence per row, as the paper's small-scale
+  setting; --pack=true packs rows (per-token ids and document attention, the large-scale setting).
+- Models, same architecture, init and steps: standard; deduplicated (each repeated story once) for the same
+  number of epochs (the paper's "repeated sequences filtered out", fewer steps: claim 3) and for the same
+  number of steps (reported, no claim); MemSinks; gradient masking (Section 4: repeated sequences update only
+  the memorization neurons = the sink block, the others only the generalization neurons; stop-gradient
+  routing of both the input weights and the value vectors, forward unchanged; evaluated with the
+  memorization neurons kept and dropped, without rescale: they were always on in training).
+- Post-hoc localization on the standard model (Section 3, Appendix C): hard concrete and integrated
+  gradients, then the top r of each layer dropped for several r; see the notes above hard_concrete_scores.
+- Claims 1-5 of the issue in results.json, computed from this run's numbers; sweeps behind --sweep=p|size|
+  noise|dynamics (Figures 5a-c, 7). Finished models are cached under out_dir/ckpt by a fingerprint of the
+  settings, so reruns (other post-hoc settings, a sweep reusing the standard model) skip training.
+Where the paper is silent we chose: warmup + cosine learning rate (the paper uses a constant one; at this
+scale the prototype in ../shared/notes/feasibility.md showed the effect with it); the token-weighted mean
+loss over a set; claim 1 as L_rep <= L_val / 2; claim 5 as "no post-hoc point forgets at least as much as
+MemSinks with at most its degradation".
 """
 import json
 import math
@@ -861,9 +887,13 @@ def run_dynamics(cfg, sets, log):
     mask, the loss that sizes its update) after every step, for standard training and MemSinks."""
     singles = ~sets.train["repeated"].any(1)
     T = max(sets.train["x"].shape[1], sets.rep["x"].shape[1])
-    pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)
-    rows = {k: torch.cat([pad(sets.train[k][singles], fill), pad(sets.rep[k][:1], fill)])
-            for k, fill in (("x", sets.tok.pad_id), ("y", -100), ("ids", 0), ("repeated", False))}
+
+    def pad(t, key):            # ids pad with the row's own id, so each row keeps a single mask
+        fill = t[:, :1].expand(-1, T - t.shape[1]) if key in ("ids", "repeated") else \
+            torch.full((len(t), T - t.shape[1]), sets.tok.pad_id if key == "x" else -100)
+        return torch.cat([t, fill], 1)
+    rows = {k: torch.cat([pad(sets.train[k][singles], k), pad(sets.rep[k][:1], k)])
+            for k in ("x", "y", "ids", "repeated")}
     one = {k: v[-1:] for k, v in rows.items()}
     out, traces = [], {}
     sub = replace(cfg, eval_points=cfg.dyn_steps)

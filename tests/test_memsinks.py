@@ -436,6 +436,11 @@ def test_sets_ids_and_canary_targets():
         assert tok.decode(cy[cy != -100].tolist()) == c
     data_ids = ms.make_sets(ms.Config(n_rep=3, rep=4, n_single=10, n_val=5, ids="data"))
     assert sorted(set(data_ids.rep["ids"][:, 0].tolist())) == [1, 2, 3]
+    # packed rows: several stories per row, each token carrying its own story's id
+    packed = ms.make_sets(ms.Config(n_rep=3, rep=4, n_single=10, n_val=5, pack=True, block_size=256)).train
+    assert len(packed["x"]) < 22 and max(len(set(r.tolist())) for r in packed["ids"]) >= 2
+    rep_ids = set(ms.make_sets(ms.Config(n_rep=3, rep=4, n_single=10, n_val=5)).rep["ids"][:, 0].tolist())
+    assert set(packed["ids"][packed["repeated"]].tolist()) == rep_ids
 
 
 def _metrics(std_val, std_rep, ms_val, ms_rep, dedup_val, gm_val, posthoc):
@@ -488,5 +493,6 @@ def test_smoke_sweeps_and_canary(tmp_path):
     _, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=noise", "--sweep_values=0,0.5",
                          "--threads=1"])
     assert len(claims) == 1 and claims[0]["value"] is not None
-    m, _ = ms.main(["--preset=smoke", f"--out_dir={tmp_path / 'c'}", "--setting=canary", "--threads=1"])
+    # TS-Canary with packed rows (per-token ids, document attention)
+    m, _ = ms.main(["--preset=smoke", f"--out_dir={tmp_path / 'c'}", "--setting=canary", "--pack=true", "--threads=1"])
     assert "dropped/canary" in m["models"]["memsinks"]["final"]
