@@ -481,3 +481,17 @@ def test_every_objective_runs_in_the_loop_and_descends(name):
     res = bl.unlearn(model, obj, [f], [r], steps=4, lr=3e-3)
     assert res.steps == 4 and all(math.isfinite(x) for x in res.losses)
     assert obj(model, f, r).item() < start, name
+
+
+def test_defaults_are_valid_objective_settings():
+    assert set(bl.DEFAULTS) == set(bl.OBJECTIVES) | {"ta"}
+    ref = tiny(seed=4)
+    for name, d in bl.DEFAULTS.items():
+        assert d["lr"] > 0
+        if name == "ta":
+            assert set(d["hp"]) == {"tau"}
+            continue
+        hp = dict(d["hp"])
+        if name == "rmu":
+            hp["layer"] = 1                     # the built-in model has 4 layers, this one 2
+        bl.make_objective(name, copy.deepcopy(ref), **hp)     # raises on an unknown hyperparameter
