@@ -183,6 +183,20 @@ class Sinks:
         return cls(d["n_gen"], d["n_pool"], d["n_source"], d["sources"], d["forgotten"])
 
 
+def save_nulls(path, net, sinks, tok=None, config=None):
+    """A NULLs model with its sink layout and forget list (the forget list persists with the weights)."""
+    M.save_checkpoint(path, net, config=config, tokenizer=None if tok is None else tok.state_dict(),
+                      extra={"sinks": sinks.state_dict()})
+
+
+def load_nulls(path, device="cpu"):
+    """-> (model, Sinks) from save_nulls; the forgotten sources stay forgotten."""
+    ck = M.load_checkpoint(path, device)
+    if not (ck.get("extra") or {}).get("sinks"):
+        raise ValueError(f"{path} holds no NULLs sink state (was it written by save_nulls?)")
+    return M.model_from_checkpoint(ck, device).eval(), Sinks.from_state_dict(ck["extra"]["sinks"])
+
+
 @torch.no_grad()
 def remove_permanently(model, sinks, source_id):
     """Permanent removal: zero, in every layer, the parameters of the sink neurons active in the source's mask
@@ -533,11 +547,12 @@ def run(cfg):
     # all n_forget sources at once would switch off the union of their sinks (1 - (1 - N_source/N_pool)^10,
     # ~48% of the pool at the default overlap 1/16) and so half of every routed source's sinks as well.
     # The Retrained model is trained once without all of them (a slightly stronger removal than one at a time).
-    sinks_off = Sinks.from_state_dict(sinks.state_dict())
+    unlearned = Sinks.from_state_dict(sinks.state_dict())
     t = time.perf_counter()
     for s in forget:
-        sinks_off.forget(s)
+        unlearned.forget(s)
     metrics["times"]["forget_list_s"] = time.perf_counter() - t
+    save_nulls(os.path.join(cfg.out_dir, "nulls_unlearned.pt"), nulls_net, unlearned, tok, cfg)
 
     # capability (claim 5): held-out text, NULLs routed to the nearest source, vs the standard transformer
     hold = src["holdout"]

@@ -98,3 +98,18 @@ def test_checkpoint_names_depend_on_the_training_tokens():
     d2 = nulls.docs_digest({1: [3, 4], 2: [6]}, [1, 2])
     assert d1 != d2
     assert nulls.checkpoint_path(a, "nulls", [1, 2], d1) != nulls.checkpoint_path(a, "nulls", [1, 2], d2)
+
+
+def test_forget_list_persists_with_the_model(tmp_path):
+    net = _tiny()
+    s = nulls.Sinks(4, 40, 6, sources=[1, 2, 3])
+    s.forget(3)
+    nulls.save_nulls(tmp_path / "m.pt", net, s)
+    net2, s2 = nulls.load_nulls(tmp_path / "m.pt")
+    assert s2.forgotten == {3} and s2.sources == [1, 2, 3]
+    x = torch.randint(0, 30, (2, 8))
+    assert torch.equal(net(x, mlp_mask=s.row_mask([3, 1]))[0], net2(x, mlp_mask=s2.row_mask([3, 1]))[0])
+    import model as M
+    M.save_checkpoint(tmp_path / "plain.pt", net)
+    with pytest.raises(ValueError, match="no NULLs sink state"):
+        nulls.load_nulls(tmp_path / "plain.pt")
