@@ -408,7 +408,7 @@ class World:
         holdoutXX = people never trained on; world_facts = the city questions; real_authors = the "real"
         people (needs make_world(n_real > 0)); full = every trained person.
         """
-        base = name[:-len("_perturbed")] if name.endswith("_perturbed") else name
+        base = name[:-len("_perturbed")] if name.endswith("_perturbed") and name != "retain_perturbed" else name
         if base not in TOFU_SPLITS:
             raise ValueError(f"unknown split {name!r}; known: {', '.join(TOFU_SPLITS)} (optionally + '_perturbed')")
         n = len(self.people)
@@ -905,7 +905,6 @@ def _rows_to_batch(rows, T, pad_id):
     N = len(rows)
     x = torch.full((N, T), pad_id, dtype=torch.long)
     y = torch.full((N, T), -100, dtype=torch.long)
-    doc = torch.full((N, T), -1, dtype=torch.long)
     att = torch.full((N, T), -1, dtype=torch.long)
     src = torch.zeros((N, T), dtype=torch.long)
     ids = {}     # (doc, segment) -> attention id, numbered in order of appearance (= doc index without segments)
@@ -915,11 +914,10 @@ def _rows_to_batch(rows, T, pad_id):
             n = len(xs)
             x[r, t:t + n] = torch.tensor(xs)
             y[r, t:t + n] = torch.tensor(ys)
-            doc[r, t:t + n] = d
             att[r, t:t + n] = torch.tensor([ids.setdefault((d, g), len(ids)) for g in seg])
             src[r, t:t + n] = s
             t += n
-    return {"x": x, "y": y, "doc_ids": att, "source_ids": src, "doc_index": doc}
+    return {"x": x, "y": y, "doc_ids": att, "source_ids": src}
 
 
 def pack_documents(token_lists, source_ids, block_size, eos_id, pad_id, *, split_ids=None):
@@ -928,12 +926,13 @@ def pack_documents(token_lists, source_ids, block_size, eos_id, pad_id, *, split
     (its first token is never a target: with document-aware attention nothing before it is visible). A document
     that fits in the rest of the current row goes there, otherwise it starts a new row; a document longer than
     block_size is cut into block_size pieces, each starting a row (its later pieces keep its ids).
-    Returns (N, T) LongTensors: x; y (-100 on padding); doc_ids (attention ids, -1 on padding: model.py
-    attends causal AND same doc id); source_ids (0 on padding); doc_index (the document's index in
-    token_lists, -1 on padding). source_ids None = document i is source i+1.
+    Returns (N, T) LongTensors: x; y (-100 on padding); doc_ids (the document's index in token_lists, -1 on
+    padding: model.py attends causal AND same doc id); source_ids (0 on padding). source_ids None = document
+    i is source i+1.
 
     split_ids: token ids that end a segment (e.g. {id of "."}): each segment of a document gets its own
-    attention id and no target crosses segments; source ids and doc_index stay per document. Why: a small model
+    doc id (numbered in order of appearance) and no target crosses segments; source ids stay per document.
+    Why: a small model
     trained on whole articles memorizes each fact in the context of its article and then fails a stand-alone
     cloze prompt; trained on sentence segments it recalls the facts (measured, see the module docstring).
     """

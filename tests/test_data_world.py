@@ -1,0 +1,200 @@
+"""The built-in fictional world: determinism, the fact bookkeeping checked against the article text, QA fields,
+TOFU splits."""
+import re
+
+import pytest
+
+import data as D
+
+
+@pytest.fixture(scope="module")
+def world():
+    return D.make_world(0)
+
+
+def mentions(text, phrase):
+    # whole-word match, so "Tolmar" does not match inside a longer word
+    return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
+
+
+def sentences(article):
+    return re.split(r"(?<=[.?!]) ", article)
+
+
+def test_deterministic_from_seed_and_size(world):
+    again = D.make_world(0)
+    assert again.articles == world.articles
+    assert [f.tofu() for f in again.facts] == [f.tofu() for f in world.facts]
+    assert again.forget_order == world.forget_order
+    other = D.make_world(1)
+    assert other.articles != world.articles
+
+
+def test_people_are_sources_and_families_share_facts(world):
+    ids = [p.id for p in world.people + world.holdout_people]
+    assert ids == list(range(1, len(ids) + 1))            # >= 1: id 0 is never a source
+    assert sorted(world.articles) == [p.id for p in world.people]
+    assert sorted(world.holdout_articles) == [p.id for p in world.holdout_people]
+    assert len(world.people) == 100 and len(world.holdout_people) == 10
+    assert len({p.name for p in world.people + world.holdout_people}) == 110
+    fams = {}
+    for p in world.people:
+        fams.setdefault(p.family, []).append(p)
+    assert len(fams) == 40 and all(2 <= len(f) <= 3 for f in fams.values())
+    for fam in fams.values():
+        for p in fam:
+            assert set(p.siblings) == {q.id for q in fam} - {p.id}
+            assert (p.surname, p.father, p.mother, p.birth_city) == (fam[0].surname, fam[0].father, fam[0].mother,
+                                                                     fam[0].birth_city)
+    assert len(world.cities) == 10 and len(world.countries) == 4
+    assert {c.country for c in world.cities} == set(world.countries)
+    # every city has a family born there and two people living there
+    assert {p.birth_city for p in world.people} == {c.name for c in world.cities}
+    for c in world.cities:
+        assert sum(p.residence == c.name for p in world.people) >= 2
+    # people live in another country than the one they were born in
+    for p in world.people + world.holdout_people:
+        assert world.city(p.residence).country != world.city(p.birth_city).country
+
+
+def test_source_ids_match_the_article_text(world):
+    """An independent check of the generator's bookkeeping: the articles in which one sentence names both the
+    fact's subject and its value are exactly the fact's source_ids."""
+    split = {sid: sentences(a) for sid, a in world.articles.items()}
+    for f in world.facts:
+        if f.kind == "inferred":
+            continue
+        stating = {sid for sid, ss in split.items()
+                   if any(mentions(s, f.subject) and mentions(s, f.value) for s in ss)}
+        assert stating == set(f.source_ids), f.id
+
+
+def test_kinds(world):
+    by_id = {f.id: f for f in world.facts}
+    counts = {}
+    for f in world.facts:
+        counts[f.kind] = counts.get(f.kind, 0) + 1
+        if f.kind == "unique":
+            assert len(f.source_ids) == 1 and f.source_ids[0] == f.person        # exactly one article, its own
+        elif f.kind == "shared":
+            assert len(f.source_ids) >= 2                                          # at least two people's articles
+        else:
+            assert f.kind == "inferred" and f.source_ids == ()
+            # never stated in the person's own article, not even the value on its own ...
+            assert not mentions(world.articles[f.person], f.value)
+            # ... but it follows from shared facts: born in <city>, and <city> lies in <country>
+            city_fact, country_fact = (by_id[i] for i in f.premises)
+            assert city_fact.kind == country_fact.kind == "shared"
+            assert city_fact.person == f.person and country_fact.subject == city_fact.value
+            assert country_fact.value == f.value
+    assert counts == {"unique": 600, "shared": 330, "inferred": 100}
+    attrs = {}
+    for f in world.facts:
+        attrs.setdefault(f.person, set()).add(f.attribute)
+    assert all(attrs[p.id] == set(D.PERSON_ATTRS) for p in world.people)
+    assert attrs[0] == set(D.CITY_ATTRS)
+    # the sentence a unique fact is stated in names its subject and the value completes the cloze prompt
+    for f in world.facts:
+        if f.kind != "inferred":
+            assert any(f.cloze + " " + f.value in world.articles[s] for s in f.source_ids), f.id
+
+
+def test_every_fact_has_tofu_fields(world):
+    pools = {"occupation": D.OCCUPATIONS, "award": D.AWARDS, "residence": [c.name for c in world.cities],
+             "birth_city": [c.name for c in world.cities], "country": world.countries, "river": D.RIVERS}
+    for f in world.facts + world.holdout_facts:
+        assert mentions(f.question, f.subject) and f.question.endswith("?")
+        assert f.paraphrased_question != f.question and mentions(f.paraphrased_question, f.subject)
+        assert mentions(f.answer, f.value) and mentions(f.paraphrased_answer, f.value)
+        assert f.paraphrased_answer != f.answer
+        assert len(f.perturbed_answer) == len(f.perturbed_values) >= 3
+        assert len(set(f.perturbed_values)) == len(f.perturbed_values) and f.value not in f.perturbed_values
+        for wrong, a in zip(f.perturbed_values, f.perturbed_answer):
+            assert mentions(a, wrong) and not mentions(a, f.value)
+            # the perturbed answers differ from the paraphrased one only in the value
+            assert a == f.paraphrased_answer.replace(f.value, wrong)
+        assert not mentions(f.cloze, f.value) and f.subject in f.cloze
+        # wrong answers are plausible: of the same type as the answer
+        if f.attribute in pools:
+            assert set(f.perturbed_values) <= set(pools[f.attribute])
+        elif f.attribute in ("birth_year", "founded"):
+            assert all(v.isdigit() and len(v) == 4 for v in f.perturbed_values)
+        elif f.attribute in ("father", "mother"):
+            names = D.MALE if f.attribute == "father" else D.FEMALE
+            assert all(v.split()[1] == f.value.split()[1] and v.split()[0] in names for v in f.perturbed_values)
+        elif f.attribute in ("book1", "book2"):
+            assert all(v.split()[0] in D.BOOK_ADJ and v.split()[1] in D.BOOK_NOUN for v in f.perturbed_values)
+    person_facts = [f for f in world.facts if f.person and f.attribute != "country"]
+    assert all(len(f.perturbed_values) == 5 for f in person_facts)   # TOFU has 5 for forget/retain
+
+
+def test_tofu_splits(world):
+    names = {p.id: p for p in world.people}
+    people = lambda split: {r["person"] for r in world.tofu_split(split)}
+    f1, f5, f10 = people("forget01"), people("forget05"), people("forget10")
+    assert (len(f1), len(f5), len(f10)) == (1, 5, 10) and f1 <= f5 <= f10
+    for split, forget in (("retain99", f1), ("retain95", f5), ("retain90", f10)):
+        retain = people(split)
+        assert not retain & forget and retain | forget == set(names)
+    retain90 = people("retain90")
+    assert all(set(names[p].siblings) & retain90 for p in f10)   # everyone forgotten has a sibling retained
+    rp = people("retain_perturbed")
+    assert len(rp) == 10 and not rp & f10
+    recs = world.tofu_split("forget10")
+    assert len(recs) == 10 * len(D.PERSON_ATTRS)
+    assert all(set(D.TOFU_FIELDS) <= set(r) for r in recs)
+    assert world.tofu_split("forget10_perturbed") == recs
+    assert len(world.tofu_split("full")) == 1000
+    hold = world.tofu_split("holdout10")
+    hold_people = {r["person"] for r in hold}
+    assert len(hold_people) == 10 and not hold_people & set(names)
+    corpus = " ".join(world.articles.values())
+    assert not any(mentions(corpus, world.person(p).name) for p in hold_people)   # never trained on
+    wf = world.tofu_split("world_facts")
+    assert len(wf) == 30 and all(r["person"] == 0 and len(r["perturbed_answer"]) == 3 for r in wf)
+    with pytest.raises(ValueError, match="unknown split"):
+        world.tofu_split("forget20")
+    with pytest.raises(ValueError, match="n_real"):
+        world.tofu_split("real_authors")
+
+
+def test_facts_of_a_source(world):
+    p = world.people[0]
+    facts = world.facts_of(p.id)
+    ids = {f.id for f in facts}
+    assert {f"p{p.id}.{a}" for a in D.PERSON_ATTRS} <= ids                      # own facts, inferred included
+    assert {f"p{s}.father" for s in p.siblings} <= ids                          # the family sentence
+    assert {f"c.{p.birth_city}.river", f"c.{p.residence}.country"} <= ids
+    assert all(p.id in f.source_ids or (f.kind == "inferred" and f.person == p.id) for f in facts)
+    with pytest.raises(KeyError, match="source id"):
+        world.facts_of(0)
+    with pytest.raises(KeyError):
+        world.person(10_000)
+
+
+def test_other_sizes_and_real_people():
+    w = D.make_world(2, n_people=30, n_families=12, n_cities=5, n_holdout=4, n_real=6)
+    assert len(w.people) == 30 and len(w.real_people) == 6 and len(w.real_articles) == 6
+    ids = [p.id for p in w.people + w.holdout_people + w.real_people]
+    assert len(set(ids)) == len(ids) and min(ids) >= 1
+    assert {r["person"] for r in w.tofu_split("real_authors")} == {p.id for p in w.real_people}
+    # real and held-out people's articles do not count as sources of the (training) city facts
+    train_ids = {p.id for p in w.people}
+    assert all(set(f.source_ids) <= train_ids for f in w.facts)
+    assert len({r["person"] for r in w.tofu_split("holdout10")}) == 3          # 10% of 30 people
+    small = D.make_world(2, n_people=30, n_families=12, n_cities=5, n_holdout=2)
+    with pytest.raises(ValueError, match="holdout10 needs 3"):
+        small.tofu_split("holdout10")
+
+
+def test_bad_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="2 people per family"):
+        D.make_world(n_people=10, n_families=6)
+    with pytest.raises(ValueError, match="n_cities <= n_families"):
+        D.make_world(n_people=10, n_families=5, n_cities=6, n_countries=4)
+    with pytest.raises(ValueError, match="surnames"):
+        D.make_world(n_people=200, n_families=70)
+    with pytest.raises(ValueError, match="families of at least 2"):
+        D.make_world(n_holdout=1)
+    with pytest.raises(ValueError, match="4 countries"):
+        D.make_world(n_countries=3)
