@@ -11,15 +11,26 @@ Built-in data (the default; nothing is downloaded, everything is deterministic f
 - world_tokenizer(), stories_tokenizer(): word-level vocabularies derived from the generators' word lists
   (independent of the seed), exact round trip on generated text.
 
-What the defaults cost (measured; world = make_world(0), word-level tokens incl. one <eos> per document):
-- world vocabulary: 562 tokens (specials included); stories vocabulary: 207 tokens.
-- world: 100 people in 40 families, 10 cities in 4 countries, 10 held-out people; articles 95-129 words.
-  Articles: 12,548 tokens per epoch (longest 135 tokens). QA pairs: 1,000 person QA + 30 city QA,
-  formatted "Question: q\\nAnswer: a" + <eos>: 20,790 tokens per epoch (person QA only).
-- recall: a 4-layer n_embd-128 GPT (gpt2 flavor, AdamW lr 3e-3, wd 0.1, batch 20 articles one per row,
-  warmup + cosine) trained on the articles recalls most unique facts after about EPOCHS_TBD epochs
-  (greedy cloze accuracy on the value tokens: FIGURES_TBD).
-- stories: 40-80 words, about 63 tokens on average.
+What the defaults cost (measured; world = make_world(0), word-level tokens, one <eos> per document):
+- vocabulary: world 470 tokens, stories 236 (specials included; the same for every seed and size).
+- world: 100 people in 40 families (20 of 2, 20 of 3), 10 cities in 4 countries, 10 held-out people. Articles
+  are 82-104 words, 10 sentences: 10,830 tokens per epoch (96-119 per article). QA: 1,000 person QA pairs
+  (10 per person: 6 unique, 3 shared, 1 inferred) formatted "Question: q\nAnswer: a" + <eos> are 22,600 tokens
+  per epoch (9,400 answer + eos labels); the 30 city QA pairs 550 tokens.
+- stories: 40-80 words, 55-96 tokens (77 on average).
+- recall of unique facts: model.GPT with 4 layers, n_embd 128, 4 heads, d_ff 512, AdamW lr 3e-3, betas
+  (0.9, 0.95), wd 0.1, batch 20 articles one per row, 2 epochs warmup then cosine to 10% over 40 epochs (200
+  steps, about 3 min on 2 contended CPU cores with 1 thread). Stand-alone cloze prompts (Fact.cloze), greedy
+  accuracy on the whole value / fraction whose value beats the geometric mean of the perturbed values:
+    articles cut into sentence segments (split_ids={tok.stoi["."]}):
+      gpt2 flavor: epoch 20 0.26 / 0.95, epoch 30 0.75 / 1.00, epoch 35 0.92 / 1.00, epoch 40 0.975 / 1.00
+      llama flavor: epoch 20 0.45 / 0.98, epoch 25 0.78 / 1.00, epoch 30 0.96 / 1.00
+      (shared facts 0.98-0.99, inferred countries 0.96-1.00 greedy by epoch 30)
+    whole articles as one attention context (no split_ids): the articles are memorized (loss 0.01, every
+    unique fact recalled after its own article's preceding text) but stand-alone recall stays low: gpt2 0.09 /
+    0.69 after 80 epochs, llama 0.18 / 0.78 after 60. The model keys facts on their article's context, not on
+    the name in the sentence, so train on sentence segments when facts are probed with cloze prompts.
+  So: about 35 epochs (gpt2) / 30 epochs (llama) to recall >90% of the unique facts word for word.
 """
 import json
 import math
@@ -438,7 +449,7 @@ class World:
         return self._people_qa([p.id for p in self.people], self.facts)        # full
 
     def save_tofu(self, folder):
-        """Write every split as TOFU-style JSON lines (<name>.json), loadable with load_text_dataset(folder, config=name)."""
+        """Write every split as TOFU-style JSON lines, <folder>/<name>.json: load_tofu(name, path=folder) reads them."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
@@ -500,12 +511,12 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
         raise ValueError(f"need at least 2 people per family: n_people={n_people}, n_families={n_families}")
     if n_holdout == 1 or n_real == 1:
         raise ValueError("held-out and real people come in families of at least 2: use 0 or >= 2")
-    if not 2 <= n_countries <= len(COUNTRIES) or not n_countries <= n_cities <= len(CITIES):
-        raise ValueError(f"need 2 <= n_countries <= {len(COUNTRIES)} and n_countries <= n_cities <= {len(CITIES)}")
+    if n_countries > len(COUNTRIES) or not n_countries <= n_cities <= len(CITIES):
+        raise ValueError(f"need n_countries <= {len(COUNTRIES)} and n_countries <= n_cities <= {len(CITIES)}")
     if n_cities > n_families:
         raise ValueError("every city needs a family born there: n_cities <= n_families")
-    if n_countries < 4 and n_perturbed >= 3:
-        raise ValueError("at least 4 countries are needed for 3 wrong answers to the country questions")
+    if n_perturbed < 3 or n_countries < 4:
+        raise ValueError("every fact needs >= 3 wrong answers: n_perturbed >= 3 and n_countries >= 4")
     fam_counts = {"train": n_families, "holdout": n_holdout // 2, "real": n_real // 2}
     if sum(fam_counts.values()) > len(SURNAMES):
         raise ValueError(f"{sum(fam_counts.values())} families but only {len(SURNAMES)} surnames")
@@ -601,7 +612,8 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
         sentence(T_FAMILY, dict(children=_name_list([k.name for k in kids]), city=p.birth_city, father=p.father,
                                 mother=p.mother), fam_facts)
         sentence(T_BIRTH, dict(name=p.name, year=p.birth_year), [(f"p{p.id}.birth_year", "year", None)])
-        sentence(T_OCCUPATION, dict(name=p.name, occupation=p.occupation), [(f"p{p.id}.occupation", "occupation", None)])
+        sentence(T_OCCUPATION, dict(name=p.name, occupation=p.occupation),
+                 [(f"p{p.id}.occupation", "occupation", None)])
         sentence(T_BOOKS, dict(name=p.name, book1=p.books[0], book2=p.books[1]),
                  [(f"p{p.id}.book1", "book1", None), (f"p{p.id}.book2", "book2", None)])
         sentence(T_AWARD, dict(name=p.name, award=p.award), [(f"p{p.id}.award", "award", None)])
@@ -631,15 +643,15 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
              "city.river": rivers, "city.founded": [str(y) for y in FOUNDED_YEARS]}
     pools["book2"] = pools["book1"]
 
-    def wrong(attr, value, subject):
+    def wrong(attr, value):
         if attr in ("father", "mother"):   # same surname, another first name: a plausible parent
             surname = value.split()[-1]
             pool = [f"{n} {surname}" for n in (MALE if attr == "father" else FEMALE)]
         else:
             pool = pools[attr]
         pool = sorted(set(pool) - {value})
-        k = min(n_perturbed if not attr.startswith("city.") else min(n_perturbed, 3), len(pool))
-        return rng.sample(pool, k)
+        k = min(n_perturbed, 3) if attr.startswith("city.") else n_perturbed   # TOFU's world facts have 3
+        return rng.sample(pool, min(k, len(pool)))
 
     def make_fact(fid, pid, subject, attr, value, slots, group, cloze=None, premises=()):
         (q, pq), (a, pa) = QA[attr]
@@ -650,7 +662,7 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
         kind = "inferred" if premises else ("unique" if len(srcs) == 1 else "shared")
         if cloze is None:
             cloze = stated[srcs[0]] if pid == 0 or pid not in stated else stated[pid]
-        wv = wrong(attr, value, subject)
+        wv = wrong(attr, value)
         fill = lambda t, v: _render(t, dict(slots, v=v))[0]
         return Fact(id=fid, person=pid, subject=subject, attribute=attr.split(".")[-1], kind=kind, value=value,
                     question=fill(q, value), paraphrased_question=fill(pq, value), answer=fill(a, value),
