@@ -215,28 +215,35 @@ def remove_permanently(model, sinks, source_id):
 
 
 @torch.no_grad()
-def embed(model, seqs, mask, batch_size=64):
-    """(N, n_embd) mean-pooled final hidden states (after the last norm) of token lists, under one mask:
-    the paper's "mean-pooled token representations" used for nearest-source routing (Appendix A.2)."""
+def embed(model, rows, mask):
+    """(N, n_embd) mean-pooled final hidden states (after the last norm) of each row of `rows` (x, doc_ids as
+    made by segments()), under one mask: the paper's "mean-pooled token representations" used for
+    nearest-source routing (Appendix A.2)."""
     dev = next(model.parameters()).device
     captured = []
     hook = model.ln_f.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
-        out = []
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            T = max(len(s) for s in chunk)
-            x = torch.zeros(len(chunk), T, dtype=torch.long)
-            valid = torch.zeros(len(chunk), T)
-            for r, s in enumerate(chunk):
-                x[r, :len(s)], valid[r, :len(s)] = torch.tensor(s), 1
-            captured.clear()
-            model(x.to(dev), mlp_mask=None if mask is None else mask.to(dev))
-            h, valid = captured[-1].float(), valid.to(dev)
-            out.append(((h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)).cpu())
-        return torch.cat(out)
+        model(rows["x"].to(dev), doc_ids=rows["doc_ids"].to(dev), mlp_mask=None if mask is None else mask.to(dev))
     finally:
         hook.remove()
+    valid = (rows["doc_ids"] >= 0).float().to(dev)[..., None]                   # (N, T, 1)
+    return ((captured[-1].float() * valid).sum(1) / valid.sum(1)).cpu()
+
+
+def segments(cfg, tok, seqs):
+    """Token lists -> one row each (x, y, doc_ids), cut into sentence segments for the world (see Config)."""
+    split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
+    return data.one_per_row(seqs, None, eos_id=tok.eos_id, pad_id=tok.pad_id, split_ids=split)
+
+
+@torch.no_grad()
+def row_losses(net, rows, mask=None):
+    """(N,) mean next-token NLL of each row (targets -100 ignored), with the rows' segments as documents."""
+    dev = next(net.parameters()).device
+    with ev.evaluating(net):
+        lp = net.token_logprobs(rows["x"].to(dev), rows["y"].to(dev), doc_ids=rows["doc_ids"].to(dev),
+                                mlp_mask=None if mask is None else mask.to(dev))
+    return -ev.mean_logprob(lp, rows["y"].to(dev)).cpu()
 
 
 def nearest_sources(queries, source_emb, source_ids, exclude=()):
@@ -265,6 +272,7 @@ class Config:
     text_field: str = "text"
     gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
     n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
+    split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
     # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
     flavor: str = "llama"
     n_layer: int = 4
@@ -374,8 +382,9 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
     `sinks` (None = a standard transformer). The checkpoint in out_dir makes an interrupted run resumable."""
     torch.manual_seed(cfg.seed)
     net = M.GPT(model_config(cfg, tok.vocab_size))
+    split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
     rows = data.one_per_row([docs[s] for s in source_ids], source_ids, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            block_size=cfg.block_size)
+                            block_size=cfg.block_size, split_ids=split)
     order = data.EpochIterator(len(source_ids), cfg.batch_size, seed=cfg.seed)
     steps = cfg.epochs * order.steps_per_epoch
     device = M.pick_device(cfg.device)
@@ -464,7 +473,7 @@ def probe_facts(world, forget):
 # -------------------------------------------------------------------------------------------------
 
 def forget_batches(cfg, tok, docs, forget):
-    rows = data.one_per_row([docs[s] for s in forget], forget, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    rows = segments(cfg, tok, [docs[s] for s in forget])
     return [{k: rows[k][i:i + cfg.unlearn_batch] for k in ("x", "y", "doc_ids")}
             for i in range(0, len(forget), cfg.unlearn_batch)]
 
@@ -486,19 +495,21 @@ def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
 def relearn(cfg, net, tok, train_seqs, test_seqs, mask_rows=None):
     """Fine-tune on part of each forgotten source (train_seqs) and track the loss on the rest (test_seqs).
     mask_rows: (N, 1, d_ff) per-source masks (NULLs / Retrained as deployed) or None (standard)."""
-    net = copy.deepcopy(net).train()
+    net = copy.deepcopy(net)
     dev = next(net.parameters()).device
-    x, y = ev.lm_batch(train_seqs, tok.pad_id, dev)
-    kw = {} if mask_rows is None else {"mlp_mask": mask_rows.to(dev)}
+    train_rows, test_rows = segments(cfg, tok, train_seqs), segments(cfg, tok, test_seqs)
+    kw = {"doc_ids": train_rows["doc_ids"].to(dev)}
+    if mask_rows is not None:
+        kw["mlp_mask"] = mask_rows.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.relearn_lr, weight_decay=0.0)
-    curve = [float(ev.sequence_loss(net, test_seqs, pad_id=tok.pad_id, **kw).mean())]
+    curve = [float(row_losses(net, test_rows, mask_rows).mean())]
     for _ in range(cfg.relearn_steps):
         net.train()
-        _, loss = net(x, y, **kw)
+        _, loss = net(train_rows["x"].to(dev), train_rows["y"].to(dev), **kw)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        curve.append(float(ev.sequence_loss(net, test_seqs, pad_id=tok.pad_id, **kw).mean()))
+        curve.append(float(row_losses(net, test_rows, mask_rows).mean()))
     return curve
 
 
@@ -539,7 +550,7 @@ def run(cfg):
 
     # routing (Appendix A.2): mean-pooled final hidden states of each source's text. No source is known for a
     # query, so both sides are embedded under the expected mask (every sink at N_source / N_pool).
-    emb = embed(nulls_net, [docs[s] for s in all_ids], sinks.expected_mask())
+    emb = embed(nulls_net, segments(cfg, tok, [docs[s] for s in all_ids]), sinks.expected_mask())
     nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
                                                exclude=set(forget)).tolist()))
     # Unlearning = putting a source on the forget list; no weight changes. Sink-Off is evaluated one target
@@ -555,25 +566,25 @@ def run(cfg):
     save_nulls(os.path.join(cfg.out_dir, "nulls_unlearned.pt"), nulls_net, unlearned, tok, cfg)
 
     # capability (claim 5): held-out text, NULLs routed to the nearest source, vs the standard transformer
-    hold = src["holdout"]
+    hold = segments(cfg, tok, src["holdout"])
     hold_route = nearest_sources(embed(nulls_net, hold, sinks.expected_mask()), emb, all_ids, exclude=set(forget))
-    val_nulls = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.row_mask(hold_route).to(dev)).mean())
-    val_std = float(ev.sequence_loss(std_net, hold, pad_id=tok.pad_id).mean())
+    val_nulls = float(row_losses(nulls_net, hold, sinks.row_mask(hold_route)).mean())
+    val_std = float(row_losses(std_net, hold).mean())
     # diagnostics: no routing, every sink at its expected value; the backbone alone
-    val_exp = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.expected_mask().to(dev)).mean())
-    val_bb = float(ev.sequence_loss(nulls_net, hold, pad_id=tok.pad_id, mlp_mask=sinks.backbone_mask().to(dev)).mean())
+    val_exp = float(row_losses(nulls_net, hold, sinks.expected_mask()).mean())
+    val_bb = float(row_losses(nulls_net, hold, sinks.backbone_mask()).mean())
     metrics["val_loss"] = {"nulls": val_nulls, "standard": val_std, "nulls_expected_mask": val_exp,
                            "nulls_backbone_only": val_bb}
 
     # loss on the forgotten sources themselves, per mode (the Harry Potter study's Figure 5a measure)
     fseqs = [docs[s] for s in forget]
+    frows = segments(cfg, tok, fseqs)
     route_near = torch.tensor([nearest[s] for s in forget])
     metrics["forget_loss"] = {
-        "sink_on": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id, mlp_mask=sinks.row_mask(forget).to(dev)).mean()),
-        "sink_off": float(ev.sequence_loss(nulls_net, fseqs, pad_id=tok.pad_id,
-                                           mlp_mask=sinks.row_mask(route_near, forget).to(dev)).mean()),
-        "retrained": float(ev.sequence_loss(retr_net, fseqs, pad_id=tok.pad_id, mlp_mask=retr_sinks.row_mask(route_near).to(dev)).mean()),
-        "standard": float(ev.sequence_loss(std_net, fseqs, pad_id=tok.pad_id).mean())}
+        "sink_on": float(row_losses(nulls_net, frows, sinks.row_mask(forget)).mean()),
+        "sink_off": float(row_losses(nulls_net, frows, sinks.row_mask(route_near, forget)).mean()),
+        "retrained": float(row_losses(retr_net, frows, retr_sinks.row_mask(route_near)).mean()),
+        "standard": float(row_losses(std_net, frows).mean())}
 
     claims = []
     if world is not None:
@@ -619,7 +630,7 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     stating = torch.tensor([r for _, _, r in items])
     near = torch.tensor([nearest[p] for _, p, _ in items])
     # per-prompt routing of an unlabelled cloze prompt (Appendix A.2)
-    prompt_emb = embed(nulls_net, [tok.encode(f.cloze) for f in facts], sinks.expected_mask())
+    prompt_emb = embed(nulls_net, segments(cfg, tok, [tok.encode(f.cloze) for f in facts]), sinks.expected_mask())
     prompt = nearest_sources(prompt_emb, emb, all_ids, exclude=set(forget))
     tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks),
           "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask()),
@@ -802,7 +813,7 @@ def sweep_point(cfg, src):
         return {"nulls_sink_on": summarize(truth_ratios(nulls_net, tok, uniq, torch.tensor([f.person for f in uniq]), sinks)),
                 "standard": summarize(truth_ratios(std_net, tok, uniq))}
     retr_net, _ = train_lm(cfg, tok, docs, retained, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained), "retrained")
-    emb = embed(nulls_net, [docs[s] for s in all_ids], sinks.expected_mask())
+    emb = embed(nulls_net, segments(cfg, tok, [docs[s] for s in all_ids]), sinks.expected_mask())
     nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
                                                exclude=set(forget)).tolist()))
     items = [(f, p) for f, p, _ in probe_facts(world, forget) if f.kind == "unique"]
