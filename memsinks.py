@@ -672,10 +672,15 @@ _NOT_TRAINING = ("preset", "drop_ratios", "posthoc_first_layer", "hc_steps", "hc
                  "out_dir", "log_every", "eval_batch_size")
 
 
-def checkpoint_path(cfg, name, steps):
+_SINK_FIELDS = {"standard": ("g", "p", "ids", "id_noise", "drop_rescale"),     # settings a kind does not use
+                "gradmask": ("p", "ids", "id_noise", "drop_rescale"), "memsinks": ()}
+
+
+def checkpoint_path(cfg, name, kind, steps):
     """out_dir/ckpt/<name>-<fingerprint>.pt: a rerun with the same settings reuses the finished model, a run with
-    other settings never resumes from it."""
-    keep = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
+    other settings never resumes from it (a sweep over p reuses the standard model of the main run)."""
+    skip = _NOT_TRAINING + _SINK_FIELDS[kind]
+    keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     key = json.dumps([keep, name, steps], sort_keys=True, default=str)
     return os.path.join(cfg.out_dir, "ckpt", f"{name}-{zlib.crc32(key.encode()):08x}.pt")
 
@@ -712,7 +717,7 @@ def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None,
     tc = M.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                        warmup_steps=min(cfg.warmup_steps, steps), max_steps=steps, grad_clip=cfg.grad_clip,
                        log_every=cfg.log_every, eval_every=max(1, math.ceil(steps / max(1, cfg.eval_points))),
-                       device=cfg.device, seed=cfg.seed, ckpt_path=checkpoint_path(cfg, name, steps), resume=True)
+                       device=cfg.device, seed=cfg.seed, ckpt_path=checkpoint_path(cfg, name, kind, steps), resume=True)
     say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
     say(f"{kind}, {len(rows['x'])} rows, {steps} steps, {net.num_params() / 1e6:.2f}M params on {dev}")
     hist = M.train(net, batch_at, tc, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
@@ -836,7 +841,7 @@ SWEEP_DEFAULTS = {"p": (0.1, 0.3, 0.5, 0.7), "size": (64, 128, 192), "noise": (0
 def _std_and_sinks(cfg, sets, log, tag=""):
     """Train (or reuse) the standard and MemSinks models of cfg; their final losses and the MemSinks point."""
     S = steps_for(cfg, len(sets.train["x"]))
-    _, h_std = train_model(cfg, sets, f"standard{tag}", "standard", sets.train, S, log=log)
+    _, h_std = train_model(cfg, sets, "standard", "standard", sets.train, S, log=log)
     net, h_ms = train_model(cfg, sets, f"memsinks{tag}", "memsinks", sets.train, S, log=log)
     std = {"val": h_std["eval"][-1]["plain/val"], "rep": h_std["eval"][-1]["plain/rep"]}
     v, r = h_ms["eval"][-1]["dropped/val"], h_ms["eval"][-1]["dropped/rep"]
