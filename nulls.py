@@ -270,6 +270,7 @@ class Config:
     n_countries: int = 4
     n_docs: int = 2000                 # real data: number of documents (sources) to train on
     text_field: str = "text"
+    tokenizer: str = "gpt2"            # real data: "gpt2" (BPE) or "word" (a word vocabulary built from the data)
     gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
     n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
     split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
@@ -337,9 +338,13 @@ def load_sources(cfg):
         holdout = [tok.encode(t, strict=True) for t in world.holdout_articles.values()]
         forget = list(world.forget_order[:cfg.n_forget])
     else:
-        tok = data.GPT2Tokenizer(cfg.gpt2_ranks or None)
         recs = data.load_text_dataset(cfg.data, n=cfg.n_docs + max(10, cfg.n_docs // 50))
+        if recs and cfg.text_field not in recs[0]:
+            raise KeyError(f"records have no field {cfg.text_field!r} (fields: {sorted(recs[0])}); pass --text_field=")
         texts = [r[cfg.text_field] for r in recs if r.get(cfg.text_field)]
+        if cfg.tokenizer not in ("gpt2", "word"):
+            raise ValueError(f"tokenizer must be 'gpt2' or 'word', got {cfg.tokenizer!r}")
+        tok = data.GPT2Tokenizer(cfg.gpt2_ranks or None) if cfg.tokenizer == "gpt2" else data.WordTokenizer.from_texts(texts)
         enc = [tok.encode(t)[:cfg.block_size] for t in texts]
         enc = [e for e in enc if len(e) >= 8]
         docs = {i + 1: e for i, e in enumerate(enc[:cfg.n_docs])}

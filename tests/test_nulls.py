@@ -113,3 +113,22 @@ def test_forget_list_persists_with_the_model(tmp_path):
     M.save_checkpoint(tmp_path / "plain.pt", net)
     with pytest.raises(ValueError, match="no NULLs sink state"):
         nulls.load_nulls(tmp_path / "plain.pt")
+
+
+def test_real_data_path_on_a_local_file(tmp_path):
+    """The --preset=paper code path (documents as sources, no facts) on a small local jsonl file."""
+    import random
+    rng = random.Random(0)
+    words = "the a cat dog river city old new red blue walked saw found lived near far".split()
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 20)))}) + "\n")
+    out = tmp_path / "out"
+    metrics, claims = nulls.main(["--preset=smoke", f"--data={tmp_path / 'docs.jsonl'}", "--tokenizer=word",
+                                  "--n_docs=20", "--n_forget=2", f"--out_dir={out}"])
+    assert metrics["n_sources"] == 20 and len(metrics["forget"]) == 2
+    assert [c["held"] for c in claims[:3]] == [None, None, None]          # no facts: honestly not measured
+    assert json.loads((out / "results.json").read_text())["claims"][0]["detail"].startswith("not measured")
+    with pytest.raises(KeyError, match="no field"):
+        nulls.main(["--preset=smoke", f"--data={tmp_path / 'docs.jsonl'}", "--tokenizer=word",
+                    "--text_field=body", f"--out_dir={out}"])
