@@ -27,7 +27,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import stats
 
 

@@ -22,7 +22,7 @@ Conventions: targets are already shifted (targets[:, t] is the token that follow
 -100 marks a position that is ignored by the loss and by token_logprobs.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

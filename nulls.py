@@ -547,7 +547,6 @@ def run(cfg):
     tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
     all_ids = sorted(docs)
     nulls_net, retr_net, std_net, retained, times = train_three(cfg, src)
-    dev = next(nulls_net.parameters()).device
     sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids)                   # Sink-On: nothing forgotten yet
     retr_sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained)
     metrics = {"times": times, "n_sources": len(all_ids), "forget": forget,

@@ -9,15 +9,6 @@ import eval as ev
 from model import GPT, ModelConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: a second thread only adds synchronization (5-10x slower on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(flavor="gpt2", seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(flavor=flavor, vocab_size=48, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64,

@@ -13,15 +13,6 @@ import eval as ev
 from model import GPT, ModelConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: a second thread only adds synchronization (5-10x slower on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(flavor="llama", vocab_size=40, block_size=48, n_layer=2, n_head=2, n_embd=32, d_ff=64,

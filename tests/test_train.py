@@ -15,15 +15,6 @@ from model import (GPT, ModelConfig, TrainConfig, load_checkpoint, lr_at, make_o
 V, T = 48, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread only adds contention (10x slower here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(flavor="gpt2", seed=0, dropout=0.0):
     torch.manual_seed(seed)
     return GPT(ModelConfig(flavor=flavor, vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, d_ff=64,
