@@ -720,3 +720,41 @@ def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, le
         a, b = p[:n_a], p[n_a:]
         null[r] = abs(mu95(mu[a], fq[a], mu_original, level) - mu95(mu[b], fq[b], mu_original, level))
     return observed, float(np.mean(null >= observed - 1e-12))
+
+
+# -------------------------------------------------------------------------------------------------
+# Reporting: every script's claims list, results files and optional plots
+# -------------------------------------------------------------------------------------------------
+
+def claim(name, value, threshold, held, detail=""):
+    """One headline claim of a paper as measured: held is True/False, or None when it could not be measured."""
+    return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
+
+
+def write_results(out_dir, title, config, metrics, claims, text):
+    """out_dir/results.md (the printed table) and out_dir/results.json ({config, metrics, claims}), the json
+    written atomically. Returns the json path."""
+    import json
+    import os
+    from dataclasses import asdict, is_dataclass
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(f"# {title}\n\n{text}\n")
+    path = os.path.join(out_dir, "results.json")
+    cfg = asdict(config) if is_dataclass(config) else config
+    with open(path + ".tmp", "w") as f:
+        json.dump({"config": cfg, "metrics": metrics, "claims": claims}, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with a file backend, or None (and a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+    return plt

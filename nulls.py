@@ -522,10 +522,6 @@ def relearn(cfg, net, tok, train_seqs, test_seqs, mask_rows=None):
 # The experiment
 # -------------------------------------------------------------------------------------------------
 
-def claim(name, value, threshold, held, detail=""):
-    return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
-
-
 def train_three(cfg, src):
     tok, docs, forget = src["tok"], src["docs"], src["forget"]
     all_ids = sorted(docs)
@@ -597,7 +593,7 @@ def run(cfg):
     else:
         for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept",
                   "3 gradient unlearning not selective"):
-            claims.append(claim(c, None, None, None, "not measured: real documents come without facts"))
+            claims.append(ev.claim(c, None, None, None, "not measured: real documents come without facts"))
 
     # relearning (claim 4): fine-tune on the first half of each forgotten source, loss on the second half
     half = [(d[:len(d) // 2], d[len(d) // 2:]) for d in fseqs]
@@ -611,13 +607,13 @@ def run(cfg):
     metrics["relearning"] = curves
     rec = {k: c[0] - c[-1] for k, c in curves.items()}
     gap = abs(curves["sink_off"][-1] - curves["retrained"][-1]) / curves["retrained"][-1]
-    claims.append(claim("4 relearning: NPO recovers markedly faster than Sink-Off (>= 2x the loss drop), "
+    claims.append(ev.claim("4 relearning: NPO recovers markedly faster than Sink-Off (>= 2x the loss drop), "
                         "Sink-Off ends within 10% of Retrained",
                         {"drop_npo": rec["npo"], "drop_sink_off": rec["sink_off"], "rel_gap_to_retrained": gap},
                         {"drop_ratio": 2.0, "rel_gap": 0.10},
                         bool(rec["npo"] >= 2 * max(rec["sink_off"], 0.0) and rec["npo"] > 0 and gap <= 0.10)))
     ratio = val_nulls / val_std
-    claims.append(claim("5 capability: NULLs held-out loss within 3% of a standard transformer (same params)",
+    claims.append(ev.claim("5 capability: NULLs held-out loss within 3% of a standard transformer (same params)",
                         ratio, 1.03, bool(ratio <= 1.03), f"NULLs {val_nulls:.4f} vs standard {val_std:.4f}"))
     metrics["wall_time_s"] = time.time() - t_start
     return metrics, claims
@@ -683,7 +679,7 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
         d_u = traj[0]["unique_frac_gt1"] - traj[-1]["unique_frac_gt1"]
         d_s = traj[0]["shared_frac_gt1"] - traj[-1]["shared_frac_gt1"]
         ratio = d_s / d_u if d_u > 0 else None
-        claims.append(claim(f"3 {name.upper()} is not selective: shared facts (frac TR>1) fall at least half as "
+        claims.append(ev.claim(f"3 {name.upper()} is not selective: shared facts (frac TR>1) fall at least half as "
                             "fast as article-specific ones", ratio, 0.5, None if ratio is None else bool(ratio >= 0.5),
                             f"drop unique {d_u:.3f}, drop shared {d_s:.3f} over {cfg.unlearn_epochs} epochs"
                             + ("" if d_u > 0 else "; unique facts did not fall, ratio undefined")))
@@ -692,7 +688,7 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     on, off, re_ = (table[m]["unique"] for m in ("sink_on", "sink_off/nearest", "retrained/nearest"))
     fold = on["geomean"] / off["geomean"]
     diff = abs(off["frac_gt1"] - re_["frac_gt1"])
-    claims.insert(0, claim("1 Sink-Off removes unique facts like retraining (nearest routing): |frac TR>1 "
+    claims.insert(0, ev.claim("1 Sink-Off removes unique facts like retraining (nearest routing): |frac TR>1 "
                            "Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
                            {"frac_diff": diff, "geomean_fold": fold}, {"frac_diff": 0.15, "geomean_fold": 100},
                            bool(diff <= 0.15 and fold >= 100),
@@ -703,7 +699,7 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
         o, r = table["sink_off/stating"][cat], table["retrained/stating"][cat]
         vals[cat] = {"sink_off_frac": o["frac_gt1"], "retrained_frac": r["frac_gt1"]}
         ok &= o["frac_gt1"] >= 0.9 and abs(o["frac_gt1"] - r["frac_gt1"]) <= 0.1
-    claims.insert(1, claim("2 Sink-Off keeps shared and inferred facts (routed to a stating source): frac TR>1 "
+    claims.insert(1, ev.claim("2 Sink-Off keeps shared and inferred facts (routed to a stating source): frac TR>1 "
                            ">= 0.9 and within 0.1 of Retrained", vals, {"frac": 0.9, "diff": 0.1}, bool(ok)))
     return claims
 
@@ -746,23 +742,14 @@ def report(cfg, metrics, claims):
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s")
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
-        f.write("# nulls.py results\n\n" + text + "\n")
-    path = os.path.join(cfg.out_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"config": asdict(cfg), "metrics": metrics, "claims": claims}, f, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    path = ev.write_results(cfg.out_dir, "nulls.py results", cfg, metrics, claims, text)
     plot(cfg, metrics)
     print(f"wrote {path}")
 
 
 def plot(cfg, metrics):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plt = ev.pyplot()
+    if plt is None:
         return
     if "per_fact" in metrics:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))          # Figures 3a, 3b

@@ -1,0 +1,20 @@
+"""eval.py's reporting helpers: the claims record and the results files every script writes."""
+import json
+from dataclasses import dataclass
+
+import eval as ev
+
+
+@dataclass
+class Cfg:
+    lr: float = 0.1
+
+
+def test_claim_and_results_files(tmp_path):
+    c = ev.claim("1 something holds", 0.7, 0.5, True, "measured")
+    assert c == {"claim": "1 something holds", "value": 0.7, "threshold": 0.5, "held": True, "detail": "measured"}
+    path = ev.write_results(tmp_path / "out", "x.py results", Cfg(), {"loss": 1.5}, [c], "| table |")
+    got = json.loads(open(path).read())
+    assert got == {"config": {"lr": 0.1}, "metrics": {"loss": 1.5}, "claims": [c]}
+    assert (tmp_path / "out" / "results.md").read_text() == "# x.py results\n\n| table |\n"
+    assert not (tmp_path / "out" / "results.json.tmp").exists()
