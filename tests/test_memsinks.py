@@ -496,3 +496,20 @@ def test_smoke_sweeps_and_canary(tmp_path):
     # TS-Canary with packed rows (per-token ids, document attention)
     m, _ = ms.main(["--preset=smoke", f"--out_dir={tmp_path / 'c'}", "--setting=canary", "--pack=true", "--threads=1"])
     assert "dropped/canary" in m["models"]["memsinks"]["final"]
+
+
+GPT2_RANKS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt2.tiktoken")
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="needs ../shared/data/gpt2.tiktoken (GPT-2 BPE ranks)")
+def test_real_data_path_with_gpt2_bpe(tmp_path):
+    """The --preset=paper data path (a text data set through `datasets`, GPT-2 BPE) on a local jsonl file."""
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in D.make_stories(80, seed=5)))
+    small = ["--preset=smoke", f"--gpt2_ranks={GPT2_RANKS}", "--n_embd=16", "--n_head=2", "--d_ff=32",
+             "--block_size=24", "--rep=2", "--n_single=6", "--n_val=3", "--eval_points=1", "--drop_ratios=0.3",
+             "--hc_steps=1", "--ig_steps=1", "--threads=1"]
+    m, claims = ms.main(small + [f"--dataset={path}", f"--out_dir={tmp_path / 'out'}"])
+    assert m["params"] > 50257 * 16 and len(claims) == 6
+    with pytest.raises(FileNotFoundError):             # a missing file fails fast and says so
+        ms.main(small + [f"--dataset={tmp_path / 'missing.jsonl'}", f"--out_dir={tmp_path / 'o2'}"])
