@@ -586,6 +586,8 @@ def make_sets(cfg):
 def rows_of(cfg, tok, token_lists, data_ids, repeated, pack=None):
     """Rows of token lists (one per row, or packed) with per-token sequence ids and repeated flags."""
     pack = cfg.pack if pack is None else pack
+    if cfg.ids not in ("hash", "data"):
+        raise ValueError(f"ids must be 'hash' or 'data', got {cfg.ids!r}")
     data_ids = list(data_ids)
     if pack:
         b = D.pack_documents(token_lists, data_ids, cfg.block_size, tok.eos_id, tok.pad_id)
@@ -593,8 +595,6 @@ def rows_of(cfg, tok, token_lists, data_ids, repeated, pack=None):
         b = D.one_per_row(token_lists, data_ids, eos_id=tok.eos_id, pad_id=tok.pad_id)
     doc = b["doc_ids"]
     ids = token_sequence_ids(b["x"], doc) if cfg.ids == "hash" else b["source_ids"]
-    if cfg.ids not in ("hash", "data"):
-        raise ValueError(f"ids must be 'hash' or 'data', got {cfg.ids!r}")
     if not pack:            # padding takes its row's id: its mask is never scored, and whole rows share one mask
         ids = ids[:, :1].expand_as(ids).clone()
     flags = torch.tensor(list(repeated) + [False])                 # index -1 (padding) -> False
@@ -984,8 +984,8 @@ def report(cfg, metrics, claims):
         lines = table_lines(cfg, metrics)
     lines += ["", "| claim | value | threshold | held | detail |", "| --- | --- | --- | --- | --- |"]
     for c in claims:
-        v = fmt(c["value"], ".4g") if isinstance(c["value"], float) else str(c["value"])
-        lines.append(f"| {c['claim']} | {v} | {c['threshold']} | {c['held']} | {c['detail']} |")
+        v, t = (fmt(x, ".4g") if isinstance(x, float) else str(x) for x in (c["value"], c["threshold"]))
+        lines.append(f"| {c['claim']} | {v} | {t} | {c['held']} | {c['detail']} |")
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s ({metrics['env']['threads']} torch threads, "
                  f"{metrics['env']['device']})")
     text = "\n".join(lines)
