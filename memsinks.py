@@ -1022,6 +1022,7 @@ def plot(cfg, metrics):
             ax.plot([r["degradation"] for r in rows], [r["forgetting"] for r in rows], "o-")
             for r in rows:
                 ax.annotate(f"d={r['n_embd']}", (r["degradation"], r["forgetting"]))
+            ax.plot([], [], "o-", label="MemSinks, sinks dropped, vs standard of the same size")
             ax.set(xlabel="model degradation", ylabel="sequence forgetting", title="model size")
         else:                                                          # Figures 5a, 5c
             x = "p" if cfg.sweep == "p" else "id_noise"

@@ -480,6 +480,11 @@ def test_smoke_run_end_to_end(tmp_path):
     assert set(f["memsinks"]["final"]) == {f"{m}/{s}" for m in ("dropped", "expected", "own") for s in ("val", "rep")}
     assert f["dedup_epochs"]["steps"] < f["standard"]["steps"] == f["dedup_steps"]["steps"]
     assert len(res["metrics"]["posthoc"]["hard_concrete"]) == 2
+    try:
+        import matplotlib  # noqa: F401  (plots are optional)
+        assert {"fig4a_val_loss.png", "fig4b_repeated_loss.png", "fig4c_tradeoff.png"} <= set(os.listdir(out))
+    except ImportError:
+        pass
     # a rerun reuses the finished models (checkpoints keyed by the settings) and reports the same numbers
     metrics2, _ = ms.main(["--preset=smoke", f"--out_dir={out}", "--threads=1", "--drop_ratios=0.1"])
     assert metrics2["models"]["memsinks"]["final"] == metrics["models"]["memsinks"]["final"]
@@ -493,6 +498,10 @@ def test_smoke_sweeps_and_canary(tmp_path):
     _, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=noise", "--sweep_values=0,0.5",
                          "--threads=1"])
     assert len(claims) == 1 and claims[0]["value"] is not None
+    m, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=size", "--sweep_values=16,32",
+                         "--threads=1"])
+    assert [r["n_embd"] for r in m["rows"]] == [16, 32] and m["rows"][0]["params"] < m["rows"][1]["params"]
+    assert claims[0]["held"] == (m["rows"][1]["degradation"] < m["rows"][0]["degradation"])
     # TS-Canary with packed rows (per-token ids, document attention)
     m, _ = ms.main(["--preset=smoke", f"--out_dir={tmp_path / 'c'}", "--setting=canary", "--pack=true", "--threads=1"])
     assert "dropped/canary" in m["models"]["memsinks"]["final"]
