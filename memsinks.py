@@ -1035,10 +1035,13 @@ def plot(cfg, metrics):
         return
     ms = metrics["models"]
     for fig_name, split, series in (
+            ("fig3_gradient_masking.png", "val", [("standard", "plain"), ("gradmask", "keep"), ("gradmask", "dropped")]),
             ("fig4a_val_loss.png", "val", [("standard", "plain"), ("dedup_epochs", "plain"), ("dedup_steps", "plain"),
-                                           ("memsinks", "dropped"), ("gradmask", "keep"), ("gradmask", "dropped")]),
-            ("fig4b_repeated_loss.png", "rep", [("standard", "plain"), ("memsinks", "dropped"), ("gradmask", "dropped")])):
+                                           ("memsinks", "dropped")]),
+            ("fig4b_repeated_loss.png", "rep", [("standard", "plain"), ("memsinks", "dropped")])):
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        if fig_name.startswith("fig3"):
+            ax.set_yscale("log")                                       # dropping the memorization block costs a lot
         for name, mode in series:
             c = ms[name]["curve"]
             ax.plot([e["step"] for e in c], [e[f"{mode}/{split}"] for e in c], "o-",
