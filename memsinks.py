@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+import eval as ev
 import model as M
 
 LCG_A = 1588635695
@@ -739,10 +740,6 @@ def steps_for(cfg, n_rows):
 # The main run: Sections 3 to 5 on TS-Repetition (or TS-Canary)
 # -------------------------------------------------------------------------------------------------
 
-def claim(name, value, threshold, held, detail=""):
-    return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
-
-
 def closure(rep_model, std):
     """Fraction of the standard model's memorization gap L_val - L_rep that a model's rep loss closes."""
     return (rep_model - std["rep"]) / (std["val"] - std["rep"])
@@ -780,7 +777,7 @@ def curve(hist):
 def run_main(cfg, sets, log=print):
     S = steps_for(cfg, len(sets.train["x"]))
     S_dedup = steps_for(cfg, len(sets.dedup["x"]))
-    models, nets, times = {}, {}, {}
+    models, nets = {}, {}
     plan = [("standard", "standard", sets.train, S), ("dedup_epochs", "standard", sets.dedup, S_dedup),
             ("dedup_steps", "standard", sets.dedup, S), ("memsinks", "memsinks", sets.train, S),
             ("gradmask", "gradmask", sets.train, S)]
@@ -809,27 +806,27 @@ def main_claims(cfg, m):
     f = {n: x["final"] for n, x in m["models"].items()}
     sv, sr = f["standard"]["plain/val"], f["standard"]["plain/rep"]
     msv = f["memsinks"]["dropped/val"]
-    c = [claim("1 standard training memorizes: repeated-sequence loss far below validation loss (L_rep / L_val)",
+    c = [ev.claim("1 standard training memorizes: repeated-sequence loss far below validation loss (L_rep / L_val)",
                sr / sv, 0.5, sr / sv <= 0.5, f"L_rep {sr:.4f}, L_val {sv:.4f}")]
     cl = m["gap_closure"]["memsinks_dropped"]
-    c.append(claim("2 MemSinks with sinks dropped closes at least half of the memorization gap", cl, 0.5, cl >= 0.5,
+    c.append(ev.claim("2 MemSinks with sinks dropped closes at least half of the memorization gap", cl, 0.5, cl >= 0.5,
                    f"L_rep(MemSinks dropped) {f['memsinks']['dropped/rep']:.4f}"))
     rel = msv / sv - 1
-    c.append(claim("3a MemSinks (sinks dropped) validation loss within 3% of standard training (relative change)",
+    c.append(ev.claim("3a MemSinks (sinks dropped) validation loss within 3% of standard training (relative change)",
                    rel, 0.03, rel <= 0.03, f"{msv:.4f} vs {sv:.4f}"))
     de = f["dedup_epochs"]["plain/val"]
-    c.append(claim("3b MemSinks (sinks dropped) validation loss below the deduplicated model at the same epochs "
+    c.append(ev.claim("3b MemSinks (sinks dropped) validation loss below the deduplicated model at the same epochs "
                    "(difference)", msv - de, 0.0, msv < de,
                    f"{msv:.4f} vs {de:.4f} ({m['models']['dedup_epochs']['steps']} steps); not a claim: dedup at the "
                    f"same steps {f['dedup_steps']['plain/val']:.4f}"))
     gv = f["gradmask"]["keep/val"]
-    c.append(claim("4 gradient masking (memorization neurons kept) has a worse validation loss than standard "
+    c.append(ev.claim("4 gradient masking (memorization neurons kept) has a worse validation loss than standard "
                    "(difference)", gv - sv, 0.0, gv > sv, f"{gv:.4f} vs {sv:.4f}; dropped {f['gradmask']['dropped/val']:.4f}"))
     ms = m["tradeoff"]["memsinks"]
     reach = [(meth, p) for meth in ("hard_concrete", "integrated_gradients") for p in m["posthoc"][meth]
              if p["forgetting"] >= ms["forgetting"]]
     best = min((p["degradation"] for _, p in reach), default=None)
-    c.append(claim("5 MemSinks beats post-hoc localization: the least degradation of any post-hoc point forgetting at "
+    c.append(ev.claim("5 MemSinks beats post-hoc localization: the least degradation of any post-hoc point forgetting at "
                    "least as much (None = none does) exceeds MemSinks' degradation", best, ms["degradation"],
                    best is None or best > ms["degradation"],
                    f"MemSinks forgets {ms['forgetting']:.4f} at degradation {ms['degradation']:.4f}; "
@@ -868,13 +865,13 @@ def run_sweep(cfg, sets, log=print):
         cl = {row[field]: row["closure"] for row in rows}
         if cfg.sweep == "p":
             ref = 0.3 if 0.3 in cl else min(cl)
-            claims.append(claim(f"5a activating too many sinks weakens isolation: gap closure at p={max(cl)} below "
+            claims.append(ev.claim(f"5a activating too many sinks weakens isolation: gap closure at p={max(cl)} below "
                                 f"that at p={ref}", cl[max(cl)], cl[ref], cl[max(cl)] < cl[ref]))
         else:
             if 0.1 in cl:
-                claims.append(claim("5c robust to 10% id noise: gap closure at d=0.1 still >= 0.5", cl[0.1], 0.5,
+                claims.append(ev.claim("5c robust to 10% id noise: gap closure at d=0.1 still >= 0.5", cl[0.1], 0.5,
                                     cl[0.1] >= 0.5))
-            claims.append(claim(f"5c inconsistent ids break isolation: gap closure at d={max(cl)} below d={min(cl)}",
+            claims.append(ev.claim(f"5c inconsistent ids break isolation: gap closure at d={max(cl)} below d={min(cl)}",
                                 cl[max(cl)], cl[min(cl)], cl[max(cl)] < cl[min(cl)]))
     elif cfg.sweep == "size":
         for v in values:
@@ -883,7 +880,7 @@ def run_sweep(cfg, sets, log=print):
             rows.append({"n_embd": int(v), **r})
             log(f"n_embd={v}: forgetting {r['forgetting']:.3f} degradation {r['degradation']:.3f}")
         small, big = rows[0], rows[-1]
-        claims.append(claim(f"5b larger models degrade less: MemSinks' degradation at n_embd={big['n_embd']} below "
+        claims.append(ev.claim(f"5b larger models degrade less: MemSinks' degradation at n_embd={big['n_embd']} below "
                             f"n_embd={small['n_embd']}", big["degradation"], small["degradation"],
                             big["degradation"] < small["degradation"]))
     elif cfg.sweep == "dynamics":
@@ -910,9 +907,9 @@ def run_dynamics(cfg, sets, log):
     sub = replace(cfg, eval_points=cfg.dyn_steps)
     for kind in ("standard", "memsinks"):
         fn = eval_modes(cfg, kind)["own" if kind == "memsinks" else "plain"]
-        ev = lambda net, step, fn=fn: {"tracked": mean_loss(net, one, fn)}
+        track = lambda net, step, fn=fn: {"tracked": mean_loss(net, one, fn)}
         _, hist = train_model(sub, sets, f"dynamics_{kind}", kind, rows, cfg.dyn_steps,
-                              every=(len(rows["x"]) - 1, cfg.dyn_every), eval_fn=ev, log=log)
+                              every=(len(rows["x"]) - 1, cfg.dyn_every), eval_fn=track, log=log)
         traces[kind] = [e["tracked"] for e in hist["eval"]]
         # amplitude of the learning-forgetting cycles: max - min of the loss between two presentations, averaged
         # over the cycles of the second half of training
@@ -923,7 +920,7 @@ def run_dynamics(cfg, sets, log):
         out.append({"kind": kind, "amplitude": amp, "mean_loss_second_half": sum(half) / max(1, len(half)),
                     "trace": traces[kind]})
     a = {r["kind"]: r["amplitude"] for r in out}
-    return out, [claim("7 MemSinks' learning-forgetting cycles have a lower amplitude than standard training's",
+    return out, [ev.claim("7 MemSinks' learning-forgetting cycles have a lower amplitude than standard training's",
                        a["memsinks"], a["standard"], a["memsinks"] < a["standard"])]
 
 
@@ -990,25 +987,15 @@ def report(cfg, metrics, claims):
                  f"{metrics['env']['device']})")
     text = "\n".join(lines)
     print(text)
-    out = out_folder(cfg)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(f"# memsinks.py results ({cfg.setting}{', sweep ' + cfg.sweep if cfg.sweep else ''})\n\n{text}\n")
-    path = os.path.join(out, "results.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"config": asdict(cfg), "metrics": metrics, "claims": claims}, fh, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    title = f"memsinks.py results ({cfg.setting}{', sweep ' + cfg.sweep if cfg.sweep else ''})"
+    path = ev.write_results(out_folder(cfg), title, cfg, metrics, claims, text)
     plot(cfg, metrics)
     print(f"wrote {path}")
 
 
 def plot(cfg, metrics):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plt = ev.pyplot()
+    if plt is None:
         return
     save = lambda fig, name: (fig.tight_layout(), fig.savefig(os.path.join(out_folder(cfg), name), dpi=120))
     if cfg.sweep:
