@@ -320,7 +320,7 @@ def _frozen(model):
         model.train(was)
 
 
-def hard_concrete_scores(model, rows, *, steps=100, lr=0.05, lam=1.0, beta=0.33, mask_p=0.9, stop=0.4,
+def hard_concrete_scores(model, rows, *, steps=150, lr=0.05, lam=5.0, beta=0.33, mask_p=0.9, stop=0.4,
                          batch_size=32, first_layer=0, seed=0, log=None):
     """Chang et al.'s Hard Concrete localizer: a gate per MLP neuron (one noise draw per neuron per forward,
     shared by every token), trained with Adam to keep the repeated sequences' loss low while an L0 penalty
