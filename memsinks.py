@@ -841,11 +841,12 @@ def main_claims(cfg, m):
 SWEEP_DEFAULTS = {"p": (0.1, 0.3, 0.5, 0.7), "size": (64, 128, 192), "noise": (0.0, 0.1, 0.5)}
 
 
-def _std_and_sinks(cfg, sets, log, tag=""):
-    """Train (or reuse) the standard and MemSinks models of cfg; their final losses and the MemSinks point."""
+def _std_and_sinks(cfg, sets, log):
+    """Train (or reuse) the standard and MemSinks models of cfg; their final losses and the MemSinks point.
+    Checkpoints are keyed by the settings, so the values equal to the main run's reuse its models."""
     S = steps_for(cfg, len(sets.train["x"]))
     _, h_std = train_model(cfg, sets, "standard", "standard", sets.train, S, log=log)
-    net, h_ms = train_model(cfg, sets, f"memsinks{tag}", "memsinks", sets.train, S, log=log)
+    net, h_ms = train_model(cfg, sets, "memsinks", "memsinks", sets.train, S, log=log)
     std = {"val": h_std["eval"][-1]["plain/val"], "rep": h_std["eval"][-1]["plain/rep"]}
     v, r = h_ms["eval"][-1]["dropped/val"], h_ms["eval"][-1]["dropped/rep"]
     return {"std_val": std["val"], "std_rep": std["rep"], "val": v, "rep": r, "own_rep": h_ms["eval"][-1]["own/rep"],
@@ -859,7 +860,7 @@ def run_sweep(cfg, sets, log=print):
     if cfg.sweep in ("p", "noise"):
         field = {"p": "p", "noise": "id_noise"}[cfg.sweep]
         for v in values:
-            r = _std_and_sinks(replace(cfg, **{field: float(v)}), sets, log, f"_{cfg.sweep}{v}")
+            r = _std_and_sinks(replace(cfg, **{field: float(v)}), sets, log)
             rows.append({field: float(v), **r})
             log(f"{field}={v}: closure {r['closure']:.3f}")
         cl = {row[field]: row["closure"] for row in rows}
@@ -876,7 +877,7 @@ def run_sweep(cfg, sets, log=print):
     elif cfg.sweep == "size":
         for v in values:
             sub = replace(cfg, n_embd=int(v), d_ff=4 * int(v))
-            r = _std_and_sinks(sub, sets, log, f"_size{v}")
+            r = _std_and_sinks(sub, sets, log)
             rows.append({"n_embd": int(v), **r})
             log(f"n_embd={v}: forgetting {r['forgetting']:.3f} degradation {r['degradation']:.3f}")
         small, big = rows[0], rows[-1]
