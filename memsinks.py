@@ -500,8 +500,8 @@ class Config:
     # sweeps behind a flag, each trains several models: p (Fig 5a), size (5b), noise (5c), dynamics (Fig 7)
     sweep: str = ""
     sweep_values: tuple = ()           # default: p 0.1,0.3,0.5,0.7; size (n_embd) 64,128,192; noise 0,0.1,0.5
-    dyn_every: int = 40                # dynamics: the tracked sequence is seen every dyn_every steps
-    dyn_steps: int = 400
+    dyn_every: int = 20                # dynamics: the tracked sequence is seen every dyn_every steps (paper: 40,
+    dyn_steps: int = 1000              # in a far longer run; 50 presentations are needed to memorize it here)
     seed: int = 0
     device: str = "auto"
     threads: int = 0                   # torch CPU threads; 0 = torch's default
@@ -921,8 +921,11 @@ def run_dynamics(cfg, sets, log):
         out.append({"kind": kind, "amplitude": amp, "mean_loss_second_half": sum(half) / max(1, len(half)),
                     "trace": traces[kind]})
     a = {r["kind"]: r["amplitude"] for r in out}
+    m = {r["kind"]: r["mean_loss_second_half"] for r in out}
     return out, [ev.claim("7 MemSinks' learning-forgetting cycles have a lower amplitude than standard training's",
-                       a["memsinks"], a["standard"], a["memsinks"] < a["standard"])]
+                          a["memsinks"], a["standard"], a["memsinks"] < a["standard"]),
+                 ev.claim("7 MemSinks keeps a lower training loss on the tracked sequence (mean over the second half)",
+                          m["memsinks"], m["standard"], m["memsinks"] < m["standard"])]
 
 
 # -------------------------------------------------------------------------------------------------
