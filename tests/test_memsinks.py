@@ -497,6 +497,10 @@ def test_smoke_sweeps_and_canary(tmp_path):
     _, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=noise", "--sweep_values=0,0.5",
                          "--threads=1"])
     assert len(claims) == 1 and claims[0]["value"] is not None
+    m, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=p", "--sweep_values=0.3,0.7",
+                         "--threads=1"])
+    gap = {r["p"]: r["val"] - r["rep"] for r in m["rows"]}
+    assert claims[0]["value"] == pytest.approx(gap[0.7]) and claims[0]["held"] == (gap[0.7] > gap[0.3])
     m, claims = ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=size", "--sweep_values=16,32",
                          "--threads=1"])
     assert [r["n_embd"] for r in m["rows"]] == [16, 32] and m["rows"][0]["params"] < m["rows"][1]["params"]
