@@ -19,13 +19,14 @@ binds one into the loop's form f(model, forget=..., retain=...).
 """
 import copy
 import inspect
-import re
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from localize import resolve_region
 
 MODEL_KWARGS = ("doc_ids", "mlp_mask", "adapter_ctx")
 
@@ -384,84 +385,6 @@ def l2_mlp_loss(model, target_model, forget, retain=None, *, layers=None, retain
         tgt = mlp_outputs(target_model, forget, layers)
     loss = sum(((a.float() - b.float()).pow(2).sum(-1) * m).sum() for a, b in zip(cur, tgt)) / m.sum()
     return _with_retain(loss, model, retain, retain_weight)
-
-
-# -------------------------------------------------------------------------------------------------
-# Parameter regions
-# -------------------------------------------------------------------------------------------------
-
-def value_vector_region(model, selection, include_up_gate=False):
-    """
-    {layer: [value-vector indices]} -> {parameter name: bool mask}. Value vector i of layer l is column i of
-    blocks[l].mlp.down.weight (Geva et al.); include_up_gate also frees its key: row i of mlp.up.weight
-    (and mlp.gate.weight for llama) and entry i of their biases. The down bias is shared by all value
-    vectors, so it is never in the region.
-    """
-    if not selection:
-        raise ValueError("empty value-vector selection")
-    region = {}
-    for layer, idx in selection.items():
-        if not 0 <= layer < len(model.blocks):
-            raise ValueError(f"layer {layer} out of range (model has {len(model.blocks)})")
-        mlp = model.blocks[layer].mlp
-        d_ff = mlp.down.weight.shape[1]
-        idx = torch.as_tensor(list(idx), dtype=torch.long)
-        if idx.numel() == 0:
-            raise ValueError(f"no value vectors selected in layer {layer}")
-        if int(idx.min()) < 0 or int(idx.max()) >= d_ff:
-            raise ValueError(f"value-vector index out of range [0, {d_ff}) in layer {layer}")
-        col = torch.zeros(d_ff, dtype=torch.bool)
-        col[idx] = True
-        pre = f"blocks.{layer}.mlp."
-        region[pre + "down.weight"] = col[None, :].expand_as(mlp.down.weight).clone()
-        if include_up_gate:
-            for lin in ("up", "gate"):
-                mod = getattr(mlp, lin, None)
-                if mod is None:
-                    continue
-                region[pre + lin + ".weight"] = col[:, None].expand_as(mod.weight).clone()
-                if mod.bias is not None:
-                    region[pre + lin + ".bias"] = col.clone()
-    return region
-
-
-def named_region(model, pattern):
-    """Whole parameters whose names match the regular expression `pattern` -> {name: True}."""
-    region = {n: True for n, _ in model.named_parameters() if re.search(pattern, n)}
-    if not region:
-        raise ValueError(f"no parameter name matches {pattern!r}")
-    return region
-
-
-def resolve_region(model, region):
-    """
-    region -> list of (name, parameter, bool mask or None = whole parameter). A region maps parameter names
-    (or the parameters themselves) to a bool mask of the parameter's shape, or True for the whole tensor.
-    """
-    params = dict(model.named_parameters())
-    by_id = {id(p): n for n, p in params.items()}
-    out = []
-    for key, mask in region.items():
-        name = key if isinstance(key, str) else by_id.get(id(key))
-        if name not in params:
-            raise ValueError(f"region names a parameter the model does not have: {key if isinstance(key, str) else 'tensor'}")
-        p = params[name]
-        if mask is True:
-            out.append((name, p, None))
-            continue
-        mask = torch.as_tensor(mask)
-        if mask.dtype != torch.bool or mask.shape != p.shape:
-            raise ValueError(f"mask for {name} must be a bool tensor of shape {tuple(p.shape)}")
-        if bool(mask.any()):
-            out.append((name, p, mask.to(p.device)))
-    if not out:
-        raise ValueError("the region is empty")
-    return out
-
-
-def region_size(model, region):
-    """Number of parameter entries the region lets move."""
-    return sum(p.numel() if m is None else int(m.sum()) for _, p, m in resolve_region(model, region))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from model import GPT, ModelConfig, parse_config, pick_device
+from model import GPT, ModelConfig
+from train import parse_config, pick_device
 
 
 @dataclass

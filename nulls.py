@@ -29,6 +29,7 @@ import baselines
 import data
 import eval as ev
 import model as M
+import train as T
 from memsinks import lcg_uniforms
 
 
@@ -185,16 +186,16 @@ class Sinks:
 
 def save_nulls(path, net, sinks, tok=None, config=None):
     """A NULLs model with its sink layout and forget list (the forget list persists with the weights)."""
-    M.save_checkpoint(path, net, config=config, tokenizer=None if tok is None else tok.state_dict(),
+    T.save_checkpoint(path, net, config=config, tokenizer=None if tok is None else tok.state_dict(),
                       extra={"sinks": sinks.state_dict()})
 
 
 def load_nulls(path, device="cpu"):
     """-> (model, Sinks) from save_nulls; the forgotten sources stay forgotten."""
-    ck = M.load_checkpoint(path, device)
+    ck = T.load_checkpoint(path, device)
     if not (ck.get("extra") or {}).get("sinks"):
         raise ValueError(f"{path} holds no NULLs sink state (was it written by save_nulls?)")
-    return M.model_from_checkpoint(ck, device).eval(), Sinks.from_state_dict(ck["extra"]["sinks"])
+    return T.model_from_checkpoint(ck, device).eval(), Sinks.from_state_dict(ck["extra"]["sinks"])
 
 
 @torch.no_grad()
@@ -392,7 +393,7 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
                             block_size=cfg.block_size, split_ids=split)
     order = data.EpochIterator(len(source_ids), cfg.batch_size, seed=cfg.seed)
     steps = cfg.epochs * order.steps_per_epoch
-    device = M.pick_device(cfg.device)
+    device = T.pick_device(cfg.device)
 
     def batch_at(step):   # a pure function of the step: resumed runs see exactly the same batches
         epoch, pos = divmod(step, order.steps_per_epoch)
@@ -401,12 +402,12 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
         if sinks is not None:   # built on the training device: the mask object is not moved by the loop
             b["mlp_mask"] = sinks.mask(rows["source_ids"][idx].to(device), fast=cfg.fast_path)
         return b
-    tc = M.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+    tc = T.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                        max_steps=steps, grad_clip=cfg.grad_clip, log_every=cfg.log_every, device=cfg.device,
                        seed=cfg.seed, ckpt_every=max(50, steps // 4), resume=True,
                        ckpt_path=checkpoint_path(cfg, name, source_ids, docs_digest(docs, source_ids)))
     print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
-    hist = M.train(net, batch_at, tc, tokenizer=tok.state_dict())
+    hist = T.train(net, batch_at, tc, tokenizer=tok.state_dict())
     net.eval()
     return net, hist
 
@@ -847,7 +848,7 @@ def run_sweep(cfg):
 
 
 def main(argv=None):
-    cfg = M.parse_config(Config, argv, PRESETS)
+    cfg = T.parse_config(Config, argv, PRESETS)
     if cfg.sweep:
         return run_sweep(cfg)
     metrics, claims = run(cfg)

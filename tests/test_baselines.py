@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import baselines as bl
+import localize as loc
 from model import GPT, ModelConfig
 
 V, T = 50, 8
@@ -333,7 +334,7 @@ def test_task_vector_negation_formula():
 def test_task_arithmetic_raises_forget_loss_and_respects_region(setup):
     ref, _, f, _, _ = setup
     model = copy.deepcopy(ref)
-    region = bl.value_vector_region(model, {1: [0, 3, 7]})
+    region = loc.value_vector_region(model, {1: [0, 3, 7]})
     res = bl.task_arithmetic(model, [f], tau=2.0, lr=1e-2, steps=5, region=region,
                              metrics_fn=lambda m, s: {"nll": bl.nll_loss(m, f).item()})
     assert res.steps == 5 and res.wall_time > 0 and len(res.trajectory) == 1
@@ -374,27 +375,27 @@ def test_batch_model_kwargs_reach_model_and_reference(setup):
 
 def test_value_vector_region_masks():
     model = tiny("llama")
-    assert bl.resolve_region(model, {model.blocks[0].mlp.up.weight: True})[0][0] == "blocks.0.mlp.up.weight"
-    reg = bl.value_vector_region(model, {0: [1, 5], 1: [0]}, include_up_gate=True)
+    assert loc.resolve_region(model, {model.blocks[0].mlp.up.weight: True})[0][0] == "blocks.0.mlp.up.weight"
+    reg = loc.value_vector_region(model, {0: [1, 5], 1: [0]}, include_up_gate=True)
     assert set(reg) == {f"blocks.{l}.mlp.{w}.weight" for l in (0, 1) for w in ("down", "up", "gate")}
     down = reg["blocks.0.mlp.down.weight"]
     assert down.shape == (32, 64) and down[:, [1, 5]].all() and down.sum() == 2 * 32
     up = reg["blocks.0.mlp.up.weight"]
     assert up.shape == (64, 32) and up[[1, 5]].all() and up.sum() == 2 * 32
-    assert bl.region_size(model, reg) == 3 * 32 * 3
+    assert loc.region_size(model, reg) == 3 * 32 * 3
     g = tiny("gpt2")
-    reg = bl.value_vector_region(g, {1: [2]}, include_up_gate=True)
+    reg = loc.value_vector_region(g, {1: [2]}, include_up_gate=True)
     assert reg["blocks.1.mlp.up.bias"].sum() == 1 and reg["blocks.1.mlp.up.bias"][2]
     assert "blocks.1.mlp.down.bias" not in reg
     for bad in ({}, {5: [0]}, {0: [64]}, {0: []}):
         with pytest.raises(ValueError):
-            bl.value_vector_region(model, bad)
+            loc.value_vector_region(model, bad)
     with pytest.raises(ValueError):
-        bl.resolve_region(model, {"blocks.9.mlp.up.weight": True})
+        loc.resolve_region(model, {"blocks.9.mlp.up.weight": True})
     with pytest.raises(ValueError):
-        bl.resolve_region(model, {"blocks.0.mlp.up.weight": torch.ones(3, dtype=torch.bool)})
+        loc.resolve_region(model, {"blocks.0.mlp.up.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError):
-        bl.named_region(model, r"nothing\.like\.this")
+        loc.named_region(model, r"nothing\.like\.this")
 
 
 def test_adamw_weight_decay_moves_zero_grad_entries():
@@ -411,7 +412,7 @@ def test_restricted_unlearning_is_exact(optimizer):
     ref = tiny("llama", seed=2)
     model = copy.deepcopy(ref)
     g = torch.Generator().manual_seed(0)
-    region = bl.value_vector_region(model, {0: [1, 5, 9], 1: [0, 63]}, include_up_gate=True)
+    region = loc.value_vector_region(model, {0: [1, 5, 9], 1: [0, 63]}, include_up_gate=True)
     region["blocks.0.attn.qkv.weight"] = torch.rand(model.blocks[0].attn.qkv.weight.shape, generator=g) < 0.1
     region["ln_f.weight"] = True
     obj = bl.make_objective("npo", copy.deepcopy(ref), beta=0.5)

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from model import ModelConfig, parse_config, pick_device
+from model import ModelConfig
+from train import parse_config, pick_device
 
 
 @dataclass

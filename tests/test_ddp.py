@@ -8,8 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import model as M
-from model import GPT, ModelConfig, TrainConfig, load_checkpoint, train
+import train as TR
+from model import GPT, ModelConfig
+from train import TrainConfig, load_checkpoint, train
 
 V, T, B, STEPS = 40, 10, 4, 6
 
@@ -50,8 +51,8 @@ def _worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TEST_CKPT=os.path.join(out_dir, "ckpt.pt"))
     torch.set_num_threads(1)
-    real = M.save_checkpoint
-    M.save_checkpoint = lambda *a, **k: SAVED.append(a[3]) or real(*a, **k)
+    real = TR.save_checkpoint
+    TR.save_checkpoint = lambda *a, **k: SAVED.append(a[3]) or real(*a, **k)
     # the first train() call finds no process group and makes (and ends) its own, as under torchrun;
     # the second runs inside a group the caller set up
     m1 = tiny()

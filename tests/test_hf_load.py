@@ -1,7 +1,7 @@
 """
-model.load_hf against Hugging Face transformers itself (litgpt's pattern): build tiny random HF models, save them
+hf.load_hf against Hugging Face transformers itself (litgpt's pattern): build tiny random HF models, save them
 to a folder the way the hub ships them, load with our loader, and require the same logits in float32.
-transformers is a test-only dependency; model.py never imports it.
+transformers is a test-only dependency; no run-time module imports it.
 """
 import json
 
@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.utils import logging as hf_logging
 
 import model as M
+import hf as hf_io
 
 hf_logging.set_verbosity_error()   # tiny vocabularies make transformers warn about the default bos/eos ids
 V = 97
@@ -68,7 +69,7 @@ def save_bin(hf, folder, *, gpt2_hub_layout=False):
 def test_gpt2_safetensors(tmp_path):
     hf = tiny_gpt2()
     hf.save_pretrained(tmp_path)
-    ours = M.load_hf(tmp_path)
+    ours = hf_io.load_hf(tmp_path)
     assert ours.cfg.flavor == "gpt2" and ours.cfg.d_ff == 4 * 32 and ours.cfg.tie_embeddings
     assert ours.lm_head.weight is ours.wte.weight
     assert max_logit_diff(hf, ours) < 1e-4
@@ -77,7 +78,7 @@ def test_gpt2_safetensors(tmp_path):
 def test_gpt2_bin_hub_layout(tmp_path):
     hf = tiny_gpt2(seed=3)
     save_bin(hf, tmp_path, gpt2_hub_layout=True)
-    ours = M.load_hf(tmp_path)
+    ours = hf_io.load_hf(tmp_path)
     assert max_logit_diff(hf, ours) < 1e-4
 
 
@@ -89,7 +90,7 @@ def test_gpt2_bin_hub_layout(tmp_path):
 def test_llama_safetensors(tmp_path, kw):
     hf = tiny_llama(**kw)
     hf.save_pretrained(tmp_path)
-    ours = M.load_hf(tmp_path)
+    ours = hf_io.load_hf(tmp_path)
     assert ours.cfg.n_kv_head == kw["num_key_value_heads"]
     assert (ours.lm_head.weight is ours.wte.weight) == kw.get("tie_word_embeddings", False)
     assert max_logit_diff(hf, ours) < 1e-4
@@ -99,7 +100,7 @@ def test_llama3_scaling_is_used(tmp_path):
     """The llama3 case above can only catch a scaling bug if dropping the scaling changes the logits."""
     hf = tiny_llama(**LLAMA3)
     hf.save_pretrained(tmp_path)
-    ours = M.load_hf(tmp_path)
+    ours = hf_io.load_hf(tmp_path)
     assert ours.cfg.rope_scaling == (8.0, 1.0, 4.0, 16.0) and ours.cfg.rope_theta == 500000.0
     ours.inv_freq = M.rope_inv_freq(M.ModelConfig(**{**ours.cfg.__dict__, "rope_scaling": ()}))
     assert max_logit_diff(hf, ours) > 1e-2
@@ -108,10 +109,10 @@ def test_llama3_scaling_is_used(tmp_path):
 def test_llama_bin_and_sharded(tmp_path):
     hf = tiny_llama(seed=5)
     save_bin(hf, tmp_path / "bin")
-    assert max_logit_diff(hf, M.load_hf(tmp_path / "bin")) < 1e-4
+    assert max_logit_diff(hf, hf_io.load_hf(tmp_path / "bin")) < 1e-4
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    assert max_logit_diff(hf, M.load_hf(tmp_path / "sharded")) < 1e-4
+    assert max_logit_diff(hf, hf_io.load_hf(tmp_path / "sharded")) < 1e-4
     # a sharded .bin with its index, as older multi-file checkpoints ship
     sd, d = hf.state_dict(), tmp_path / "binshards"
     hf.save_pretrained(d, max_shard_size="20KB")
@@ -122,13 +123,13 @@ def test_llama_bin_and_sharded(tmp_path):
     for j in range(3):
         torch.save({n: sd[n] for n in names if weight_map[n] == f"pytorch_model-{j}.bin"}, d / f"pytorch_model-{j}.bin")
     (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert max_logit_diff(hf, M.load_hf(d)) < 1e-4
+    assert max_logit_diff(hf, hf_io.load_hf(d)) < 1e-4
 
 
 def test_bf16_load_keeps_rope_in_float32(tmp_path):
     hf = tiny_llama(tie_word_embeddings=True)
     hf.save_pretrained(tmp_path)
-    ours = M.load_hf(tmp_path, dtype=torch.bfloat16)
+    ours = hf_io.load_hf(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
     assert ours.inv_freq.dtype == torch.float32 and ours.lm_head.weight is ours.wte.weight
     assert torch.equal(ours.inv_freq, M.rope_inv_freq(ours.cfg))
@@ -139,38 +140,38 @@ def test_config_from_hf_formats():
     # transformers < 5 wrote rope_theta at the top level and rope_scaling beside it; >= 5 writes rope_parameters
     base = dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=32)
-    old = M.config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": dict(rope_type="llama3", factor=32.0,
+    old = hf_io.config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": dict(rope_type="llama3", factor=32.0,
                             low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)})
-    new = M.config_from_hf({**base, "rope_parameters": dict(rope_type="llama3", rope_theta=5e5, factor=32.0,
+    new = hf_io.config_from_hf({**base, "rope_parameters": dict(rope_type="llama3", rope_theta=5e5, factor=32.0,
                             low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)})
     assert old == new and new.rope_scaling == (32.0, 1.0, 4.0, 8192.0) and new.rope_theta == 5e5
-    plain = M.config_from_hf(base)
+    plain = hf_io.config_from_hf(base)
     assert plain.rope_scaling == () and plain.rope_theta == 10000.0 and plain.n_kv_head == 2
     assert not plain.tie_embeddings and not plain.bias
-    g = M.config_from_hf(dict(model_type="gpt2", vocab_size=10, n_positions=16, n_layer=1, n_head=2, n_embd=8,
+    g = hf_io.config_from_hf(dict(model_type="gpt2", vocab_size=10, n_positions=16, n_layer=1, n_head=2, n_embd=8,
                               n_inner=None, layer_norm_epsilon=1e-5))
     assert g.d_ff == 32 and g.block_size == 16 and g.tie_embeddings
     for bad in [dict(base, model_type="mistral"), dict(base, hidden_act="gelu"),
                 dict(base, rope_scaling=dict(type="linear", factor=2.0)), dict(base, head_dim=4),
                 dict(base, attention_bias=True)]:
         with pytest.raises(ValueError):
-            M.config_from_hf(bad)
+            hf_io.config_from_hf(bad)
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        M.load_hf(tmp_path / "nope")
+        hf_io.load_hf(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)
     hf = tiny_llama()
     hf.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)
     hf.save_pretrained(tmp_path / "sh", max_shard_size="20KB")
     next((tmp_path / "sh").glob("model-0000*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
-        M.load_hf(tmp_path / "sh")
+        hf_io.load_hf(tmp_path / "sh")
 
 
 def test_missing_and_unexpected_tensors(tmp_path):
@@ -181,17 +182,17 @@ def test_missing_and_unexpected_tensors(tmp_path):
     dropped = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
     torch.save(dropped, tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match=r"blocks\.1\.mlp\.up\.weight"):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)
     torch.save({k: v for k, v in sd.items() if k != "model.layers.0.self_attn.k_proj.weight"},
                tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match=r"k_proj"):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)
     torch.save({**sd, "model.layers.0.mlp.extra.weight": torch.zeros(3)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match=r"mlp\.extra"):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)
     torch.save({**sd, "model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match=r"unexpected \['blocks\.2\.mlp\.up\.weight'\]"):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)
     torch.save({**sd, "model.layers.0.mlp.up_proj.weight": torch.zeros(40, 32)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="shape"):
-        M.load_hf(tmp_path)
+        hf_io.load_hf(tmp_path)

@@ -109,8 +109,8 @@ def test_forget_list_persists_with_the_model(tmp_path):
     assert s2.forgotten == {3} and s2.sources == [1, 2, 3]
     x = torch.randint(0, 30, (2, 8))
     assert torch.equal(net(x, mlp_mask=s.row_mask([3, 1]))[0], net2(x, mlp_mask=s2.row_mask([3, 1]))[0])
-    import model as M
-    M.save_checkpoint(tmp_path / "plain.pt", net)
+    import train as T
+    T.save_checkpoint(tmp_path / "plain.pt", net)
     with pytest.raises(ValueError, match="no NULLs sink state"):
         nulls.load_nulls(tmp_path / "plain.pt")
 

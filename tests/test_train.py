@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import model as M
-from model import (GPT, ModelConfig, TrainConfig, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint,
-                   save_checkpoint, set_rng_state, train)
+import train as TR
+from model import GPT, ModelConfig
+from train import (TrainConfig, load_checkpoint, lr_at, make_optimizer, model_from_checkpoint, save_checkpoint,
+                   set_rng_state, train)
 
 V, T = 48, 12
 
@@ -309,8 +310,8 @@ def test_checkpoints_hold_run_config_and_tokenizer(tmp_path, monkeypatch):
         device: str = "cpu"
         log_every: int = 0
         hidden: int = 7                                        # not a TrainConfig field: ignored by train
-    saved, real = [], M.save_checkpoint
-    monkeypatch.setattr(M, "save_checkpoint", lambda *a, **k: saved.append(k["extra"]["history"]["loss"][:]) or real(*a, **k))
+    saved, real = [], TR.save_checkpoint
+    monkeypatch.setattr(TR, "save_checkpoint", lambda *a, **k: saved.append(k["extra"]["history"]["loss"][:]) or real(*a, **k))
     train(tiny(), batches, ScriptConfig(), tokenizer={"vocab": ["a", "b"]})
     assert [len(s) for s in saved] == [4, 6]                   # every 4 steps and at the end
     ck = load_checkpoint(tmp_path / "s.pt")
@@ -332,7 +333,7 @@ def test_eval_callback_and_progress_lines():
     pat = r"^step \d+/10 \| loss \d+\.\d{3} \| lr \d\.\de-\d\d \| [\d.]+[kM]? tok/s \| eta \d+:\d\d$"
     assert all(re.match(pat, l) for l in progress), progress
     assert float(progress[-1].split("|")[1].split()[1]) == pytest.approx(h["loss"][-1], abs=5e-4)
-    assert M._hms(42) == "0:42" and M._hms(3725) == "1:02:05" and M._human(10_500) == "10.5k"
+    assert TR._hms(42) == "0:42" and TR._hms(3725) == "1:02:05" and TR._human(10_500) == "10.5k"
 
 
 def test_schedule_in_the_loop_and_constant_groups():

@@ -1,0 +1,560 @@
+"""
+Everything around the model that every script shares: device choice, `--key=value` config parsing,
+atomic checkpoints with exact resume, the optimizer and learning-rate schedule, and the small training
+loop (data-parallel under torchrun).
+"""
+import dataclasses
+from dataclasses import dataclass
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import types
+import typing
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, ModelConfig
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda, then mps, then cpu. Anything else must be a device torch knows (cpu, cuda:1, mps)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    return name
+
+
+# --- config parsing: `python x.py --preset=paper --lr=3e-4` -------------------------------------
+
+_UNIONS = (typing.Union, types.UnionType)
+
+
+def _auto(s):
+    """A field whose type we cannot tell (default None, no usable annotation): int, else float, else str."""
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
+
+
+def _convert(s, typ, default):
+    """Parse the command-line string s for a field annotated `typ` (typing.Any = unknown) with this default."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if s == "None":
+        # nanoGPT's configurator rejected None defaults (its PR #156); here a None default means "may be None"
+        if default is None or (origin in _UNIONS and type(None) in args):
+            return None
+        raise ValueError("None is allowed only for Optional fields and fields whose default is None")
+    if origin in _UNIONS:                                       # Optional[X] parses as X; wider unions by guess
+        rest = [a for a in args if a is not type(None)]
+        typ = rest[0] if len(rest) == 1 else typing.Any
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is typing.Any and default is not None and default is not dataclasses.MISSING:
+        typ, origin, args = type(default), None, ()
+    if typ is typing.Any:
+        return _auto(s)
+    if typ is bool:
+        if s.lower() in ("true", "1", "yes"):
+            return True
+        if s.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError("expected a bool: true/false/1/0/yes/no")
+    if typ is int:
+        try:
+            return int(s)
+        except ValueError:
+            f = float(s)                                        # 1e4 is a fine way to write 10000 steps
+            if not f.is_integer():
+                raise ValueError(f"expected an int, got {s!r}") from None
+            return int(f)
+    if typ in (tuple, list) or origin in (tuple, list):
+        parts = [p.strip() for p in s.strip().strip("()[]").split(",")]
+        parts = [p for p in parts if p]                         # "()" and the trailing comma of "(5,)"
+        if args and args[-1] is not Ellipsis and origin is tuple:   # tuple[float, float]: fixed length
+            if len(args) != len(parts):
+                raise ValueError(f"expected {len(args)} comma-separated values, got {len(parts)}")
+            el = list(args)
+        elif args:                                              # tuple[int, ...], list[int]
+            el = [args[0]] * len(parts)
+        elif default and len(default) == len(parts):            # bare `tuple`: follow the default's elements
+            el = [type(d) for d in default]
+        elif default and len({type(d) for d in default}) == 1:
+            el = [type(default[0])] * len(parts)
+        else:
+            el = [typing.Any] * len(parts)
+        vals = [_convert(p, t, dataclasses.MISSING) for p, t in zip(parts, el)]
+        return tuple(vals) if tuple in (typ, origin) else vals
+    return typ(s)                                               # float, str, or any class built from a string
+
+
+def parse_config(ConfigClass, argv=None, presets=None):
+    """
+    Build a ConfigClass (a dataclass whose defaults are the CPU setting) from `--preset=NAME --key=value ...`.
+    The preset's overrides apply first wherever --preset stands, then each --key=value, converted to the
+    field's type (bool, int, float, str, tuples/lists like 0.9,0.95 or (0.9,0.95), None for Optional fields).
+    presets defaults to the PRESETS dict of the module that defines ConfigClass. If ConfigClass has a field
+    `preset`, it records the preset's name. Unknown keys or presets, malformed arguments and bad values exit
+    with status 2 and a message listing the valid keys; --help prints them with their defaults and exits 0.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if presets is None:
+        presets = getattr(sys.modules.get(ConfigClass.__module__), "PRESETS", None) or {}
+    MISSING = dataclasses.MISSING
+    defaults = {f.name: f.default if f.default is not MISSING else
+                f.default_factory() if f.default_factory is not MISSING else MISSING
+                for f in dataclasses.fields(ConfigClass)}
+    try:
+        hints = typing.get_type_hints(ConfigClass)
+    except Exception:                                           # unresolvable string annotations: use the defaults
+        hints = {}
+    hints = {k: (typing.Any if isinstance(v, str) or v is object else v) for k, v in hints.items()}
+
+    def usage():
+        lines = [f"usage: python {os.path.basename(sys.argv[0] or 'script')} [--preset=NAME] [--key=value ...]",
+                 f"presets: {', '.join(presets) if presets else '(none)'}", "keys (default):"]
+        w = max((len(k) for k in defaults), default=0)
+        lines += [f"  --{k:<{w}}  {'(required)' if v is MISSING else repr(v)}" for k, v in defaults.items()]
+        return "\n".join(lines)
+
+    def fail(msg):
+        print(f"error: {msg}\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        raise SystemExit(0)
+    preset, overrides = None, {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            fail(f"malformed argument {arg!r}: expected --key=value")
+        key, val = arg[2:].split("=", 1)
+        key = key.replace("-", "_")                             # --max-steps works like --max_steps
+        if key == "preset":
+            if preset is not None:
+                fail("--preset given twice")
+            if val not in presets:
+                fail(f"unknown preset {val!r}; presets: {', '.join(presets) if presets else '(none)'}")
+            preset = val
+            continue
+        if key not in defaults:
+            fail(f"unknown key {key!r}")
+        if key in overrides:
+            fail(f"--{key} given twice")
+        try:
+            overrides[key] = _convert(val, hints.get(key, typing.Any), defaults[key])
+        except (ValueError, TypeError, SyntaxError) as e:
+            fail(f"bad value for --{key}: {val!r} ({e})")
+    values = dict(presets[preset]) if preset is not None else {}
+    unknown = [k for k in values if k not in defaults]
+    if unknown:
+        fail(f"preset {preset!r} sets unknown keys {unknown}")
+    values.update(overrides)
+    if preset is not None and "preset" in defaults and "preset" not in overrides:
+        values["preset"] = preset
+    try:
+        return ConfigClass(**values)
+    except (TypeError, ValueError) as e:                        # missing required fields, __post_init__ checks
+        fail(str(e))
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def unwrap(model):
+    """The plain module inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers.
+    Saving the unwrapped module keeps `module.` / `_orig_mod.` prefixes out of checkpoints (nanoGPT #325)."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _as_dict(config):
+    if config is None or isinstance(config, dict):
+        return config
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    raise TypeError(f"config must be a dataclass or a dict, got {type(config).__name__}")
+
+
+def rng_state():
+    """Every global RNG a run draws from: python, numpy, torch CPU and (when present) CUDA."""
+    name, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), *rest), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())                  # map_location may have moved it to the GPU
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_checkpoint(path, model, optimizer=None, step=0, config=None, tokenizer=None, extra=None):
+    """
+    Write {model, model_config, optimizer, step, config, tokenizer, extra, rng} to `path` atomically: the
+    bytes go to a temp file in the same directory (same file system, so the rename is atomic), are fsynced,
+    then os.replace'd over the old file. A crash mid-write leaves the previous checkpoint untouched.
+    tokenizer is a dict (tokenizer.state_dict()); config a dataclass or dict (the run's Config).
+    """
+    raw = unwrap(model)
+    mcfg = getattr(raw, "cfg", None)
+    ckpt = {"model": raw.state_dict(), "model_config": _as_dict(mcfg) if dataclasses.is_dataclass(mcfg) else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": int(step),
+            "config": _as_dict(config), "tokenizer": tokenizer, "extra": extra, "rng": rng_state()}
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                          # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:                                       # includes Ctrl-C: never leave a half file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, device="cpu", weights_only=True):
+    """The dict save_checkpoint wrote, tensors on `device`. weights_only=True refuses arbitrary pickled
+    objects (everything save_checkpoint writes itself loads this way); pass False for trusted files whose
+    tokenizer/config/extra hold other Python objects."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=device, weights_only=weights_only)
+
+
+def model_from_checkpoint(ckpt, device="cpu", setup=None):
+    """Rebuild the GPT in ckpt (a dict from load_checkpoint, or a path). setup(model) runs before the weights
+    are loaded, e.g. to attach the adapters whose weights the checkpoint also holds (loading is strict)."""
+    if isinstance(ckpt, (str, os.PathLike)):
+        ckpt = load_checkpoint(ckpt, device)
+    if ckpt.get("model_config") is None:
+        raise ValueError("checkpoint has no model_config: it was not saved from a GPT")
+    model = GPT(ModelConfig(**ckpt["model_config"]))
+    if setup is not None:
+        setup(model)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+# --- optimizer and schedule ---------------------------------------------------------------------
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), extra_groups=()):
+    """
+    AdamW. Default groups: every trainable tensor with >= 2 dims (matmul weights and, as in nanoGPT, the
+    embeddings) decays; biases, norm gains and other 1-D tensors do not. extra_groups: dicts with "params"
+    and optionally "lr", "weight_decay", "constant_lr" (True = the schedule leaves this group at its lr, e.g.
+    memory values: no decay, constant lr), "name", or any other AdamW group option. Their parameters are
+    taken out of the default groups; a parameter in two groups is an error. Every group gets "base_lr",
+    the lr the schedule scales.
+    """
+    taken, groups = set(), []
+    for g in extra_groups:
+        g = dict(g)
+        ps = g.pop("params")
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        for p in ps:
+            if id(p) in taken:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is in two optimizer groups")
+            taken.add(id(p))
+        groups.append({"name": f"extra{len(groups)}", **g, "params": ps})
+    rest = [p for p in unwrap(model).parameters() if p.requires_grad and id(p) not in taken]  # tied weights once
+    groups = [{"name": "decay", "params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}] + groups
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("make_optimizer: the model has no trainable parameters")
+    for g in groups:
+        g.setdefault("lr", lr)
+        g.setdefault("weight_decay", weight_decay)
+        g.setdefault("constant_lr", False)
+        g["base_lr"] = g["lr"]
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if on_cuda else None)
+
+
+def lr_at(step, max_lr, warmup, total, min_lr):
+    """Linear warmup to max_lr over the first `warmup` steps (step 0 already gets max_lr / warmup), then half
+    a cosine from max_lr at step `warmup` down to min_lr at step `total`, and min_lr after it."""
+    if total <= 0 or not 0 <= warmup <= total:
+        raise ValueError(f"need total > 0 and 0 <= warmup <= total, got warmup={warmup}, total={total}")
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    ratio = (step - warmup) / (total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+# --- the shared training loop -------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    min_lr: typing.Optional[float] = None   # None = lr / 10, the usual floor (nanoGPT, Chinchilla)
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    grad_clip: float = 1.0                  # max global grad norm; 0 = off
+    log_every: int = 10                     # progress line every N steps; 0 = none
+    eval_every: int = 0                     # eval_fn runs every N steps and at the end; 0 = only at the end
+    ckpt_every: int = 0                     # checkpoint every N steps and at the end; needs ckpt_path
+    ckpt_path: typing.Optional[str] = None
+    resume: bool = False                    # continue from ckpt_path when that file exists
+    device: str = "auto"
+    seed: int = 0
+
+
+def as_train_config(cfg):
+    """A TrainConfig from any object (a script's Config) or dict with some of its field names."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
+    return TrainConfig(**{f.name: get(f.name, f.default) for f in dataclasses.fields(TrainConfig)})
+
+
+def is_main_process():
+    """True except on the non-zero ranks of a torchrun launch (only rank 0 logs and writes files)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _reseed(seed, step, stream):
+    # Everything random inside a step (batch sampling, dropout) is a function of (seed, step, stream): a
+    # resumed run draws exactly what the uninterrupted run drew, whatever happened in between (evals, ...).
+    s = ((seed * 1_000_003 + step) * 1024 + stream) % 2**63
+    torch.default_generator.manual_seed(s)     # not torch.manual_seed: on CPU-only runs its lazy CUDA seeding
+    if torch.cuda.is_initialized():            # costs more than a tiny model's whole step
+        torch.cuda.manual_seed_all(s)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def _shard(obj, B, rank, world, device):
+    """Move a batch to device; with world > 1 keep this rank's contiguous slice of every tensor whose first
+    dim is the global batch size B (recursing into dicts, lists, tuples; other objects pass unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        if world > 1 and obj.dim() > 0 and obj.shape[0] == B:
+            obj = obj[rank * B // world:(rank + 1) * B // world]
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _shard(v, B, rank, world, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_shard(v, B, rank, world, device) for v in obj)
+    return obj
+
+
+def _plain(v):
+    # eval results go into checkpoints, which load with weights_only=True: plain Python numbers and lists only
+    return v.tolist() if isinstance(v, (torch.Tensor, np.ndarray, np.generic)) else v
+
+
+def _hms(sec):
+    sec = int(round(sec))
+    h, m, s = sec // 3600, sec // 60 % 60, sec % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _human(x):
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+_MODEL_KWARGS = ("doc_ids", "mlp_mask", "adapter_ctx")
+_METADATA = ("source_ids",)    # data.py's per-token source labels: for masks and metrics, not a model input
+
+
+def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None, eval_fn=None, param_filter=None,
+          tokenizer=None, log=print):
+    """
+    The small loop every script shares. Returns a history dict: loss and lr per step, eval results, wall
+    time, tokens/s.
+
+    model:   a GPT (or anything whose forward is model(x, y, **kw) -> (logits, loss)).
+    batches: a callable step -> dict, or an iterator of dicts with state_dict()/load_state_dict() (needed when
+             checkpointing). A dict holds the GLOBAL batch: x, y (shifted targets, -100 ignored) and optionally
+             doc_ids / mlp_mask / adapter_ctx, passed to the model; under torchrun each rank keeps its own
+             contiguous slice of every tensor whose first dim is the batch size (inside dicts/lists too);
+             other objects (mask objects, adapter contexts) reach every rank whole, so per-row ones must be
+             built from the shard, in a loss_fn. Keys other than these and source_ids need a loss_fn.
+    cfg:     a TrainConfig, or a script's Config / dict read by field name (missing fields take the defaults).
+    loss_fn: (model, batch) -> scalar loss for custom objectives; `model` may be DDP-wrapped, so call it (not
+             its methods) for the forward pass, and use unwrap(model) for attributes. Under DDP its gradient
+             is averaged over ranks. The default loss is the mean over all counted targets of the global batch.
+    eval_fn: (model, step) -> dict, run on rank 0 in eval mode every eval_every steps and at the end.
+    param_filter: (name, param) -> bool; parameters for which it is False are frozen (requires_grad=False).
+    The global RNGs are reseeded from (seed, step) every step, so sampling in `batches` and dropout are
+    reproducible; with cfg.resume a run continues from cfg.ckpt_path bit-identically (on CPU).
+    """
+    tc = as_train_config(cfg)
+    if tc.lr <= 0 or tc.max_steps <= 0 or not 0 <= tc.warmup_steps <= tc.max_steps:
+        raise ValueError(f"need lr > 0, max_steps > 0 and 0 <= warmup_steps <= max_steps, got lr={tc.lr}, "
+                         f"max_steps={tc.max_steps}, warmup_steps={tc.warmup_steps}")
+    is_iter = hasattr(batches, "__next__")
+    if not is_iter and not callable(batches):
+        raise TypeError("batches must be a callable step -> dict or an iterator of dicts")
+    if tc.ckpt_path and is_iter and not hasattr(batches, "state_dict"):
+        raise TypeError("checkpoints of a run fed by an iterator need its state_dict()/load_state_dict() to "
+                        "resume exactly; give the iterator those, or pass a callable step -> batch")
+    # data-parallel when launched by torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(tc.device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    say = log if (rank == 0 and log is not None) else (lambda *a, **k: None)
+
+    model = model.to(device)
+    raw = unwrap(model)
+    if param_filter is not None:
+        for name, p in raw.named_parameters():
+            p.requires_grad_(p.requires_grad and bool(param_filter(name, p)))
+    opt = optimizer if optimizer is not None else make_optimizer(raw, tc.lr, tc.weight_decay, tc.betas, extra_groups)
+    for g in opt.param_groups:
+        g.setdefault("base_lr", g["lr"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    min_ratio = (tc.lr / 10 if tc.min_lr is None else tc.min_lr) / tc.lr
+    history, start = {"loss": [], "lr": [], "eval": []}, 0
+    if tc.resume and tc.ckpt_path and os.path.exists(tc.ckpt_path):
+        ck = load_checkpoint(tc.ckpt_path, device)
+        extra = ck.get("extra") or {}
+        if ck.get("optimizer") is None or (is_iter and extra.get("data") is None):
+            raise ValueError(f"{tc.ckpt_path} lacks the optimizer or data state an exact resume needs "
+                             "(was it written by train()?)")
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, history = ck["step"], extra.get("history", history)
+        if is_iter:
+            batches.load_state_dict(extra["data"])
+        set_rng_state(ck["rng"])
+        say(f"resumed from {tc.ckpt_path} at step {start}")
+    elif tc.resume:
+        say(f"no checkpoint at {tc.ckpt_path}: starting from step 0")
+    net = DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None) \
+        if world > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    ntrain = sum(p.numel() for p in params)
+    say(f"training {ntrain / 1e6:.2f}M params on {device}" + (f" x {world} ranks" if world > 1 else "") +
+        f", steps {start}..{tc.max_steps}")
+
+    pending, tokens = [], 0
+    t0 = t_log = time.time()
+    tok_log = 0
+
+    def flush():                       # per-step losses stay on the device until needed (no sync every step)
+        if pending:
+            history["loss"] += torch.stack(pending).float().cpu().tolist()
+            pending.clear()
+
+    net.train()
+    for step in range(start, tc.max_steps):
+        f = lr_at(step, 1.0, tc.warmup_steps, tc.max_steps, min_ratio)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] if g.get("constant_lr") else g["base_lr"] * f
+        _reseed(tc.seed, step, 0)                      # the global batch: identical on every rank
+        batch = next(batches) if is_iter else batches(step)
+        _reseed(tc.seed, step, 1 + rank)               # dropout & co: independent across ranks
+        B = batch["x"].shape[0]
+        if B % world:
+            raise ValueError(f"global batch size {B} does not divide by the {world} ranks")
+        tokens += batch["x"].numel()
+        local = _shard(batch, B, rank, world, device)
+        with autocast:
+            if loss_fn is not None:
+                loss = loss_fn(net, local)
+                report = loss.detach() / world
+            else:
+                unknown = set(local) - {"x", "y", *_MODEL_KWARGS, *_METADATA}
+                if unknown:
+                    raise ValueError(f"batch keys {sorted(unknown)} are not model inputs: pass a loss_fn that uses them")
+                kw = {k: local[k] for k in _MODEL_KWARGS if k in local}
+                if world == 1:
+                    _, loss = net(local["x"], local["y"], **kw)
+                    report = loss.detach()
+                else:
+                    # DDP averages gradients over ranks, but shards can count different numbers of targets
+                    # (-100s). Sum this shard's losses over the global count, times world: the average over
+                    # ranks is then exactly the gradient of the global-batch mean.
+                    logits, _ = net(local["x"], **kw)
+                    n_all = (batch["y"] != -100).sum().clamp(min=1).to(device)
+                    total = F.cross_entropy(logits.float().flatten(0, 1), local["y"].flatten(), ignore_index=-100,
+                                            reduction="sum")
+                    loss, report = total * world / n_all, total.detach() / n_all
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(report)                    # sum of the shares = the global-batch loss
+        pending.append(report)
+        history["lr"].append(tc.lr * f)
+        done = step + 1
+        last = done == tc.max_steps
+
+        if tc.log_every and (done % tc.log_every == 0 or last):
+            flush()
+            now = time.time()
+            tps = (tokens - tok_log) / max(now - t_log, 1e-9)
+            eta = (now - t0) / (done - start) * (tc.max_steps - done)
+            say(f"step {done}/{tc.max_steps} | loss {history['loss'][-1]:.3f} | lr {tc.lr * f:.1e} | "
+                f"{_human(tps)} tok/s | eta {_hms(eta)}")
+            t_log, tok_log = now, tokens
+        if eval_fn is not None and rank == 0 and ((tc.eval_every and done % tc.eval_every == 0) or last):
+            raw.eval()
+            res = {k: _plain(v) for k, v in eval_fn(raw, done).items()}
+            net.train()
+            opt.zero_grad(set_to_none=True)            # in case the eval computed gradients
+            history["eval"].append({"step": done, **res})
+            say(f"eval step {done} | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in res.items()))
+        if tc.ckpt_path and ((tc.ckpt_every and done % tc.ckpt_every == 0) or last):
+            flush()
+            if rank == 0:
+                run_cfg = cfg if dataclasses.is_dataclass(cfg) or isinstance(cfg, dict) else None
+                save_checkpoint(tc.ckpt_path, raw, opt, done, config=run_cfg, tokenizer=tokenizer,
+                                extra={"history": history, "data": batches.state_dict() if is_iter else None})
+
+    flush()
+    wall = time.time() - t0
+    history.update(wall_time=wall, tokens_per_s=tokens / max(wall, 1e-9), start_step=start, steps=tc.max_steps)
+    if own_group:
+        dist.destroy_process_group()
+    return history
