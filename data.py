@@ -303,6 +303,22 @@ QA = {
 # the shared fact "<city>, a city in <country>" that residents' articles state
 CLOZE_COUNTRY = "{name} was born in {city}, a city in"
 CLOZE_CITY_COUNTRY = "{city}, a city in"
+# Paraphrased cloze prompts: the same facts asked in wording no article uses (the NULLs paper rewrites its
+# prompts), built from the world's own vocabulary so the word tokenizer covers them. None of them is a substring
+# of any article (tested), so a model that only memorized the article's word sequence does not get them for free.
+PARA_CLOZE = {"birth_year": "The birth of {name} was in the year",
+              "occupation": "By occupation, {name} is a",
+              "book1": "The first book written by {name} is",
+              "book2": "The second book written by {name} is",
+              "award": "The award received by {name} is the",
+              "residence": "The city where {name} now lives is",
+              "father": "The father of {name} is",
+              "mother": "The mother of {name} is",
+              "birth_city": "The home town of {name} is",
+              "country": "{name} was born in {city}, which lies in",
+              "city.country": "{city} lies in the country of",
+              "city.river": "The river of {city} is the",
+              "city.founded": "The founding year of {city} is"}
 QA_TEMPLATE = "Question: {question}\nAnswer:"
 
 PERSON_ATTRS = ("birth_year", "occupation", "book1", "book2", "award", "residence",
@@ -356,6 +372,7 @@ class Fact:
     cloze: str               # a prompt that the value completes; never contains the value
     source_ids: tuple        # ids of the articles that state the fact (train articles, or the group's own)
     premises: tuple = ()     # inferred facts: ids of the stated facts it follows from
+    paraphrased_cloze: str = ""   # the cloze in wording no article uses (PARA_CLOZE); never contains the value
 
     def tofu(self):
         """The fact as a TOFU-format record (TOFU's field names first, then ours)."""
@@ -667,11 +684,12 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
         return Fact(id=fid, person=pid, subject=subject, attribute=attr.split(".")[-1], kind=kind, value=value,
                     question=fill(q, value), paraphrased_question=fill(pq, value), answer=fill(a, value),
                     paraphrased_answer=fill(pa, value), perturbed_answer=[fill(pa, w) for w in wv],
-                    perturbed_values=wv, cloze=cloze, source_ids=srcs, premises=tuple(premises))
+                    perturbed_values=wv, cloze=cloze, source_ids=srcs, premises=tuple(premises),
+                    paraphrased_cloze=_render(PARA_CLOZE[attr], slots)[0])
 
     facts = {"train": [], "holdout": [], "real": []}
     for p in persons:
-        slots = dict(name=p.name, book1=p.books[0])
+        slots = dict(name=p.name, book1=p.books[0], city=p.birth_city)
         values = dict(birth_year=str(p.birth_year), occupation=p.occupation, book1=p.books[0], book2=p.books[1],
                       award=p.award, residence=p.residence, father=p.father, mother=p.mother,
                       birth_city=p.birth_city)
@@ -706,6 +724,48 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
                  forget_order=forget_order)
 
 
+@dataclass(frozen=True)
+class MCQuestion:
+    prompt: str              # a cloze prompt; each choice is scored as its continuation
+    choices: tuple
+    answer: int              # index of the right choice
+    kind: str                # "world" (a city fact many articles state) or "type" (which kind of word fits)
+
+
+GENERAL_TYPES = {"occupation": "{name} works as a", "year": "{name} was born in the year",
+                 "city": "{name} now lives in", "award": "{name} received the", "book": "{name} is the author of"}
+
+
+def general_questions(world, n_choices=4):
+    """Multiple-choice questions that no single article owns: the closest analogue, on the built-in world, of the
+    downstream benchmarks (ARC-E, SciQ, PIQA, Winogrande) the NULLs paper uses for general capability.
+    "world": every city fact (country, river, founding year; each stated by several articles) asked with its
+    paraphrased cloze, the right value among n_choices - 1 of its wrong values. "type": for every held-out
+    person (never trained on), each pattern of GENERAL_TYPES with one value of the right type (drawn at random:
+    any fits) against values of n_choices - 1 other types, i.e. knowing what kind of word a sentence needs.
+    Deterministic from world.seed; draws from its own generator, so the world itself is unchanged."""
+    if not 2 <= n_choices <= len(GENERAL_TYPES):
+        raise ValueError(f"n_choices must be in 2..{len(GENERAL_TYPES)}, got {n_choices}")
+    rng = random.Random(f"{world.seed}/general")
+    out = []
+
+    def add(prompt, right, wrong, kind):
+        choices = [right] + list(wrong)
+        rng.shuffle(choices)
+        out.append(MCQuestion(prompt, tuple(choices), choices.index(right), kind))
+    for f in world.facts:
+        if f.person == 0:
+            add(f.paraphrased_cloze, f.value, f.perturbed_values[:n_choices - 1], "world")
+    pools = {"occupation": OCCUPATIONS, "year": [str(y) for y in BIRTH_YEARS], "city": [c.name for c in world.cities],
+             "award": AWARDS, "book": [f"{a} {b}" for a in BOOK_ADJ for b in BOOK_NOUN]}
+    for p in world.holdout_people:
+        for t, template in GENERAL_TYPES.items():
+            others = rng.sample([o for o in GENERAL_TYPES if o != t], n_choices - 1)
+            add(_render(template, dict(name=p.name))[0], rng.choice(pools[t]), [rng.choice(pools[o]) for o in others],
+                "type")
+    return out
+
+
 def _template_words(templates):
     return {t for s in templates for t in _WORD_RE.findall(_SLOT.sub(" ", s))}
 
@@ -713,7 +773,8 @@ def _template_words(templates):
 def world_words():
     """Every word the world generator can write: its word lists, templates and the QA format."""
     words = _template_words(T_FAMILY + T_BIRTH + T_OCCUPATION + T_BOOKS + T_AWARD + T_RESIDENCE + T_CITY
-                            + FILLERS + [CLOZE_COUNTRY, CLOZE_CITY_COUNTRY, QA_TEMPLATE]
+                            + FILLERS + [CLOZE_COUNTRY, CLOZE_CITY_COUNTRY, QA_TEMPLATE] + list(PARA_CLOZE.values())
+                            + list(GENERAL_TYPES.values())
                             + [t for qa in QA.values() for pair in qa for t in pair])
     words |= {"he", "she", "He", "She", "his", "her", "His", "Her"}
     for lst in (FEMALE, MALE, SURNAMES, CITIES, COUNTRIES, RIVERS, OCCUPATIONS, AWARDS, BOOK_ADJ, BOOK_NOUN,

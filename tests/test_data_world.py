@@ -201,3 +201,51 @@ def test_bad_sizes_are_clear_errors():
         D.make_world(n_countries=3)
     with pytest.raises(ValueError, match="n_perturbed >= 3"):
         D.make_world(n_perturbed=2)
+
+
+def test_paraphrased_clozes_use_wording_no_article_has(world):
+    tok = D.world_tokenizer()
+    texts = list(world.articles.values()) + list(world.holdout_articles.values())
+    for f in world.facts + world.holdout_facts:
+        assert f.paraphrased_cloze and f.paraphrased_cloze != f.cloze
+        assert f.value not in f.paraphrased_cloze and f.subject in f.paraphrased_cloze
+        assert not any(f.paraphrased_cloze in t for t in texts), f.paraphrased_cloze
+        tok.encode(f.paraphrased_cloze + " " + f.value, strict=True)      # the world vocabulary covers it
+    # the verbatim cloze, by contrast, is the article's own text
+    f = next(f for f in world.facts if f.kind == "unique")
+    assert f.cloze in world.articles[f.person]
+    assert next(f for f in world.facts if f.id.endswith(".country") and f.person).paraphrased_cloze.endswith(
+        "which lies in")
+
+
+def test_general_questions_belong_to_no_single_article(world):
+    qs = D.general_questions(world)
+    assert qs == D.general_questions(D.make_world(0))                   # deterministic
+    assert D.make_world(0).articles == world.articles                    # drawing them leaves the world unchanged
+    tok = D.world_tokenizer()
+    city_facts = {f.paraphrased_cloze: f for f in world.facts if f.person == 0}
+    kinds = [q.kind for q in qs]
+    assert kinds.count("world") == 3 * len(world.cities) and kinds.count("type") == 5 * len(world.holdout_people)
+    pools = {"occupation": set(D.OCCUPATIONS), "year": {str(y) for y in D.BIRTH_YEARS},
+             "city": {c.name for c in world.cities}, "award": set(D.AWARDS),
+             "book": {f"{a} {b}" for a in D.BOOK_ADJ for b in D.BOOK_NOUN}}
+    train_text = " ".join(world.articles.values())
+    answers = []
+    for q in qs:
+        assert len(q.choices) == 4 and len(set(q.choices)) == 4 and 0 <= q.answer < 4
+        answers.append(q.answer)
+        for c in q.choices:
+            tok.encode(q.prompt + " " + c, strict=True)
+        if q.kind == "world":
+            f = city_facts[q.prompt]
+            assert len(f.source_ids) >= 2                              # several articles state it
+            assert q.choices[q.answer] == f.value and set(q.choices) - {f.value} <= set(f.perturbed_values)
+        else:
+            t = next(t for t, tmpl in D.GENERAL_TYPES.items() if q.prompt.endswith(tmpl.replace("{name} ", "")))
+            assert q.choices[q.answer] in pools[t]
+            assert all(c not in pools[t] for i, c in enumerate(q.choices) if i != q.answer)
+            name = q.prompt.split(" ")[0] + " " + q.prompt.split(" ")[1]
+            assert name in {p.name for p in world.holdout_people} and name not in train_text
+    assert len(set(answers)) > 1                                          # the right choice is not always first
+    with pytest.raises(ValueError, match="n_choices"):
+        D.general_questions(world, n_choices=6)
