@@ -47,6 +47,57 @@ def hc_open_prob(log_alpha, beta):
     return torch.sigmoid(log_alpha - beta * math.log(-HC_GAMMA / HC_ZETA))
 
 
+# NeuMuter (Hou et al., ACL Findings 2025, "Decoupling Memories, Muting Neurons") uses the same gates the other way
+# round: gates close on the neurons that carry the forget set, an L0 term keeps the rest open, the closed ones are muted.
+
+def hc_uniform(shape, generator=None, device="cpu", eps=1e-4):
+    """The uniform draws u of Eq. 10, clamped to [eps, 1 - eps] as the authors' code does (keeps log u finite).
+    One draw per gate, shared by every row and token of the forward (as both reference codes)."""
+    return torch.rand(shape, generator=generator).clamp(eps, 1 - eps).to(device)
+
+
+def hc_closed_penalty(log_alpha, beta):
+    """NeuMuter's R(M) (Eq. 12) = 1 - (1/N_m) sum_i P(gate_i != 0): the expected fraction of closed gates.
+    Minimizing it keeps gates open (Chang et al. minimize the open fraction instead). log_alpha: any shape."""
+    return 1 - hc_open_prob(log_alpha, beta).mean()
+
+
+def energy_threshold(values, energy=0.05):
+    """NeuMuter's threshold epsilon: sort the mask values ascending, accumulate |m| while the running sum stays
+    within `energy` of the total; epsilon is the value at that point (the smallest value when even it is over)."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    v = torch.sort(torch.as_tensor(values).detach().flatten().double()).values
+    if v.numel() == 0:
+        raise ValueError("no mask values")
+    within = (torch.cumsum(v.abs(), 0) <= energy * v.abs().sum()).nonzero()
+    return float(v[int(within[-1])] if len(within) else v[0])
+
+
+def select_neurons(log_alpha, rule="energy", energy=0.05, fixed=0.15):
+    """Bool selection of the gated neurons to mute, from the learned log_alpha (any shape).
+    energy: mask value m = hc_gate(log_alpha) strictly below energy_threshold(m) (the paper's 5% rule; strict,
+            so when few gates move and epsilon lands on the open value 1, only moved gates count);
+    fixed:  sigmoid(log_alpha) < fixed (the authors' code, r = 0.15; their released code has no energy rule)."""
+    if rule == "energy":
+        m = hc_gate(log_alpha.detach(), 1.0)          # beta is unused without noise
+        return m < energy_threshold(m, energy)
+    if rule == "fixed":
+        return torch.sigmoid(log_alpha.detach()) < fixed
+    raise ValueError(f"threshold rule must be 'energy' or 'fixed', got {rule!r}")
+
+
+def mute_masks(log_alpha, selected):
+    """Eq. 14: a selected neuron keeps its learned deterministic gate, every other neuron gets 1."""
+    m = hc_gate(log_alpha.detach(), 1.0)
+    return torch.where(selected, m, torch.ones_like(m))
+
+
+def effective_neurons(log_alpha, below=0.99):
+    """How many deterministic gates sit below `below`: the neurons the mask actually changes."""
+    return int((hc_gate(log_alpha.detach(), 1.0) < below).sum())
+
+
 @contextmanager
 def _frozen(model):
     """Eval mode with every parameter frozen for the duration (localizers differentiate only their masks)."""
@@ -266,3 +317,233 @@ def resolve_region(model, region):
 def region_size(model, region):
     """Number of parameter entries the region lets move."""
     return sum(p.numel() if m is None else int(m.sum()) for _, p, m in resolve_region(model, region))
+
+
+# -------------------------------------------------------------------------------------------------
+# Value-vector localizers and selections (Lee et al., "Does Localization Inform Unlearning?",
+# arXiv:2505.16252, App. C). Each scores every value vector v_i^l (column i of layer l's down projection);
+# scores are lists of (d_ff,) float64 tensors, one per layer. rows: dict with x, y (y = -100 off the answer).
+# -------------------------------------------------------------------------------------------------
+
+def _downs(model):
+    return [b.mlp.down.weight for b in model.blocks]
+
+
+def _mlp_hidden(model, x):
+    """Per-layer MLP hidden activations h^l = f(W_K x^l) (B, T, d_ff): the input of each down projection."""
+    outs = [None] * len(model.blocks)
+    hooks = [b.mlp.down.register_forward_hook(lambda m, i, o, l=l: outs.__setitem__(l, i[0]))
+             for l, b in enumerate(model.blocks)]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def activation_scores(model, rows, *, batch_size=64, normalize=True):
+    """Activations (Chang et al. 2024): A^l(i) = (1/T) sum_t |h_{i,t}^l| * ||v_i^l||, the mean over every answer
+    position t of the rows (positions whose target is an answer token, i.e. the input is [p, s_<t]) of the
+    absolute memory coefficient times the value vector's norm. normalize=True standardizes each layer's scores
+    (zero mean, unit std): the paper normalizes within each layer "to enable localization across layers"
+    without saying how; a z-score is our choice."""
+    N = len(rows["x"])
+    if N == 0:
+        raise ValueError("no sequences to localize")
+    dev = next(model.parameters()).device
+    sums = [torch.zeros(model.cfg.d_ff, dtype=torch.float64, device=dev) for _ in model.blocks]
+    count = 0
+    with _frozen(model), torch.no_grad():
+        for i in range(0, N, batch_size):
+            b = batch_rows(rows, torch.arange(i, min(N, i + batch_size)), dev)
+            keep = b["y"] != -100
+            count += int(keep.sum())
+            for l, h in enumerate(_mlp_hidden(model, b["x"])):
+                sums[l] += h.abs().double()[keep].sum(0)
+        out = [s / count * w.double().norm(dim=0) for s, w in zip(sums, _downs(model))]
+    return [standardize(s) for s in out] if normalize else out
+
+
+def standardize(s):
+    """(s - mean) / std within one layer (std with n - 1); a constant layer becomes all zeros."""
+    sd = s.std()
+    return (s - s.mean()) / sd if float(sd) > 0 else torch.zeros_like(s)
+
+
+def down_grads(model, rows, *, labels=None, sign=1.0, batch_size=64):
+    """Per-layer gradients (n_embd, d_ff) float64 of sign * (token-mean NLL over every answer token of the rows)
+    with respect to the down projections; column i is the gradient of value vector i. labels replaces y
+    (same shape, -100 where y is -100), e.g. MemFlex's random labels. The model is left unchanged."""
+    N = len(rows["x"])
+    if N == 0:
+        raise ValueError("no sequences to localize")
+    y_all = rows["y"] if labels is None else labels
+    if y_all.shape != rows["y"].shape or bool(((y_all == -100) != (rows["y"] == -100)).any()):
+        raise ValueError("labels must have y's shape and -100 exactly where y has it")
+    dev = next(model.parameters()).device
+    total = int((rows["y"] != -100).sum())
+    downs = _downs(model)
+    acc = [torch.zeros(w.shape, dtype=torch.float64, device=dev) for w in downs]
+    with _frozen(model):
+        for w in downs:
+            w.requires_grad_(True)
+        for i in range(0, N, batch_size):
+            idx = torch.arange(i, min(N, i + batch_size))
+            b = batch_rows({"x": rows["x"], "y": y_all}, idx, dev)
+            logits, _ = model(b["x"])
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), ignore_index=-100, reduction="sum")
+            for a, g in zip(acc, torch.autograd.grad(sign * nll / total, downs)):
+                a += g.double()
+    return acc
+
+
+def random_answer_labels(rows, vocab_size, generator):
+    """y with every answer token replaced by a uniformly random token (MemFlex's perturbed labels y*)."""
+    y = rows["y"]
+    rand = torch.randint(0, vocab_size, y.shape, generator=generator)
+    return torch.where(y != -100, rand, y)
+
+
+def memflex_gradients(model, forget_rows, retain_rows, *, n_repeats=5, seed=0, batch_size=64):
+    """MemFlex's (Tian et al. 2024) gradients, as Lee et al. apply them to value vectors: the forget set's answers
+    are replaced by random labels n_repeats times and the NLL gradients averaged (g_unl); the same procedure on
+    the retain set gives g_ret. Returns (g_unl, g_ret), per-layer (n_embd, d_ff) float64."""
+    if n_repeats < 1:
+        raise ValueError(f"n_repeats must be >= 1, got {n_repeats}")
+    gen = torch.Generator().manual_seed(seed)
+    V = model.cfg.vocab_size
+
+    def averaged(rows):
+        gs = [down_grads(model, rows, labels=random_answer_labels(rows, V, gen), batch_size=batch_size)
+              for _ in range(n_repeats)]
+        return [sum(g[l] for g in gs) / n_repeats for l in range(len(gs[0]))]
+    return averaged(forget_rows), averaged(retain_rows)
+
+
+def column_cosine(a, b):
+    """(d_ff,) cosine similarity of matching columns of two (n_embd, d_ff) matrices (0 where a column is 0)."""
+    num = (a * b).sum(0)
+    den = a.norm(dim=0) * b.norm(dim=0)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+
+
+def memflex_select(g_unl, g_ret, mu, sigma):
+    """The MemFlex attribution as printed (App. C): A^l(i) = 1[cos(g_i^unl, g_i^ret) < mu and ||g_i^unl|| > sigma],
+    per layer, as (d_ff,) bool tensors."""
+    return [(column_cosine(u, r) < mu) & (u.norm(dim=0) > sigma) for u, r in zip(g_unl, g_ret)]
+
+
+def memflex_scores(g_unl, g_ret, mu=0.95):
+    """Scores whose top k are exactly memflex_select with sigma tuned to select k vectors: ||g_i^unl|| where
+    cos < mu, -inf elsewhere. Lee et al. tune sigma (mu = 0.95) until about 10% are selected; ranking by the
+    norm among the vectors that pass the cosine test is that tuning done exactly. If fewer than k pass, top_fraction
+    fills the rest arbitrarily from the -inf ones: check how many are finite."""
+    return [torch.where(column_cosine(u, r) < mu, u.norm(dim=0), torch.full_like(u[0], float("-inf")))
+            for u, r in zip(g_unl, g_ret)]
+
+
+def hessian_diag_mean(model, rows, *, n_samples=8, seed=0, batch_size=64, z=None):
+    """gamma for WAGLE: the mean of the diagonal of the Hessian of the rows' token-mean NLL with respect to the
+    value-vector parameters (every down-projection weight), by Hutchinson's estimator
+    mean_j diag(H)_j ~ (1/S) sum_s (1/n) z_s^T H z_s with Rademacher z_s (E[z z^T] = I). One Hessian-vector
+    product per sample (double backward). z (optional): a list of S lists of per-layer tensors to use instead of
+    random draws (tests). Lee et al. estimate gamma as "the average diagonal Hessian value over the retain set";
+    which parameters they average over is not said, ours are the ones being localized."""
+    N = len(rows["x"])
+    if N == 0:
+        raise ValueError("no sequences")
+    dev = next(model.parameters()).device
+    downs = _downs(model)
+    n = sum(w.numel() for w in downs)
+    gen = torch.Generator().manual_seed(seed)
+    if z is None:
+        z = [[(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(dev, w.dtype) for w in downs]
+             for _ in range(n_samples)]
+    total = int((rows["y"] != -100).sum())
+    est = 0.0
+    # double backward needs attention made of differentiable ops: the fused CPU/GPU kernels have no
+    # derivative of their backward, the math backend does
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with _frozen(model), sdpa_kernel(SDPBackend.MATH):
+        for w in downs:
+            w.requires_grad_(True)
+        for zs in z:
+            for i in range(0, N, batch_size):
+                b = batch_rows(rows, torch.arange(i, min(N, i + batch_size)), dev)
+                logits, _ = model(b["x"])
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), ignore_index=-100,
+                                      reduction="sum") / total
+                g = torch.autograd.grad(nll, downs, create_graph=True)
+                gz = sum((gi * zi).sum() for gi, zi in zip(g, zs))
+                hz = torch.autograd.grad(gz, downs)
+                est += float(sum((zi.double() * hi.double()).sum() for zi, hi in zip(zs, hz)))
+    return est / (n * len(z))
+
+
+def wagle_scores(model, forget_rows, retain_rows, *, gamma=None, n_samples=8, seed=0, batch_size=64):
+    """WAGLE (Jia et al. 2024) averaged over each value vector's parameters, as Lee et al. App. C:
+        A^l(i) = (1/|v_i|) sum_{j in v_i} ( [theta]_j [grad L_f]_j - (1/gamma) [grad L_r]_j [grad L_f]_j ),
+    theta = the model's weights, L_f the forget objective, L_r the retain loss, gamma the mean diagonal Hessian over
+    the retain set (hessian_diag_mean unless given). L_f is gradient ascent's unlearning loss, -NLL on the forget
+    set (WAGLE attributes the unlearning objective's forget term), L_r the retain NLL. The paper's formula has no
+    absolute value (WAGLE's code ranks |score| per weight); we follow the paper. Returns (scores, gamma)."""
+    g_f = down_grads(model, forget_rows, sign=-1.0, batch_size=batch_size)
+    g_r = down_grads(model, retain_rows, batch_size=batch_size)
+    if gamma is None:
+        gamma = hessian_diag_mean(model, retain_rows, n_samples=n_samples, seed=seed, batch_size=batch_size)
+    if not gamma > 0:
+        raise ValueError(f"WAGLE needs a positive Hessian scale gamma, got {gamma}")
+    scores = [(w.detach().double() * gf - gr * gf / gamma).mean(0) for w, gf, gr in zip(_downs(model), g_f, g_r)]
+    return scores, gamma
+
+
+def random_scores(model, seed=0):
+    """The Random localizer: i.i.d. uniform scores, so its top r is a uniformly random r of all value vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(model.cfg.d_ff, generator=gen, dtype=torch.float64) for _ in model.blocks]
+
+
+def top_fraction(scores, r, *, per_layer=False, exclude=None):
+    """{layer: sorted indices} of the top round(r * n) value vectors by score over all layers (per_layer=True:
+    the top round(r * d_ff) of each layer). exclude: a selection whose vectors may not be chosen (Random must
+    be disjoint from V_tgt). Ties go to the lower (layer, index)."""
+    if not 0 < r <= 1:
+        raise ValueError(f"localization ratio r must be in (0, 1], got {r}")
+    flat = torch.cat([s.double().flatten() for s in scores])
+    sizes = [s.numel() for s in scores]
+    offsets = [sum(sizes[:l]) for l in range(len(sizes))]
+    banned = torch.zeros(flat.numel(), dtype=torch.bool)
+    for l, idx in (exclude or {}).items():
+        banned[offsets[l] + torch.as_tensor(list(idx), dtype=torch.long)] = True
+    flat = torch.where(banned, torch.full_like(flat, float("nan")), flat)
+    picked = []
+    groups = [(offsets[l], sizes[l]) for l in range(len(sizes))] if per_layer else [(0, flat.numel())]
+    for start, n in groups:
+        k = int(round(r * n))
+        part = flat[start:start + n]
+        avail = int((~torch.isnan(part)).sum())
+        if k > avail:
+            raise ValueError(f"cannot select {k} value vectors: only {avail} are left outside the excluded ones")
+        # stable descending sort, NaN (excluded) last: ties keep the lower index
+        key = torch.where(torch.isnan(part), torch.full_like(part, float("-inf")), part)
+        order = torch.sort(-key, stable=True).indices
+        order = order[~torch.isnan(part[order])][:k]
+        picked.append(start + order)
+    picked = torch.cat(picked)
+    out = {}
+    for l in range(len(sizes)):
+        sel = picked[(picked >= offsets[l]) & (picked < offsets[l] + sizes[l])] - offsets[l]
+        if sel.numel():
+            out[l] = sorted(int(i) for i in sel)
+    return out
+
+
+def random_selection(model, r, seed=0, exclude=None):
+    """A uniformly random r of all value vectors (not matched per layer, as Lee et al. select "from the entire
+    model"), disjoint from `exclude`."""
+    return top_fraction(random_scores(model, seed), r, exclude=exclude)
+
+
+def selection_size(selection):
+    return sum(len(v) for v in selection.values())
