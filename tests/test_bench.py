@@ -1,0 +1,122 @@
+"""bench.py: the row machinery on a fake clock (alternation, ratios, spread, verdicts), and rows end to end."""
+import json
+
+import pytest
+
+import bench
+
+
+class FakeClock:
+    """Each call of a side advances the clock by its cost; records the order of calls."""
+    def __init__(self):
+        self.t, self.calls = 0.0, []
+
+    def __call__(self):
+        return self.t
+
+    def side(self, name, costs):
+        it = iter(costs)
+
+        def fn():
+            self.calls.append(name)
+            self.t += next(it)
+        return fn
+
+
+def _measure(pair, measure="speed", rounds=4, warmup=1):
+    r = bench.Row("fake", None, anchor="B", measure=measure)
+    return bench.measure(pair, r, rounds=rounds, warmup=warmup, min_time=0.0, clock=pair.clock, cpu_clock=pair.clock)
+
+
+def _pair(a_costs, b_costs, **kw):
+    clock = FakeClock()
+    p = bench.Pair("A", clock.side("a", a_costs), "B", clock.side("b", b_costs), work=10, unit="tok/s", **kw)
+    p.clock = clock
+    return p
+
+
+def test_alternating_rounds_and_ratios():
+    p = _pair([1.0] * 5, [2.0] * 5)
+    res = _measure(p)
+    # one warm-up call each, then A B, B A, A B, B A
+    assert p.clock.calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert res["ratio"] == pytest.approx(2.0) and res["spread"] == pytest.approx([2.0, 2.0])
+    assert res["a_rate"] == pytest.approx(10.0) and res["b_rate"] == pytest.approx(5.0)
+    assert res["cpu_ratio"] == pytest.approx(2.0)
+    assert _measure(_pair([1.0] * 5, [2.0] * 5), measure="time")["ratio"] == pytest.approx(0.5)
+
+
+def test_spread_is_interquartile_range_of_round_ratios():
+    # warm-up, then per-round B/A ratios 1, 2, 3, 4, 5 (B costs vary, A costs 1)
+    res = _measure(_pair([1.0] * 6, [9.0, 1.0, 2.0, 3.0, 4.0, 5.0]), rounds=5)
+    assert res["round_ratios"] == pytest.approx([1, 2, 3, 4, 5])
+    assert res["ratio"] == pytest.approx(3.0) and res["spread"] == pytest.approx([2.0, 4.0])
+    assert res["min_max"] == pytest.approx([1.0, 5.0])
+
+
+def test_fixed_rate_anchor():
+    clock = FakeClock()
+    p = bench.Pair("A", clock.side("a", [0.5] * 4), "peak", None, work=100.0, b_rate=400.0)
+    r = bench.Row("mfu", None, anchor="peak")
+    res = bench.measure(p, r, rounds=3, warmup=1, min_time=0.0, clock=clock, cpu_clock=clock)
+    assert res["ratio"] == pytest.approx(0.5)          # 200 per second of a 400 peak
+    assert res["b_rate"] == 400.0 and res["b_ms"] is None
+
+
+def test_short_calls_are_repeated_to_min_time():
+    clock = FakeClock()
+    p = bench.Pair("A", clock.side("a", [2**-7] * 100), "B", clock.side("b", [2**-6] * 100))
+    res = bench.measure(p, bench.Row("x", None, anchor="B"), rounds=2, warmup=1, min_time=0.125, clock=clock,
+                        cpu_clock=clock)
+    assert res["calls_per_timing"] == {"a": 16, "b": 8}
+    assert res["a_ms"] == pytest.approx(1e3 / 128) and res["ratio"] == pytest.approx(2.0)
+
+
+def test_verdict_both_ways_and_inconclusive():
+    assert bench.verdict(">= 0.95", 0.97, 1.02) == "met"
+    assert bench.verdict(">= 0.95", 0.90, 0.94) == "NOT met"
+    assert bench.verdict(">= 0.95", 0.92, 1.01) == "inconclusive: spread"
+    assert bench.verdict("<= 1.0", 0.9, 0.99) == "met"
+    assert bench.verdict("<= 1.0", 1.01, 1.1) == "NOT met"
+    assert bench.verdict("<= 1.0", 0.99, 1.01) == "inconclusive: spread"
+    assert bench.verdict(None, 1, 2) is None
+
+
+def test_registration_errors():
+    with pytest.raises(ValueError, match="target"):
+        bench.row("bad_target", anchor="x", target="> 1")
+    with pytest.raises(ValueError, match="measure"):
+        bench.row("bad_measure", anchor="x", measure="rate")
+    with pytest.raises(ValueError, match="twice"):
+        bench.row("train_nanogpt", anchor="x")
+
+
+def test_skip_is_reported_not_raised():
+    def fn(cfg, device):
+        raise bench.Skip("no GPU here")
+    res = bench.run_row(bench.Row("gpu_x", fn, anchor="peak"), bench.Config(), bench.torch.device("cpu"))
+    assert res["skipped"] == "no GPU here"
+
+
+def test_main_runs_a_row_end_to_end(tmp_path):
+    """A tiny row registered the way paper files register theirs, run through main() and results.json."""
+    from model import GPT, ModelConfig
+
+    @bench.row("test_tiny_train", anchor="the same step", target=">= 0.01")
+    def tiny(cfg, device):
+        m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, d_ff=32, vocab_size=32, block_size=8))
+        x = bench.torch.randint(0, 32, (2, 8))
+        step = bench._train_step(m, bench._adamw(m), x, x, device)
+        return bench.Pair("step", step, "step again", step, work=x.numel(), unit="tokens/s", what="tiny")
+    try:
+        out = bench.main(["--preset=smoke", "--rows=test_tiny_train", f"--out_dir={tmp_path}"])
+    finally:
+        del bench.ROWS["test_tiny_train"]
+    assert [r["name"] for r in out] == ["test_tiny_train"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["torch"] and saved["machine"]["cpu"]
+    r = saved["rows"][0]
+    assert r["rounds"] == 2 and r["ratio"] > 0 and len(r["spread"]) == 2 and r["anchor"] == "the same step"
+    assert r["verdict"] in ("met", "NOT met", "inconclusive: spread")
+    with pytest.raises(SystemExit):
+        bench.main(["--rows=no_such_row", f"--out_dir={tmp_path}"])
