@@ -1,0 +1,311 @@
+"""memadapt.py: product keys, reads, gradient masks, TF-IDF assignment, block-lists, row-lazy Adam, claims, smoke."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import memadapt as MA
+import model as M
+
+
+def _mem(n_sub=6, k=3, k_dim=8, d=5, seed=0):
+    torch.manual_seed(seed)
+    return MA.ProductKeyMemory(d_in=7, d_out=d, n_sub=n_sub, k=k, k_dim=k_dim)
+
+
+def _assigned(mem, owners_per_source, seed=0):
+    """Assign entries {source: [entries]} and give the values random numbers."""
+    ents = torch.tensor([e for s in sorted(owners_per_source) for e in owners_per_source[s]])
+    own = torch.tensor([s for s in sorted(owners_per_source) for _ in owners_per_source[s]])
+    mem.assign(ents, own)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        mem.values[:-1] = torch.randn(len(ents), mem.d_out, generator=g)
+    return mem
+
+
+# ---------------------------------------------------------------------------------------------- product keys
+
+def test_product_key_topk_equals_brute_force():
+    torch.manual_seed(0)
+    n, k, kd = 7, 4, 6
+    q = torch.randn(5, 3, kd, dtype=torch.float64)
+    keys = torch.randn(2, n, kd // 2, dtype=torch.float64)
+    scores, idx = MA.product_key_topk(q, keys, k)
+    full_keys = torch.zeros(n * n, kd, dtype=torch.float64)     # the N concatenated keys [K1[i1], K2[i2]]
+    for i1 in range(n):
+        for i2 in range(n):
+            full_keys[i1 * n + i2] = torch.cat([keys[0, i1], keys[1, i2]])
+    for a in range(5):
+        for b in range(3):
+            s = [float(q[a, b] @ full_keys[i]) for i in range(n * n)]
+            best = sorted(range(n * n), key=lambda i: -s[i])[:k]
+            assert idx[a, b].tolist() == best
+            assert torch.allclose(scores[a, b], torch.tensor([s[i] for i in best], dtype=torch.float64))
+
+
+def test_read_equals_gather_and_sum():
+    torch.manual_seed(1)
+    V = torch.randn(9, 4, dtype=torch.float64)
+    rows = torch.randint(0, 9, (6, 3))
+    w = torch.rand(6, 3, dtype=torch.float64)
+    out = MA.read(rows, V, w)
+    for m in range(6):
+        ref = sum(w[m, j] * V[rows[m, j]] for j in range(3))
+        assert torch.allclose(out[m], ref)
+
+
+def test_bag_weights_softmax_and_all_blocked_reads_nothing():
+    s = torch.tensor([[1.0, 2.0, 0.5], [float("-inf")] * 3, [0.3, float("-inf"), 0.3]])
+    w = MA.bag_weights(s)
+    e = [math.exp(1), math.exp(2), math.exp(0.5)]
+    assert torch.allclose(w[0], torch.tensor([v / sum(e) for v in e]))
+    assert torch.equal(w[1], torch.zeros(3))
+    assert torch.allclose(w[2], torch.tensor([0.5, 0.0, 0.5]))
+
+
+# ---------------------------------------------------------------------------------------------- gradient masks
+
+def _masked_case(seed=2):
+    torch.manual_seed(seed)
+    V = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(0, 8, (10, 3))
+    w = torch.rand(10, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(10, 3) < 0.5
+    g = torch.randn(10, 5, dtype=torch.float64)
+    return V, rows, w, mask, g
+
+
+def test_two_pass_reference_gradient_is_the_explicit_masked_sum():
+    V, rows, w, mask, g = _masked_case()
+    out = MA.masked_read_two_pass(rows, V, w, mask)
+    assert torch.allclose(out, MA.read(rows, V, w))              # forward: the real read
+    (out * g).sum().backward()
+    ref_v = torch.zeros_like(V)
+    ref_w = torch.zeros_like(w)
+    for m in range(10):
+        for j in range(3):
+            if mask[m, j]:
+                ref_v[rows[m, j]] += w[m, j].detach() * g[m]
+                ref_w[m, j] = V[rows[m, j]].detach() @ g[m]
+    assert torch.allclose(V.grad, ref_v)
+    assert torch.allclose(w.grad, ref_w)
+
+
+def test_single_pass_equals_two_pass_in_output_and_every_gradient():
+    V, rows, w, mask, g = _masked_case(3)
+    V2, w2 = V.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    a = MA.masked_read_two_pass(rows, V, w, mask)
+    b = MA.masked_read(rows, V2, w2, mask)
+    assert torch.allclose(a, b)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    assert torch.allclose(V.grad, V2.grad) and torch.allclose(w.grad, w2.grad)
+    assert torch.autograd.gradcheck(lambda v, ww: MA.masked_read(rows, v, ww, torch.ones_like(mask)),
+                                    (V.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()))
+
+
+def test_training_forward_masks_gradients_per_row_source():
+    mem = _assigned(_mem(n_sub=4, k=4), {1: list(range(0, 8)), 2: list(range(8, 16))})
+    mem.train()
+    x = torch.randn(2, 3, 7)
+    for masked in ("single", "two_pass"):
+        mem.masked = masked
+        mem.values.grad = None
+        mem(x, MA.MemCtx(source=torch.tensor([1, 1]))).sum().backward()
+        owned2 = mem.row_owner == 2
+        assert mem.values.grad[owned2].abs().sum() == 0                # source 2's rows get no gradient
+        assert mem.values.grad[~owned2].abs().sum() > 0
+        assert mem.values.grad[-1].abs().sum() == 0                    # the zero row never trains
+
+
+# ---------------------------------------------------------------------------------------------- adapter
+
+def _tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return M.GPT(M.ModelConfig(flavor="gpt2", vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                               d_ff=32, bias=True, tie_embeddings=True)).eval()
+
+
+def test_adapter_at_step0_is_exactly_the_base_model():
+    base = _tiny_gpt()
+    net = copy.deepcopy(base)
+    cfg = MA.Config(layer=1, mem_sqrt=8, topk=4, k_dim=8)
+    mem = MA.attach_memory(net, cfg)
+    mem.assign(torch.arange(0, 12), torch.tensor([1] * 6 + [2] * 6))
+    x = torch.randint(0, 20, (3, 10))
+    assert torch.equal(net(x)[0], base(x)[0])
+    with torch.no_grad():
+        mem.values[0] += 1.0                                           # and it is a real branch
+    assert not torch.equal(net(x)[0], base(x)[0])
+
+
+# ---------------------------------------------------------------------------------------------- assignment
+
+def test_tfidf_and_greedy_assignment_match_brute_force():
+    torch.manual_seed(4)
+    S, N, n = 4, 12, 2
+    src = torch.randint(1, S + 1, (200,))
+    ent = torch.where(torch.rand(200) < 0.5, (src * 2) % N, torch.randint(0, N, (200,)))
+    ps, pe, c = MA.access_pairs(src, ent)
+    score = MA.tfidf(ps, pe, c)
+    got = MA.assign_entries(ps, pe, score, list(range(1, S + 1)), n, N)
+    # reference: dense counts with explicit loops, TF-IDF in float64, repeated argmax
+    cnt = [[0] * N for _ in range(S + 1)]
+    for s, e in zip(src.tolist(), ent.tolist()):
+        cnt[s][e] += 1
+    df = [sum(1 for s in range(1, S + 1) if cnt[s][e] > 0) for e in range(N)]
+    dense = torch.full((S + 1, N), float("-inf"), dtype=torch.float64)
+    for s in range(1, S + 1):
+        tot = sum(cnt[s])
+        for e in range(N):
+            if cnt[s][e]:
+                dense[s, e] = cnt[s][e] / tot * math.log((S + 1) / (df[e] + 1))
+    for i in range(len(ps)):
+        assert math.isclose(float(score[i]), float(dense[ps[i], pe[i]]), rel_tol=1e-12, abs_tol=1e-15)
+    ref = {s: [] for s in range(1, S + 1)}
+    while True:
+        j = int(dense.argmax())       # first maximum in row-major order: lowest source, then lowest entry
+        if dense.view(-1)[j] == float("-inf"):
+            break
+        s, e = divmod(j, N)
+        dense[s, e] = float("-inf")
+        if len(ref[s]) < n:
+            ref[s].append(e)
+            dense[:, e] = float("-inf")
+    taken = {e for v in ref.values() for e in v}
+    free = [e for e in range(N) if e not in taken]
+    for s in sorted(ref):
+        while len(ref[s]) < n:
+            ref[s].append(free.pop(0))
+    assert got == ref
+    assert len({e for v in got.values() for e in v}) == S * n       # no entry shared
+
+
+def test_tfidf_ranks_source_specific_entries_above_common_ones():
+    src = torch.tensor([1, 1, 1, 2, 2, 3, 3, 1])
+    ent = torch.tensor([0, 0, 5, 0, 7, 0, 8, 5])                     # entry 0 is read by every source
+    ps, pe, c = MA.access_pairs(src, ent)
+    score = {(int(a), int(b)): float(v) for a, b, v in zip(ps, pe, MA.tfidf(ps, pe, c))}
+    assert score[(1, 5)] > score[(1, 0)] == 0.0
+
+
+def test_assignment_too_small_memory_is_a_clear_error():
+    with pytest.raises(ValueError, match="entries"):
+        MA.assign_entries(torch.tensor([1]), torch.tensor([0]), torch.tensor([1.0]), [1, 2, 3], 4, 8)
+
+
+# ---------------------------------------------------------------------------------------------- unlearning
+
+def test_blocked_source_values_change_no_output_and_are_never_read():
+    mem = _assigned(_mem(n_sub=6, k=3), {1: list(range(0, 12)), 2: list(range(12, 24)), 3: list(range(24, 36))})
+    mem.eval()
+    x = torch.randn(4, 5, 7)
+    mem.block([2])
+    before = mem(x)
+    _, idx, rows = mem.lookup(x)
+    assert not bool(mem.row_owner[rows].eq(2).any())
+    with torch.no_grad():
+        mem.values[mem.row_owner == 2] += 100 * torch.randn(12, mem.d_out)
+    assert torch.equal(mem(x), before)
+    assert torch.equal(mem.export_values()[mem.row_owner == 2], torch.zeros(12, mem.d_out))
+
+
+def test_unblock_restores_exactly_the_earlier_outputs():
+    mem = _assigned(_mem(n_sub=6, k=3), {1: list(range(0, 18)), 2: list(range(18, 36))})
+    mem.eval()
+    x = torch.randn(3, 4, 7)
+    out = mem(x)
+    mem.block([1])
+    assert not torch.equal(mem(x), out)
+    mem.unblock([1])
+    assert torch.equal(mem(x), out)
+
+
+def test_per_row_block_lists_equal_the_rows_run_alone():
+    mem = _assigned(_mem(n_sub=6, k=3), {1: list(range(0, 18)), 2: list(range(18, 36))})
+    mem.eval()
+    x = torch.randn(2, 4, 7)
+    ctx = MA.MemCtx(block=mem.per_row_block([[1], [2]]))
+    both, (_, idx, _) = mem(x, ctx), mem.lookup(x, ctx)
+    mem.block([1])
+    a, (_, idx_a, _) = mem(x[:1]), mem.lookup(x[:1])
+    mem.unblock([1])
+    mem.block([2])
+    b, (_, idx_b, _) = mem(x[1:]), mem.lookup(x[1:])
+    assert torch.equal(idx[0], idx_a[0]) and torch.equal(idx[1], idx_b[0])      # the same entries read
+    # the same numbers up to float rounding of a different batch shape
+    assert torch.allclose(both[0], a[0], rtol=0, atol=1e-6) and torch.allclose(both[1], b[0], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- row-lazy Adam
+
+def test_row_adam_leaves_rows_of_other_sources_bit_identical():
+    mem = _assigned(_mem(n_sub=4, k=4), {1: list(range(0, 8)), 2: list(range(8, 16))})
+    mem.train()
+    opt = MA.RowAdam([mem.values], lr=0.1)
+    x = torch.randn(2, 3, 7)
+    for src in (2, 1, 1):      # source 2 first, so its rows carry Adam moments into the later steps
+        snapshot = mem.values.detach().clone()
+        opt.zero_grad()
+        mem(x, MA.MemCtx(source=torch.tensor([src, src]))).pow(2).sum().backward()
+        opt.step()
+        other = mem.row_owner != src
+        assert torch.equal(mem.values[other], snapshot[other])
+        assert not torch.equal(mem.values[~other], snapshot[~other])
+
+
+def test_row_adam_first_step_is_adams():
+    p = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    p.grad = torch.tensor([[0.5, -2.0], [0.0, 0.0]])
+    MA.RowAdam([p], lr=0.1).step()
+    assert torch.allclose(p[0], torch.tensor([0.9, 2.1]), atol=1e-6)   # the first Adam step is lr * sign(g)
+    assert torch.equal(p[1], torch.tensor([3.0, 4.0]))
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+def test_claim_functions_both_ways():
+    assert MA.claim_mem_priv(0.60, 0.62, 0.9, {"npo": 0.8})["held"]
+    assert not MA.claim_mem_priv(0.50, 0.62, 0.9, {"npo": 0.8})["held"]
+    assert not MA.claim_mem_priv(0.70, 0.62, 0.7, {"npo": 0.8})["held"]
+    assert MA.claim_learning(0.93)["held"] and not MA.claim_learning(0.89)["held"]
+    assert MA.claim_no_cost(1.0, 0.93)["held"] and not MA.claim_no_cost(0.9, 0.93)["held"]
+    assert MA.claim_agg(0.87, {"rmu": 0.86})["held"] and not MA.claim_agg(0.8, {"rmu": 0.86})["held"]
+    assert MA.claim_speed(1e-5, {"npo": 1.0, "rmu": 2.0})["held"]
+    assert not MA.claim_speed(1e-5, {"npo": 0.005})["held"]          # only 500x
+    assert not MA.claim_speed(2e-3, {"npo": 100.0})["held"]          # over 1 ms
+    assert MA.claim_identity(0.0)["held"] and not MA.claim_identity(1e-7)["held"]
+    assert not MA.claim_learning(float("nan"))["held"]
+
+
+def test_combine_claims_mean_std_and_per_seed_verdicts():
+    per = [[MA.claim_learning(0.95)], [MA.claim_learning(0.85)]]
+    c = MA.combine_claims(per, [0, 1])[0]
+    assert c["value"]["mean"] == pytest.approx(0.9) and c["value"]["per_seed"] == [0.95, 0.85]
+    assert c["held_per_seed"] == {"0": True, "1": False} and c["held"] is False
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_smoke_run_writes_every_claim_and_table(tmp_path):
+    runs, claims = MA.main(["--preset=smoke", f"--out_dir={tmp_path}", "--seeds=0"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["claims"]) == 6 and all("held" in c for c in res["claims"])
+    run = res["metrics"]["runs"][0]
+    for m in ("finetuned", "memadapt_ft", "retrained", "memadapt", "graddiff", "npo", "idknll"):
+        assert set(run["table1"][m]) >= {"util_r", "util_g", "mem", "priv", "agg"}
+    assert [it["split"] for it in run["iterative"]] == ["forget01", "forget05", "forget10"]
+    assert all(it["values_untouched"] for it in run["iterative"])
+    assert run["times"]["memadapt_ft"]["step0_max_abs_diff"] == 0.0
+    md = (tmp_path / "results.md").read_text()
+    for t in ("Table 1", "Table 2", "Iterative unlearning", "by kind"):
+        assert t in md
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
+    except ImportError:
+        pass
