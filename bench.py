@@ -46,6 +46,7 @@ class Config:
     rounds: int = 7          # alternating rounds per row (a row may ask for more: min_rounds)
     warmup: int = 2          # untimed calls of each side before the rounds
     min_time: float = 0.05   # seconds: a side whose call is faster is repeated within a round to reach this
+    profile: bool = True     # a row whose target is not met (or inconclusive) is profiled: where A's time goes
     out_dir: str = "out/bench"
     seed: int = 0
 
@@ -172,7 +173,7 @@ def measure(pair, r: Row, rounds, warmup, min_time, sync=lambda: None, clock=tim
                 b_cpu_ms=statistics.median(cpu["b"]) * 1e3 if "b" in cpu else None,
                 ratio=statistics.median(ratios), spread=[lo, hi], min_max=[min(ratios), max(ratios)],
                 cpu_ratio=None if cpu_ratios is None else statistics.median(cpu_ratios),
-                rounds=rounds, calls_per_timing=inner, round_ratios=ratios, **pair.extra)
+                rounds=rounds, calls_per_timing=inner, round_ratios=ratios)
 
 
 def run_row(r: Row, cfg, device):
@@ -189,9 +190,36 @@ def run_row(r: Row, cfg, device):
     res = measure(pair, r, rounds, cfg.warmup if r.warmup is None else r.warmup, cfg.min_time, sync=sync)
     if pair.check is not None:
         pair.check()
-    res = dict(base, **res)
+    res = dict(base, **res, **pair.extra)      # check() may add to extra (e.g. peak memory)
     res["verdict"] = verdict(r.target, *res["spread"])
+    if cfg.profile and res["verdict"] in ("NOT met", "inconclusive: spread"):
+        res["profile"] = profile_gap(pair, device)
     return res
+
+
+def profile_gap(pair, device, calls=3, top=6):
+    """torch.profiler over `calls` calls of A and of B: the operators on which A spends the most time more than B
+    (ms per call, self time; the optimizer step as a whole too). For a fixed-rate B: A's most expensive ops."""
+    from torch.profiler import profile, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def per_op(fn):
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out = {}
+        for e in prof.key_averages():
+            t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+            if e.key.startswith("Optimizer.step"):
+                t = e.cpu_time_total           # the whole step, children included
+            out[e.key] = out.get(e.key, 0.0) + t / 1e3 / calls
+        return out
+    a = per_op(pair.a)
+    b = per_op(pair.b) if pair.b is not None else {}
+    gap = sorted(((k, a.get(k, 0.0), b.get(k, 0.0)) for k in a.keys() | b.keys()), key=lambda x: x[2] - x[1])
+    return [dict(op=k, a_ms=round(ta, 3), b_ms=round(tb, 3), gap_ms=round(ta - tb, 3)) for k, ta, tb in gap[:top]]
 
 
 # --- shared pieces ---------------------------------------------------------------------------------
@@ -225,9 +253,9 @@ class NanoGPT(nn.Module):
     with bias, learned positions, a tied head, N(0, 0.02) init. Written for this bench, not copied."""
 
     class Block(nn.Module):
-        def __init__(self, d, n_head):
+        def __init__(self, d, n_head, gelu):
             super().__init__()
-            self.n_head = n_head
+            self.n_head, self.gelu = n_head, gelu
             self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
             self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
             self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
@@ -238,12 +266,12 @@ class NanoGPT(nn.Module):
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate=self.gelu))
 
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, gelu="none"):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(NanoGPT.Block(n_embd, n_head) for _ in range(n_layer))
+        self.h = nn.ModuleList(NanoGPT.Block(n_embd, n_head, gelu) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -269,18 +297,30 @@ def _adamw(model):
                              lr=6e-4, betas=(0.9, 0.95))
 
 
-@row("train_nanogpt", anchor="nanoGPT's design (written in bench.py)", target="<= 1.0", measure="time")
-def train_nanogpt(cfg, device, batch=32):
+def _nanogpt_pair(device, gelu, batch=32):
     shape = SIZES["small"]
     ours = GPT(ModelConfig(flavor="gpt2", bias=True, **shape)).to(device)
-    ref = NanoGPT(shape["vocab_size"], shape["block_size"], shape["n_layer"], shape["n_head"], shape["n_embd"]).to(device)
+    ref = NanoGPT(shape["vocab_size"], shape["block_size"], shape["n_layer"], shape["n_head"], shape["n_embd"],
+                  gelu=gelu).to(device)
     assert ours.num_params() == sum(p.numel() for p in ref.parameters()), "the two GPT-2s differ in size"
     x = torch.randint(0, shape["vocab_size"], (batch, shape["block_size"]), device=device)
     y = torch.roll(x, -1, dims=1)
     return Pair("model.py gpt2", _train_step(ours, _adamw(ours), x, y, device),
                 "nanoGPT", _train_step(ref, _adamw(ref), x, y, device), work=x.numel(), unit="tokens/s",
                 what=f"training step (fwd+bwd+AdamW), gpt2 4 x 128, vocab 512, batch {batch} x 128, "
-                     f"{ours.num_params() / 1e6:.2f}M params")
+                     f"{ours.num_params() / 1e6:.2f}M params, nanoGPT with {gelu!r} GELU")
+
+
+@row("train_nanogpt", anchor="nanoGPT's design (written in bench.py)", target="<= 1.0", measure="time")
+def train_nanogpt(cfg, device):
+    return _nanogpt_pair(device, gelu="none")        # nanoGPT's nn.GELU() is the exact (erf) GELU
+
+
+# model.py's gpt2 computes GPT-2's own tanh-approximated GELU (gelu_new), so that Hugging Face GPT-2 checkpoints load
+# exactly; nanoGPT uses the exact GELU. This row gives its anchor the same GELU: what is left is the rest of the model.
+@row("train_nanogpt_same_gelu", anchor="nanoGPT's design with GPT-2's tanh GELU", target="<= 1.0", measure="time")
+def train_nanogpt_same_gelu(cfg, device):
+    return _nanogpt_pair(device, gelu="tanh")
 
 
 def _flavors_row(size, batch=16):
@@ -311,6 +351,39 @@ def generation_kv_cache(cfg, device, batch=8, prompt_len=16, new_tokens=64):
                 "no cache", lambda: model.generate(prompts, new_tokens, use_cache=False),
                 work=batch * new_tokens, unit="tokens/s",
                 what=f"greedy generation, small llama, {batch} x ({prompt_len} + {new_tokens}) tokens")
+
+
+@row("generation_vs_transformers", anchor="transformers' LlamaForCausalLM.generate, same weights", target=">= 1.0")
+def generation_vs_transformers(cfg, device, batch=8, prompt_len=16, new_tokens=64):
+    """model.generate (KV cache) vs transformers' generate on the same tiny LLaMA: greedy, batch 8, fixed length."""
+    try:
+        import transformers
+    except ImportError:
+        raise Skip("transformers is not installed (pip install transformers)")
+    from hf import config_from_hf, convert_hf_state_dict
+    s = SIZES["small"]
+    hcfg = transformers.LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["n_embd"], intermediate_size=s["d_ff"],
+                                    num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                                    num_key_value_heads=s["n_head"], max_position_embeddings=s["block_size"],
+                                    rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)   # no eos: fixed length
+    theirs = transformers.LlamaForCausalLM(hcfg).to(device).eval()
+    ours = GPT(config_from_hf(hcfg.to_dict())).to(device).eval()
+    sd = convert_hf_state_dict({k: v for k, v in theirs.state_dict().items()}, ours.cfg)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():      # the tied head appears once
+            p.copy_(sd[n])
+    prompts = torch.randint(0, s["vocab_size"], (batch, prompt_len), device=device)
+    ones = torch.ones_like(prompts)
+
+    def hf_generate():
+        return theirs.generate(prompts, attention_mask=ones, max_new_tokens=new_tokens, do_sample=False)[:, prompt_len:]
+    same = (ours.generate(prompts, new_tokens) == hf_generate()).float().mean().item()
+    if same < 1.0:      # fp32 greedy on the same weights: only an exact near-tie may flip a token
+        print(f"  note: generation_vs_transformers: {same:.1%} of the generated tokens agree")
+    return Pair("model.generate", lambda: ours.generate(prompts, new_tokens), f"transformers {transformers.__version__}",
+                hf_generate, work=batch * new_tokens, unit="tokens/s", extra=dict(tokens_agree=same),
+                what=f"greedy generation with KV cache, small llama, {batch} x ({prompt_len} + {new_tokens}) tokens")
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -346,8 +419,9 @@ def extraction_strength_one_pass(cfg, device, q_len=16, n_ans=64):
 PAPER_POOL_PER_SOURCE = 7692 / 100
 
 
-def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn):
-    """A llama of the small shape with MLP hidden d_ff; one training step with mlp_mask=mask_fn(source ids)."""
+def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn, optimizer=True):
+    """A llama of the small shape with MLP hidden d_ff; one training step with mlp_mask=mask_fn(source ids)
+    (optimizer=False: forward and backward only, gradients dropped)."""
     model = GPT(ModelConfig(flavor="llama", bias=False, **{**SIZES["small"], "d_ff": d_ff, "block_size": T})).to(device)
     opt = _adamw(model)
     x = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
@@ -358,7 +432,8 @@ def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn):
         with _autocast(device):
             _, loss = model(x, x, mlp_mask=mask())
         loss.backward()
-        opt.step()
+        if optimizer:
+            opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
@@ -389,6 +464,21 @@ def nulls_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
     return Pair("NULLs fast path", fast, "dense N_gen+N_source", limit, work=batch * T, unit="tokens/s",
                 what=f"training step, N_gen {n_gen}, N_pool {n_pool}, N_source {n_source} vs d_ff {n_gen + n_source}, "
                      f"{batch} sources x {T} tokens")
+
+
+# The same pair without the optimizer step: what the fast path itself costs against the limit. AdamW updates every
+# stored neuron each step (moments and weight decay), and the NULLs model stores N_pool sinks where the limit has none.
+@row("nulls_vs_dense_limit_fwd_bwd", anchor="physical limit: a dense model with MLP hidden N_gen + N_source",
+     target="<= 1.25", measure="time")
+def nulls_vs_dense_limit_fwd_bwd(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
+    import nulls
+    n_pool = round(n_source * PAPER_POOL_PER_SOURCE)
+    fast = _nulls_step(n_gen, n_gen + n_pool, batch, T, device,
+                       lambda s: nulls.ActiveSinks(s, n_gen, n_pool, n_source), optimizer=False)
+    limit = _nulls_step(n_gen, n_gen + n_source, batch, T, device, None, optimizer=False)
+    return Pair("NULLs fast path", fast, "dense N_gen+N_source", limit, work=batch * T, unit="tokens/s",
+                what=f"forward + backward only (no optimizer step), N_gen {n_gen}, N_pool {n_pool}, N_source {n_source}"
+                     f" vs d_ff {n_gen + n_source}, {batch} sources x {T} tokens")
 
 
 @row("nulls_unlearn_vs_npo", anchor="one NPO epoch on the source's article (model copies included)")
@@ -459,6 +549,87 @@ def memsinks_mask_generation(cfg, device, rows=64, docs_per_row=4, T=128, n_shar
                 f"x {seg} tokens, {n_shared}+{n_sink} neurons")
 
 
+# --- GPU: bf16 training throughput and model FLOPs utilization (skipped without CUDA) ------------------
+PEAK_BF16 = [   # dense bf16 tensor-core FLOP/s from the vendors' data sheets; first name fragment that matches wins
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12)]
+
+
+def peak_bf16(device):
+    if device.type != "cuda":
+        raise Skip("no CUDA device: GPU rows run on an H100/H200-class GPU")
+    name = torch.cuda.get_device_name(device)
+    for frag, peak in PEAK_BF16:
+        if frag in name:
+            return peak
+    raise Skip(f"peak bf16 FLOP/s of {name!r} unknown: add it to bench.PEAK_BF16")
+
+
+def train_flops(mcfg, tokens, T, n_params):
+    """Model FLOPs of one training step, as nanoGPT and the PaLM paper count them: 6 per parameter per token
+    (forward 2, backward 4; n_params counts a tied embedding once, as the head's matmul) plus attention's
+    12 * n_layer * n_embd * T per token (QK^T and AV, forward and backward, the full T x T square)."""
+    return tokens * (6 * n_params + 12 * mcfg.n_layer * mcfg.n_embd * T)
+
+
+def _mfu_pair(mcfg, batch, device, peak, mask_fn=None, n_active=None, label="bf16 step"):
+    """A's rate is model FLOP/s; B is the GPU's peak: the ratio is the model FLOPs utilization (MFU)."""
+    T = mcfg.block_size
+    model = GPT(mcfg).to(device)
+    x = torch.randint(0, mcfg.vocab_size, (batch, T), device=device)
+    src = torch.arange(1, batch + 1, device=device)[:, None].expand(batch, T)        # one source per row
+    opt, y = _adamw(model), torch.roll(x, -1, dims=1)
+
+    def step():   # as in training, the mask is built from the source ids every step
+        with _autocast(device):
+            _, loss = model(x, y, mlp_mask=None if mask_fn is None else mask_fn(src))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n = model.num_params() if n_active is None else n_active
+    flops = train_flops(mcfg, batch * T, T, n)
+    extra = dict(params=model.num_params(), active_params=n, tokens_per_step=batch * T, flops_per_step=flops)
+
+    def check():
+        if device.type == "cuda":
+            extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return Pair(label, step, "peak bf16", None, work=flops, unit="FLOP/s", b_rate=peak, check=check, extra=extra,
+                what=f"{label}: {mcfg.n_layer} x {mcfg.n_embd}, d_ff {mcfg.d_ff}, vocab {mcfg.vocab_size}, "
+                     f"batch {batch} x {T}, {n / 1e6:.1f}M active params")
+
+
+def _nulls_paper_config():
+    """nulls.py's paper preset and its model (GPT-2 BPE, 50257 tokens, as that preset uses)."""
+    import nulls
+    c = parse_config(nulls.Config, ["--preset=paper"], nulls.PRESETS)
+    return c, nulls.model_config(c, 50257)
+
+
+@row("gpu_nulls_dense_limit", anchor="peak bf16 FLOP/s of the GPU", target=">= 0.40")
+def gpu_nulls_dense_limit(cfg, device, batch=16):
+    """The dense part: nulls.py's paper shape (SmolLM-135M-like) with MLP hidden N_gen + N_source, bf16."""
+    peak = peak_bf16(device)
+    c, mcfg = _nulls_paper_config()
+    mcfg.d_ff = c.n_gen + c.n_source
+    return _mfu_pair(mcfg, batch, device, peak, label="dense N_gen+N_source")
+
+
+@row("gpu_nulls_fast_path", anchor="peak bf16 FLOP/s of the GPU (FLOPs of the active neurons)")
+def gpu_nulls_fast_path(cfg, device, batch=16):
+    """NULLs training at nulls.py's paper shape through the fast path; MFU counts only the active neurons."""
+    import nulls
+    peak = peak_bf16(device)
+    c, mcfg = _nulls_paper_config()
+    per_neuron = (3 if mcfg.flavor == "llama" else 2) * mcfg.n_embd      # up (, gate), down: weights of one neuron
+    with torch.device("meta"):
+        n_all = GPT(mcfg).num_params()
+    n_active = n_all - mcfg.n_layer * per_neuron * (c.n_pool - c.n_source)  # a token uses N_gen + N_source neurons
+    return _mfu_pair(mcfg, batch, device, peak, n_active=n_active, label="NULLs fast path",
+                     mask_fn=lambda s: nulls.ActiveSinks(s, c.n_gen, c.n_pool, c.n_source))
+
+
 # --- main --------------------------------------------------------------------------------------------
 def machine(device):
     cpu = platform.processor() or ""
@@ -511,6 +682,13 @@ def main(argv=None):
     for res in results:
         if "skipped" not in res:
             print(f"  {res['name']}: {res['what']}; B = {res['anchor']}; unit {res['unit']}, {res['rounds']} rounds")
+    profiled = [res for res in results if res.get("profile")]
+    if profiled:
+        print("\nclosing note: where A spends more time than B in the rows whose target is not met (torch.profiler, "
+              "ms per call, self time; Optimizer.step includes its own ops, which are also listed):")
+    for res in profiled:
+        print(f"  {res['name']} ({res['verdict']}): " + ", ".join(
+            f"{p['op']} {p['a_ms']:.1f} vs {p['b_ms']:.1f}" for p in res["profile"]))
     env["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, "results.json")

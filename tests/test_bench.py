@@ -120,3 +120,33 @@ def test_main_runs_a_row_end_to_end(tmp_path):
     assert r["verdict"] in ("met", "NOT met", "inconclusive: spread")
     with pytest.raises(SystemExit):
         bench.main(["--rows=no_such_row", f"--out_dir={tmp_path}"])
+
+
+def test_profile_gap_names_the_costlier_op():
+    import torch
+    x = torch.randn(64, 64)
+    p = bench.Pair("A", lambda: [x @ x for _ in range(20)], "B", lambda: x + 1)
+    gap = bench.profile_gap(p, torch.device("cpu"), calls=1)
+    assert gap[0]["op"] == "aten::mm" and gap[0]["a_ms"] > gap[0]["b_ms"] == 0.0
+
+
+def test_train_flops_by_hand():
+    from model import ModelConfig
+    m = ModelConfig(n_layer=2, n_head=2, n_embd=8, d_ff=16, vocab_size=10, block_size=4)
+    # 3 tokens: 6 * 1000 params + 12 * 2 layers * 8 * T=4 per token
+    assert bench.train_flops(m, tokens=3, T=4, n_params=1000) == 3 * (6000 + 12 * 2 * 8 * 4)
+
+
+def test_gpu_rows_skip_without_cuda_and_mfu_pair_runs_on_cpu():
+    import torch
+    import nulls
+    from model import ModelConfig
+    cpu = torch.device("cpu")
+    for name in ("gpu_nulls_dense_limit", "gpu_nulls_fast_path"):
+        assert "no CUDA" in bench.run_row(bench.ROWS[name], bench.Config(), cpu)["skipped"]
+    # the GPU rows' measurement on a tiny NULLs model, against a made-up peak
+    m = ModelConfig(flavor="llama", bias=False, n_layer=1, n_head=2, n_embd=16, d_ff=8 + 32, vocab_size=32, block_size=8)
+    p = bench._mfu_pair(m, 2, cpu, peak=1e12, mask_fn=lambda s: nulls.ActiveSinks(s, 8, 32, 4), n_active=1000)
+    res = bench.measure(p, bench.Row("mfu", None, anchor="peak"), rounds=1, warmup=1, min_time=0.0)
+    assert p.extra["flops_per_step"] == 16 * (6 * 1000 + 12 * 1 * 16 * 8)
+    assert res["ratio"] == pytest.approx(res["a_rate"] / 1e12)
