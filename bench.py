@@ -630,6 +630,48 @@ def gpu_nulls_fast_path(cfg, device, batch=16):
                      mask_fn=lambda s: nulls.ActiveSinks(s, c.n_gen, c.n_pool, c.n_source))
 
 
+def _memread_pair(device, peak, d=2048, n_sub=1024, k=32, k_dim=512, sources=200, per_source=256, batch=32, T=512):
+    """memadapt.py's memory layer alone at its paper shape (Llama-3.2-1B width, N = 1024^2, k = 32, TOFU's 200
+    authors x 256 entries): forward with the per-sequence gradient mask, backward into the values, RowAdam step.
+    Model FLOPs per token: query 2 d k_dim, sub-key scores 2 n_sub k_dim, read and value gradient 2 k d each."""
+    import memadapt
+    mem = memadapt.ProductKeyMemory(d, d, n_sub, k, k_dim).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    # random entries (not TF-IDF from the data as in memadapt.py): fewer reads hit the row's own entries than in
+    # training, so fewer value rows get a gradient and RowAdam touches fewer rows; the search and read are the same
+    entries = torch.randperm(n_sub * n_sub, generator=g)[:sources * per_source]
+    mem.assign(entries, torch.arange(1, sources + 1).repeat_interleave(per_source))
+    mem.values.requires_grad_(True)
+    opt = memadapt.RowAdam([mem.values], lr=1e-2)
+    x = torch.randn(batch, T, d, generator=g).to(device)
+    up = torch.randn(batch, T, d, generator=g).to(device)              # a fixed upstream gradient
+    ctx = memadapt.MemCtx(source=torch.randint(1, sources + 1, (batch,), generator=g).to(device))
+
+    def step():
+        with _autocast(device):
+            out = mem(x, ctx)
+        (out.float() * up).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    flops = batch * T * (2 * d * k_dim + 2 * n_sub * k_dim + 4 * k * d)
+    extra = dict(tokens_per_step=batch * T, flops_per_step=flops, stored_rows=sources * per_source)
+
+    def check():
+        if device.type == "cuda":
+            extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return Pair("memory read+update", step, "peak bf16", None, work=flops, unit="FLOP/s", b_rate=peak, check=check,
+                extra=extra, what=f"product-key memory, N = {n_sub}^2, k {k}, k_dim {k_dim}, dim {d}, {sources} x "
+                f"{per_source} rows stored, batch {batch} x {T}: forward, masked backward, RowAdam")
+
+
+# No MFU target: the read is a gather (memory-bound), not a dense matmul; the row gives throughput and peak memory.
+@row("gpu_memadapt_read", anchor="peak bf16 FLOP/s of the GPU")
+def gpu_memadapt_read(cfg, device):
+    return _memread_pair(device, peak_bf16(device))
+
+
 # --- main --------------------------------------------------------------------------------------------
 def machine(device):
     cpu = platform.processor() or ""

@@ -142,7 +142,7 @@ def test_gpu_rows_skip_without_cuda_and_mfu_pair_runs_on_cpu():
     import nulls
     from model import ModelConfig
     cpu = torch.device("cpu")
-    for name in ("gpu_nulls_dense_limit", "gpu_nulls_fast_path"):
+    for name in ("gpu_nulls_dense_limit", "gpu_nulls_fast_path", "gpu_memadapt_read"):
         assert "no CUDA" in bench.run_row(bench.ROWS[name], bench.Config(), cpu)["skipped"]
     # the GPU rows' measurement on a tiny NULLs model, against a made-up peak
     m = ModelConfig(flavor="llama", bias=False, n_layer=1, n_head=2, n_embd=16, d_ff=8 + 32, vocab_size=32, block_size=8)
@@ -150,3 +150,11 @@ def test_gpu_rows_skip_without_cuda_and_mfu_pair_runs_on_cpu():
     res = bench.measure(p, bench.Row("mfu", None, anchor="peak"), rounds=1, warmup=1, min_time=0.0)
     assert p.extra["flops_per_step"] == 16 * (6 * 1000 + 12 * 1 * 16 * 8)
     assert res["ratio"] == pytest.approx(res["a_rate"] / 1e12)
+
+
+def test_memadapt_read_pair_runs_on_cpu():
+    import torch
+    p = bench._memread_pair(torch.device("cpu"), peak=1e12, d=16, n_sub=8, k=2, k_dim=8, sources=3, per_source=4,
+                            batch=2, T=4)
+    res = bench.measure(p, bench.Row("mem", None, anchor="peak"), rounds=1, warmup=1, min_time=0.0)
+    assert p.extra["flops_per_step"] == 8 * (2 * 16 * 8 + 2 * 8 * 8 + 4 * 2 * 16) and res["ratio"] > 0
