@@ -199,11 +199,70 @@ def _fill(model, sd, where):
 # -------------------------------------------------------------------------------------------------
 
 def read_gguf(path):
-    """(metadata {key: value}, {tensor name: gguf ReaderTensor}) of a .gguf file."""
-    import gguf
-    reader = gguf.GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    return meta, {t.name: t for t in reader.tensors}
+    """(metadata {key: value}, {tensor name: (ggml type, numpy-order shape, raw uint8 rows)}) of a .gguf file (v2/v3).
+    A small parser of the format instead of gguf.GGUFReader, which takes seconds building an object per vocabulary
+    entry; tensor bytes stay memory-mapped until dequantized."""
+    import struct
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    raw = memoryview(buf)
+    if bytes(raw[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", raw, 4)
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (only 2 and 3)")
+    pos = 24
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, raw, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0] if len(v) == 1 else v
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(raw[pos - n:pos]).decode("utf-8", errors="replace")
+
+    def value(vtype):
+        nonlocal pos
+        if vtype in scalar:
+            return take(scalar[vtype])
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            etype, n = take("IQ")
+            if etype in scalar:          # numeric arrays in one read
+                dt = np.dtype("<" + scalar[etype])
+                arr = np.frombuffer(buf, dtype=dt, count=n, offset=pos).tolist()
+                pos += n * dt.itemsize
+                return arr
+            return [value(etype) for _ in range(n)]
+        raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = take("I")
+        shape = [take("Q") for _ in range(dims)]
+        infos.append((name, GGMLQuantizationType(take("I")), shape, take("Q")))
+    align = int(meta.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    tensors = {}
+    for name, qtype, shape, off in infos:
+        block, size = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[0] // block * size                      # ggml's shape: innermost dimension first
+        rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        data = buf[start + off:start + off + rows * row_bytes].reshape(*shape[:0:-1], row_bytes)
+        tensors[name] = (qtype, tuple(shape[::-1]), data)
+    return meta, tensors
 
 
 def config_from_gguf(meta, tensors):
@@ -219,7 +278,7 @@ def config_from_gguf(meta, tensors):
         # Llama 3.1+ GGUFs store the scaled frequencies as a tensor without the parameters we compute them from
         raise ValueError("GGUF files with RoPE scaling (rope_freqs / rope.scaling.type, e.g. Llama 3.1+) are not "
                          "supported: load the Hugging Face folder of the model instead")
-    return ModelConfig(flavor="llama", vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+    return ModelConfig(flavor="llama", vocab_size=int(tensors["token_embd.weight"][1][0]),
                        block_size=int(g("context_length")), n_layer=int(g("block_count")), n_head=n_head,
                        n_kv_head=int(g("attention.head_count_kv") or n_head), n_embd=n_embd,
                        d_ff=int(g("feed_forward_length")), bias=False,
@@ -239,6 +298,7 @@ def load_gguf(path, dtype=torch.float32, *, device="cpu"):
     """A GPT with the weights of a LLaMA-family .gguf file, every tensor dequantized to float32 first (F32, F16,
     BF16, Q8_0, Q4_0, Q4_1, K-quants, ...: whatever the `gguf` package dequantizes). Returns (model, metadata)."""
     import gguf
+    import numpy as np
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -248,8 +308,10 @@ def load_gguf(path, dtype=torch.float32, *, device="cpu"):
     layer = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_output": "attn.proj", "ffn_gate": "mlp.gate",
              "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
     sd, parts, unexpected = {}, {}, []
-    for name, t in tensors.items():
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())   # (out, in) like nn.Linear
+    for name, (qtype, shape, data) in tensors.items():
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32))   # (out, in) like nn.Linear
+        if tuple(w.shape) != shape:
+            raise ValueError(f"GGUF tensor {name}: dequantized shape {tuple(w.shape)} != {shape}")
         if name in names:
             sd[names[name]] = w
         elif m := re.fullmatch(r"blk\.(\d+)\.(attn_q|attn_k|attn_v)\.weight", name):
