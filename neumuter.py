@@ -194,7 +194,7 @@ def mlm_neighbours(mlm_path, texts, K, ratio, encode, seed=0):
     return out
 
 
-def gated_masks(cfg, log_alpha, gates):
+def gated_masks(cfg, gates):
     """Per-layer mlp_mask list: None below first_layer, the gate rows above."""
     return [None] * cfg.first_layer + list(gates)
 
@@ -245,7 +245,7 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
         t_it = time.perf_counter()
         nb = batch_rows(neigh, torch.arange(N) * K + torch.randint(0, K, (N,), generator=gen), dev)
         u = hc_uniform(log_alpha.shape, gen, dev)
-        masks = gated_masks(cfg, log_alpha, hc_gate(log_alpha, cfg.beta, u))
+        masks = gated_masks(cfg, hc_gate(log_alpha, cfg.beta, u))
         _, lf = net(fb["x"], fb["y"], mlp_mask=masks)
         logits = net(nb["x"], mlp_mask=masks)[0]
         with torch.no_grad():
@@ -261,7 +261,7 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
             rec = {"iter": it, "L_f": lf.item(), "kl": kl.item(), "selected": int(sel.sum()),
                    "effective": effective_neurons(log_alpha), "time_s": spent}
             if check is not None:
-                rec.update(check(gated_masks(cfg, log_alpha, mute_masks(log_alpha, sel))))
+                rec.update(check(gated_masks(cfg, mute_masks(log_alpha, sel))))
             hist.append(rec)
             if log:
                 eta_s = (time.time() - t0) / it * (iters - it)
@@ -277,7 +277,7 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
 def muted(cfg, log_alpha):
     """(per-layer masks of the muted model, selected bool) from trained gates."""
     sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
-    return gated_masks(cfg, log_alpha, mute_masks(log_alpha, sel)), sel
+    return gated_masks(cfg, mute_masks(log_alpha, sel)), sel
 
 
 # -------------------------------------------------------------------------------------------------
