@@ -61,7 +61,49 @@ def config_from_hf(hf):
                            tie_embeddings=hf.get("tie_word_embeddings", False),   # LlamaConfig's default
                            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                            dropout=0.0)
-    raise ValueError(f"model_type {mt!r} is not supported; supported: 'gpt2', 'llama' (incl. SmolLM, Llama 3)")
+    if mt == "gpt_neo":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"gpt_neo activation_function {act!r} is not supported (only gelu_new)")
+        layers = hf.get("attention_layers") or [t for kinds, n in hf["attention_types"] for _ in range(n) for t in kinds]
+        n_embd = hf["hidden_size"]
+        # GPT-Neo is GPT-2 with separate bias-free q/k/v (our fused qkv bias stays 0), alternating global and
+        # sliding-window attention, and no 1/sqrt(head_dim) scaling of the attention logits
+        return ModelConfig(flavor="gpt2", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                           n_layer=hf["num_layers"], n_head=hf["num_heads"], n_embd=n_embd,
+                           d_ff=hf.get("intermediate_size") or 4 * n_embd, bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True),
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0, attn_scale=False,
+                           attention_layers=tuple(layers), local_window=hf.get("window_size", 256))
+    raise ValueError(f"model_type {mt!r} is not supported; supported: 'gpt2', 'gpt_neo', 'llama' (incl. SmolLM, "
+                     f"Llama 3)")
+
+
+def _convert_gpt_neo(hf_sd, cfg):
+    out, parts, unexpected = {}, {}, []
+    for name, t in hf_sd.items():
+        k = name.removeprefix("transformer.")
+        if k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias") or (k == "lm_head.weight" and not cfg.tie_embeddings):
+            out[k] = t
+        elif k == "lm_head.weight" or re.fullmatch(r"h\.\d+\.attn\.attention\.(bias|masked_bias)", k):
+            pass                  # tied head (the embedding wins, as in HF), causal-mask buffers of old checkpoints
+        elif m := re.fullmatch(r"h\.(\d+)\.attn\.attention\.([qkv])_proj\.weight", k):
+            parts.setdefault(m.group(1), {})[m.group(2)] = t
+        elif m := re.fullmatch(r"h\.(\d+)\.(ln_1|ln_2|attn\.attention\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", k):
+            i, mod, kind = m.groups()
+            ours = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.attention.out_proj": "attn.proj", "mlp.c_fc": "mlp.up",
+                    "mlp.c_proj": "mlp.down"}[mod]
+            out[f"blocks.{i}.{ours}.{kind}"] = t
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise KeyError(f"checkpoint tensors with no place in a gpt_neo model: {sorted(unexpected)}")
+    for i, qkv in parts.items():
+        if set(qkv) != {"q", "k", "v"}:
+            raise KeyError(f"checkpoint lacks q/k/v_proj of layer {i}: has only {sorted(qkv)}")
+        w = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+        out[f"blocks.{i}.attn.qkv.weight"], out[f"blocks.{i}.attn.qkv.bias"] = w, torch.zeros(w.shape[0], dtype=w.dtype)
+    return out
 
 
 def read_hf_tensors(folder):
@@ -99,15 +141,19 @@ def read_hf_tensors(folder):
     return sd
 
 
-def convert_hf_state_dict(hf_sd, cfg):
+def convert_hf_state_dict(hf_sd, cfg, model_type=None):
     """HF tensor names and layouts -> ours, {our_name: tensor}. Unknown HF names raise; see load_hf for the
     check that every one of our parameters is filled.
     gpt2: HF's Conv1D stores weights (in, out), nn.Linear wants (out, in), so c_attn, c_proj, c_fc are transposed;
           c_attn is already q|k|v along its outputs, which is our fused qkv.
+    gpt_neo: q/k/v_proj (nn.Linear, no bias) are concatenated into qkv with a zero bias; out_proj, c_fc, c_proj
+          are nn.Linear already (no transpose).
     llama: q_proj, k_proj, v_proj are concatenated (in that order) into qkv. HF's llama weights are already
           permuted for rotate-half RoPE, which we use too, so no permutation here."""
     out, unexpected, parts = {}, [], {}
     tied = cfg.tie_embeddings
+    if model_type == "gpt_neo":
+        return _convert_gpt_neo(hf_sd, cfg)
     for name, t in hf_sd.items():
         if cfg.flavor == "gpt2":
             k = name.removeprefix("transformer.")     # GPT2LMHeadModel prefixes, the hub's original gpt2 does not
@@ -163,8 +209,9 @@ def load_hf(folder, dtype=torch.float32, *, device="cpu"):
         raise FileNotFoundError(f"Hugging Face checkpoint folder {folder} does not exist")
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {folder}")
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
-    sd = convert_hf_state_dict(read_hf_tensors(folder), cfg)
+    hf = json.loads((folder / "config.json").read_text())
+    cfg = config_from_hf(hf)
+    sd = convert_hf_state_dict(read_hf_tensors(folder), cfg, hf.get("model_type"))
     return _fill(_empty_model(cfg, dtype, device), sd, folder)
 
 

@@ -45,6 +45,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()      # Llama 3.x: (factor, low_freq_factor, high_freq_factor, original_max_pos); () = none
     dropout: float = 0.0
+    attn_scale: bool = True       # False: no 1/sqrt(head_dim) on attention logits (GPT-Neo was trained without it)
+    attention_layers: tuple = ()  # per layer "global" or "local" (GPT-Neo alternates them); () = all global
+    local_window: int = 0         # a "local" layer's query sees itself and the local_window - 1 tokens before it
 
     def __post_init__(self):
         if self.flavor not in ("gpt2", "llama"):
@@ -54,6 +57,13 @@ class ModelConfig:
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide by n_head and n_head by n_kv_head")
         self.rope_scaling = tuple(self.rope_scaling or ())
+        self.attention_layers = tuple(self.attention_layers or ())
+        if self.attention_layers and (len(self.attention_layers) != self.n_layer or
+                                      not set(self.attention_layers) <= {"global", "local"}):
+            raise ValueError(f"attention_layers must hold n_layer={self.n_layer} entries 'global' / 'local', "
+                             f"got {self.attention_layers}")
+        if "local" in self.attention_layers and self.local_window < 1:
+            raise ValueError(f"local attention layers need local_window >= 1, got {self.local_window}")
 
     @property
     def head_dim(self):
@@ -94,9 +104,9 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, local=False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.local = cfg, local    # local: the caller passes a mask limited to the window
         hd = cfg.head_dim
         # one fused projection for q, k, v (n_head + 2 * n_kv_head heads); checkpoints are split/joined on load
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * hd, bias=cfg.bias)
@@ -122,7 +132,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         # attn_mask None = plain causal attention (the fast path when there are no documents or cache)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           scale=None if cfg.attn_scale else 1.0)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * hd)
         return self.proj(y)
 
@@ -154,11 +165,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         Norm = (lambda d: RMSNorm(d, cfg.norm_eps)) if cfg.flavor == "llama" else \
                (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias))
-        self.ln_1, self.attn = Norm(cfg.n_embd), Attention(cfg)
+        local = bool(cfg.attention_layers) and cfg.attention_layers[layer] == "local"
+        self.ln_1, self.attn = Norm(cfg.n_embd), Attention(cfg, local)
         self.ln_2, self.mlp = Norm(cfg.n_embd), MLP(cfg)
         self.adapter = None      # optional module(x_normed, ctx) -> (B, T, n_embd), added to the MLP output
         self.drop = nn.Dropout(cfg.dropout)
@@ -202,7 +214,7 @@ class GPT(nn.Module):
         else:
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.flavor == "llama" else \
             nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -277,6 +289,12 @@ class GPT(nn.Module):
             k_abs = torch.arange(past + T, device=dev)
             causal = k_abs[None, :] <= q_abs[:, None]                                   # (T, past+T)
             attn_mask = (causal[None] & (doc_ids[:, :, None] == keys_doc[:, None, :]))[:, None]  # (B,1,T,past+T)
+        local_mask = None
+        if "local" in self.cfg.attention_layers:   # local layers: also within local_window of the query
+            q_abs, k_abs = torch.arange(past, past + T, device=dev), torch.arange(past + T, device=dev)
+            d = q_abs[:, None] - k_abs[None, :]                                         # (T, past+T)
+            near = (d >= 0) & (d < self.cfg.local_window)
+            local_mask = near[None, None] if attn_mask is None else attn_mask & near
         if cache is not None:
             cache.doc_ids, cache.next_pos = keys_doc, pos[:, -1] + 1
 
@@ -293,7 +311,8 @@ class GPT(nn.Module):
         if len(masks) != self.cfg.n_layer:
             raise ValueError(f"got {len(masks)} per-layer MLP masks for {self.cfg.n_layer} layers")
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, attn_mask, masks[i], adapter_ctx, cache.layers[i] if cache is not None else None)
+            x = block(x, rope, local_mask if block.attn.local else attn_mask, masks[i], adapter_ctx,
+                      cache.layers[i] if cache is not None else None)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
