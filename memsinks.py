@@ -1,66 +1,31 @@
 """
-Memorization Sinks (Ghosal, Maini, Raghunathan, ICML 2025): sequence-tied dropout over MLP sink neurons.
+Memorization Sinks: Isolating Memorization during LLM Training (Ghosal, Maini, Raghunathan, ICML 2025).
+Sequence-tied dropout: each MLP keeps a fraction g of shared neurons always on and a pool of sink neurons, of
+which each sequence switches on a fixed random subset (every sink with probability p) chosen from its id, so
+what is specific to a repeated sequence collects in its sinks and dropping the sinks removes it.
 
-Each MLP hidden layer is split into a fraction g of shared (generalization) neurons, always on, and a pool
-of sink neurons. Every training sequence gets an id; sink neuron j is on for that sequence when a
-deterministic uniform draw u_j(id) is below p. Repeats of a sequence always use the same sinks, so what is
-specific to it (memorization) collects there, while shared neurons see every sequence and learn what
-generalizes. Dropping the sinks at evaluation removes the memorized sequences.
+Run: `python memsinks.py` (TS-Repetition on built-in stories, CPU, minutes); `--preset=smoke` (seconds);
+`--preset=paper` (TinyStories, a GPT-2-medium shape, one GPU); `--setting=canary` (TS-Canary); `--sweep=p|size|
+noise|dynamics` (Figures 5a-c, 7). It trains standard, deduplicated, MemSinks and gradient-masked models with one
+architecture and step budget, runs localize.py's post-hoc localizers on the standard model, prints the tables
+and claims, and writes out_dir/results.json, results.md and the figures. Finished models are cached under
+out_dir/ckpt, named by train.run_key, so a rerun that changes only evaluation settings skips training.
+Measured numbers and the choice of defaults: README.md. nulls.py builds on the mask machinery here.
 
-This part of the file holds the mask machinery (nulls.py builds on it):
-- sequence_ids: a deterministic hash of each sequence's tokens, on tensors, for a whole batch.
-- lcg_uniforms: a tensorized Lehmer (multiplicative congruential) generator seeded by the id and evaluated
-  for every neuron index at once by jump-ahead x_j = x_0 * a^j mod M; no Python loop over sequences or
-  neurons, so masks are built on the fly per token and any batch can mix ids.
-- sink_mask: shared neurons on, sink j on iff u_j < p.
-
-Where we deliberately differ from the authors' released code (../shared/notes/sinks-nulls-neumuter.md):
-- Their power table a^j is computed with wrapping int64 `torch.pow`, so from j = 3 on it is not the LCG
-  sequence at all; we compute a^j mod M exactly (16-bit split multiplication keeps int64 from overflowing).
-- Their seed x_0 = id * 2^16 makes ids in small integer ratio correlated (u(2s) ~ 2 u(s) mod 1) and id 0
-  degenerate (every sink on). We scramble the id with a 64-bit mixer first and map it into [1, M-1], so
-  neighbouring or multiple ids give unrelated masks and no id means "all sinks on".
-The constants a and M are theirs (M = 2^32 - 5, the largest prime below 2^32).
-
-The rest of the file is the paper end to end, `python memsinks.py` (CPU, built-in stories, a few minutes):
-- Sink layer: the first int(g d_ff) hidden neurons are shared, the rest the sink pool; the mask multiplies the
-  hidden activation after the nonlinearity (after gating for SwiGLU), before the down projection, the same
-  mask in every layer, no 1/p rescale in training (all as the authors' code). Evaluation modes: sinks
-  dropped (shared neurons x (g + p) / g, the authors' heuristic; --drop_rescale=mass|none), sinks at their
-  expected value p, and a sequence's own training mask. Ids: a hash of the tokens (default) or the data's
-  numbering (--ids=data); --id_noise=d gives an occurrence of a repeated sequence a fresh id with prob. d.
-- Data (Section 3): TS-Repetition, or TS-Canary with --setting=canary: n_rep stories seen `rep` times per
-  epoch among n_single seen once, fresh validation stories. One sequence per row, as the paper's small-scale
-  setting; --pack=true packs rows (per-token ids and document attention, the large-scale setting).
-- Models, same architecture, init and steps: standard; deduplicated (each repeated story once) for the same
-  number of epochs (the paper's "repeated sequences filtered out", fewer steps: claim 3) and for the same
-  number of steps (reported, no claim); MemSinks; gradient masking (Section 4: repeated sequences update only
-  the memorization neurons = the sink block, the others only the generalization neurons; stop-gradient
-  routing of both the input weights and the value vectors, forward unchanged; evaluated with the
-  memorization neurons kept and dropped, without rescale: they were always on in training).
-- Post-hoc localization on the standard model (Section 3, Appendix C): hard concrete and integrated
-  gradients, then the top r of each layer dropped for several r; see the notes above hard_concrete_scores.
-- Claims 1-5 of the issue in results.json, computed from this run's numbers; sweeps behind --sweep=p|size|
-  noise|dynamics (Figures 5a-c, 7). Finished models are cached under out_dir/ckpt by a fingerprint of the
-  settings, so reruns (other post-hoc settings, a sweep reusing the standard model) skip training.
-Where the paper is silent we chose: warmup + cosine learning rate (the paper uses a constant one; at this
-scale the prototype in ../shared/notes/feasibility.md showed the effect with it); the token-weighted mean
-loss over a set; claim 1 as L_rep <= L_val / 2; claim 5 as "no post-hoc point forgets at least as much as
-MemSinks with at most its degradation".
-Defaults (built-in stories, one sequence per row): 64 stories x 48 among 1,600 seen once, 1.5 epochs (219 steps
-of 32; 78 for the deduplicated model at the same epochs), a 4-layer n_embd-128 GPT with MLP 512 (0.84M
-params), g = 0.7. Why: the prototype in ../shared/notes/feasibility.md needed heavy repetition (>= 64
-exposures, >= 1.5 epochs: 16 repeats showed almost nothing to remove) and trained 388 steps per model; this has
-72 exposures in 56% of its steps. p = 0.1, not the paper's 0.3: the paper tunes p on the validation loss with
-the sinks dropped (Appendix G), and on this data (seed 0) p = 0.1 gave +1.2% validation loss and 0.71 gap
-closure, p = 0.3 +5.0% and 0.74 (`--sweep=p` reproduces it).
+Where we deliberately differ from the authors' code, and why:
+- Their LCG power table a^j is computed with wrapping int64 torch.pow, so from j = 3 on it is not the LCG
+  sequence; we compute a^j mod M exactly. Their seed x_0 = id * 2^16 correlates ids in small integer ratio and
+  turns every sink on for id 0; we scramble the id with SplitMix64 and map it into [1, M-1]. a, M are theirs.
+- p = 0.1, not the paper's 0.3: the paper tunes p on the validation loss with the sinks dropped (Appendix G),
+  and on this data 0.1 does better (README, `--sweep=p`). Warmup + cosine lr (the paper's is constant, as in
+  --preset=paper): with it the CPU-scale prototype showed the effect.
+- Where the paper is silent: token-weighted mean losses; claim 1 as L_rep <= L_val / 2; claim 5 as "no post-hoc
+  point forgets as much as MemSinks at no more degradation".
 """
-import json
 import math
 import os
 import time
-import zlib
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +35,111 @@ import eval as ev
 import model as M
 import train as T
 from localize import batch_rows, drop_top, hard_concrete_scores, integrated_gradients_scores
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    # data: TS-Repetition / TS-Canary (Section 3) built from the built-in stories, TinyStories, or a local file
+    setting: str = "repetition"        # repetition | canary
+    dataset: str = "stories"           # stories (built-in grammar, word tokens) | tinystories | a local path
+    text_field: str = "text"
+    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: $UNLEARNABLE_GPT2_RANKS / tiktoken)
+    n_rep: int = 64                    # repeated sequences ...
+    rep: int = 48                      # ... each seen this many times per epoch
+    n_single: int = 1600               # sequences seen once per epoch
+    n_val: int = 500                   # fresh validation sequences
+    canary_len: int = 10               # TS-Canary: random words appended to each repeated sequence
+    block_size: int = 128              # longer sequences are cut
+    pack: bool = False                 # pack sequences into rows (per-token ids and document attention)
+    # model: the same architecture and step budget for every model
+    flavor: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 512
+    # MemSinks
+    g: float = 0.7                     # fraction of shared (generalization) neurons per MLP
+    p: float = 0.1                     # probability that a sink neuron is on for a sequence (paper: 0.3; README)
+    ids: str = "hash"                  # hash of the tokens (Appendix I) | data: the sequences' numbering (Appendix G)
+    id_noise: float = 0.0              # d: chance that an occurrence of a repeated sequence gets a fresh id (Fig 5c)
+    drop_rescale: str = "authors"      # shared-neuron factor with sinks dropped: authors (g+p)/g | mass | none
+    # training
+    epochs: float = 1.5
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_points: int = 4               # evaluations per model for the learning curves (Figures 4a, 4b)
+    eval_batch_size: int = 250
+    # post-hoc localization on the standard model (Section 3, Appendix C)
+    drop_ratios: tuple = (0.01, 0.03, 0.1, 0.3)   # r: fraction of each layer's neurons dropped
+    posthoc_first_layer: int = 0       # Chang et al. skip layer 0 (1); we score every layer by default, as sinks are
+    hc_steps: int = 150                # the penalty usually falls below hc_stop first (~65 steps)
+    hc_lr: float = 0.05
+    hc_lambda: float = 5.0
+    hc_beta: float = 0.33
+    hc_init: float = 0.9
+    hc_stop: float = 0.4
+    hc_batch: int = 32
+    ig_steps: int = 16                 # Appendix C
+    ig_positions: str = "all"          # all (whole layer on one path) | each (Chang et al., one position at a time)
+    # sweeps behind a flag, each trains several models: p (Fig 5a), size (5b), noise (5c), dynamics (Fig 7)
+    sweep: str = ""
+    sweep_values: tuple = ()           # default: p 0.1,0.3,0.5,0.7; size (n_embd) 64,128,192; noise 0,0.1,0.5
+    dyn_every: int = 20                # dynamics: the tracked sequence is seen every dyn_every steps (paper: 40,
+    dyn_steps: int = 1000              # in a far longer run; 50 presentations are needed to memorize it here)
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0                   # torch CPU threads; 0 = torch's default
+    out_dir: str = "out/memsinks"
+    log_every: int = 50
+
+    def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
+        T.check(self, setting=("repetition", "canary"), flavor=("gpt2", "llama"), ids=("hash", "data"),
+                drop_rescale=("authors", "mass", "none"), ig_positions=("all", "each"),
+                sweep=("", "p", "size", "noise", "dynamics"), n_rep="[1, inf)", rep="[1, inf)",
+                n_single="[1, inf)", n_val="[1, inf)", canary_len="[1, inf)", block_size="[2, inf)",
+                n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)", d_ff="[2, inf)", g="(0, 1)", p="(0, 1]",
+                id_noise="[0, 1]", epochs="(0, inf)", batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]",
+                warmup_steps="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", eval_points="[1, inf)",
+                eval_batch_size="[1, inf)", drop_ratios="(0, 1]", posthoc_first_layer="[0, n_layer)",
+                hc_steps="[1, inf)", hc_lr="(0, inf)", hc_lambda="[0, inf)", hc_beta="(0, inf)", hc_init="(0, 1)",
+                hc_stop="[0, inf)", hc_batch="[1, inf)", ig_steps="[1, inf)", dyn_every="[1, inf)",
+                dyn_steps="[1, inf)", threads="[0, inf)", log_every="[0, inf)")
+        if self.sweep == "p":
+            T.check(self, sweep_values="(0, 1]")
+        split_neurons(self.d_ff, self.g)       # g must leave both shared and sink neurons in an MLP of d_ff
+        T.pick_device(self.device)             # names the devices that exist if this one does not
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_rep=4, rep=6, n_single=40, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64, epochs=1.0,
+                  batch_size=8, warmup_steps=2, eval_points=2, drop_ratios=(0.1, 0.3), hc_steps=3, hc_batch=4,
+                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0),
+    # Section 3 / 5.1 on one GPU: TinyStories (100 stories x 128 + 20,000 once), GPT-2 BPE, a GPT-2-medium shape
+    # (24 layers, d 1024, MLP 4x, ~344M params), constant lr (Appendix B: min lr = max lr); Chang et al.'s post-hoc
+    # settings (layer 0 skipped, lambda and iterations from Appendix C's grids, drop ratios around theirs)
+    "paper": dict(dataset="tinystories", n_rep=100, rep=128, n_single=20000, n_val=1000, block_size=512,
+                  n_layer=24, n_head=16, n_embd=1024, d_ff=4096, epochs=2.5, batch_size=32, lr=6e-4, min_lr=6e-4,
+                  warmup_steps=100, eval_points=8, eval_batch_size=32, drop_ratios=(0.001, 0.005, 0.01, 0.05, 0.1),
+                  posthoc_first_layer=1, hc_steps=1000, hc_lr=1e-2, hc_lambda=500.0, hc_batch=8,
+                  log_every=100),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# The method: sink masks from sequence ids (tensorized LCG), the sink layer, gradient masking
+# -------------------------------------------------------------------------------------------------
+
+# A sequence's id is a hash of its tokens (default; Appendix I) or the data's numbering (--ids=data, Appendix G).
+# Sink j is on for it iff the j-th uniform of a Lehmer generator seeded by the id is below p; the generator is
+# evaluated for every neuron at once by jump-ahead, x_j = x_0 a^j mod M, so masks are built per token on the fly
+# and any batch can mix ids. The mask multiplies the MLP hidden activation (after the nonlinearity and gating,
+# before the down projection), the same mask in every layer, with no 1/p rescale in training (as the authors).
 
 LCG_A = 1588635695
 LCG_M = 4294967291          # 2^32 - 5, prime
@@ -200,9 +270,7 @@ def noisy_ids(ids, repeated, d, generator=None, doc_ids=None):
     return torch.where(flip, fresh, ids)
 
 
-# -------------------------------------------------------------------------------------------------
 # The sink layer: shared neurons first, the sink pool last; evaluation modes
-# -------------------------------------------------------------------------------------------------
 
 def split_neurons(d_ff, g):
     """(n_shared, n_sink): the first int(g * d_ff) hidden neurons are shared (the authors' int(I * p_gen); the
@@ -246,9 +314,7 @@ def eval_mask(mode, n_shared, n_sink, p, ids=None, rescale="authors", device=Non
     return torch.cat([torch.full((n_shared,), shared), torch.full((n_sink,), sink)]).to(device)
 
 
-# -------------------------------------------------------------------------------------------------
 # Gradient masking (Section 4): stop-gradient routing after Cloud et al., forward unchanged
-# -------------------------------------------------------------------------------------------------
 
 def route_mask(repeated, n_shared, n_sink):
     """(..., d_ff) float: 1 where a neuron may learn from the token. Repeated sequences route to the
@@ -277,87 +343,12 @@ class GradientRoute:
 
 
 # -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    preset: str = ""
-    # data: TS-Repetition / TS-Canary (Section 3) built from the built-in stories, TinyStories, or a local file
-    setting: str = "repetition"        # repetition | canary
-    dataset: str = "stories"           # stories (built-in grammar, word tokens) | tinystories | a local path
-    text_field: str = "text"
-    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: $UNLEARNABLE_GPT2_RANKS / tiktoken)
-    n_rep: int = 64                    # repeated sequences ...
-    rep: int = 48                      # ... each seen this many times per epoch
-    n_single: int = 1600               # sequences seen once per epoch
-    n_val: int = 500                   # fresh validation sequences
-    canary_len: int = 10               # TS-Canary: random words appended to each repeated sequence
-    block_size: int = 128              # longer sequences are cut
-    pack: bool = False                 # pack sequences into rows (per-token ids and document attention)
-    # model: the same architecture and step budget for every model
-    flavor: str = "gpt2"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    d_ff: int = 512
-    # MemSinks
-    g: float = 0.7                     # fraction of shared (generalization) neurons per MLP
-    p: float = 0.1                     # probability that a sink neuron is on for a sequence (paper: 0.3, see above)
-    ids: str = "hash"                  # hash of the tokens (Appendix I) | data: the sequences' numbering (Appendix G)
-    id_noise: float = 0.0              # d: chance that an occurrence of a repeated sequence gets a fresh id (Fig 5c)
-    drop_rescale: str = "authors"      # shared-neuron factor with sinks dropped: authors (g+p)/g | mass | none
-    # training
-    epochs: float = 1.5
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_points: int = 4               # evaluations per model for the learning curves (Figures 4a, 4b)
-    eval_batch_size: int = 250
-    # post-hoc localization on the standard model (Section 3, Appendix C)
-    drop_ratios: tuple = (0.01, 0.03, 0.1, 0.3)   # r: fraction of each layer's neurons dropped
-    posthoc_first_layer: int = 0       # Chang et al. skip layer 0 (1); we score every layer by default, as sinks are
-    hc_steps: int = 150                # the penalty usually falls below hc_stop first (~65 steps)
-    hc_lr: float = 0.05
-    hc_lambda: float = 5.0
-    hc_beta: float = 0.33
-    hc_init: float = 0.9
-    hc_stop: float = 0.4
-    hc_batch: int = 32
-    ig_steps: int = 16                 # Appendix C
-    ig_positions: str = "all"          # all (whole layer on one path) | each (Chang et al., one position at a time)
-    # sweeps behind a flag, each trains several models: p (Fig 5a), size (5b), noise (5c), dynamics (Fig 7)
-    sweep: str = ""
-    sweep_values: tuple = ()           # default: p 0.1,0.3,0.5,0.7; size (n_embd) 64,128,192; noise 0,0.1,0.5
-    dyn_every: int = 20                # dynamics: the tracked sequence is seen every dyn_every steps (paper: 40,
-    dyn_steps: int = 1000              # in a far longer run; 50 presentations are needed to memorize it here)
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0                   # torch CPU threads; 0 = torch's default
-    out_dir: str = "out/memsinks"
-    log_every: int = 50
-
-
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(n_rep=4, rep=6, n_single=40, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64, epochs=1.0,
-                  batch_size=8, warmup_steps=2, eval_points=2, drop_ratios=(0.1, 0.3), hc_steps=3, hc_batch=4,
-                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0),
-    # Section 3 / 5.1 on one GPU: TinyStories (100 stories x 128 + 20,000 once), GPT-2 BPE, a GPT-2-medium shape
-    # (24 layers, d 1024, MLP 4x, ~344M params), constant lr (Appendix B: min lr = max lr); Chang et al.'s post-hoc
-    # settings (layer 0 skipped, lambda and iterations from Appendix C's grids, drop ratios around theirs)
-    "paper": dict(dataset="tinystories", n_rep=100, rep=128, n_single=20000, n_val=1000, block_size=512,
-                  n_layer=24, n_head=16, n_embd=1024, d_ff=4096, epochs=2.5, batch_size=32, lr=6e-4, min_lr=6e-4,
-                  warmup_steps=100, eval_points=8, eval_batch_size=32, drop_ratios=(0.001, 0.005, 0.01, 0.05, 0.1),
-                  posthoc_first_layer=1, hc_steps=1000, hc_lr=1e-2, hc_lambda=500.0, hc_batch=8,
-                  log_every=100),
-}
-
-
-# -------------------------------------------------------------------------------------------------
 # Data: the training set, its deduplicated version, validation and the repeated sequences
 # -------------------------------------------------------------------------------------------------
+
+# TS-Repetition (or TS-Canary, Section 3): n_rep stories seen `rep` times per epoch among n_single seen once, and
+# fresh validation stories. One sequence per row, the paper's small-scale setting; --pack=true packs rows (per-token
+# ids and document attention, the large-scale setting).
 
 @dataclass
 class Sets:
@@ -436,8 +427,12 @@ def rows_of(cfg, tok, token_lists, data_ids, repeated, pack=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# Training: standard, deduplicated, MemSinks and gradient-masked models
+# Training: standard, deduplicated, MemSinks and gradient-masked models, cached by train.run_key
 # -------------------------------------------------------------------------------------------------
+
+# Every model has the same architecture, init and schedule. The deduplicated model (each repeated story once) runs
+# for the same epochs (the paper's "repeated sequences filtered out", fewer steps: claim 3) and, reported without a
+# claim, for the same steps. Gradient masking (Section 4) routes repeated sequences' gradients to the sink block.
 
 KINDS = ("standard", "memsinks", "gradmask")
 PRIMARY = {"standard": ("plain",), "memsinks": ("dropped",), "gradmask": ("keep", "dropped")}
@@ -458,8 +453,84 @@ def train_mask(cfg, kind, b):
     return None
 
 
+def train_config(cfg, steps):
+    """The loop's settings for a model trained `steps` steps (the same schedule for every model)."""
+    return T.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                         warmup_steps=min(cfg.warmup_steps, steps), max_steps=steps, grad_clip=cfg.grad_clip,
+                         log_every=cfg.log_every, eval_every=max(1, math.ceil(steps / max(1, cfg.eval_points))),
+                         device=cfg.device, seed=cfg.seed)
+
+
+TRAIN_KEYS = {"standard": ("x", "y", "doc_ids"), "memsinks": ("x", "y", "doc_ids", "ids"),
+              "gradmask": ("x", "y", "doc_ids", "repeated")}      # what each kind's batches use of the rows
+EVAL_KEYS = {"standard": ("x", "y", "doc_ids", "canary_y"), "memsinks": ("x", "y", "doc_ids", "canary_y", "ids"),
+             "gradmask": ("x", "y", "doc_ids", "canary_y")}       # ... and what its evaluation modes use
+
+
+def checkpoint_path(cfg, sets, name, kind, rows, steps, every=None):
+    """out_dir/ckpt/<name>-<train.run_key>.pt, keyed on what this model's training receives: the model and loop
+    settings, the rows it reads (ids only for MemSinks, repeated flags only where used), the batch size, its
+    kind's mask settings, and, because the checkpoint holds the learning curve, the sets and the sink setting
+    it is evaluated on. So a sweep over p reuses the standard model, and post-hoc settings retrain nothing."""
+    keys = TRAIN_KEYS[kind] + (("repeated",) if kind == "memsinks" and cfg.id_noise > 0 else ())
+    mask = {"standard": {}, "gradmask": {"g": cfg.g},
+            "memsinks": {"g": cfg.g, "p": cfg.p, "id_noise": cfg.id_noise, "drop_rescale": cfg.drop_rescale}}[kind]
+    key = T.run_key(model_config(cfg, sets.tok.vocab_size), train_config(cfg, steps),
+                    data={"train": {k: rows[k] for k in keys if k in rows}, "every": every,
+                          "curve": {n: {k: r[k] for k in EVAL_KEYS[kind] if k in r}
+                                    for n, r in (("val", sets.val), ("rep", sets.rep))}},
+                    kind=kind, batch_size=cfg.batch_size, **mask)
+    return os.path.join(cfg.out_dir, "ckpt", f"{name}-{key}.pt")
+
+
+def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None, log=print):
+    """Train a fresh model (same init for every name: seeded) on `rows` for `steps` steps. every=(row, k) puts
+    row `row` first in every k-th batch (Figure 7). Returns (net, history); history["eval"] holds the curve."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    torch.manual_seed(cfg.seed)
+    net = M.GPT(model_config(cfg, sets.tok.vocab_size))
+    N = len(rows["x"]) - (every is not None)                   # the tracked row is not part of the shuffle
+    order = D.EpochIterator(N, cfg.batch_size, seed=cfg.seed)
+    dev = T.pick_device(cfg.device)
+
+    def batch_at(step):           # a pure function of the step: a resumed run sees exactly the same batches
+        idx = T.epoch_batch(order, step).clone()
+        if every is not None and step % every[1] == 0:
+            idx[0] = every[0]
+        b = batch_rows(rows, idx, "cpu")
+        if kind == "memsinks" and cfg.id_noise > 0:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            b["ids"] = noisy_ids(b["ids"], b["repeated"], cfg.id_noise, gen, b.get("doc_ids"))
+        return b
+
+    def loss_fn(model, b):
+        _, loss = model(b["x"], b["y"], mlp_mask=train_mask(cfg, kind, b), doc_ids=b.get("doc_ids"))
+        return loss
+
+    if eval_fn is None:
+        def eval_fn(model, step):  # the curve in the primary modes, every mode on the full sets at the end
+            return evaluate(cfg, model, kind, sets, None if step == steps else PRIMARY[kind])
+    tc = replace(train_config(cfg, steps), ckpt_path=checkpoint_path(cfg, sets, name, kind, rows, steps, every),
+                 resume=True)
+    say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
+    say(f"{kind}, {len(rows['x'])} rows, {steps} steps, {net.num_params() / 1e6:.2f}M params on {dev}")
+    hist = T.train(net, batch_at, tc, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
+    net.eval()
+    return net, hist
+
+
+def steps_for(cfg, n_rows):
+    return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
+
+
+# -------------------------------------------------------------------------------------------------
+# Unlearning: MemSinks drops its sinks; the post-hoc baselines localize and drop neurons
+# -------------------------------------------------------------------------------------------------
+
 def eval_modes(cfg, kind):
-    """{mode: batch -> mlp_mask} for evaluating a model of this kind."""
+    """{mode: batch -> mlp_mask} for evaluating a model of this kind. Unlearning with MemSinks is the mode
+    "dropped": the sinks switched off, nothing retrained."""
     n_shared, n_sink = split_neurons(cfg.d_ff, cfg.g)
     if kind == "memsinks":
         fixed = {m: eval_mask(m, n_shared, n_sink, cfg.p, rescale=cfg.drop_rescale) for m in ("dropped", "expected")}
@@ -471,6 +542,35 @@ def eval_modes(cfg, kind):
         return {"keep": lambda b: None, "dropped": lambda b: drop.to(b["x"].device)}
     return {"plain": lambda b: None}
 
+
+def posthoc(cfg, sets, std_net, std, log=print):
+    """Localize on the repeated set, drop the top r of each layer, measure forgetting and degradation."""
+    t0 = time.time()
+    rows = {k: sets.rep[k] for k in ("x", "y")}
+    scores = {"hard_concrete": hard_concrete_scores(
+                  std_net, rows, steps=cfg.hc_steps, lr=cfg.hc_lr, lam=cfg.hc_lambda, beta=cfg.hc_beta,
+                  mask_p=cfg.hc_init, stop=cfg.hc_stop, batch_size=cfg.hc_batch, first_layer=cfg.posthoc_first_layer,
+                  seed=cfg.seed, log=log),
+              "integrated_gradients": integrated_gradients_scores(
+                  std_net, rows, steps=cfg.ig_steps, first_layer=cfg.posthoc_first_layer, positions=cfg.ig_positions,
+                  batch_size=cfg.eval_batch_size)}
+    out = {}
+    for method, s in scores.items():
+        out[method] = []
+        for r in cfg.drop_ratios:
+            masks = drop_top(s, r)
+            val = mean_loss(std_net, sets.val, lambda b: masks, cfg.eval_batch_size)
+            rep = mean_loss(std_net, sets.rep, lambda b: masks, cfg.eval_batch_size)
+            out[method].append({"r": r, "val": val, "rep": rep, "forgetting": rep - std["rep"],
+                                "degradation": val - std["val"]})
+            log(f"{method} r={r}: val {val:.4f} rep {rep:.4f}")
+    out["time_s"] = time.time() - t0
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation: token-weighted losses per mode, gap closure
+# -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def mean_loss(net, rows, mask_fn=lambda b: None, batch_size=250, y_key="y"):
@@ -504,105 +604,18 @@ def evaluate(cfg, net, kind, sets, modes=None):
     return out
 
 
-_NOT_TRAINING = ("preset", "drop_ratios", "posthoc_first_layer", "hc_steps", "hc_lr", "hc_lambda", "hc_beta", "hc_init",
-                 "hc_stop", "hc_batch", "ig_steps", "ig_positions", "sweep", "sweep_values", "device", "threads",
-                 "out_dir", "log_every", "eval_batch_size")
-
-
-_SINK_FIELDS = {"standard": ("g", "p", "ids", "id_noise", "drop_rescale"),     # settings a kind does not use
-                "gradmask": ("p", "ids", "id_noise", "drop_rescale"), "memsinks": ()}
-
-
-def checkpoint_path(cfg, name, kind, steps):
-    """out_dir/ckpt/<name>-<fingerprint>.pt: a rerun with the same settings reuses the finished model, a run with
-    other settings never resumes from it (a sweep over p reuses the standard model of the main run)."""
-    skip = _NOT_TRAINING + _SINK_FIELDS[kind]
-    keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    key = json.dumps([keep, name, steps], sort_keys=True, default=str)
-    return os.path.join(cfg.out_dir, "ckpt", f"{name}-{zlib.crc32(key.encode()):08x}.pt")
-
-
-def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None, log=print):
-    """Train a fresh model (same init for every name: seeded) on `rows` for `steps` steps. every=(row, k) puts
-    row `row` first in every k-th batch (Figure 7). Returns (net, history); history["eval"] holds the curve."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    torch.manual_seed(cfg.seed)
-    net = M.GPT(model_config(cfg, sets.tok.vocab_size))
-    N = len(rows["x"]) - (every is not None)                   # the tracked row is not part of the shuffle
-    order = D.EpochIterator(N, cfg.batch_size, seed=cfg.seed)
-    dev = T.pick_device(cfg.device)
-
-    def batch_at(step):           # a pure function of the step: a resumed run sees exactly the same batches
-        epoch, pos = divmod(step, order.steps_per_epoch)
-        idx = order.order(epoch)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].clone()
-        if every is not None and step % every[1] == 0:
-            idx[0] = every[0]
-        b = batch_rows(rows, idx, "cpu")
-        if kind == "memsinks" and cfg.id_noise > 0:
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            b["ids"] = noisy_ids(b["ids"], b["repeated"], cfg.id_noise, gen, b.get("doc_ids"))
-        return b
-
-    def loss_fn(model, b):
-        _, loss = model(b["x"], b["y"], mlp_mask=train_mask(cfg, kind, b), doc_ids=b.get("doc_ids"))
-        return loss
-
-    if eval_fn is None:
-        def eval_fn(model, step):  # the curve in the primary modes, every mode on the full sets at the end
-            return evaluate(cfg, model, kind, sets, None if step == steps else PRIMARY[kind])
-    tc = T.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                       warmup_steps=min(cfg.warmup_steps, steps), max_steps=steps, grad_clip=cfg.grad_clip,
-                       log_every=cfg.log_every, eval_every=max(1, math.ceil(steps / max(1, cfg.eval_points))),
-                       device=cfg.device, seed=cfg.seed, ckpt_path=checkpoint_path(cfg, name, kind, steps), resume=True)
-    say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
-    say(f"{kind}, {len(rows['x'])} rows, {steps} steps, {net.num_params() / 1e6:.2f}M params on {dev}")
-    hist = T.train(net, batch_at, tc, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
-    net.eval()
-    return net, hist
-
-
-def steps_for(cfg, n_rows):
-    return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
-
-
-# -------------------------------------------------------------------------------------------------
-# The main run: Sections 3 to 5 on TS-Repetition (or TS-Canary)
-# -------------------------------------------------------------------------------------------------
-
 def closure(rep_model, std):
     """Fraction of the standard model's memorization gap L_val - L_rep that a model's rep loss closes."""
     return (rep_model - std["rep"]) / (std["val"] - std["rep"])
 
 
-def posthoc(cfg, sets, std_net, std, log=print):
-    """Localize on the repeated set, drop the top r of each layer, measure forgetting and degradation."""
-    t0 = time.time()
-    rows = {k: sets.rep[k] for k in ("x", "y")}
-    scores = {"hard_concrete": hard_concrete_scores(
-                  std_net, rows, steps=cfg.hc_steps, lr=cfg.hc_lr, lam=cfg.hc_lambda, beta=cfg.hc_beta,
-                  mask_p=cfg.hc_init, stop=cfg.hc_stop, batch_size=cfg.hc_batch, first_layer=cfg.posthoc_first_layer,
-                  seed=cfg.seed, log=log),
-              "integrated_gradients": integrated_gradients_scores(
-                  std_net, rows, steps=cfg.ig_steps, first_layer=cfg.posthoc_first_layer, positions=cfg.ig_positions,
-                  batch_size=cfg.eval_batch_size)}
-    out = {}
-    for method, s in scores.items():
-        out[method] = []
-        for r in cfg.drop_ratios:
-            masks = drop_top(s, r)
-            val = mean_loss(std_net, sets.val, lambda b: masks, cfg.eval_batch_size)
-            rep = mean_loss(std_net, sets.rep, lambda b: masks, cfg.eval_batch_size)
-            out[method].append({"r": r, "val": val, "rep": rep, "forgetting": rep - std["rep"],
-                                "degradation": val - std["val"]})
-            log(f"{method} r={r}: val {val:.4f} rep {rep:.4f}")
-    out["time_s"] = time.time() - t0
-    return out
-
-
 def curve(hist):
     return [dict(e) for e in hist["eval"]]
 
+
+# -------------------------------------------------------------------------------------------------
+# The main run (Sections 3 to 5 on TS-Repetition or TS-Canary) and the sweeps (Figures 5a-c, 7)
+# -------------------------------------------------------------------------------------------------
 
 def run_main(cfg, sets, log=print):
     S = steps_for(cfg, len(sets.train["x"]))
@@ -631,42 +644,6 @@ def run_main(cfg, sets, log=print):
                "params": nets["standard"].num_params(), "tokens_per_row": float((sets.train["y"] != -100).sum(1).float().mean())}
     return metrics, main_claims(cfg, metrics)
 
-
-def main_claims(cfg, m):
-    f = {n: x["final"] for n, x in m["models"].items()}
-    sv, sr = f["standard"]["plain/val"], f["standard"]["plain/rep"]
-    msv = f["memsinks"]["dropped/val"]
-    c = [ev.claim("1 standard training memorizes: repeated-sequence loss far below validation loss (L_rep / L_val)",
-               sr / sv, 0.5, sr / sv <= 0.5, f"L_rep {sr:.4f}, L_val {sv:.4f}")]
-    cl = m["gap_closure"]["memsinks_dropped"]
-    c.append(ev.claim("2 MemSinks with sinks dropped closes at least half of the memorization gap", cl, 0.5, cl >= 0.5,
-                   f"L_rep(MemSinks dropped) {f['memsinks']['dropped/rep']:.4f}"))
-    rel = msv / sv - 1
-    c.append(ev.claim("3a MemSinks (sinks dropped) validation loss within 3% of standard training (relative change)",
-                   rel, 0.03, rel <= 0.03, f"{msv:.4f} vs {sv:.4f}"))
-    de = f["dedup_epochs"]["plain/val"]
-    c.append(ev.claim("3b MemSinks (sinks dropped) validation loss below the deduplicated model at the same epochs "
-                   "(difference)", msv - de, 0.0, msv < de,
-                   f"{msv:.4f} vs {de:.4f} ({m['models']['dedup_epochs']['steps']} steps); not a claim: dedup at the "
-                   f"same steps {f['dedup_steps']['plain/val']:.4f}"))
-    gv = f["gradmask"]["keep/val"]
-    c.append(ev.claim("4 gradient masking (memorization neurons kept) has a worse validation loss than standard "
-                   "(difference)", gv - sv, 0.0, gv > sv, f"{gv:.4f} vs {sv:.4f}; dropped {f['gradmask']['dropped/val']:.4f}"))
-    ms = m["tradeoff"]["memsinks"]
-    reach = [(meth, p) for meth in ("hard_concrete", "integrated_gradients") for p in m["posthoc"][meth]
-             if p["forgetting"] >= ms["forgetting"]]
-    best = min((p["degradation"] for _, p in reach), default=None)
-    c.append(ev.claim("5 MemSinks beats post-hoc localization: the least degradation of any post-hoc point forgetting at "
-                   "least as much (None = none does) exceeds MemSinks' degradation", best, ms["degradation"],
-                   best is None or best > ms["degradation"],
-                   f"MemSinks forgets {ms['forgetting']:.4f} at degradation {ms['degradation']:.4f}; "
-                   f"best post-hoc forgetting {max(p['forgetting'] for meth in ('hard_concrete', 'integrated_gradients') for p in m['posthoc'][meth]):.4f}"))
-    return c
-
-
-# -------------------------------------------------------------------------------------------------
-# Sweeps (Figures 5a, 5b, 5c and 7), each behind --sweep
-# -------------------------------------------------------------------------------------------------
 
 SWEEP_DEFAULTS = {"p": (0.1, 0.3, 0.5, 0.7), "size": (64, 128, 192), "noise": (0.0, 0.1, 0.5)}
 
@@ -761,6 +738,42 @@ def run_dynamics(cfg, sets, log):
                           a["memsinks"], a["standard"], a["memsinks"] < a["standard"]),
                  ev.claim("7 MemSinks keeps a lower training loss on the tracked sequence (mean over the second half)",
                           m["memsinks"], m["standard"], m["memsinks"] < m["standard"])]
+
+
+# -------------------------------------------------------------------------------------------------
+# Claims of the main run, from this run's numbers (thresholds fixed in code)
+# -------------------------------------------------------------------------------------------------
+
+def main_claims(cfg, m):
+    f = {n: x["final"] for n, x in m["models"].items()}
+    sv, sr = f["standard"]["plain/val"], f["standard"]["plain/rep"]
+    msv = f["memsinks"]["dropped/val"]
+    c = [ev.claim("1 standard training memorizes: repeated-sequence loss far below validation loss (L_rep / L_val)",
+               sr / sv, 0.5, sr / sv <= 0.5, f"L_rep {sr:.4f}, L_val {sv:.4f}")]
+    cl = m["gap_closure"]["memsinks_dropped"]
+    c.append(ev.claim("2 MemSinks with sinks dropped closes at least half of the memorization gap", cl, 0.5, cl >= 0.5,
+                   f"L_rep(MemSinks dropped) {f['memsinks']['dropped/rep']:.4f}"))
+    rel = msv / sv - 1
+    c.append(ev.claim("3a MemSinks (sinks dropped) validation loss within 3% of standard training (relative change)",
+                   rel, 0.03, rel <= 0.03, f"{msv:.4f} vs {sv:.4f}"))
+    de = f["dedup_epochs"]["plain/val"]
+    c.append(ev.claim("3b MemSinks (sinks dropped) validation loss below the deduplicated model at the same epochs "
+                   "(difference)", msv - de, 0.0, msv < de,
+                   f"{msv:.4f} vs {de:.4f} ({m['models']['dedup_epochs']['steps']} steps); not a claim: dedup at the "
+                   f"same steps {f['dedup_steps']['plain/val']:.4f}"))
+    gv = f["gradmask"]["keep/val"]
+    c.append(ev.claim("4 gradient masking (memorization neurons kept) has a worse validation loss than standard "
+                   "(difference)", gv - sv, 0.0, gv > sv, f"{gv:.4f} vs {sv:.4f}; dropped {f['gradmask']['dropped/val']:.4f}"))
+    ms = m["tradeoff"]["memsinks"]
+    reach = [(meth, p) for meth in ("hard_concrete", "integrated_gradients") for p in m["posthoc"][meth]
+             if p["forgetting"] >= ms["forgetting"]]
+    best = min((p["degradation"] for _, p in reach), default=None)
+    c.append(ev.claim("5 MemSinks beats post-hoc localization: the least degradation of any post-hoc point forgetting at "
+                   "least as much (None = none does) exceeds MemSinks' degradation", best, ms["degradation"],
+                   best is None or best > ms["degradation"],
+                   f"MemSinks forgets {ms['forgetting']:.4f} at degradation {ms['degradation']:.4f}; "
+                   f"best post-hoc forgetting {max(p['forgetting'] for meth in ('hard_concrete', 'integrated_gradients') for p in m['posthoc'][meth]):.4f}"))
+    return c
 
 
 # -------------------------------------------------------------------------------------------------

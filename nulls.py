@@ -1,18 +1,24 @@
 """
-NULLs: Natively Unlearnable LLMs (Ghosal, Maini, Raghunathan). Per-source sparse sink masks beside a shared
-backbone, so that forgetting a source is a matter of never applying its mask.
+Natively Unlearnable Large Language Models (NULLs; Ghosal, Maini, Raghunathan; arXiv 2606.13873). Every MLP has
+N_gen shared backbone neurons, always on, beside a pool of N_pool sinks of which each data source switches on a
+fixed N_source, so what is specific to a source collects in its sinks; a source is unlearned by never switching
+its sinks on again, with no gradient step and no access to the retained data.
 
-Each MLP hidden layer = N_gen shared backbone neurons (always on) + a pool of N_pool sink neurons. Source s
-activates exactly N_source of the pool, chosen deterministically from s by memsinks.py's tensorized
-generator (the N_source pool neurons with the smallest uniforms u_j(s)); every layer uses the same mask.
-The expected overlap of two sources' sinks is N_source / N_pool, the paper's "overlap ratio".
+Run: `python nulls.py` (the built-in world, people as sources; CPU, minutes); `--preset=smoke` (seconds);
+`--preset=paper` (Wikipedia articles as sources, a SmolLM-shaped model, one GPU); `--sweep=overlap|n_source|
+capacity` (Figure 8); `torchrun --nproc_per_node=N nulls.py ...` trains data-parallel, rank 0 evaluates. It trains
+NULLs, Retrained (NULLs without the forgotten sources) and a standard transformer of the same size (cached in
+out_dir, named by train.run_key), unlearns n_forget people, probes their facts by truth ratio (Figures 3-4), runs
+NPO and gradient ascent on the standard model (3c), the relearning attack (7b) and the capability check, prints
+the tables and claims, and writes out_dir/results.json, results.md and the figures. Measured numbers: README.md.
+The sink masks come from memsinks.py's generator.
 
-Differences from the authors' released code, on purpose (../shared/notes/sinks-nulls-neumuter.md):
-- exactly N_source active sinks per source (the release draws Bernoulli(p_mem), 75-130 for a target of 100);
-  the paper describes "a subset of size N_source";
-- the generator is the exact, scrambled-seed LCG of memsinks.py (the release's wraps and correlates ids);
-- packed rows use causal AND same-document attention (model.py's doc_ids); the release masks only
-  (j > i) AND same-doc, leaking other documents' future tokens.
+Where we deliberately differ from the authors' released code, and why:
+- exactly N_source active sinks per source (the release draws Bernoulli(p_mem), 75-130 for a target of 100): the
+  paper describes "a subset of size N_source";
+- the generator is memsinks.py's exact, scrambled-seed LCG (the release's wraps and correlates ids);
+- packed rows use causal AND same-document attention (model.py's doc_ids); the release masks only (j > i) AND
+  same document, which leaks other documents' future tokens.
 """
 import copy
 import dataclasses
@@ -20,7 +26,6 @@ import json
 import math
 import os
 import time
-import zlib
 from dataclasses import dataclass, asdict
 
 import torch
@@ -33,8 +38,87 @@ import train as T
 from memsinks import lcg_uniforms
 
 
+@dataclass
+class Config:
+    # data: "world" = the built-in fictional world (people are the sources); otherwise a hub name or local
+    # path of documents for data.load_text_dataset, one document = one source (e.g. "wikipedia")
+    data: str = "world"
+    n_people: int = 100
+    n_families: int = 40
+    n_cities: int = 10
+    n_countries: int = 4
+    n_docs: int = 2000                 # real data: number of documents (sources) to train on
+    text_field: str = "text"
+    tokenizer: str = "gpt2"            # real data: "gpt2" (BPE) or "word" (a word vocabulary built from the data)
+    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
+    n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
+    split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
+    # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
+    flavor: str = "llama"
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0
+    n_embd: int = 128
+    n_gen: int = 64
+    n_pool: int = 1024
+    n_source: int = 64
+    block_size: int = 160
+    fast_path: bool = True             # compute only the active neurons (tested equal to the dense mask,
+                                       # so not part of the checkpoint key)
+    # training (the same for NULLs, Retrained and Standard)
+    epochs: int = 40
+    batch_size: int = 20
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    # post-hoc baselines on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
+    unlearn_epochs: int = 5
+    unlearn_batch: int = 2
+    npo_beta: float = 0.5
+    npo_lr: float = 1e-3
+    ga_lr: float = 1e-3
+    relearn_steps: int = 20
+    relearn_lr: float = 1e-3
+    # sweeps behind a flag: "overlap" (Fig 8a), "n_source" (8b), "capacity" (8c); "" = none
+    sweep: str = ""
+    sweep_values: tuple = ()
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "out/nulls"
+    log_every: int = 50
+
+    def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
+        T.check(self, tokenizer=("gpt2", "word"), flavor=("gpt2", "llama"),
+                sweep=("", "overlap", "n_source", "capacity"), n_people="[2, inf)", n_families="[1, inf)",
+                n_cities="[1, inf)", n_countries="[1, inf)", n_docs="[2, inf)",
+                n_forget="[1, n_people)" if self.data == "world" else "[1, n_docs)",
+                n_layer="[1, inf)", n_head="[1, inf)", n_kv_head="[0, n_head]", n_embd="[1, inf)", n_gen="[1, inf)",
+                n_pool="[1, inf)", n_source="[1, n_pool]", block_size="[2, inf)", epochs="[1, inf)",
+                batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]", weight_decay="[0, inf)",
+                warmup_steps="[0, inf)", grad_clip="[0, inf)", unlearn_epochs="[1, inf)", unlearn_batch="[1, inf)",
+                npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
+                relearn_lr="(0, inf)", log_every="[0, inf)")
+        T.pick_device(self.device)             # names the devices that exist if this one does not
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
+                  n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
+                  log_every=0),
+    # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
+    # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
+    "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
+                  n_kv_head=3, n_embd=576, n_gen=500, n_pool=7692, n_source=100, block_size=1024, epochs=3,
+                  batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=1000, npo_lr=1e-5, ga_lr=1e-5,
+                  relearn_lr=1e-5, unlearn_batch=8, log_every=100),
+}
+
+
 # -------------------------------------------------------------------------------------------------
-# Source sink masks
+# The method: per-source sink masks (memsinks.py's generator) and the fast path over active neurons
 # -------------------------------------------------------------------------------------------------
 
 def source_sinks(src_ids, n_pool, n_source):
@@ -127,7 +211,7 @@ def _hidden(mlp, x, cols):
 
 
 # -------------------------------------------------------------------------------------------------
-# The NULLs model state: which sources exist, which are forgotten; unlearning; routing
+# The NULLs model state: which sources exist and which are forgotten; permanent removal
 # -------------------------------------------------------------------------------------------------
 
 class Sinks:
@@ -215,116 +299,6 @@ def remove_permanently(model, sinks, source_id):
         mlp.down.weight[:, cols.to(mlp.down.weight.device)] = 0
 
 
-@torch.no_grad()
-def embed(model, rows, mask):
-    """(N, n_embd) mean-pooled final hidden states (after the last norm) of each row of `rows` (x, doc_ids as
-    made by segments()), under one mask: the paper's "mean-pooled token representations" used for
-    nearest-source routing (Appendix A.2)."""
-    dev = next(model.parameters()).device
-    captured = []
-    hook = model.ln_f.register_forward_hook(lambda m, i, o: captured.append(o))
-    try:
-        model(rows["x"].to(dev), doc_ids=rows["doc_ids"].to(dev), mlp_mask=None if mask is None else mask.to(dev))
-    finally:
-        hook.remove()
-    valid = (rows["doc_ids"] >= 0).float().to(dev)[..., None]                   # (N, T, 1)
-    return ((captured[-1].float() * valid).sum(1) / valid.sum(1)).cpu()
-
-
-def segments(cfg, tok, seqs):
-    """Token lists -> one row each (x, y, doc_ids), cut into sentence segments for the world (see Config)."""
-    split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
-    return data.one_per_row(seqs, None, eos_id=tok.eos_id, pad_id=tok.pad_id, split_ids=split)
-
-
-@torch.no_grad()
-def row_losses(net, rows, mask=None):
-    """(N,) mean next-token NLL of each row (targets -100 ignored), with the rows' segments as documents."""
-    dev = next(net.parameters()).device
-    with ev.evaluating(net):
-        lp = net.token_logprobs(rows["x"].to(dev), rows["y"].to(dev), doc_ids=rows["doc_ids"].to(dev),
-                                mlp_mask=None if mask is None else mask.to(dev))
-    return -ev.mean_logprob(lp, rows["y"].to(dev)).cpu()
-
-
-def nearest_sources(queries, source_emb, source_ids, exclude=()):
-    """For each query embedding (Q, C), the id of the source whose embedding (S, C) has the highest cosine
-    similarity, never one in `exclude` (the forgotten sources)."""
-    sim = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(source_emb, dim=-1).t()
-    ids = torch.as_tensor(source_ids, dtype=torch.long)
-    sim[:, torch.isin(ids, torch.tensor(sorted(exclude), dtype=torch.long))] = float("-inf")
-    return ids[sim.argmax(1)]
-
-
-# -------------------------------------------------------------------------------------------------
-# Config
-# -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    # data: "world" = the built-in fictional world (people are the sources); otherwise a hub name or local
-    # path of documents for data.load_text_dataset, one document = one source (e.g. "wikipedia")
-    data: str = "world"
-    n_people: int = 100
-    n_families: int = 40
-    n_cities: int = 10
-    n_countries: int = 4
-    n_docs: int = 2000                 # real data: number of documents (sources) to train on
-    text_field: str = "text"
-    tokenizer: str = "gpt2"            # real data: "gpt2" (BPE) or "word" (a word vocabulary built from the data)
-    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
-    n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
-    split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
-    # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
-    flavor: str = "llama"
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0
-    n_embd: int = 128
-    n_gen: int = 64
-    n_pool: int = 1024
-    n_source: int = 64
-    block_size: int = 160
-    fast_path: bool = True             # compute only the active neurons (tested equal to the dense mask)
-    # training (the same for NULLs, Retrained and Standard)
-    epochs: int = 40
-    batch_size: int = 20
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 30
-    grad_clip: float = 1.0
-    # post-hoc baselines on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
-    unlearn_epochs: int = 5
-    unlearn_batch: int = 2
-    npo_beta: float = 0.5
-    npo_lr: float = 1e-3
-    ga_lr: float = 1e-3
-    relearn_steps: int = 20
-    relearn_lr: float = 1e-3
-    # sweeps behind a flag: "overlap" (Fig 8a), "n_source" (8b), "capacity" (8c); "" = none
-    sweep: str = ""
-    sweep_values: tuple = ()
-    device: str = "auto"
-    seed: int = 0
-    out_dir: str = "out/nulls"
-    log_every: int = 50
-
-
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
-                  n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
-                  log_every=0),
-    # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
-    # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
-    "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
-                  n_kv_head=3, n_embd=576, n_gen=500, n_pool=7692, n_source=100, block_size=1024, epochs=3,
-                  batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=1000, npo_lr=1e-5, ga_lr=1e-5,
-                  relearn_lr=1e-5, unlearn_batch=8, log_every=100),
-}
-
-
 # -------------------------------------------------------------------------------------------------
 # Data: sources, their token lists, and the facts to probe
 # -------------------------------------------------------------------------------------------------
@@ -360,6 +334,39 @@ def load_sources(cfg):
     return dict(tok=tok, docs=docs, forget=forget, world=world, holdout=holdout)
 
 
+def segments(cfg, tok, seqs):
+    """Token lists -> one row each (x, y, doc_ids), cut into sentence segments for the world (see Config)."""
+    split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
+    return data.one_per_row(seqs, None, eos_id=tok.eos_id, pad_id=tok.pad_id, split_ids=split)
+
+
+def probe_facts(world, forget):
+    """The facts of each forgotten person's article, with the routes that state them. Returns a list of
+    (fact, person) and, per fact, the 'stating' route: a retained source whose article states the fact (a
+    sibling for family facts, a same-city person for city facts, a resident of the birth city for the inferred
+    country); unique facts have none, so they go to a retained sibling."""
+    gone, items = set(forget), []
+    by_id = {f.id: f for f in world.facts}
+    for p in forget:
+        person = world.person(p)
+        sibling = next((s for s in person.siblings if s not in gone), None)
+        for f in world.facts_of(p):
+            if f.kind == "inferred":
+                stating = [s for prem in f.premises for s in by_id[prem].source_ids if s not in gone]
+                # prefer a source stating the city -> country premise: the step the model must take
+                city_prem = [s for s in by_id[f.premises[-1]].source_ids if s not in gone]
+                stating = city_prem or stating
+            elif f.kind == "shared":
+                stating = [s for s in f.source_ids if s not in gone]
+            else:
+                stating = []
+            route = stating[0] if stating else sibling
+            if route is None:
+                raise ValueError(f"person {p} has no retained sibling or stating source to route to")
+            items.append((f, p, route))
+    return items
+
+
 # -------------------------------------------------------------------------------------------------
 # Training: NULLs, Retrained (NULLs without the forgotten sources) and a standard transformer
 # -------------------------------------------------------------------------------------------------
@@ -371,50 +378,148 @@ def model_config(cfg, vocab_size):
                          bias=cfg.flavor == "gpt2", tie_embeddings=True)
 
 
-def checkpoint_path(cfg, name, source_ids, docs_digest=""):
-    """out_dir/<name>-<fingerprint>.pt: a finished model is reused by a rerun with the same settings and the
-    same training tokens (docs_digest), and a run with other settings or data never resumes from it."""
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out_dir", "log_every", "sweep", "sweep_values")}
-    key = json.dumps([keep, name, list(source_ids), docs_digest], sort_keys=True, default=str)
-    return os.path.join(cfg.out_dir, f"{name}-{zlib.crc32(key.encode()):08x}.pt")
+def lm_rows(cfg, tok, docs, source_ids):
+    """One row per source document (x, y, doc_ids, per-token source_ids); world articles in sentence segments."""
+    split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
+    return data.one_per_row([docs[s] for s in source_ids], source_ids, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            block_size=cfg.block_size, split_ids=split)
 
 
-def docs_digest(docs, source_ids):
-    return f"{zlib.crc32(json.dumps([docs[s] for s in source_ids]).encode()):08x}"
+def train_config(cfg, steps):
+    """The loop's settings, the same for NULLs, Retrained and Standard."""
+    return T.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                         max_steps=steps, grad_clip=cfg.grad_clip, log_every=cfg.log_every, device=cfg.device,
+                         seed=cfg.seed, ckpt_every=max(50, steps // 4))
+
+
+def checkpoint_path(cfg, name, tok, rows, steps, sinks):
+    """out_dir/<name>-<train.run_key>.pt, keyed on what training receives: the model and loop settings, the rows
+    (with source ids only where sink masks use them), the batch size and the sink layout. Everything after
+    training (unlearning, probing, the baselines, relearning, --fast_path) reuses the finished model, and the
+    NULLs and standard models survive a change of n_forget."""
+    keys = ("x", "y", "doc_ids") + (() if sinks is None else ("source_ids",))
+    layout = None if sinks is None else {k: v for k, v in sinks.state_dict().items() if k != "sources"}
+    key = T.run_key(model_config(cfg, tok.vocab_size), train_config(cfg, steps), data={k: rows[k] for k in keys},
+                    batch_size=cfg.batch_size, sinks=layout)
+    return os.path.join(cfg.out_dir, f"{name}-{key}.pt")
+
+
+def lm_run(cfg, tok, docs, source_ids, sinks, name):
+    """What training one model hands the loop: (rows, the epoch order, the TrainConfig with its checkpoint)."""
+    rows = lm_rows(cfg, tok, docs, source_ids)
+    order = data.EpochIterator(len(source_ids), cfg.batch_size, seed=cfg.seed)
+    steps = cfg.epochs * order.steps_per_epoch
+    tc = dataclasses.replace(train_config(cfg, steps), resume=True,
+                             ckpt_path=checkpoint_path(cfg, name, tok, rows, steps, sinks))
+    return rows, order, tc
 
 
 def train_lm(cfg, tok, docs, source_ids, sinks, name):
-    """Train a fresh model on the documents of `source_ids` (one document per row), with the sink masks of
-    `sinks` (None = a standard transformer). The checkpoint in out_dir makes an interrupted run resumable."""
+    """Train a fresh model on the documents of `source_ids` (one document per row) with the sink masks of `sinks`
+    (None = a standard transformer), or reuse the finished checkpoint; an interrupted run resumes. Under
+    torchrun the ranks split every batch (data-parallel)."""
     torch.manual_seed(cfg.seed)
     net = M.GPT(model_config(cfg, tok.vocab_size))
-    split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
-    rows = data.one_per_row([docs[s] for s in source_ids], source_ids, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            block_size=cfg.block_size, split_ids=split)
-    order = data.EpochIterator(len(source_ids), cfg.batch_size, seed=cfg.seed)
-    steps = cfg.epochs * order.steps_per_epoch
-    device = T.pick_device(cfg.device)
+    rows, order, tc = lm_run(cfg, tok, docs, source_ids, sinks, name)
+    steps = tc.max_steps
 
-    def batch_at(step):   # a pure function of the step: resumed runs see exactly the same batches
-        epoch, pos = divmod(step, order.steps_per_epoch)
-        idx = order.order(epoch)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-        b = {k: rows[k][idx] for k in ("x", "y", "doc_ids")}
-        if sinks is not None:   # built on the training device: the mask object is not moved by the loop
-            b["mlp_mask"] = sinks.mask(rows["source_ids"][idx].to(device), fast=cfg.fast_path)
+    def batch_at(step):
+        b = {k: rows[k][T.epoch_batch(order, step)] for k in ("x", "y", "doc_ids", "source_ids")}
+        if sinks is not None:   # a function of this rank's rows, called on the training device (train.train)
+            b["mlp_mask"] = lambda local: sinks.mask(local["source_ids"], fast=cfg.fast_path)
         return b
-    tc = T.TrainConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                       max_steps=steps, grad_clip=cfg.grad_clip, log_every=cfg.log_every, device=cfg.device,
-                       seed=cfg.seed, ckpt_every=max(50, steps // 4), resume=True,
-                       ckpt_path=checkpoint_path(cfg, name, source_ids, docs_digest(docs, source_ids)))
-    print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
+    if T.is_main_process():
+        print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
     hist = T.train(net, batch_at, tc, tokenizer=tok.state_dict())
     net.eval()
     return net, hist
 
 
+def make_sinks(cfg, src):
+    """The sink layouts of NULLs (every source) and of Retrained (the retained sources only)."""
+    gone = set(src["forget"])
+    return (Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, sorted(src["docs"])),
+            Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, [s for s in sorted(src["docs"]) if s not in gone]))
+
+
+def train_three(cfg, src, sinks, retr_sinks):
+    """NULLs on every source, Retrained without the forgotten ones, and the standard transformer."""
+    tok, docs = src["tok"], src["docs"]
+    t0 = time.time()
+    nulls_net, h_nulls = train_lm(cfg, tok, docs, sinks.sources, sinks, "nulls")
+    retr_net, _ = train_lm(cfg, tok, docs, retr_sinks.sources, retr_sinks, "retrained")
+    std_net, h_std = train_lm(cfg, tok, docs, sinks.sources, None, "standard")
+    times = {"train_s": time.time() - t0, "nulls_final_loss": h_nulls["loss"][-1] if h_nulls["loss"] else None,
+             "standard_final_loss": h_std["loss"][-1] if h_std["loss"] else None}
+    return {"nulls": nulls_net, "retrained": retr_net, "standard": std_net}, times
+
+
 # -------------------------------------------------------------------------------------------------
-# Probing facts: the NULLs truth ratio of cloze prompts, under a chosen source's mask
+# Unlearning: the forget list and nearest-source routing; post-hoc gradient baselines (Figure 3c)
 # -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def embed(model, rows, mask):
+    """(N, n_embd) mean-pooled final hidden states (after the last norm) of each row of `rows` (x, doc_ids as
+    made by segments()), under one mask: the paper's "mean-pooled token representations" used for
+    nearest-source routing (Appendix A.2)."""
+    dev = next(model.parameters()).device
+    captured = []
+    hook = model.ln_f.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        model(rows["x"].to(dev), doc_ids=rows["doc_ids"].to(dev), mlp_mask=None if mask is None else mask.to(dev))
+    finally:
+        hook.remove()
+    valid = (rows["doc_ids"] >= 0).float().to(dev)[..., None]                   # (N, T, 1)
+    return ((captured[-1].float() * valid).sum(1) / valid.sum(1)).cpu()
+
+
+def nearest_sources(queries, source_emb, source_ids, exclude=()):
+    """For each query embedding (Q, C), the id of the source whose embedding (S, C) has the highest cosine
+    similarity, never one in `exclude` (the forgotten sources)."""
+    sim = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(source_emb, dim=-1).t()
+    ids = torch.as_tensor(source_ids, dtype=torch.long)
+    sim[:, torch.isin(ids, torch.tensor(sorted(exclude), dtype=torch.long))] = float("-inf")
+    return ids[sim.argmax(1)]
+
+
+def forget_batches(cfg, tok, docs, forget):
+    rows = segments(cfg, tok, [docs[s] for s in forget])
+    return [{k: rows[k][i:i + cfg.unlearn_batch] for k in ("x", "y", "doc_ids")}
+            for i in range(0, len(forget), cfg.unlearn_batch)]
+
+
+def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
+    """NPO or gradient ascent on a copy of the standard transformer for cfg.unlearn_epochs epochs over the
+    forgotten sources, metrics every epoch. Neither uses retained data (as NULLs does not)."""
+    net = copy.deepcopy(std_net)
+    if name == "npo":          # the frozen reference is the model before unlearning
+        ref = copy.deepcopy(std_net).eval().requires_grad_(False)
+        objective, lr = (lambda model, forget, retain=None: baselines.npo_loss(
+            model, ref, forget, beta=cfg.npo_beta, retain_weight=0.0)), cfg.npo_lr
+    elif name == "ga":
+        objective, lr = (lambda model, forget, retain=None: baselines.ga_loss(model, forget)), cfg.ga_lr
+    else:
+        raise ValueError(f"gradient baseline must be npo or ga, got {name!r}")
+    res = baselines.unlearn(net, objective, batches, epochs=cfg.unlearn_epochs, lr=lr, metrics_fn=metrics_fn,
+                            eval_every=len(batches))
+    net.eval()
+    return net, res
+
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation: losses, the NULLs truth ratio of cloze prompts under a chosen source's mask, relearning
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def row_losses(net, rows, mask=None):
+    """(N,) mean next-token NLL of each row (targets -100 ignored), with the rows' segments as documents."""
+    dev = next(net.parameters()).device
+    with ev.evaluating(net):
+        lp = net.token_logprobs(rows["x"].to(dev), rows["y"].to(dev), doc_ids=rows["doc_ids"].to(dev),
+                                mlp_mask=None if mask is None else mask.to(dev))
+    return -ev.mean_logprob(lp, rows["y"].to(dev)).cpu()
+
 
 def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None, forgotten=None):
     """(N,) NULLs truth ratio TR = p̄(value | cloze) / mean_j p̄(wrong value_j | cloze) of each fact.
@@ -447,55 +552,58 @@ def summarize(tr):
     return {"n": len(tr), "geomean": float(tr.log().mean().exp()), "frac_gt1": float((tr > 1).double().mean())}
 
 
-def probe_facts(world, forget):
-    """The facts of each forgotten person's article, with the routes that state them. Returns a list of
-    (fact, person) and, per fact, the 'stating' route: a retained source whose article states the fact (a
-    sibling for family facts, a same-city person for city facts, a resident of the birth city for the inferred
-    country); unique facts have none, so they go to a retained sibling."""
-    gone, items = set(forget), []
-    by_id = {f.id: f for f in world.facts}
-    for p in forget:
-        person = world.person(p)
-        sibling = next((s for s in person.siblings if s not in gone), None)
-        for f in world.facts_of(p):
-            if f.kind == "inferred":
-                stating = [s for prem in f.premises for s in by_id[prem].source_ids if s not in gone]
-                # prefer a source stating the city -> country premise: the step the model must take
-                city_prem = [s for s in by_id[f.premises[-1]].source_ids if s not in gone]
-                stating = city_prem or stating
-            elif f.kind == "shared":
-                stating = [s for s in f.source_ids if s not in gone]
-            else:
-                stating = []
-            route = stating[0] if stating else sibling
-            if route is None:
-                raise ValueError(f"person {p} has no retained sibling or stating source to route to")
-            items.append((f, p, route))
-    return items
+def probe_world(cfg, world, tok, forget, nets, sinks, retr_sinks, nearest, emb, all_ids):
+    """Truth ratios of the forgotten people's facts in every mode (Figures 3a, 3b, 4) -> (table, routing stats,
+    per-fact rows)."""
+    nulls_net, retr_net, std_net = nets["nulls"], nets["retrained"], nets["standard"]
+    items = probe_facts(world, forget)
+    facts = [f for f, _, _ in items]
+    own = torch.tensor([p for _, p, _ in items])
+    stating = torch.tensor([r for _, _, r in items])
+    near = torch.tensor([nearest[p] for _, p, _ in items])
+    # per-prompt routing of an unlabelled cloze prompt (Appendix A.2)
+    prompt_emb = embed(nulls_net, segments(cfg, tok, [tok.encode(f.cloze) for f in facts]), sinks.expected_mask())
+    prompt = nearest_sources(prompt_emb, emb, all_ids, exclude=set(forget))
+    tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks),
+          "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask()),
+          "standard": truth_ratios(std_net, tok, facts)}
+    for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
+        tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks, forgotten=own)
+        tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks)
+    kinds = [f.kind for f in facts]
+    # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
+    # (under the routing to a stating source / sibling), "unique" = the rest
+    retr_ok = tr["retrained/stating"] > 1
+    paper_cat = ["shared" if k == "shared" else ("inferred*" if ok else "unique*") for k, ok in zip(kinds, retr_ok)]
+    table = {}
+    for mode, v in tr.items():
+        table[mode] = {}
+        for cat in ("unique", "shared", "inferred", "unique*", "inferred*"):
+            sel = [i for i in range(len(facts)) if (kinds[i] == cat or paper_cat[i] == cat)]
+            table[mode][cat] = summarize(v[sel])
+    routing = {
+        "nearest_is_sibling": float(sum(nearest[p] in world.person(p).siblings for p in forget) / len(forget)),
+        "nearest_same_birth_city": float(sum(world.person(nearest[p]).birth_city == world.person(p).birth_city
+                                             for p in forget) / len(forget)),
+        "prompt_routed_to_stating_source": float(sum(int(prompt[i]) in facts[i].source_ids for i in range(len(facts)))
+                                                 / len(facts))}
+    per_fact = [{"fact": f.id, "kind": f.kind, "person": p, "route_stating": r, "route_nearest": nearest[p],
+                 **{m: float(v[i]) for m, v in tr.items()}} for i, (f, p, r) in enumerate(items)]
+    return table, routing, per_fact
 
 
-# -------------------------------------------------------------------------------------------------
-# Post-hoc gradient unlearning on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
-# -------------------------------------------------------------------------------------------------
+def fact_trajectory(tok, world, forget):
+    """metrics_fn for the gradient baselines (Figure 3c): truth ratios of the forgotten people's unique and
+    shared facts on the unmasked model."""
+    facts = [f for f, _, _ in probe_facts(world, forget)]
+    uniq = [f for f in facts if f.kind == "unique"]
+    shared = [f for f in facts if f.kind == "shared"]
 
-def forget_batches(cfg, tok, docs, forget):
-    rows = segments(cfg, tok, [docs[s] for s in forget])
-    return [{k: rows[k][i:i + cfg.unlearn_batch] for k in ("x", "y", "doc_ids")}
-            for i in range(0, len(forget), cfg.unlearn_batch)]
-
-
-def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
-    """NPO or gradient ascent for cfg.unlearn_epochs epochs over the forgotten sources; metrics every epoch."""
-    net = copy.deepcopy(std_net)
-    if name == "npo":
-        objective, lr = baselines.make_objective("npo", ref_model=copy.deepcopy(std_net), beta=cfg.npo_beta,
-                                                 retain_weight=0.0), cfg.npo_lr
-    else:
-        objective, lr = baselines.make_objective("ga"), cfg.ga_lr
-    res = baselines.unlearn(net, objective, batches, epochs=cfg.unlearn_epochs, lr=lr, metrics_fn=metrics_fn,
-                            eval_every=len(batches))
-    net.eval()
-    return net, res
+    def metrics_fn(net, step):
+        u, s = summarize(truth_ratios(net, tok, uniq)), summarize(truth_ratios(net, tok, shared))
+        return {"unique_frac_gt1": u["frac_gt1"], "shared_frac_gt1": s["frac_gt1"],
+                "unique_geomean": u["geomean"], "shared_geomean": s["geomean"]}
+    return metrics_fn
 
 
 def relearn(cfg, net, tok, train_seqs, test_seqs, mask_rows=None):
@@ -523,29 +631,20 @@ def relearn(cfg, net, tok, train_seqs, test_seqs, mask_rows=None):
 # The experiment
 # -------------------------------------------------------------------------------------------------
 
-def train_three(cfg, src):
-    tok, docs, forget = src["tok"], src["docs"], src["forget"]
-    all_ids = sorted(docs)
-    retained = [s for s in all_ids if s not in set(forget)]
-    t0 = time.time()
-    nulls_net, h_nulls = train_lm(cfg, tok, docs, all_ids, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids), "nulls")
-    retr_net, h_retr = train_lm(cfg, tok, docs, retained, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained), "retrained")
-    std_net, h_std = train_lm(cfg, tok, docs, all_ids, None, "standard")
-    times = {"train_s": time.time() - t0, "nulls_final_loss": h_nulls["loss"][-1] if h_nulls["loss"] else None,
-             "standard_final_loss": h_std["loss"][-1] if h_std["loss"] else None}
-    return nulls_net, retr_net, std_net, retained, times
-
-
 def run(cfg):
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    """Train (or reuse) the three models, unlearn, evaluate -> (metrics, claims); (None, None) on the ranks > 0
+    of a torchrun launch, which only help train."""
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     src = load_sources(cfg)
     tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
     all_ids = sorted(docs)
-    nulls_net, retr_net, std_net, retained, times = train_three(cfg, src)
-    sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids)                   # Sink-On: nothing forgotten yet
-    retr_sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained)
+    sinks, retr_sinks = make_sinks(cfg, src)                                        # Sink-On: nothing forgotten yet
+    nets, times = train_three(cfg, src, sinks, retr_sinks)
+    if not T.is_main_process():
+        return None, None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    nulls_net, retr_net, std_net = nets["nulls"], nets["retrained"], nets["standard"]
     metrics = {"times": times, "n_sources": len(all_ids), "forget": forget,
                "params": {"nulls": nulls_net.num_params(), "standard": std_net.num_params()}}
 
@@ -569,13 +668,12 @@ def run(cfg):
     # capability (claim 5): held-out text, NULLs routed to the nearest source, vs the standard transformer
     hold = segments(cfg, tok, src["holdout"])
     hold_route = nearest_sources(embed(nulls_net, hold, sinks.expected_mask()), emb, all_ids, exclude=set(forget))
-    val_nulls = float(row_losses(nulls_net, hold, sinks.row_mask(hold_route)).mean())
-    val_std = float(row_losses(std_net, hold).mean())
-    # diagnostics: no routing, every sink at its expected value; the backbone alone
-    val_exp = float(row_losses(nulls_net, hold, sinks.expected_mask()).mean())
-    val_bb = float(row_losses(nulls_net, hold, sinks.backbone_mask()).mean())
-    metrics["val_loss"] = {"nulls": val_nulls, "standard": val_std, "nulls_expected_mask": val_exp,
-                           "nulls_backbone_only": val_bb}
+    metrics["val_loss"] = {
+        "nulls": float(row_losses(nulls_net, hold, sinks.row_mask(hold_route)).mean()),
+        "standard": float(row_losses(std_net, hold).mean()),
+        # diagnostics: no routing, every sink at its expected value; the backbone alone
+        "nulls_expected_mask": float(row_losses(nulls_net, hold, sinks.expected_mask()).mean()),
+        "nulls_backbone_only": float(row_losses(nulls_net, hold, sinks.backbone_mask()).mean())}
 
     # loss on the forgotten sources themselves, per mode (the Harry Potter study's Figure 5a measure)
     fseqs = [docs[s] for s in forget]
@@ -587,125 +685,103 @@ def run(cfg):
         "retrained": float(row_losses(retr_net, frows, retr_sinks.row_mask(route_near)).mean()),
         "standard": float(row_losses(std_net, frows).mean())}
 
-    claims = []
+    claims = {}
     if world is not None:
-        claims += probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks,
-                              retr_sinks, nearest, emb, all_ids)
+        table, metrics["routing"], metrics["per_fact"] = probe_world(cfg, world, tok, forget, nets, sinks,
+                                                                     retr_sinks, nearest, emb, all_ids)
+        metrics["truth_ratio"] = table
+        claims["unique_removed"] = claim_unique_removed(table)
+        claims["shared_kept"] = claim_shared_kept(table)
     else:
-        for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept",
-                  "3 gradient unlearning not selective"):
-            claims.append(ev.claim(c, None, None, None, "not measured: real documents come without facts"))
+        for name, text in (("unique_removed", "1 unique facts removed like retraining"),
+                           ("shared_kept", "2 shared and inferred facts kept"),
+                           ("gradient_not_selective", "3 gradient unlearning not selective")):
+            claims[name] = ev.claim(text, None, None, None, "not measured: real documents come without facts")
+
+    # Figure 3c: NPO and gradient ascent on the standard transformer over the forgotten articles (GA only where
+    # facts are probed); the NPO model also faces the relearning attack
+    batches = forget_batches(cfg, tok, docs, forget)
+    metrics_fn = None if world is None else fact_trajectory(tok, world, forget)
+    unlearned_nets = {}
+    if world is not None:
+        metrics["gradient_baselines"] = {}
+    for name in ("npo", "ga") if world is not None else ("npo",):
+        unlearned_nets[name], res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
+        if world is not None:
+            metrics["gradient_baselines"][name] = {"trajectory": res.trajectory, "train_time_s": res.train_time}
+            claims[f"{name}_not_selective"] = claim_not_selective(name, res.trajectory, cfg.unlearn_epochs)
 
     # relearning (claim 4): fine-tune on the first half of each forgotten source, loss on the second half
     half = [(d[:len(d) // 2], d[len(d) // 2:]) for d in fseqs]
     train_half, test_half = [a for a, _ in half], [b for _, b in half]
-    npo_net = metrics.pop("_npo_net", None)
-    if npo_net is None:
-        npo_net, _ = gradient_baseline(cfg, "npo", std_net, forget_batches(cfg, tok, docs, forget), None)
-    curves = {"sink_off": relearn(cfg, nulls_net, tok, train_half, test_half, sinks.row_mask(route_near, forget)),
-              "retrained": relearn(cfg, retr_net, tok, train_half, test_half, retr_sinks.row_mask(route_near)),
-              "npo": relearn(cfg, npo_net, tok, train_half, test_half)}
-    metrics["relearning"] = curves
-    rec = {k: c[0] - c[-1] for k, c in curves.items()}
-    gap = abs(curves["sink_off"][-1] - curves["retrained"][-1]) / curves["retrained"][-1]
-    claims.append(ev.claim("4 relearning: NPO recovers markedly faster than Sink-Off (>= 2x the loss drop), "
-                        "Sink-Off ends within 10% of Retrained",
-                        {"drop_npo": rec["npo"], "drop_sink_off": rec["sink_off"], "rel_gap_to_retrained": gap},
-                        {"drop_ratio": 2.0, "rel_gap": 0.10},
-                        bool(rec["npo"] >= 2 * max(rec["sink_off"], 0.0) and rec["npo"] > 0 and gap <= 0.10)))
-    ratio = val_nulls / val_std
-    claims.append(ev.claim("5 capability: NULLs held-out loss within 3% of a standard transformer (same params)",
-                        ratio, 1.03, bool(ratio <= 1.03),
-                        f"NULLs routed to the nearest source {val_nulls:.4f} vs standard {val_std:.4f}; for reference "
-                        f"(not the claim's measure), the ratio under the expected mask is {val_exp / val_std:.3f} and "
-                        f"with the backbone alone {val_bb / val_std:.3f}"))
+    metrics["relearning"] = {
+        "sink_off": relearn(cfg, nulls_net, tok, train_half, test_half, sinks.row_mask(route_near, forget)),
+        "retrained": relearn(cfg, retr_net, tok, train_half, test_half, retr_sinks.row_mask(route_near)),
+        "npo": relearn(cfg, unlearned_nets["npo"], tok, train_half, test_half)}
+    claims["relearning"] = claim_relearning(metrics["relearning"])
+    claims["capability"] = claim_capability(metrics["val_loss"])
     metrics["wall_time_s"] = time.time() - t_start
-    return metrics, claims
+    return metrics, list(claims.values())
 
 
-def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks,
-                nearest, emb, all_ids):
-    """Truth ratios of the forgotten people's facts in every mode (Figures 3a, 3b, 4), the gradient baselines'
-    trajectories (Figure 3c), and claims 1-3."""
-    forget = src["forget"]
-    items = probe_facts(world, forget)
-    facts = [f for f, _, _ in items]
-    own = torch.tensor([p for _, p, _ in items])
-    stating = torch.tensor([r for _, _, r in items])
-    near = torch.tensor([nearest[p] for _, p, _ in items])
-    # per-prompt routing of an unlabelled cloze prompt (Appendix A.2)
-    prompt_emb = embed(nulls_net, segments(cfg, tok, [tok.encode(f.cloze) for f in facts]), sinks.expected_mask())
-    prompt = nearest_sources(prompt_emb, emb, all_ids, exclude=set(forget))
-    tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks),
-          "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask()),
-          "standard": truth_ratios(std_net, tok, facts)}
-    for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
-        tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks, forgotten=own)
-        tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks)
-    kinds = [f.kind for f in facts]
-    # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
-    # (under the routing to a stating source / sibling), "unique" = the rest
-    retr_ok = tr["retrained/stating"] > 1
-    paper_cat = ["shared" if k == "shared" else ("inferred*" if ok else "unique*") for k, ok in zip(kinds, retr_ok)]
-    table = {}
-    for mode, v in tr.items():
-        table[mode] = {}
-        for cat in ("unique", "shared", "inferred", "unique*", "inferred*"):
-            sel = [i for i in range(len(facts)) if (kinds[i] == cat or paper_cat[i] == cat)]
-            table[mode][cat] = summarize(v[sel])
-    metrics["truth_ratio"] = table
-    metrics["routing"] = {
-        "nearest_is_sibling": float(sum(nearest[p] in world.person(p).siblings for p in forget) / len(forget)),
-        "nearest_same_birth_city": float(sum(world.person(nearest[p]).birth_city == world.person(p).birth_city
-                                             for p in forget) / len(forget)),
-        "prompt_routed_to_stating_source": float(sum(int(prompt[i]) in facts[i].source_ids for i in range(len(facts)))
-                                                 / len(facts))}
-    metrics["per_fact"] = [{"fact": f.id, "kind": f.kind, "person": p, "route_stating": r, "route_nearest": nearest[p],
-                            **{m: float(v[i]) for m, v in tr.items()}} for i, (f, p, r) in enumerate(items)]
+# -------------------------------------------------------------------------------------------------
+# Claims, from this run's numbers (thresholds fixed in code)
+# -------------------------------------------------------------------------------------------------
 
-    # Figure 3c: NPO and gradient ascent on the standard transformer, 5 epochs over the forgotten articles
-    uniq = [f for f in facts if f.kind == "unique"]
-    shared = [f for f in facts if f.kind == "shared"]
-
-    def metrics_fn(net, step):
-        u, s = summarize(truth_ratios(net, tok, uniq)), summarize(truth_ratios(net, tok, shared))
-        return {"unique_frac_gt1": u["frac_gt1"], "shared_frac_gt1": s["frac_gt1"],
-                "unique_geomean": u["geomean"], "shared_geomean": s["geomean"]}
-    batches = forget_batches(cfg, tok, src["docs"], forget)
-    metrics["gradient_baselines"] = {}
-    claims = []
-    for name in ("npo", "ga"):
-        net, res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
-        if name == "npo":
-            metrics["_npo_net"] = net
-        traj = res.trajectory
-        metrics["gradient_baselines"][name] = {"trajectory": traj, "train_time_s": res.train_time}
-        d_u = traj[0]["unique_frac_gt1"] - traj[-1]["unique_frac_gt1"]
-        d_s = traj[0]["shared_frac_gt1"] - traj[-1]["shared_frac_gt1"]
-        ratio = d_s / d_u if d_u > 0 else None
-        claims.append(ev.claim(f"3 {name.upper()} is not selective: shared facts (frac TR>1) fall at least half as "
-                            "fast as article-specific ones", ratio, 0.5, None if ratio is None else bool(ratio >= 0.5),
-                            f"drop unique {d_u:.3f}, drop shared {d_s:.3f} over {cfg.unlearn_epochs} epochs"
-                            + ("" if d_u > 0 else "; unique facts did not fall, ratio undefined")))
-
-    # claim 1: unique facts under the paper's nearest-source routing
+def claim_unique_removed(table):
+    """Claim 1, unique facts under the paper's nearest-source routing: Sink-Off forgets like Retrained."""
     on, off, re_ = (table[m]["unique"] for m in ("sink_on", "sink_off/nearest", "retrained/nearest"))
     fold = on["geomean"] / off["geomean"]
     diff = abs(off["frac_gt1"] - re_["frac_gt1"])
-    claims.insert(0, ev.claim("1 Sink-Off removes unique facts like retraining (nearest routing): |frac TR>1 "
-                           "Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
-                           {"frac_diff": diff, "geomean_fold": fold}, {"frac_diff": 0.15, "geomean_fold": 100},
-                           bool(diff <= 0.15 and fold >= 100),
-                           f"frac TR>1: on {on['frac_gt1']:.2f}, off {off['frac_gt1']:.2f}, retrained {re_['frac_gt1']:.2f}"))
-    # claim 2: shared and inferred facts, routed to a source that states them
+    return ev.claim("1 Sink-Off removes unique facts like retraining (nearest routing): |frac TR>1 "
+                    "Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
+                    {"frac_diff": diff, "geomean_fold": fold}, {"frac_diff": 0.15, "geomean_fold": 100},
+                    bool(diff <= 0.15 and fold >= 100),
+                    f"frac TR>1: on {on['frac_gt1']:.2f}, off {off['frac_gt1']:.2f}, retrained {re_['frac_gt1']:.2f}")
+
+
+def claim_shared_kept(table):
+    """Claim 2, shared and inferred facts, routed to a source that states them: Sink-Off keeps them."""
     vals, ok = {}, True
     for cat in ("shared", "inferred"):
         o, r = table["sink_off/stating"][cat], table["retrained/stating"][cat]
         vals[cat] = {"sink_off_frac": o["frac_gt1"], "retrained_frac": r["frac_gt1"]}
         ok &= o["frac_gt1"] >= 0.9 and abs(o["frac_gt1"] - r["frac_gt1"]) <= 0.1
-    claims.insert(1, ev.claim("2 Sink-Off keeps shared and inferred facts (routed to a stating source): frac TR>1 "
-                           ">= 0.9 and within 0.1 of Retrained", vals, {"frac": 0.9, "diff": 0.1}, bool(ok)))
-    return claims
+    return ev.claim("2 Sink-Off keeps shared and inferred facts (routed to a stating source): frac TR>1 "
+                    ">= 0.9 and within 0.1 of Retrained", vals, {"frac": 0.9, "diff": 0.1}, bool(ok))
+
+
+def claim_not_selective(name, traj, epochs):
+    """Claim 3 for one gradient baseline: shared facts fall at least half as fast as article-specific ones."""
+    d_u = traj[0]["unique_frac_gt1"] - traj[-1]["unique_frac_gt1"]
+    d_s = traj[0]["shared_frac_gt1"] - traj[-1]["shared_frac_gt1"]
+    ratio = d_s / d_u if d_u > 0 else None
+    return ev.claim(f"3 {name.upper()} is not selective: shared facts (frac TR>1) fall at least half as "
+                    "fast as article-specific ones", ratio, 0.5, None if ratio is None else bool(ratio >= 0.5),
+                    f"drop unique {d_u:.3f}, drop shared {d_s:.3f} over {epochs} epochs"
+                    + ("" if d_u > 0 else "; unique facts did not fall, ratio undefined"))
+
+
+def claim_relearning(curves):
+    """Claim 4: NPO's forgetting is undone faster by fine-tuning than NULLs' Sink-Off, which ends near Retrained."""
+    rec = {k: c[0] - c[-1] for k, c in curves.items()}
+    gap = abs(curves["sink_off"][-1] - curves["retrained"][-1]) / curves["retrained"][-1]
+    return ev.claim("4 relearning: NPO recovers markedly faster than Sink-Off (>= 2x the loss drop), "
+                    "Sink-Off ends within 10% of Retrained",
+                    {"drop_npo": rec["npo"], "drop_sink_off": rec["sink_off"], "rel_gap_to_retrained": gap},
+                    {"drop_ratio": 2.0, "rel_gap": 0.10},
+                    bool(rec["npo"] >= 2 * max(rec["sink_off"], 0.0) and rec["npo"] > 0 and gap <= 0.10))
+
+
+def claim_capability(vl):
+    """Claim 5: NULLs (routed to the nearest source) matches a standard transformer of the same size."""
+    ratio = vl["nulls"] / vl["standard"]
+    return ev.claim("5 capability: NULLs held-out loss within 3% of a standard transformer (same params)",
+                    ratio, 1.03, bool(ratio <= 1.03),
+                    f"NULLs routed to the nearest source {vl['nulls']:.4f} vs standard {vl['standard']:.4f}; for "
+                    f"reference (not the claim's measure), the ratio under the expected mask is "
+                    f"{vl['nulls_expected_mask'] / vl['standard']:.3f} and with the backbone alone "
+                    f"{vl['nulls_backbone_only'] / vl['standard']:.3f}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -796,18 +872,22 @@ SWEEP_DEFAULTS = {"overlap": (0.25, 0.125, 0.0625, 0.03125),      # N_source / N
 
 def sweep_point(cfg, src):
     """Unique-fact truth ratios of the forgotten people (Sink-On, Sink-Off, Retrained; nearest routing) and,
-    for the capacity sweep, Sink-On NULLs vs the standard transformer on every person's unique facts."""
+    for the capacity sweep, Sink-On NULLs vs the standard transformer on every person's unique facts. None on
+    the ranks > 0 of a torchrun launch."""
     tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
     all_ids = sorted(docs)
-    retained = [s for s in all_ids if s not in set(forget)]
-    sinks = Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, all_ids)
+    sinks, retr_sinks = make_sinks(cfg, src)
     nulls_net, _ = train_lm(cfg, tok, docs, all_ids, sinks, "nulls")
     if cfg.sweep == "capacity":
         std_net, _ = train_lm(cfg, tok, docs, all_ids, None, "standard")
+        if not T.is_main_process():
+            return None
         uniq = [f for f in world.facts if f.kind == "unique"]
         return {"nulls_sink_on": summarize(truth_ratios(nulls_net, tok, uniq, torch.tensor([f.person for f in uniq]), sinks)),
                 "standard": summarize(truth_ratios(std_net, tok, uniq))}
-    retr_net, _ = train_lm(cfg, tok, docs, retained, Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained), "retrained")
+    retr_net, _ = train_lm(cfg, tok, docs, retr_sinks.sources, retr_sinks, "retrained")
+    if not T.is_main_process():
+        return None
     emb = embed(nulls_net, segments(cfg, tok, [docs[s] for s in all_ids]), sinks.expected_mask())
     nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
                                                exclude=set(forget)).tolist()))
@@ -816,8 +896,7 @@ def sweep_point(cfg, src):
     own, near = torch.tensor([p for _, p in items]), torch.tensor([nearest[p] for _, p in items])
     return {"sink_on": summarize(truth_ratios(nulls_net, tok, facts, own, sinks)),
             "sink_off": summarize(truth_ratios(nulls_net, tok, facts, near, sinks, forgotten=own)),
-            "retrained": summarize(truth_ratios(retr_net, tok, facts, near,
-                                                Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, retained)))}
+            "retrained": summarize(truth_ratios(retr_net, tok, facts, near, retr_sinks))}
 
 
 def run_sweep(cfg):
@@ -825,7 +904,6 @@ def run_sweep(cfg):
         raise SystemExit(f"unknown sweep {cfg.sweep!r}; valid: {', '.join(SWEEP_DEFAULTS)}")
     if cfg.data != "world":
         raise SystemExit("the sweeps probe facts, which only the built-in world has (--data=world)")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     src = load_sources(cfg)
     rows = []
     for v in cfg.sweep_values or SWEEP_DEFAULTS[cfg.sweep]:
@@ -836,9 +914,14 @@ def run_sweep(cfg):
         else:
             point = dataclasses.replace(cfg, n_embd=int(v))
         res = sweep_point(point, src)
+        if res is None:                # a rank > 0 of a torchrun launch: it only helped train
+            continue
         rows.append({"value": v, "n_pool": point.n_pool, "n_source": point.n_source, "n_embd": point.n_embd, **res})
         print(f"{cfg.sweep}={v}: " + ", ".join(f"{k} {fmt(r['geomean'])} / {fmt(r['frac_gt1'], '.2f')}"
                                               for k, r in res.items()))
+    if not T.is_main_process():
+        return None
+    os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, f"sweep_{cfg.sweep}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"config": asdict(cfg), "rows": rows}, f, indent=1, default=float)
@@ -849,11 +932,16 @@ def run_sweep(cfg):
 
 def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
-    if cfg.sweep:
-        return run_sweep(cfg)
-    metrics, claims = run(cfg)
-    report(cfg, metrics, claims)
-    return metrics, claims
+    T.init_distributed(cfg.device)          # under torchrun: one process group for every model trained
+    try:
+        if cfg.sweep:
+            return run_sweep(cfg)
+        metrics, claims = run(cfg)
+        if metrics is not None:             # rank 0 (or the only process) evaluates and writes
+            report(cfg, metrics, claims)
+        return metrics, claims
+    finally:
+        T.end_distributed()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
 """
-Everything around the model that every script shares: device choice, `--key=value` config parsing,
-atomic checkpoints with exact resume, the optimizer and learning-rate schedule, and the small training
-loop (data-parallel under torchrun).
+Everything around the model that every script shares: device choice, `--key=value` config parsing with
+range checks, atomic checkpoints with exact resume, `run_key` (the one fingerprint deciding whether a
+finished checkpoint can be reused), the optimizer and learning-rate schedule, and the small training loop
+(data-parallel under torchrun).
 """
 import dataclasses
 from dataclasses import dataclass
+import functools
+import hashlib
+import json
 import math
 import os
+import re
 import random
 import sys
 import tempfile
 import time
 import types
 import typing
+import zipfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -25,16 +31,35 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT, ModelConfig
 
 
+def available_devices():
+    """The devices this machine can run on, e.g. ['cpu', 'cuda', 'cuda:0', 'cuda:1']."""
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devs.append("mps")
+    return devs
+
+
 def pick_device(name="auto"):
-    """'auto' -> cuda, then mps, then cpu. Anything else must be a device torch knows (cpu, cuda:1, mps)."""
+    """'auto' -> cuda, then mps, then cpu. Anything else must be a device torch knows (cpu, cuda:1, mps) and
+    that exists here; otherwise a ValueError says which devices do."""
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    here = f"devices here: {', '.join(available_devices())} (or auto)"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise ValueError(f"device {name!r} is not available: {why}; {here}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} is not available: there are {torch.cuda.device_count()} GPUs; {here}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} is not available: torch sees no MPS device; {here}")
     return name
 
 
@@ -111,6 +136,7 @@ def parse_config(ConfigClass, argv=None, presets=None):
     presets defaults to the PRESETS dict of the module that defines ConfigClass. If ConfigClass has a field
     `preset`, it records the preset's name. Unknown keys or presets, malformed arguments and bad values exit
     with status 2 and a message listing the valid keys; --help prints them with their defaults and exits 0.
+    Range checks live in the Config's __post_init__ (see check()): a value out of range also exits with 2.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if presets is None:
@@ -171,6 +197,49 @@ def parse_config(ConfigClass, argv=None, presets=None):
         return ConfigClass(**values)
     except (TypeError, ValueError) as e:                        # missing required fields, __post_init__ checks
         fail(str(e))
+
+
+_INTERVAL = re.compile(r"^\s*([(\[])\s*([^,]+?)\s*,\s*([^,]+?)\s*([)\]])\s*$")
+
+
+def _end(text, cfg):
+    """One end of an interval rule: a number, inf, -inf, or the name of another field of cfg."""
+    try:
+        return float(text)
+    except ValueError:
+        if not hasattr(cfg, text):
+            raise ValueError(f"bad range end {text!r}: a number, inf, or a field name") from None
+        return getattr(cfg, text)
+
+
+def check(cfg, **rules):
+    """
+    Valid ranges of a script's Config, called from its __post_init__: raises ValueError naming the first field
+    outside its range (parse_config turns it into exit status 2). A rule is an interval "(0, 1]", "[1, inf)"
+    whose ends are numbers, inf or the names of other fields ("[1, n_pool]"), or a tuple of the allowed values.
+    Tuple- and list-valued fields are checked element by element against an interval.
+        check(self, p="(0, 1]", n_layer="[1, inf)", setting=("repetition", "canary"))
+    """
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if isinstance(rule, (tuple, list, set, frozenset)):
+            if value not in rule:
+                raise ValueError(f"{name}={value!r} is not valid: {name} must be one of "
+                                 f"{', '.join(repr(r) for r in rule)}")
+            continue
+        m = _INTERVAL.match(rule)
+        if m is None:
+            raise ValueError(f"bad rule {rule!r} for {name}: write an interval such as (0, 1] or [1, inf)")
+        lo_br, lo_t, hi_t, hi_br = m.groups()
+        lo, hi = _end(lo_t, cfg), _end(hi_t, cfg)
+        shown = f"{lo_br}{lo_t}, {hi_t}{hi_br}"
+        if any(hasattr(cfg, t) for t in (lo_t, hi_t)):                  # say what a field-name end stands for
+            shown += f" = {lo_br}{lo:g}, {hi:g}{hi_br}"
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and \
+                (lo < v if lo_br == "(" else lo <= v) and (v < hi if hi_br == ")" else v <= hi)
+            if not ok:
+                raise ValueError(f"{name}={value!r} is out of range: {name} must be in {shown}")
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -250,7 +319,27 @@ def load_checkpoint(path, device="cpu", weights_only=True):
     tokenizer/config/extra hold other Python objects."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=device, weights_only=weights_only)
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except Exception as e:
+        if _damaged(path):   # truncated (disk full, a copy cut short) or overwritten: say what to do about it
+            raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupt; torch.load said: "
+                                  f"{type(e).__name__}: {str(e)[:200]}). Delete it and run again: training "
+                                  f"starts over from step 0.") from e
+        raise
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that exists but cannot be read: the message names it and says to delete it."""
+
+
+def _damaged(path):
+    """torch.save writes a zip archive: a file that is no zip, or whose members fail their CRC, is damaged."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return True
 
 
 def model_from_checkpoint(ckpt, device="cpu", setup=None):
@@ -265,6 +354,65 @@ def model_from_checkpoint(ckpt, device="cpu", setup=None):
         setup(model)
     model.load_state_dict(ckpt["model"])
     return model.to(device)
+
+
+# --- run_key: when may a finished checkpoint be reused? ------------------------------------------
+
+def _feed(h, obj):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        _feed(h, torch.from_numpy(np.ascontiguousarray(obj)))
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        _feed(h, dataclasses.asdict(obj))
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            _feed(h, str(k))
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (set, frozenset)):
+        _feed(h, sorted(obj, key=repr))
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:                                       # numbers, strings, None, bools: their JSON text (1 != 1.0 != True)
+        h.update(json.dumps(obj, default=str).encode() + type(obj).__name__.encode() + b";")
+
+
+def digest(obj):
+    """16 hex digits of SHA-256 over tensors (dtype, shape, bytes), arrays, numbers, strings, dataclasses and
+    nested dicts / lists / tuples of them. Stable across runs, processes and machines of the same endianness."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()[:16]
+
+
+# Fields of TrainConfig that do not change the trained weights: how the run logs, checkpoints and where it runs.
+# The device stays out on purpose: a model trained on a GPU (bf16 autocast) is reused on a CPU and vice versa.
+# eval_every stays in: the checkpoint holds the evaluation history the scripts report as learning curves.
+_NOT_TRAINING = ("log_every", "ckpt_every", "ckpt_path", "resume", "device")
+
+
+def run_key(model_cfg, train_cfg, data=None, **settings):
+    """
+    The one fingerprint of what a training run receives; scripts name checkpoints by it, so a rerun that
+    changes only evaluation settings reuses the finished model and a run that changes anything training sees
+    trains afresh. 16 hex digits of:
+      model_cfg  the ModelConfig (or its dict): architecture, and with the seed, the initialization;
+      train_cfg  a TrainConfig (or anything as_train_config reads): every field except _NOT_TRAINING;
+      data       what the batches are built from (tensors, token lists, dicts of them): its digest();
+      settings   anything else the loop sees that neither holds: batch size, the data order's seed, mask
+                 settings (p, g, n_source, ...). Pass only what the run uses, e.g. no mask settings for a
+                 standard model, so a sweep over p reuses the standard model.
+    """
+    tc = dataclasses.asdict(as_train_config(train_cfg))
+    return digest({"model": _as_dict(model_cfg), "train": {k: v for k, v in tc.items() if k not in _NOT_TRAINING},
+                   "data": digest(data), "settings": settings})
 
 
 # --- optimizer and schedule ---------------------------------------------------------------------
@@ -349,6 +497,32 @@ def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def init_distributed(device="auto"):
+    """Under torchrun (WORLD_SIZE > 1) join the process group once for a whole script (gloo on CPU, nccl on
+    CUDA, one GPU per LOCAL_RANK), so that each train() call runs inside it; a no-op otherwise. Returns
+    (rank, world). A script that trains several models calls this first and end_distributed() last."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dev = pick_device(device)
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return rank, world
+
+
+def end_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def epoch_batch(order, step):
+    """Row indices of global step `step` of a run that walks through the epochs of `order` (a data.EpochIterator,
+    not drop_last): a pure function of the step, so a resumed run sees exactly the batches the uninterrupted
+    run saw, and a step -> batch callable for train() is a few lines around it."""
+    epoch, pos = divmod(step, order.steps_per_epoch)
+    return order.order(epoch)[pos * order.batch_size:(pos + 1) * order.batch_size]
+
+
 def _reseed(seed, step, stream):
     # Everything random inside a step (batch sampling, dropout) is a function of (seed, step, stream): a
     # resumed run draws exactly what the uninterrupted run drew, whatever happened in between (evals, ...).
@@ -410,7 +584,9 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
              doc_ids / mlp_mask / adapter_ctx, passed to the model; under torchrun each rank keeps its own
              contiguous slice of every tensor whose first dim is the batch size (inside dicts/lists too);
              other objects (mask objects, adapter contexts) reach every rank whole, so per-row ones must be
-             built from the shard, in a loss_fn. Keys other than these and source_ids need a loss_fn.
+             built from the shard: give a plain function local_batch -> value (it is called with this rank's
+             slice, on the training device), or use a loss_fn. Keys other than these and source_ids need a
+             loss_fn.
     cfg:     a TrainConfig, or a script's Config / dict read by field name (missing fields take the defaults).
     loss_fn: (model, batch) -> scalar loss for custom objectives; `model` may be DDP-wrapped, so call it (not
              its methods) for the forward pass, and use unwrap(model) for attributes. Under DDP its gradient
@@ -505,6 +681,8 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
                 if unknown:
                     raise ValueError(f"batch keys {sorted(unknown)} are not model inputs: pass a loss_fn that uses them")
                 kw = {k: local[k] for k in _MODEL_KWARGS if k in local}
+                kw = {k: v(local) if isinstance(v, (types.FunctionType, functools.partial)) else v
+                      for k, v in kw.items()}                   # built from this rank's rows (see batches)
                 if world == 1:
                     _, loss = net(local["x"], local["y"], **kw)
                     report = loss.detach()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import ModelConfig
-from train import parse_config, pick_device
+from train import check, parse_config, pick_device
 
 
 @dataclass
@@ -149,6 +149,61 @@ def test_pick_device(monkeypatch):
     assert pick_device("auto") == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert pick_device("auto") == "cpu"
-    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    assert pick_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == "cuda:1" and pick_device("cuda") == "cuda"
+
+
+def test_missing_devices_name_the_ones_that_exist(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0", "mps"):
+        with pytest.raises(ValueError, match=rf"device '{name}' is not available: .*devices here: cpu \(or auto\)"):
+            pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="there are 2 GPUs; devices here: cpu, cuda, cuda:0, cuda:1"):
+        pick_device("cuda:2")
+
+
+@dataclass
+class Ranged:
+    p: float = 0.5
+    n_pool: int = 8
+    n_source: int = 4
+    ratios: tuple = (0.1, 0.3)
+    mode: str = "a"
+    steps: int = 3
+
+    def __post_init__(self):
+        check(self, p="(0, 1]", n_source="[1, n_pool]", ratios="(0, 1)", mode=("a", "b"), steps="[0, inf)")
+
+
+@pytest.mark.parametrize("kw,ok", [
+    (dict(p=1.0), True), (dict(p=1e-9), True), (dict(p=0.0), False), (dict(p=1.5), False), (dict(p=-0.1), False),
+    (dict(p=float("nan")), False), (dict(n_source=8), True), (dict(n_source=1), True), (dict(n_source=9), False),
+    (dict(n_source=0), False), (dict(n_pool=3), False), (dict(ratios=()), True), (dict(ratios=(0.5, 0.99)), True),
+    (dict(ratios=(0.5, 1.0)), False), (dict(mode="b"), True), (dict(mode="c"), False), (dict(steps=0), True),
+    (dict(steps=10**9), True), (dict(steps=-1), False), (dict(steps=True), False), (dict(p="0.5"), False)])
+def test_check_ranges_worked_cases(kw, ok):
+    if ok:
+        Ranged(**kw)
+    else:
+        with pytest.raises(ValueError, match=f"{next(iter(kw)) if 'n_pool' not in kw else 'n_source'}"):
+            Ranged(**kw)
+
+
+def test_range_errors_name_field_and_range_and_exit_2(capsys):
+    for argv, msg in ((["--p=1.5"], "p=1.5 is out of range: p must be in (0, 1]"),
+                      (["--n_source=9"], "n_source=9 is out of range: n_source must be in [1, n_pool] = [1, 8]"),
+                      (["--ratios=0.5,2"], "ratios=(0.5, 2.0) is out of range: ratios must be in (0, 1)"),
+                      (["--mode=c"], "mode='c' is not valid: mode must be one of 'a', 'b'")):
+        with pytest.raises(SystemExit) as e:
+            parse_config(Ranged, argv, {})
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bad rule"):
+        check(Ranged(), p="0 < p <= 1")

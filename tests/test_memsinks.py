@@ -1,7 +1,7 @@
 """memsinks.py: ids, id noise, eval modes, gradient masking, the post-hoc localizers, claims, and the smoke run.
 References are slow and explicit (float64, Python loops, worked examples); fast paths are checked against them."""
 import copy
-import importlib.util
+import dataclasses
 import json
 import math
 import os
@@ -349,12 +349,54 @@ def test_smoke_run_end_to_end(tmp_path):
     assert set(f["memsinks"]["final"]) == {f"{m}/{s}" for m in ("dropped", "expected", "own") for s in ("val", "rep")}
     assert f["dedup_epochs"]["steps"] < f["standard"]["steps"] == f["dedup_steps"]["steps"]
     assert len(res["metrics"]["posthoc"]["hard_concrete"]) == 2
-    if importlib.util.find_spec("matplotlib") is not None:        # plots are optional
-        assert {"fig3_gradient_masking.png", "fig4a_val_loss.png", "fig4b_repeated_loss.png",
-                "fig4c_tradeoff.png"} <= set(os.listdir(out))
-    # a rerun reuses the finished models (checkpoints keyed by the settings) and reports the same numbers
-    metrics2, _ = ms.main(["--preset=smoke", f"--out_dir={out}", "--threads=1", "--drop_ratios=0.1"])
+    assert {"fig3_gradient_masking.png", "fig4a_val_loss.png", "fig4b_repeated_loss.png",
+            "fig4c_tradeoff.png"} <= set(os.listdir(out))
+    # a rerun that changes only post-hoc settings reuses the five finished models (train.run_key), untouched,
+    # and reports the same numbers
+    ckpts = {f: os.stat(os.path.join(out, "ckpt", f)).st_mtime_ns for f in os.listdir(os.path.join(out, "ckpt"))}
+    assert len(ckpts) == 5
+    metrics2, _ = ms.main(["--preset=smoke", f"--out_dir={out}", "--threads=1", "--drop_ratios=0.1", "--hc_steps=2"])
+    assert {f: os.stat(os.path.join(out, "ckpt", f)).st_mtime_ns for f in os.listdir(os.path.join(out, "ckpt"))} == ckpts
     assert metrics2["models"]["memsinks"]["final"] == metrics["models"]["memsinks"]["final"]
+
+
+def _ckpt_names(cfg):
+    """{kind: checkpoint file name} of the main run's standard, MemSinks and gradient-masked models."""
+    sets = ms.make_sets(cfg)
+    S = ms.steps_for(cfg, len(sets.train["x"]))
+    return {k: os.path.basename(ms.checkpoint_path(cfg, sets, k, k, sets.train, S)) for k in ms.KINDS}
+
+
+def test_checkpoints_are_keyed_on_what_training_sees():
+    smoke = dataclasses.replace(ms.Config(), **ms.PRESETS["smoke"])
+    base = _ckpt_names(smoke)
+    for change in (dict(drop_ratios=(0.2,)), dict(hc_steps=5), dict(hc_lambda=1.0), dict(ig_steps=3),
+                   dict(ig_positions="each"), dict(posthoc_first_layer=1), dict(eval_batch_size=7), dict(device="cpu"),
+                   dict(log_every=3), dict(threads=1), dict(sweep="p"), dict(out_dir="elsewhere")):
+        assert _ckpt_names(dataclasses.replace(smoke, **change)) == base, change
+    every = set(ms.KINDS)
+    for change, differ in ((dict(lr=1e-2), every), (dict(seed=1), every), (dict(n_embd=16), every),
+                           (dict(batch_size=4), every), (dict(n_single=30), every), (dict(epochs=2.0), every),
+                           (dict(eval_points=3), every),           # the checkpoint holds the learning curve
+                           (dict(p=0.3), {"memsinks"}), (dict(drop_rescale="mass"), {"memsinks"}),
+                           (dict(id_noise=0.1), {"memsinks"}), (dict(ids="data"), {"memsinks"}),
+                           (dict(g=0.5), {"memsinks", "gradmask"})):
+        names = _ckpt_names(dataclasses.replace(smoke, **change))
+        assert {k for k in names if names[k] != base[k]} == differ, change
+
+
+@pytest.mark.parametrize("arg,msg", [("--p=1.5", "p=1.5 is out of range: p must be in (0, 1]"),
+                                     ("--p=0", "p must be in (0, 1]"), ("--g=1", "g must be in (0, 1)"),
+                                     ("--n_rep=0", "n_rep must be in [1, inf)"),
+                                     ("--drop_ratios=0.1,1.5", "drop_ratios must be in (0, 1]"),
+                                     ("--posthoc_first_layer=2", "posthoc_first_layer must be in [0, n_layer) = [0, 2)"),
+                                     ("--setting=canaries", "setting must be one of 'repetition', 'canary'"),
+                                     ("--g=0.01", "leaves no shared or no sink neurons")])
+def test_bad_settings_exit_2_naming_the_field_and_range(tmp_path, capsys, arg, msg):
+    with pytest.raises(SystemExit) as e:
+        ms.main(["--preset=smoke", arg, f"--out_dir={tmp_path}"])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_smoke_sweeps_and_canary(tmp_path):
@@ -381,7 +423,7 @@ def test_smoke_sweeps_and_canary(tmp_path):
 GPT2_RANKS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt2.tiktoken")
 
 
-@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="needs ../shared/data/gpt2.tiktoken (GPT-2 BPE ranks)")
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="needs a gpt2.tiktoken GPT-2 BPE ranks file beside the repository")
 def test_real_data_path_with_gpt2_bpe(tmp_path):
     """The --preset=paper data path (a text data set through `datasets`, GPT-2 BPE) on a local jsonl file."""
     path = tmp_path / "stories.jsonl"

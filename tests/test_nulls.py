@@ -1,11 +1,14 @@
 """nulls.py: the unlearning operations, routing, and the smoke run end to end."""
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
 import model
 import nulls
+import train
 
 
 def _tiny(n_gen=4, n_pool=40):
@@ -63,25 +66,60 @@ def test_nearest_sources_cosine_and_exclusion():
     assert nulls.nearest_sources(q, emb, ids, exclude={5, 7}).tolist() == [6, 6]
 
 
-def test_checkpoint_names_depend_on_settings():
-    a = nulls.Config()
-    b = nulls.Config(n_source=32)
-    assert nulls.checkpoint_path(a, "nulls", [1, 2]) != nulls.checkpoint_path(b, "nulls", [1, 2])
-    assert nulls.checkpoint_path(a, "nulls", [1, 2]) != nulls.checkpoint_path(a, "nulls", [1])
-    assert nulls.checkpoint_path(a, "nulls", [1, 2]) == nulls.checkpoint_path(nulls.Config(device="cpu"), "nulls", [1, 2])
+def _ckpt_names(cfg, docs_edit=None):
+    """{model: checkpoint file name} of the three models a run trains (names only: out_dir is not the key)."""
+    src = nulls.load_sources(cfg)
+    if docs_edit is not None:
+        docs_edit(src["docs"])
+    sinks, retr = nulls.make_sinks(cfg, src)
+    return {name: os.path.basename(nulls.lm_run(cfg, src["tok"], src["docs"], s.sources, None if name == "standard"
+                                                else s, name)[2].ckpt_path)
+            for name, s in (("nulls", sinks), ("retrained", retr), ("standard", sinks))}
 
 
-def test_bad_settings_are_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        nulls.main(["--preset=smoke", "--n_sources=3"])           # unknown key
-    with pytest.raises(ValueError, match="n_forget"):
-        nulls.main(["--preset=smoke", "--n_forget=0", f"--out_dir={tmp_path}"])
+def test_checkpoints_are_keyed_on_what_training_sees():
+    smoke = dataclasses.replace(nulls.Config(), **nulls.PRESETS["smoke"])
+    base = _ckpt_names(smoke)
+    assert len(set(base.values())) == 3
+    # evaluation, unlearning, relearning and the fast path (equal to the dense mask, tested) retrain nothing
+    for change in (dict(relearn_steps=5), dict(npo_lr=2e-3), dict(ga_lr=2e-3), dict(unlearn_epochs=3),
+                   dict(unlearn_batch=3), dict(npo_beta=0.2), dict(relearn_lr=1e-2), dict(fast_path=False),
+                   dict(device="cpu"), dict(log_every=7), dict(out_dir="elsewhere"), dict(sweep="capacity")):
+        assert _ckpt_names(dataclasses.replace(smoke, **change)) == base, change
+    # anything training sees does; forgetting other sources changes only the retrained model
+    every = {"nulls", "retrained", "standard"}
+    for change, differ in ((dict(lr=1e-2), every), (dict(epochs=3), every), (dict(seed=1), every),
+                           (dict(batch_size=4), every), (dict(n_embd=16), every), (dict(split_sentences=False), every),
+                           (dict(n_people=13), every), (dict(n_source=4), {"nulls", "retrained"}),
+                           (dict(n_pool=80), every), (dict(n_forget=3), {"retrained"})):
+        names = _ckpt_names(dataclasses.replace(smoke, **change))
+        assert {k for k in names if names[k] != base[k]} == differ, change
+    # so does one token of one training document
+    names = _ckpt_names(smoke, docs_edit=lambda docs: docs[max(docs)].__setitem__(0, docs[max(docs)][1]))
+    assert {k for k in names if names[k] != base[k]} == every
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("--n_sources=3", "unknown key 'n_sources'"),
+    ("--n_forget=0", "n_forget=0 is out of range: n_forget must be in [1, n_people) = [1, 12)"),
+    ("--n_forget=12", "n_forget must be in [1, n_people) = [1, 12)"),        # smoke has 12 people
+    ("--n_source=65", "n_source must be in [1, n_pool] = [1, 64]"),
+    ("--lr=0", "lr must be in (0, inf)"),
+    ("--tokenizer=bpe", "tokenizer must be one of 'gpt2', 'word'"),
+    ("--sweep=size", "sweep must be one of"),
+])
+def test_bad_settings_exit_2_naming_the_field_and_range(tmp_path, capsys, arg, msg):
+    with pytest.raises(SystemExit) as e:
+        nulls.main(["--preset=smoke", arg, f"--out_dir={tmp_path}"])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "results.json")
 
 
 def test_smoke_run_writes_results_with_claims(tmp_path):
     metrics, claims = nulls.main(["--preset=smoke", f"--out_dir={tmp_path}"])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [c["claim"][0] for c in res["claims"]] == ["1", "2", "3", "3", "4", "5"]
+    assert [c["claim"][:5] for c in res["claims"]] == ["1 Sin", "2 Sin", "3 NPO", "3 GA ", "4 rel", "5 cap"]
+    assert {"fig3ab_truth_ratio.png", "fig3c_gradient_baselines.png", "fig7b_relearning.png"} <= set(os.listdir(tmp_path))
     for c in res["claims"]:
         assert set(c) == {"claim", "value", "threshold", "held", "detail"} and c["held"] in (True, False, None)
     tr = res["metrics"]["truth_ratio"]
@@ -90,14 +128,18 @@ def test_smoke_run_writes_results_with_claims(tmp_path):
     # the claims are computed from the measured numbers, e.g. claim 5 is the loss ratio printed beside it
     vl = res["metrics"]["val_loss"]
     assert res["claims"][-1]["value"] == pytest.approx(vl["nulls"] / vl["standard"])
-
-
-def test_checkpoint_names_depend_on_the_training_tokens():
-    a = nulls.Config()
-    d1 = nulls.docs_digest({1: [3, 4], 2: [5]}, [1, 2])
-    d2 = nulls.docs_digest({1: [3, 4], 2: [6]}, [1, 2])
-    assert d1 != d2
-    assert nulls.checkpoint_path(a, "nulls", [1, 2], d1) != nulls.checkpoint_path(a, "nulls", [1, 2], d2)
+    # a rerun that changes only what happens after training reuses the three finished models, untouched
+    ckpts = {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path) if f.endswith(".pt")
+             and f != "nulls_unlearned.pt"}
+    assert len(ckpts) == 3
+    cfg = train.parse_config(nulls.Config, ["--preset=smoke", f"--out_dir={tmp_path}", "--relearn_steps=3",
+                                            "--npo_lr=2e-3", "--unlearn_epochs=2", "--fast_path=false"])
+    src = nulls.load_sources(cfg)
+    nets, _ = nulls.train_three(cfg, src, *nulls.make_sinks(cfg, src))
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in ckpts} == ckpts
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == sorted([*ckpts, "nulls_unlearned.pt"])
+    hold = nulls.segments(cfg, src["tok"], src["holdout"])
+    assert float(nulls.row_losses(nets["standard"], hold).mean()) == metrics["val_loss"]["standard"]
 
 
 def test_forget_list_persists_with_the_model(tmp_path):

@@ -393,3 +393,114 @@ def test_bad_train_input():
         train(tiny(), batches, cfg(max_steps=5, warmup_steps=6))
     with pytest.raises(TypeError):
         train(tiny(), 42, cfg())
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    m, opt = _trained_pair()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, m, opt, step=3)
+    whole = path.read_bytes()
+    for damaged in (whole[:len(whole) // 2], whole[:100], b"", whole[:-30]):       # truncated: disk full, cut copy
+        path.write_bytes(damaged)
+        with pytest.raises(TR.CheckpointError, match=re.escape(str(path)) + r" is damaged .*Delete it"):
+            load_checkpoint(path)
+        with pytest.raises(TR.CheckpointError, match="is damaged"):                # what a resuming run meets
+            train(tiny(), batches, cfg(ckpt_path=str(path), resume=True))
+    path.write_bytes(whole)                                                       # and the intact file still loads
+    assert load_checkpoint(path)["step"] == 3
+
+
+def test_a_refused_but_intact_checkpoint_is_not_called_damaged(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, tiny(), step=1, extra={"obj": RunCfg})                  # a class: weights_only refuses it
+    with pytest.raises(Exception) as e:
+        load_checkpoint(path)
+    assert not isinstance(e.value, TR.CheckpointError)
+    assert load_checkpoint(path, weights_only=False)["extra"]["obj"] is RunCfg
+
+
+# --- run_key: when a finished checkpoint may be reused ---------------------------------------------
+
+def test_digest_is_stable_and_sees_every_byte():
+    a = {"x": torch.arange(6).view(2, 3), "ids": [[1, 2], [3]], "p": 0.1, "name": "run"}
+    assert TR.digest(a) == TR.digest({"name": "run", "p": 0.1, "ids": [[1, 2], [3]], "x": torch.arange(6).view(2, 3)})
+    assert TR.digest(a) == "3bcc6df0c131d8f5"   # pinned: the same in every process (no hash seed), so caches survive
+    for b in ({**a, "x": torch.arange(6).view(3, 2)}, {**a, "x": torch.arange(6).view(2, 3).int()},
+              {**a, "x": torch.arange(6).view(2, 3) * (torch.arange(6).view(2, 3) != 5)},
+              {**a, "ids": [[1], [2, 3]]}, {**a, "p": 0.10000001}, {**a, "name": "run "}, {**a, "q": None}):
+        assert TR.digest(b) != TR.digest(a)
+    assert TR.digest(1) != TR.digest(1.0) != TR.digest(True) and TR.digest("1") != TR.digest(1)
+    assert TR.digest({3, 1, 2}) == TR.digest({2, 3, 1})
+
+
+def test_run_key_follows_what_training_receives():
+    mcfg = ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, d_ff=64)
+    data = {"x": SEQS}
+    key = TR.run_key(mcfg, cfg(), data, batch_size=4, p=0.1)
+    # how the run logs, checkpoints and where it runs do not change the weights
+    for tc in (cfg(log_every=5), cfg(ckpt_every=2), cfg(ckpt_path="elsewhere.pt"), cfg(resume=True),
+               cfg(device="cuda")):
+        assert TR.run_key(mcfg, tc, data, batch_size=4, p=0.1) == key
+    # a script Config read by field name gives the same key as the TrainConfig it stands for
+    assert TR.run_key(mcfg, RunCfgLoop(), data, batch_size=4, p=0.1) == \
+        TR.run_key(mcfg, TR.as_train_config(RunCfgLoop()), data, batch_size=4, p=0.1)
+    # everything training sees does
+    changed = [TR.run_key(mcfg, cfg(**kw), data, batch_size=4, p=0.1) for kw in
+               (dict(lr=2e-2), dict(min_lr=0.0), dict(weight_decay=0.0), dict(betas=(0.9, 0.99)),
+                dict(warmup_steps=3), dict(max_steps=11), dict(grad_clip=0.5), dict(seed=4), dict(eval_every=5))]
+    changed += [TR.run_key(ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, d_ff=32),
+                           cfg(), data, batch_size=4, p=0.1),
+                TR.run_key(mcfg, cfg(), {"x": SEQS[:, :-1]}, batch_size=4, p=0.1),
+                TR.run_key(mcfg, cfg(), data, batch_size=5, p=0.1),
+                TR.run_key(mcfg, cfg(), data, batch_size=4, p=0.3),
+                TR.run_key(mcfg, cfg(), data, batch_size=4)]
+    assert key not in changed and len(set(changed)) == len(changed)
+
+
+@dataclass
+class RunCfgLoop:                  # a script's Config: loop fields among others
+    lr: float = 1e-2
+    warmup_steps: int = 2
+    max_steps: int = 10
+    seed: int = 3
+    relearn_steps: int = 20
+
+
+def test_finished_checkpoint_is_reused_only_when_training_is_the_same(tmp_path):
+    """The behaviour scripts rely on: a checkpoint named by run_key is picked up again (no step is trained) when
+    only an evaluation setting changes, and a new one is trained when anything training sees changes."""
+    mcfg = tiny().cfg
+
+    def run(tc, eval_tag):
+        tc = TR.dataclasses.replace(tc, ckpt_path=str(tmp_path / f"m-{TR.run_key(mcfg, tc, SEQS)}.pt"), resume=True)
+        m = tiny()
+        h = train(m, batches, tc, eval_fn=lambda net, step: {"tag": eval_tag}, log=None)
+        return h, m, tc.ckpt_path
+
+    h1, m1, p1 = run(cfg(max_steps=4), "a")
+    h2, m2, p2 = run(cfg(max_steps=4, log_every=1), "b")      # evaluation-only change: nothing retrained
+    assert p2 == p1 and h2["start_step"] == 4 and h2["loss"] == h1["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    h3, _, p3 = run(cfg(max_steps=4, lr=2e-2), "a")             # a training change: trained from step 0
+    assert p3 != p1 and h3["start_step"] == 0 and h3["loss"] != h1["loss"]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (p1, p3))
+
+
+def test_a_model_kwarg_given_as_a_function_is_built_from_the_local_batch():
+    seen = []
+
+    def mask_of(local):                      # e.g. a per-row mask object built from this rank's source ids
+        seen.append(local["x"].shape)
+        return torch.zeros(64)
+    m1, m2 = tiny(), tiny()
+    h1 = train(m1, lambda s: {**batches(s), "mlp_mask": mask_of}, cfg(max_steps=3), log=None)
+    h2 = train(m2, lambda s: {**batches(s), "mlp_mask": torch.zeros(64)}, cfg(max_steps=3), log=None)
+    assert seen == [(4, T)] * 3 and h1["loss"] == h2["loss"]
+
+
+def test_epoch_batch_walks_the_epochs_of_an_order():
+    import data as D
+    order = D.EpochIterator(10, 4, seed=1)
+    it = D.EpochIterator(10, 4, seed=1)
+    for step in range(9):                     # 3 steps per epoch, the last one short: the iterator's batches
+        assert torch.equal(TR.epoch_batch(order, step), next(it))
