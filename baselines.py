@@ -9,7 +9,7 @@ kwargs: the paired objectives read their second batch from the forget batch in t
 "idk" for IdkDPO/IdkNLL, "alt" for AltPO), so pairs stay aligned however batches are ordered.
 log pi(y|x) of a row is the SUM of its target-token log-probs; |y| is its number of target tokens.
 
-Reductions (each docstring says which; chosen per paper / ../shared/notes/metrics-and-baselines.md):
+Reductions (each docstring says which; chosen per paper and the reference benchmarks' code):
 - token mean over every target token of the batch: GA, NLL (retain), GradDiff, IdkNLL, KL, UNDIAL, SGA, L2
 - per sequence, then the mean over rows:           NPO, SimNPO, DPO / IdkDPO / AltPO, WGA, RMU
 

@@ -1255,6 +1255,12 @@ def _local_files(path, config):
     return files
 
 
+def _blank(f):
+    """An empty data file, or one of only whitespace (read only when small: a big file has data)."""
+    size = f.stat().st_size
+    return size == 0 or (size < 1 << 16 and not f.read_bytes().strip())
+
+
 def load_text_dataset(name_or_path, split="train", *, config=None, n=None, streaming=None, sample_by="line",
                       separator=None, cache_dir=None):
     """
@@ -1284,10 +1290,18 @@ def load_text_dataset(name_or_path, split="train", *, config=None, n=None, strea
             builders = {LOCAL_BUILDERS.get(f.suffix) for f in files}
             if None in builders or len(builders) != 1:
                 raise ValueError(f"cannot load {[str(f) for f in files]}: need one of {sorted(LOCAL_BUILDERS)}")
+            if all(_blank(f) for f in files):     # else `datasets` says "Instruction 'train' corresponds to no data"
+                raise ValueError(f"{files[0] if len(files) == 1 else path} has no records: "
+                                 f"{'the file is' if len(files) == 1 else 'its data files are'} empty")
             builder = builders.pop()
             kw = {"sample_by": sample_by} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split,
-                                       cache_dir=cache_dir, **kw)
+            try:
+                ds = datasets.load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split,
+                                           cache_dir=cache_dir, **kw)
+            except ValueError as e:               # e.g. a csv header alone, a json file holding []
+                if "corresponds to no data" in str(e):
+                    raise ValueError(f"{path} has no records") from e
+                raise
     else:
         name = str(name_or_path)
         if Path(name).suffix in LOCAL_BUILDERS or os.sep in name and name.count("/") != 1:
@@ -1308,6 +1322,8 @@ def load_text_dataset(name_or_path, split="train", *, config=None, n=None, strea
                 f"<config>.json) instead of {name!r}.") from e
     records = ds if n is None else (islice(ds, n) if streaming else ds.select(range(min(n, len(ds)))))
     records = [dict(r) for r in records]
+    if not records and path.exists():
+        raise ValueError(f"{path} has no records")
     if separator is not None:
         if not records or "text" not in records[0]:
             raise ValueError("separator needs text records")

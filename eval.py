@@ -749,12 +749,12 @@ def write_results(out_dir, title, config, metrics, claims, text):
 
 
 def pyplot():
-    """matplotlib.pyplot with a file backend, or None (and a message) when matplotlib is not installed."""
+    """matplotlib.pyplot with a file backend. matplotlib is a regular dependency (requirements.txt): every
+    script writes its figures, so a missing install is an error, not a run without plots."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return None
+    except ImportError as e:
+        raise ImportError("the figures need matplotlib: pip install -r requirements.txt") from e
     return plt

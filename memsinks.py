@@ -847,8 +847,6 @@ def report(cfg, metrics, claims):
 
 def plot(cfg, metrics):
     plt = ev.pyplot()
-    if plt is None:
-        return
     save = lambda fig, name: (fig.tight_layout(), fig.savefig(os.path.join(out_folder(cfg), name), dpi=120))
     if cfg.sweep:
         rows = metrics["rows"]

@@ -829,8 +829,6 @@ def report(cfg, metrics, claims):
 
 def plot(cfg, metrics):
     plt = ev.pyplot()
-    if plt is None:
-        return
     if "per_fact" in metrics:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))          # Figures 3a, 3b
         for ax, kind in zip(axes, ("shared", "unique")):

@@ -111,3 +111,20 @@ def test_hub_names_fail_at_once_offline_with_a_local_copy_hint(tmp_path, monkeyp
         D.load_text_dataset("tinystories", n=0)
     with pytest.raises(ValueError, match="no TOFU records"):
         D.check_tofu([])
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "\n \n"), ("empty.txt", ""),
+                                          ("empty.json", ""), ("header.csv", "text\n"), ("list.json", "[]")])
+def test_a_local_file_without_records_says_so(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=rf"{tmp_path / name} has no records"):
+        D.load_text_dataset(tmp_path / name)
+
+
+def test_a_folder_of_empty_files_says_so(tmp_path):
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    with pytest.raises(ValueError, match="has no records: its data files are empty"):
+        D.load_text_dataset(tmp_path)
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "one"}])             # one empty file among others is fine
+    assert D.load_text_dataset(tmp_path) == [{"text": "one"}]

@@ -138,7 +138,7 @@ def test_gpt2_restored_with_a_different_vocabulary_is_refused(tmp_path):
         D.load_tokenizer(state)
 
 
-@pytest.mark.skipif(not GPT2_FILE.is_file(), reason="../shared/data/gpt2.tiktoken is not present")
+@pytest.mark.skipif(not GPT2_FILE.is_file(), reason="no gpt2.tiktoken ranks file beside the repository")
 def test_gpt2_real_ranks_hello_world():
     tok = D.GPT2Tokenizer(str(GPT2_FILE))
     assert tok.encode("Hello world") == [15496, 995]

@@ -115,3 +115,57 @@ def test_batch_must_divide_by_ranks(monkeypatch):
             train(tiny(), batches, cfg(), log=None)
     finally:
         dist.destroy_process_group()
+
+
+def _nulls_rank(rank, world, port, out_dir):
+    """One rank of `torchrun --nproc_per_node=2 nulls.py --preset=smoke`: the env torchrun sets, then main()."""
+    import nulls
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    metrics, claims = nulls.main(["--preset=smoke", f"--out_dir={out_dir}"])
+    torch.save({"metrics": metrics, "claims": claims, "initialized": dist.is_initialized()},
+               os.path.join(os.path.dirname(out_dir), f"nulls_rank{rank}.pt"))
+
+
+def _close(a, b, path=""):
+    """Equal structure and strings/ints/bools, floats within 1e-4 relative (rounding of the sharded sums)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and not path.endswith(("_s", "wall_time_s")) and "times" not in path:
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), path
+    elif not isinstance(a, float):
+        assert a == b, path
+
+
+def test_nulls_under_torchrun_matches_the_single_process_run(tmp_path):
+    """torchrun --nproc_per_node=2 nulls.py --preset=smoke on CPU (gloo): the ranks train data-parallel, only
+    rank 0 evaluates and writes, and its results.json equals the single-process run's within float rounding."""
+    import json
+    import nulls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        nulls.main(["--preset=smoke", f"--out_dir={tmp_path / 'single'}"])
+    finally:
+        torch.set_num_threads(n)
+    (tmp_path / "ddp").mkdir()
+    mp.start_processes(_nulls_rank, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True,
+                       start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"nulls_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r1["metrics"] is None and r1["claims"] is None                       # rank 1 only trained
+    assert not r0["initialized"] and not r1["initialized"]                      # main() left no process group
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    _close(single["metrics"], ddp["metrics"])
+    _close(single["claims"], ddp["claims"])
+    assert [c["held"] for c in ddp["claims"]] == [c["held"] for c in single["claims"]]
+    # the three checkpoints (written by rank 0 alone) hold the same training keys as the single run's
+    pts = lambda d: sorted(f for f in os.listdir(d) if f.endswith(".pt"))
+    assert pts(tmp_path / "ddp") == pts(tmp_path / "single")
