@@ -174,3 +174,12 @@ def test_real_data_path_on_a_local_file(tmp_path):
     with pytest.raises(KeyError, match="no field"):
         nulls.main(["--preset=smoke", f"--data={tmp_path / 'docs.jsonl'}", "--tokenizer=word",
                     "--text_field=body", f"--out_dir={out}"])
+
+
+def test_a_missing_device_exits_2_naming_the_devices_that_exist(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        nulls.main(["--preset=smoke", "--device=cuda", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "device 'cuda' is not available" in err and "devices here: cpu (or auto)" in err
