@@ -121,6 +121,9 @@ PRESETS = {
 # The method: per-source sink masks (memsinks.py's generator) and the fast path over active neurons
 # -------------------------------------------------------------------------------------------------
 
+# Source s switches on the N_source pool neurons with the smallest uniforms u_j(s) of memsinks.py's generator, the
+# same mask in every layer; two sources share N_source / N_pool of their sinks on average (the "overlap ratio").
+
 def source_sinks(src_ids, n_pool, n_source):
     """src_ids (...) int64 -> (..., n_source) int64 pool indices (sorted) of the source's active sinks.
     Drawn once per distinct id (a batch holds few sources but many tokens), then indexed per token."""
