@@ -197,16 +197,16 @@ def run_row(r: Row, cfg, device):
     return res
 
 
-def profile_gap(pair, device, calls=3, top=6):
-    """torch.profiler over `calls` calls of A and of B: the operators on which A spends the most time more than B
-    (ms per call, self time; the optimizer step as a whole too). For a fixed-rate B: A's most expensive ops."""
+def profile_gap(pair, device, reps=3, top=6):
+    """torch.profiler over one call of A, one of B, alternating, `reps` times; per operator the least time over the
+    reps (contention only adds time). Returns the operators on which A spends the most time more than B (ms per
+    call, self time; the optimizer step as a whole too). For a fixed-rate B: A's most expensive operators."""
     from torch.profiler import profile, ProfilerActivity
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def per_op(fn):
         with profile(activities=acts) as prof:
-            for _ in range(calls):
-                fn()
+            fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
         out = {}
@@ -214,10 +214,17 @@ def profile_gap(pair, device, calls=3, top=6):
             t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
             if e.key.startswith("Optimizer.step"):
                 t = e.cpu_time_total           # the whole step, children included
-            out[e.key] = out.get(e.key, 0.0) + t / 1e3 / calls
+            out[e.key] = out.get(e.key, 0.0) + t / 1e3
         return out
-    a = per_op(pair.a)
-    b = per_op(pair.b) if pair.b is not None else {}
+
+    def least(runs):
+        return {k: min(r.get(k, 0.0) for r in runs) for k in set().union(*runs)}
+    runs_a, runs_b = [], []
+    for _ in range(reps):
+        runs_a.append(per_op(pair.a))
+        if pair.b is not None:
+            runs_b.append(per_op(pair.b))
+    a, b = least(runs_a), least(runs_b) if runs_b else {}
     gap = sorted(((k, a.get(k, 0.0), b.get(k, 0.0)) for k in a.keys() | b.keys()), key=lambda x: x[2] - x[1])
     return [dict(op=k, a_ms=round(ta, 3), b_ms=round(tb, 3), gap_ms=round(ta - tb, 3)) for k, ta, tb in gap[:top]]
 
@@ -727,7 +734,8 @@ def main(argv=None):
     profiled = [res for res in results if res.get("profile")]
     if profiled:
         print("\nclosing note: where A spends more time than B in the rows whose target is not met (torch.profiler, "
-              "ms per call, self time; Optimizer.step includes its own ops, which are also listed):")
+              "ms per call, self time, least of 3 alternating profiles; Optimizer.step includes its own ops, "
+              "which are also listed):")
     for res in profiled:
         print(f"  {res['name']} ({res['verdict']}): " + ", ".join(
             f"{p['op']} {p['a_ms']:.1f} vs {p['b_ms']:.1f}" for p in res["profile"]))

@@ -126,7 +126,7 @@ def test_profile_gap_names_the_costlier_op():
     import torch
     x = torch.randn(64, 64)
     p = bench.Pair("A", lambda: [x @ x for _ in range(20)], "B", lambda: x + 1)
-    gap = bench.profile_gap(p, torch.device("cpu"), calls=1)
+    gap = bench.profile_gap(p, torch.device("cpu"), reps=2)
     assert gap[0]["op"] == "aten::mm" and gap[0]["a_ms"] > gap[0]["b_ms"] == 0.0
 
 
