@@ -49,13 +49,14 @@ class Config:
     # data: the built-in world in TOFU format, or TOFU itself ("tofu": local folder in tofu_path)
     data: str = "world"
     tofu_path: str = ""
+    tofu_qa_per_author: int = 20      # TOFU: 20 QA per author, in author order in "full"
     n_people: int = 100
     n_families: int = 40
     n_cities: int = 16
     n_countries: int = 4
     n_holdout: int = 10
-    n_real: int = 30                  # "real" people: pretraining only (TOFU's real authors, Util_G)
-    n_copy: int = 1200                # name-copying QA rows in pretraining (random names, random values)
+    n_real: int = 10                  # "real" people: pretraining only (TOFU's real authors, Util_G)
+    n_copy: int = 800                 # name-copying QA rows in pretraining (random names, random values)
     forget: str = "forget10"
     # base model: "" = pretrain the built-in small base; else a local HF folder / GGUF file
     init_from: str = ""
@@ -64,12 +65,12 @@ class Config:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 48
-    pretrain_epochs: int = 20
+    pretrain_epochs: int = 15
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 32
     # Finetuned / Retrained: full fine-tuning on QA
-    ft_epochs: int = 20
-    ft_lr: float = 3e-4
+    ft_epochs: int = 15
+    ft_lr: float = 5e-4
     ft_batch: int = 32
     # the memory adapter
     layer: int = 2                    # block whose MLP gets the memory (0-based)
@@ -299,6 +300,56 @@ def attach_memory(net, cfg):
     return mem
 
 
+def read_case(n_tokens, k, d, n_rows, seed=0):
+    """A random read problem for bench.py: (rows, values, w, mask, g) with n_tokens bags of k rows of a
+    (n_rows, d) table, half the (token, entry) pairs trainable, and an output gradient g."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, n_rows, (n_tokens, k), generator=gen)
+    values = torch.randn(n_rows, d, generator=gen).requires_grad_(True)
+    w = torch.softmax(torch.randn(n_tokens, k, generator=gen), -1)
+    mask = torch.rand(n_tokens, k, generator=gen) < 0.5
+    return rows, values, w, mask, torch.randn(n_tokens, d, generator=gen)
+
+
+def read_step(kind, rows, values, w, mask, g):
+    """One forward + backward of a read: "single" (masked, one pass), "two_pass" (the paper's), "plain"."""
+    values.grad = None
+    if kind == "single":
+        out = masked_read(rows, values, w, mask)
+    elif kind == "two_pass":
+        out = masked_read_two_pass(rows, values, w, mask)
+    elif kind == "plain":
+        out = read(rows, values, w)
+    else:
+        raise ValueError(f"kind must be single, two_pass or plain, got {kind!r}")
+    out.backward(g)
+    return values.grad
+
+
+def train_step_case(n_sub, k=8, entries=64, sources=100, d=128, B=16, T=24, seed=0):
+    """A memory of n_sub^2 entries with `entries` rows assigned to each of `sources` sources, and a closure
+    that runs one gradient-masked training step (forward, backward, RowAdam) on a random batch. Returns
+    (mem, step, stored bytes: the value table + Adam moments + index map)."""
+    torch.manual_seed(seed)
+    mem = ProductKeyMemory(d, d, n_sub, k, 64)
+    gen = torch.Generator().manual_seed(seed)
+    ents = torch.randperm(n_sub * n_sub, generator=gen)[:sources * entries]
+    mem.assign(ents, torch.arange(1, sources + 1).repeat_interleave(entries))
+    mem.values.requires_grad_(True)
+    mem.train()
+    opt = RowAdam([mem.values], lr=1e-2)
+    x = torch.randn(B, T, d, generator=gen)
+    ctx = MemCtx(source=torch.randint(1, sources + 1, (B,), generator=gen))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        mem(x, ctx).square().mean().backward()
+        opt.step()
+    step()      # Adam state allocated
+    nbytes = 3 * mem.values.numel() * mem.values.element_size() + mem.row_of.numel() * mem.row_of.element_size()
+    return mem, step, nbytes
+
+
 # -------------------------------------------------------------------------------------------------
 # Entry assignment: TF-IDF over each source's accesses, greedy, no entry shared
 # -------------------------------------------------------------------------------------------------
@@ -346,8 +397,11 @@ def assign_entries(pair_src, pair_entry, score, sources, n, N):
 
 
 @torch.no_grad()
-def record_accesses(net, mem, batches):
-    """Run every batch (dicts with x, source_ids (B, T), 0 on padding) and return per-access (source, entry)."""
+def record_accesses(net, mem, batches, targets_only=True):
+    """Run every batch (dicts with x, y, source_ids (B, T), 0 on padding) and return per-access (source,
+    entry). targets_only: count only positions that carry a training target (y != -100): the answer tokens
+    of a QA pair, the only positions whose gradient reaches the memory (TOFU trains on answers only). The
+    paper records "the values it accesses" without saying which positions; this is our choice."""
     was = net.training
     net.eval()
     srcs, ents = [], []
@@ -359,6 +413,8 @@ def record_accesses(net, mem, batches):
             idx = mem.record[0].cpu()                                       # (B, T, k)
             s = b["source_ids"][..., None].expand_as(idx)
             keep = s > 0
+            if targets_only:
+                keep = keep & (b["y"] != -100)[..., None]
             srcs.append(s[keep])
             ents.append(idx[keep])
     finally:
@@ -481,8 +537,8 @@ def load_data(cfg, tok=None):
                  "forget10": "forget10_perturbed", "holdout10": "holdout10", "world_facts": "world_facts_perturbed",
                  "real_authors": "real_authors_perturbed"}
         sets = {s: data.load_tofu(n, path=cfg.tofu_path) for s, n in names.items()}
-        # TOFU: 20 QA per author in order; the author of a record = its position in "full" // 20 + 1
-        pid = {r["question"]: i // 20 + 1 for i, r in enumerate(sets["full"])}
+        # TOFU: the author of a record = its position in "full" // (QA per author) + 1
+        pid = {r["question"]: i // cfg.tofu_qa_per_author + 1 for i, r in enumerate(sets["full"])}
         for s in SPLITS:
             for i, r in enumerate(sets[s]):
                 r.setdefault("person", pid.get(r["question"], 10_000 + i))
@@ -496,16 +552,21 @@ def load_data(cfg, tok=None):
     return dict(tok=tok, sets=sets, forget=forget, pretrain=texts)
 
 
+def prompt_template(tok):
+    """The question format: the built-in data's "Question: ...\nAnswer:", or the model's chat template."""
+    return tok.chat("{question}") if hasattr(tok, "chat") else data.QA_TEMPLATE
+
+
 def encode_qa(tok, recs, answer="answer"):
     """Question prompts and answers as token lists (answers without eos, as the metrics expect)."""
-    qs = [tok.encode(data.QA_TEMPLATE.format(question=r["question"])) for r in recs]
+    qs = [tok.encode(prompt_template(tok).format(question=r["question"])) for r in recs]
     return qs, [tok.encode(" " + r[answer]) for r in recs]
 
 
 def qa_rows(tok, recs, block_size):
     """Training rows: answer (+ eos) targets only, source id = the record's person."""
     b = data.qa_batch(tok, [r["question"] for r in recs], [r["answer"] for r in recs],
-                      source_ids=[r["person"] for r in recs])
+                      source_ids=[r["person"] for r in recs], template=prompt_template(tok))
     if b["x"].shape[1] > block_size:
         raise ValueError(f"a QA pair has {b['x'].shape[1]} tokens > block_size {block_size}")
     return {"x": b["x"], "y": b["y"], "source_ids": b["source_ids"]}
@@ -527,7 +588,7 @@ def ckpt_path(cfg, name, fields):
 
 BASE_FIELDS = ("data", "n_people", "n_families", "n_cities", "n_countries", "n_holdout", "n_real", "n_copy",
                "init_from", "flavor", "n_layer", "n_head", "n_embd", "block_size", "pretrain_epochs",
-               "pretrain_lr", "pretrain_batch", "seed", "tofu_path")
+               "pretrain_lr", "pretrain_batch", "seed", "tofu_path", "tofu_qa_per_author")
 FT_FIELDS = BASE_FIELDS + ("ft_epochs", "ft_lr", "ft_batch", "forget")
 MEM_FIELDS = BASE_FIELDS + ("layer", "mem_sqrt", "topk", "k_dim", "entries", "mem_lr", "mem_epochs", "mem_batch")
 
@@ -650,7 +711,8 @@ def unlearn_batches(cfg, tok, forget_recs, retain_recs):
     B = cfg.unlearn_batch
 
     def qa(recs, field="answer", answers=None):
-        b = data.qa_batch(tok, [r["question"] for r in recs], answers or [r[field] for r in recs])
+        b = data.qa_batch(tok, [r["question"] for r in recs], answers or [r[field] for r in recs],
+                          template=prompt_template(tok))
         return {"x": b["x"], "y": b["y"]}
     forget, retain = [], []
     for i in range(0, len(forget_recs), B):

@@ -309,3 +309,35 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
         assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
     except ImportError:
         pass
+
+
+def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
+    """--preset=paper's code path (TOFU files from a folder, a local HF checkpoint with its own tokenizer) on a
+    tiny random Llama and the built-in world saved in TOFU's format."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import data
+    world = data.make_world(0, n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4)
+    tofu = tmp_path / "tofu"
+    world.save_tofu(tofu)
+    for s in ("forget01", "forget05", "forget10", "world_facts", "real_authors"):
+        (tofu / f"{s}_perturbed.json").write_text((tofu / f"{s}.json").read_text())
+    words = MA.world_vocab_tokenizer().itos
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=False)).save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    runs, claims = MA.main(["--preset=paper", f"--init_from={folder}", f"--tofu_path={tofu}", "--tofu_qa_per_author=10",
+                            "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8", "--mem_epochs=1",
+                            "--ft_epochs=1", "--unlearn_steps=2", "--unlearn_batch=4", "--baselines=graddiff",
+                            "--lr_mults=1.0", "--block_size=64", "--log_every=0", f"--out_dir={tmp_path / 'out'}"])
+    assert len(claims) == 6
+    run = runs[0]
+    assert run["times"]["memadapt_ft"]["step0_max_abs_diff"] == 0.0
+    assert run["forget_sources"] == sorted({r["person"] for r in world.tofu_split("forget10")})
