@@ -9,7 +9,9 @@ spell of a shared machine hits both sides. Each round gives one ratio; the table
 spread (interquartile range over the rounds), the anchor (what B is: a reference implementation or a physical
 limit), the target, and the verdict: "met" / "NOT met" when the whole spread is on one side of the target,
 "inconclusive: spread" when the target lies inside the spread (run more --rounds, or on a quieter machine).
-Wall and process CPU time are both kept (on a shared machine the CPU-time ratio is the steadier one).
+Wall and process CPU time are both kept (on a shared machine the CPU-time ratio is the steadier one). A row whose
+target is not met (or inconclusive) is profiled (torch.profiler; --profile=False to skip): the closing note lists
+the operators on which A spends the most time more than B. results.md holds the table as README.md shows it.
 
 Adding a row: one function registered with @row, returning a Pair (A, B, work per call):
 
@@ -704,6 +706,31 @@ def fmt_row(r):
             f" {r['ratio']:>7.3f}{sym} [{lo:.3f}, {hi:.3f}]{cpu}  {tgt}")
 
 
+def markdown(results, env):
+    """results.md: the table as README.md shows it."""
+    lines = [f"Machine: {env['cpu']} ({env['cores']} cores), {env['platform']}, torch {env['torch']}, "
+             f"{env['threads']} thread(s), device {env['device']}{' ' + env['gpu'] if env['gpu'] else ''}; "
+             f"load average {env['load_avg'][0]:.1f} at the start, {env['load_avg_end'][0]:.1f} at the end."
+             if env.get("load_avg") and env.get("load_avg_end") else f"Machine: {env}", "",
+             "| row | A | B (anchor) | rate A | rate B | ratio (IQR) | CPU-time ratio | target | verdict |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: | --- | --- |"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | | {r['anchor']} | | | skipped: {r['skipped']} | | {r['target'] or ''} | |")
+            continue
+        x = "x" if r["measure"] == "speed" else "x time"
+        cpu = "" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.3f}"
+        lines.append(f"| {r['name']} | {r['a']} | {r['b']} | {r['a_rate']:.4g} {r['unit']} | {r['b_rate']:.4g} | "
+                     f"{r['ratio']:.3f}{x} ({r['spread'][0]:.3f}-{r['spread'][1]:.3f}, {r['rounds']} rounds) | {cpu} | "
+                     f"{r['target'] or '-'} | {r['verdict'] or '-'} |")
+    prof = [r for r in results if r.get("profile")]
+    if prof:
+        lines += ["", "Where A spends more than B in rows whose target is not met (torch.profiler, ms per call):", ""]
+        lines += [f"- {r['name']}: " + ", ".join(f"{p['op']} {p['a_ms']:.1f} vs {p['b_ms']:.1f}" for p in r["profile"])
+                  for r in prof]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
     if cfg.threads < 1 or cfg.rounds < 1 or cfg.warmup < 0 or cfg.min_time < 0:
@@ -745,7 +772,9 @@ def main(argv=None):
     with open(path + ".tmp", "w") as f:
         json.dump(dict(config=asdict(cfg), machine=env, rows=results), f, indent=2)
     os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
+        f.write("# bench.py\n\n" + markdown(results, env))
+    print(f"wrote {path} and results.md")
     return results
 
 

@@ -118,6 +118,7 @@ def test_main_runs_a_row_end_to_end(tmp_path):
     r = saved["rows"][0]
     assert r["rounds"] == 2 and r["ratio"] > 0 and len(r["spread"]) == 2 and r["anchor"] == "the same step"
     assert r["verdict"] in ("met", "NOT met", "inconclusive: spread")
+    assert "| test_tiny_train | step | step again |" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--rows=no_such_row", f"--out_dir={tmp_path}"])
 
