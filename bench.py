@@ -9,11 +9,12 @@ spell of a shared machine hits both sides. Each round gives one ratio; the table
 spread (interquartile range over the rounds), the anchor (what B is: a reference implementation or a physical
 limit), the target, and the verdict: "met" / "NOT met" when the whole spread is on one side of the target,
 "inconclusive: spread" when the target lies inside the spread (run more --rounds, or on a quieter machine).
-Wall and process CPU time are both kept (on a shared machine the CPU-time ratio is the steadier one). A row whose
-target is not met (or inconclusive) is profiled (torch.profiler; --profile=False to skip): the closing note lists
-the operators on which A spends the most time more than B. results.md holds the table as README.md shows it.
+The verdict uses wall time; the process CPU-time ratio is printed beside it (waiting for a busy core is not in it).
+A row whose target is not met (or inconclusive) is profiled (torch.profiler; --profile=False to skip): the closing
+note lists the operators on which A spends the most time more than B. results.md holds the table for README.md.
 
-Adding a row: one function registered with @row, returning a Pair (A, B, work per call):
+Adding a row: one function in bench.py, in a section named after its script (rows named <script>_<what>),
+registered with @row and returning a Pair (A, B, work per call); import the paper script inside the function:
 
     @row("my_row", anchor="the dense model", target=">= 0.95")      # measure="speed": rate_A / rate_B (default)
     def my_row(cfg, device):                                          # measure="time":  time_A / time_B
