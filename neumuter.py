@@ -115,7 +115,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": dict(n_forget=4, rep=8, n_single=60, n_unseen=6, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64,
+    "smoke": dict(n_forget=4, rep=8, n_single=60, n_unseen=6, n_val=12, max_len=24, n_layer=2, n_head=2, n_embd=32, d_ff=64,
                   epochs=1.0, batch_size=8, warmup_steps=2, iters=6, eval_every=3, K=2, base_steps=4,
                   base_eval_every=2, ig_steps=2, ig_ratios=(0.1, 1.0), tofu_people=12, tofu_epochs=2,
                   tofu_steps=4, tofu_eval_every=2, tofu_iters=4, tofu_retain_eval=8, log_every=0, el_n=4),

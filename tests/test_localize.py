@@ -152,3 +152,65 @@ def test_drop_top_zeroes_the_highest_scores_per_layer():
     assert loc.drop_top(scores, 0.0)[1].tolist() == [1, 1, 1, 1]
     with pytest.raises(ValueError):
         loc.drop_top(scores, 1.5)
+
+
+# -------------------------------------------------------------------------------------------------
+# NeuMuter's use of the gates: R(M) (Eq. 12), the 5%-energy threshold, selection and muting (Eq. 14)
+# -------------------------------------------------------------------------------------------------
+
+def test_closed_penalty_equals_eq12():
+    g = torch.Generator().manual_seed(0)
+    la = torch.randn(3, 7, generator=g, dtype=torch.float64) * 2
+    beta, gamma, zeta = 1 / 3, -0.1, 1.1
+    total = 0.0
+    for l in range(3):
+        for i in range(7):
+            total += 1 / (1 + math.exp(-(la[l, i].item() - beta * math.log(-gamma / zeta))))
+    assert loc.hc_closed_penalty(la, beta).item() == pytest.approx(1 - total / 21, abs=1e-12)
+
+
+def test_sampled_gate_follows_eqs_10_11_for_fixed_draws_and_eval_gate_has_no_noise():
+    u = loc.hc_uniform((4, 5), torch.Generator().manual_seed(1))
+    assert u.min() >= 1e-4 and u.max() <= 1 - 1e-4 and u.shape == (4, 5)
+    la = torch.linspace(-3, 3, 20, dtype=torch.float64).view(4, 5)
+    got = loc.hc_gate(la, 0.3, u.double())
+    for l in range(4):
+        for i in range(5):
+            s = 1 / (1 + math.exp(-(math.log(u[l, i].item() / (1 - u[l, i].item())) + la[l, i].item()) / 0.3))
+            assert got[l, i].item() == pytest.approx(min(1.0, max(0.0, s * 1.2 - 0.1)), abs=1e-9)
+    det = loc.hc_gate(la, 0.3)
+    ref = (torch.sigmoid(la) * 1.2 - 0.1).clamp(0, 1)            # no beta, no noise
+    assert torch.allclose(det, ref)
+
+
+def test_energy_threshold_worked_example():
+    # sorted |m| = 0, 0, 0.1, 0.2, 0.7, 1, 1, 1, 1 (total 5.0); 5% = 0.25: 0 + 0 + 0.1 = 0.1 <= 0.25, + 0.2 = 0.3 > 0.25
+    m = torch.tensor([1.0, 0.2, 1.0, 0.0, 0.7, 1.0, 0.1, 0.0, 1.0])
+    assert loc.energy_threshold(m, 0.05) == pytest.approx(0.1)
+    assert loc.energy_threshold(m, 0.3) == pytest.approx(0.7)     # 1.5: 0 + 0 + 0.1 + 0.2 + 0.7 = 1.0, + 1 = 2.0
+    assert loc.energy_threshold(torch.ones(10), 0.05) == 1.0       # nothing moved: degenerate at the open value
+    assert loc.energy_threshold(torch.tensor([2.0, 3.0]), 0.05) == 2.0   # even the smallest is over
+    with pytest.raises(ValueError, match="energy"):
+        loc.energy_threshold(m, 0.0)
+
+
+def test_select_and_mute_eq14():
+    gates = torch.tensor([[1.0, 0.0, 0.05, 1.0], [0.5, 1.0, 1.0, 1.0]])
+    la = torch.logit(((gates + 0.1) / 1.2).clamp(1e-6, 1 - 1e-6)).double()      # log_alpha whose eval gate is `gates`
+    assert torch.allclose(loc.hc_gate(la, 1 / 3), gates.double(), atol=1e-5)
+    sel = loc.select_neurons(la, "energy", 0.05)                    # total 6.55, 5% = 0.33: 0, 0.05 -> eps 0.05
+    assert sel.tolist() == [[False, True, False, False], [False, False, False, False]]
+    sel = loc.select_neurons(la, "energy", 0.2)                     # 1.31: 0 + 0.05 + 0.5 -> eps 0.5, strict
+    assert sel.tolist() == [[False, True, True, False], [False, False, False, False]]
+    sel_all = loc.select_neurons(la, "energy", 0.5)                 # 3.28: eps lands on 1.0; strict: moved gates only
+    assert sel_all.tolist() == [[False, True, True, False], [True, False, False, False]]
+    fixed = loc.select_neurons(la, "fixed", fixed=0.15)             # sigmoid(log_alpha) < 0.15 <=> gate < 0.08
+    assert fixed.tolist() == [[False, True, True, False], [False, False, False, False]]
+    muted = loc.mute_masks(la, sel_all)
+    for l in range(2):
+        for i in range(4):                                          # Eq. 14, entry by entry
+            want = gates[l, i].item() if sel_all[l, i] else 1.0
+            assert muted[l, i].item() == pytest.approx(want, abs=1e-5)
+    assert loc.effective_neurons(la) == 3
+    with pytest.raises(ValueError, match="rule"):
+        loc.select_neurons(la, "top")
