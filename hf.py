@@ -390,8 +390,7 @@ _LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
 def gguf_tokenizer(meta, name=""):
     """data.HFTokenizer from a GGUF's tokenizer metadata (byte-level BPE: vocabulary, merges, token types,
     special ids, chat template). Pre-tokenizers follow llama.cpp's name for them: 'smollm' is SmolLM's (each digit
-    alone, then GPT-2's split), 'gpt-2' GPT-2's, 'llama-bpe' Llama 3's. transformers' own GGUF tokenizer does not
-    split digits for 'smollm'; SmolLM's tokenizer.json and llama.cpp do, so we do."""
+    alone, then GPT-2's split, as SmolLM's tokenizer.json and llama.cpp do), 'gpt-2' GPT-2's, 'llama-bpe' Llama 3's."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from data import HFTokenizer
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
