@@ -437,17 +437,21 @@ def gguf_tokenizer(meta, name=""):
 def load_hf_tokenizer(folder):
     """data.HFTokenizer of a Hugging Face folder: tokenizer.json (any fast tokenizer), or GPT-2-style vocab.json +
     merges.txt; eos / pad / chat template from tokenizer_config.json (or chat_template.jinja, config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from data import HFTokenizer
     folder = Path(folder)
     read = lambda f: json.loads((folder / f).read_text()) if (folder / f).exists() else {}
-    tc, conf = read("tokenizer_config.json"), read("config.json")
+    tc, conf = read("special_tokens_map.json") | read("tokenizer_config.json"), read("config.json")
     if (folder / "tokenizer.json").exists():
         tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():   # GPT-2, GPT-Neo
         tk = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
+        named = [v.get("content") if isinstance(v, dict) else v for k, v in tc.items()
+                 if k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        tk.add_special_tokens([AddedToken(t, normalized=False, special=True)      # <|endoftext|> stays one token
+                               for t in dict.fromkeys(named) if t and tk.token_to_id(t) is not None])
     else:
         raise FileNotFoundError(f"no tokenizer.json (nor vocab.json + merges.txt) in {folder}; sentencepiece-only "
                                 f"checkpoints: save a fast tokenizer with transformers (tokenizer.save_pretrained)")

@@ -77,10 +77,11 @@ def test_gpt2_vocab_merges_folder_equals_transformers(tmp_path):
     tk.model.save(str(tmp_path))                                     # vocab.json + merges.txt, GPT-2's layout
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
     tok = hf_io.load_hf_tokenizer(tmp_path)
-    ref = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    for t in TEXTS[:3]:
+    ref = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), eos_token="<|eot_id|>")
+    for t in TEXTS[:3] + ["end of one document<|eot_id|>next"]:
         assert tok.encode(t) == ref(t, add_special_tokens=False).input_ids
         assert tok.decode(tok.encode(t)) == t
+    assert tok.encode("<|eot_id|>") == [tok.eos_id] == [1]            # the eos named in the config stays whole
 
 
 @pytest.mark.parametrize("template,bos", [(LLAMA3, True), (LLAMA31, True)])
