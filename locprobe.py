@@ -4,8 +4,9 @@ restricts updates to the value vectors (columns of the MLP down projections) a l
 target knowledge; the paper finds that localizers do not beat a random region, and that even the ground-truth
 region (Oracle: the knowledge was put there by construction) does not beat a random one.
 
-  python locprobe.py                  # built-in world, CPU: Table 2 (NPO, WGA, L2 = Figure 1) x 5 seeds, Table 1
-  python locprobe.py --objectives=npo,wga,dpo,rmu,l2 --table3=true   # the rest of the paper (longer)
+  python locprobe.py                  # built-in world, CPU: Table 2 (NPO, WGA) x 5 seeds and Table 1
+  python locprobe.py --objectives=npo,wga,l2 --name=l2    # + Figure 1 (claim 3), reusing the finished runs
+  python locprobe.py --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest of the paper
   python locprobe.py --preset=smoke   # seconds;  --preset=paper: TOFU + a local Llama-3.1-8B-Instruct folder
 
 theta_r = the model trained without the forget set; V_tgt = a random 10% of all value vectors; theta_o = theta_r
@@ -56,6 +57,7 @@ class Config:
     n_families: int = 40
     n_real: int = 20                   # pretraining-only people: TOFU's "real authors" (200 QA)
     n_retain_eval: int = 100           # retain QA used for RS and utility (TOFU's retain_perturbed has 400)
+    n_real_eval: int = 100             # real-author QA used for utility (every other one)
     # model: trained from scratch on the world, or a pretrained checkpoint (a HF folder, a .gguf, or "smollm2")
     init_from: str = ""
     flavor: str = "gpt2"
@@ -75,12 +77,13 @@ class Config:
     inject_retain_weight: float = 2.0
     inject_retain_batch: int = 64
     # unlearning (App. A, F): batch 16, AdamW, each objective's lr set so FS gets close to its ceiling
-    objectives: tuple = ("npo", "wga", "l2")     # of npo, wga, dpo (IdkDPO), rmu, l2 (Figure 1)
+    objectives: tuple = ("npo", "wga")   # of npo, wga, dpo (IdkDPO), rmu, l2 (Figure 1, claim 3): the rest run
+                                         # with --objectives=..., reusing every finished run from the cache
     unlearn_steps: int = 100
     unlearn_batch: int = 16
     unlearn_weight_decay: float = 0.01
-    npo_lr: float = 3e-3
-    wga_lr: float = 3e-3
+    npo_lr: float = 1.5e-3             # NPO 2e-3 / WGA 2e-3 collapsed Oracle's retain ES on a calibration seed
+    wga_lr: float = 1.25e-3
     dpo_lr: float = 1e-2
     rmu_lr: float = 3e-3
     l2_lr: float = 1e-2
@@ -103,11 +106,12 @@ class Config:
     full_mu: bool = False
     n_perm: int = 10000                # App. D per-alpha swap test
     n_boot: int = 2000                 # App. D MU95 pooled-point bootstrap
-    eval_batch: int = 512
+    eval_batch: int = 1024
     seed: int = 0                      # training seed (init, data order)
     device: str = "auto"
     threads: int = 1
-    out_dir: str = "out/locprobe"
+    out_dir: str = "out/locprobe"      # checkpoints and finished runs are cached here
+    name: str = ""                     # results go to out_dir/name (a run with other objectives beside the default)
     log_every: int = 200
 
     def __post_init__(self):
@@ -133,9 +137,10 @@ OBJECTIVES = ("npo", "wga", "dpo", "rmu", "l2")
 LOCALIZERS = ("activations", "memflex", "wagle")
 
 PRESETS = {
-    "smoke": dict(n_people=20, n_families=8, n_real=4, n_retain_eval=20, n_layer=2, n_head=2, n_embd=32, d_ff=64,
+    "smoke": dict(n_people=20, n_families=8, n_real=4, n_retain_eval=20, n_real_eval=20, n_layer=2, n_head=2, n_embd=32, d_ff=64,
                   epochs=2, inject_steps=3, inject_retain_batch=8, unlearn_steps=3, unlearn_batch=8,
-                  seeds=(7, 19, 31), mix_step=0.25, n_perm=200, n_boot=100, memflex_repeats=2,
+                  objectives=("npo", "l2"),
+                  seeds=(7, 19), mix_step=0.5, n_perm=200, n_boot=100, memflex_repeats=2,
                   wagle_hessian_samples=1, localize_retain=20, log_every=0, out_dir="out/locprobe_smoke"),
     # the paper on one GPU: TOFU forget10 and a local Llama-3.1-8B-Instruct (or OLMo2-7B-Instruct) folder, the
     # learning rates of App. F (LLaMA), 5 epochs, batch 16, every objective, TOFU's model utility
@@ -197,18 +202,24 @@ def load_records(cfg):
         get = lambda c: D.load_tofu(c, path=cfg.tofu_path or None)
         forget, retain = get("forget10_perturbed"), get("retain90")
         recs = dict(forget=forget, retain=retain, retain_eval=get("retain_perturbed")[:cfg.n_retain_eval],
-                    real=get("real_authors_perturbed"), world=get("world_facts_perturbed"), pretrain=[])
+                    real=get("real_authors_perturbed")[:cfg.n_real_eval], world=get("world_facts_perturbed"),
+                    pretrain=[])
     else:
         w = D.make_world(cfg.world_seed, n_people=cfg.n_people, n_families=cfg.n_families, n_real=cfg.n_real,
                          n_cities=min(10, cfg.n_families))
         retain = w.tofu_split("retain90")
-        recs = dict(forget=w.tofu_split("forget10"), retain=retain, retain_eval=retain[::max(1, len(retain) //
-                    cfg.n_retain_eval)][:cfg.n_retain_eval], real=w.tofu_split("real_authors"),
-                    world=w.tofu_split("world_facts"))
+        real = w.tofu_split("real_authors")
+        recs = dict(forget=w.tofu_split("forget10"), retain=retain, retain_eval=every(retain, cfg.n_retain_eval),
+                    real=every(real, cfg.n_real_eval), world=w.tofu_split("world_facts"))
         # the toy's pretraining knowledge (theta_p): pretraining-only people and the city facts
-        recs["pretrain"] = recs["real"] + recs["world"]
+        recs["pretrain"] = real + recs["world"]
     recs["full"] = recs["forget"] + recs["retain"]
     return recs
+
+
+def every(recs, n):
+    """n records spread evenly over the list (all of them if n >= len)."""
+    return recs[::max(1, len(recs) // n)][:n]
 
 
 def make_tokenizer(cfg):
@@ -279,15 +290,37 @@ def make_sets(cfg, tok):
         sets[k + "_rows"] = qa_rows(tok, recs[k]) if recs[k] else None
     sets["retain_train_rows"] = qa_rows(tok, recs["retain"] + recs["pretrain"])
     sets["full_train_rows"] = qa_rows(tok, recs["full"] + recs["pretrain"])
-    sets["localize_retain_rows"] = qa_rows(tok, recs["retain"][::max(1, len(recs["retain"]) // cfg.localize_retain)]
-                                           [:cfg.localize_retain])
+    sets["localize_retain_rows"] = qa_rows(tok, every(recs["retain"], cfg.localize_retain))
     sets["idk_rows"] = qa_rows(tok, recs["forget"], answers=[answer_ids(tok, IDK_ANSWERS[i % len(IDK_ANSWERS)])
                                                              for i in range(len(recs["forget"]))])
     full = cfg.full_mu
     sets["ev"] = {"forget": eval_set(tok, recs["forget"], value=True),
                   "retain": eval_set(tok, recs["retain_eval"], pert=full, value=True),
                   "real": eval_set(tok, recs["real"], pert=full), "world": eval_set(tok, recs["world"], pert=full)}
+    sets["stack"] = stack_eval(sets["ev"])
     return sets
+
+
+def stack_eval(E):
+    """Every (x, y) the evaluation scores, right-padded into one (R, T) batch, with each piece's row slice: a
+    point of the sweep is then one forward in chunks instead of ~10 small ones (right padding changes nothing
+    for a causal model: later positions are never seen and their targets are -100)."""
+    pieces = []
+    for name, s in E.items():
+        pieces.append((name, s["x"], s["y"]))
+        if "para" in s:
+            pieces.append((name + "/para", *s["para"]))
+        for j, (x, y) in enumerate(s.get("pert", [])):
+            pieces.append((f"{name}/pert{j}", x, y))
+    T = max(x.shape[1] for _, x, _ in pieces)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)
+    X = torch.cat([pad(x, 0) for _, x, _ in pieces])
+    Y = torch.cat([pad(y, -100) for _, _, y in pieces])
+    where, r = {}, 0
+    for name, x, _ in pieces:
+        where[name] = slice(r, r + len(x))
+        r += len(x)
+    return {"x": X, "y": Y, "where": where}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -366,7 +399,7 @@ def check_injection(theta_r, theta_o, v_tgt):
         same = torch.equal(p, ro[n]) if m is None else torch.equal(p[~m], ro[n][~m])
         if not same:
             raise RuntimeError(f"theta_o differs from theta_r outside V_tgt in {n}")
-    d = sum(float((ro[n] - rr[n])[m].pow(2).sum()) for n, m in region.items())
+    d = sum(float((ro[n] - rr[n]).detach()[m].pow(2).sum()) for n, m in region.items())
     return math.sqrt(d)
 
 
@@ -449,9 +482,11 @@ def _forward(model, x, y, batch):
     return torch.cat(lps), torch.cat(preds)
 
 
-def answer_stats(model, s, batch):
-    """ES (per item), mean answer log-prob, and mean value-token log-prob from one forward."""
-    lp, preds = _forward(model, s["x"], s["y"], batch)
+def answer_stats(s, lp, preds):
+    """ES (per item), mean answer log-prob and mean value-token log-prob of split s from its rows' token log-probs
+    and teacher-forced predictions (sliced from one forward of the whole stack)."""
+    T = s["y"].shape[1]
+    lp, preds = lp[:, :T], preds[:, :T]
     out = {"es": ev.extraction_strength_from_preds(preds, s["y"]), "lp": ev.mean_logprob(lp, s["y"])}
     if "vy" in s:
         keep = (s["vy"] != -100).any(1)
@@ -460,34 +495,44 @@ def answer_stats(model, s, batch):
 
 
 def option_lps(model, s, batch):
-    """(N, K) mean log-probs of the perturbed answers and (N,) of the paraphrased one (None if absent)."""
+    """(paraphrased (N,) or None, perturbed (N, K)) mean log-probs of one split, computed on their own."""
     pert = torch.stack([ev.mean_logprob(_forward(model, x, y, batch)[0], y) for x, y in s["pert"]], 1)
     para = ev.mean_logprob(_forward(model, *s["para"], batch)[0], s["para"][1]) if "para" in s else None
     return para, pert
 
 
+def stacked_option_lps(s, name, lp, Y, where):
+    """(paraphrased or None, perturbed (N, K)) mean log-probs of split `name` from the stack's log-probs."""
+    ml = lambda key: ev.mean_logprob(lp[where[key]], Y[where[key]])
+    pert = torch.stack([ml(f"{name}/pert{j}") for j in range(len(s["pert"]))], 1)
+    return (ml(name + "/para") if "para" in s else None), pert
+
+
 def evaluate(cfg, model, sets, tr_retrained=None, tok=None):
     """One point of the curves: FS, RS, MU, forget quality (and log10), answer and value-token probabilities."""
-    E, bs = sets["ev"], cfg.eval_batch
-    f, r = answer_stats(model, E["forget"], bs), answer_stats(model, E["retain"], bs)
+    E, st, bs = sets["ev"], sets["stack"], cfg.eval_batch
+    lp, preds = _forward(model, st["x"], st["y"], bs)
+    W, Y = st["where"], st["y"]
+    stats = {k: answer_stats(E[k], lp[W[k]], preds[W[k]]) for k in E}
+    f, r, real, world = stats["forget"], stats["retain"], stats["real"], stats["world"]
     fs, rs = ev.strengths(f["es"], r["es"])
-    para, pert = option_lps(model, E["forget"], bs)
+    para, pert = stacked_option_lps(E["forget"], "forget", lp, Y, W)
     tr = ev.truth_ratio_tofu(para, pert)
-    out = {"fs": fs, "rs": rs, "es_forget": f["es"].tolist(), "prob_forget": float(f["lp"].exp().mean()),
+    out = {"fs": fs, "rs": rs, "prob_forget": float(f["lp"].exp().mean()),
            "value_prob_forget": None if f.get("vlp") is None else float(f["vlp"].exp().mean()),
            "prob_retain": float(r["lp"].exp().mean()),
            "value_prob_retain": None if r.get("vlp") is None else float(r["vlp"].exp().mean())}
-    real, world = answer_stats(model, E["real"], bs), answer_stats(model, E["world"], bs)
     if cfg.full_mu:
         parts = {}
-        for name, s, st in (("retain", E["retain"], r), ("real", E["real"], real), ("world", E["world"], world)):
-            p_para, p_pert = option_lps(model, s, bs)
+        for name, st_ in (("retain", r), ("real", real), ("world", world)):
+            p_para, p_pert = stacked_option_lps(E[name], name, lp, Y, W)
             if name == "retain":
-                parts["retain_prob"] = float(st["lp"].exp().mean())
+                parts["retain_prob"] = float(st_["lp"].exp().mean())
                 parts["retain_tr"] = ev.truth_ratio_utility(ev.truth_ratio_tofu(p_para, p_pert))
             else:     # TOFU: option-normalized probability; the answer itself is the "true" one in the ratio
-                parts[name + "_prob"] = float(ev.mc_prob(st["lp"], p_pert).mean())
-                parts[name + "_tr"] = ev.truth_ratio_utility(ev.truth_ratio_tofu(st["lp"], p_pert))
+                parts[name + "_prob"] = float(ev.mc_prob(st_["lp"], p_pert).mean())
+                parts[name + "_tr"] = ev.truth_ratio_utility(ev.truth_ratio_tofu(st_["lp"], p_pert))
+            s = E[name]
             rec, _ = ev.rouge_recall(model, s["q"], s["a"], tok, max_new_tokens=max(len(a) for a in s["a"]) + 2,
                                      eos_id=tok.eos_id, pad_id=tok.pad_id, batch_size=bs)
             parts[name + "_rouge"] = float(np.mean(rec))
@@ -569,7 +614,7 @@ def cached(cfg, key, fn):
     return out
 
 
-_EVAL_ONLY = ("preset", "objectives", "seeds", "table1", "localizers", "table3", "n_perm", "n_boot", "eval_batch",
+_EVAL_ONLY = ("preset", "name", "objectives", "seeds", "table1", "localizers", "table3", "n_perm", "n_boot", "eval_batch",
               "device", "threads", "out_dir", "log_every")
 
 
@@ -814,9 +859,13 @@ def report(cfg, metrics, claims):
                  f"({metrics['env']['threads']} torch threads, {metrics['env']['device']})")
     text = "\n".join(lines)
     print(text)
-    path = ev.write_results(cfg.out_dir, "locprobe.py results", cfg, metrics, claims, text)
+    path = ev.write_results(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, text)
     plot(cfg, metrics)
     print(f"wrote {path}")
+
+
+def results_dir(cfg):
+    return os.path.join(cfg.out_dir, cfg.name) if cfg.name else cfg.out_dir
 
 
 def plot(cfg, metrics):
@@ -837,7 +886,7 @@ def plot(cfg, metrics):
         for a in axes:
             a.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(cfg.out_dir, f"fig1_{name}_curves.png" if name == "l2" else f"curves_{name}.png"),
+        fig.savefig(os.path.join(results_dir(cfg), f"fig1_{name}_curves.png" if name == "l2" else f"curves_{name}.png"),
                     dpi=110)
         plt.close(fig)
     t1 = metrics.get("table1")
@@ -850,7 +899,7 @@ def plot(cfg, metrics):
         ax.set(xlabel="FS", ylabel="RS", title="Table 1: NPO on the top 10%")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(cfg.out_dir, "table1_curves.png"), dpi=110)
+        fig.savefig(os.path.join(results_dir(cfg), "table1_curves.png"), dpi=110)
         plt.close(fig)
 
 

@@ -1,0 +1,244 @@
+"""locprobe.py: the seed-level tests against explicit enumeration, every claim function both ways on constructed
+inputs, regions and the injection check, value spans, the smoke run end to end (with its cache), and the
+--preset=paper code path (TOFU files + a local Hugging Face folder) on a tiny fake."""
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import locprobe as L
+import localize as loc
+import model as M
+
+
+# -------------------------------------------------------------------------------------------------
+# seed-level permutation tests
+# -------------------------------------------------------------------------------------------------
+
+def perm_by_hand(a, b):
+    pool, n = list(a) + list(b), len(a)
+    obs = abs(sum(a) / len(a) - sum(b) / len(b))
+    hits = total = 0
+    for grp in itertools.combinations(range(len(pool)), n):
+        ga = [pool[i] for i in grp]
+        gb = [pool[i] for i in range(len(pool)) if i not in grp]
+        total += 1
+        hits += abs(sum(ga) / len(ga) - sum(gb) / len(gb)) >= obs - 1e-12
+    return hits / total
+
+
+def flip_by_hand(a, b):
+    d = [x - y for x, y in zip(a, b)]
+    obs = abs(sum(d) / len(d))
+    pats = list(itertools.product([1, -1], repeat=len(d)))
+    return sum(abs(sum(s * x for s, x in zip(p, d)) / len(d)) >= obs - 1e-12 for p in pats) / len(pats)
+
+
+def test_permutation_and_sign_flip_tests_against_enumeration():
+    rng = np.random.default_rng(0)
+    for n_a, n_b in ((3, 3), (5, 5), (4, 2)):
+        a, b = rng.normal(size=n_a), rng.normal(0.5, size=n_b)
+        assert L.permutation_test(a, b) == pytest.approx(perm_by_hand(a, b))
+    for n in (3, 5):
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        assert L.sign_flip_test(a, b) == pytest.approx(flip_by_hand(a, b))
+    # worked examples: separated groups reach the floor; identical groups give p = 1
+    assert L.permutation_test([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20)
+    assert L.permutation_test([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert L.sign_flip_test([2, 3, 4, 5, 6], [1, 1, 1, 1, 1]) == pytest.approx(2 / 32)   # > 0.05: why claims use
+    assert L.permutation_test([1, 1, 1], [1, 1, 1]) == 1.0                                 # the unpaired test
+
+
+# -------------------------------------------------------------------------------------------------
+# claims, both ways
+# -------------------------------------------------------------------------------------------------
+
+def fake_curve(aues, mu95, shift=0.0):
+    fs = [0.1 * i + shift for i in range(6)]
+    return {"fs": fs, "rs": [1 - 0.5 * f for f in fs], "mu": [0.9 - 0.05 * i for i in range(6)],
+            "log_fq": [-2 + 0.3 * i + shift for i in range(6)], "aues": aues, "mu95": mu95,
+            "l2_start": 10.0, "l2_final": 1.0, "undo_distance": 0.5}
+
+
+def fake_t2(oracle, random, random2, mu=(0.0, 0.0, 0.0), objectives=("npo",)):
+    """Table-2 results whose AUES per seed are the given lists (MU95 = AUES * 10 + offsets in mu)."""
+    seeds = {}
+    for i, (o, r, r2) in enumerate(zip(oracle, random, random2)):
+        runs = {name: {"oracle": fake_curve(o, 10 * o + mu[0]), "random": fake_curve(r, 10 * r + mu[1], 0.01),
+                       "random2": fake_curve(r2, 10 * r2 + mu[2], 0.02)} for name in objectives}
+        seeds[str(i)] = {"runs": runs}
+    return {"seeds": seeds}
+
+
+def summary(t2, objectives=("npo",)):
+    cfg = L.Config(objectives=objectives, n_perm=50, n_boot=20)
+    return L.summarize_table2(cfg, t2)
+
+
+def test_claim_oracle_vs_random_both_ways():
+    rnd = [0.50, 0.53, 0.47, 0.52, 0.49]
+    same = summary(fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], rnd, [0.52, 0.49, 0.50, 0.47, 0.51]))
+    (c,) = L.claim_oracle_vs_random(same, ["npo"])
+    assert c["held"] is True and c["value"] > 0.05
+    better = summary(fake_t2([0.70, 0.72, 0.69, 0.71, 0.73], rnd, [0.52, 0.49, 0.50, 0.47, 0.51]))
+    (c,) = L.claim_oracle_vs_random(better, ["npo"])
+    assert c["held"] is False and c["value"] < 0.05 and "not reproduced here" in c["detail"]
+    # not significant, but |delta| far outside the calibration pair's spread (Random == Random2 here) -> fails
+    wide = summary(fake_t2([0.50, 0.60, 0.40, 0.55, 0.45], rnd, rnd))
+    (c,) = L.claim_oracle_vs_random(wide, ["npo"])
+    assert wide["npo"]["aues"]["p_seed"] > 0.05 and c["held"] is False
+
+
+def test_summary_reports_calibration_arm_and_paper_tests():
+    s = summary(fake_t2([0.5] * 5, [0.5] * 5, [0.6] * 5))["npo"]
+    assert s["aues"]["abs_delta_calibration"][0] == pytest.approx(0.1)
+    assert len(s["paper_tests"]) == 5 and {"p_aues", "p_aues_calibration", "p_mu95", "p_mu95_calibration"} <= \
+        set(s["paper_tests"][0])
+    assert s["l2_closed"]["oracle"] == [pytest.approx(0.9)] * 5
+
+
+def test_claim_localizers_both_ways():
+    rnd = {str(i): {"aues": v} for i, v in enumerate([0.50, 0.52, 0.48, 0.51, 0.49])}
+    c = L.claim_localizers({"random": rnd, "localizers": {"wagle": {"aues": 0.51}, "memflex": {"aues": 0.40}}})
+    assert c["held"] is True
+    c = L.claim_localizers({"random": rnd, "localizers": {"wagle": {"aues": 0.60}}})
+    assert c["held"] is False and c["value"] == pytest.approx(0.10)
+
+
+def test_claim_l2_both_ways():
+    t2 = fake_t2([0.5] * 5, [0.51, 0.49, 0.5, 0.52, 0.48], [0.5, 0.52, 0.48, 0.5, 0.51], objectives=("l2",))
+    for seed in t2["seeds"].values():
+        seed["runs"]["l2"]["random"]["l2_final"] = 4.0            # closes 60% vs Oracle's 90%
+    c = L.claim_l2(summary(t2, ("l2",)))
+    assert c["held"] is True and c["value"] == pytest.approx(0.6 / 0.9)
+    for seed in t2["seeds"].values():
+        seed["runs"]["l2"]["random"]["l2_final"] = 8.0            # closes 20%
+    c = L.claim_l2(summary(t2, ("l2",)))
+    assert c["held"] is False and "not reproduced here" in c["detail"]
+
+
+# -------------------------------------------------------------------------------------------------
+# regions, injection check, value spans
+# -------------------------------------------------------------------------------------------------
+
+def tiny_model():
+    torch.manual_seed(0)
+    return M.GPT(M.ModelConfig(n_layer=3, n_head=2, n_embd=8, d_ff=20, vocab_size=13, block_size=8))
+
+
+def test_regions_disjoint_and_sized():
+    net = tiny_model()
+    tgt, rdm, rdm2 = L.regions(net, 0.1, seed=7)
+    flat = lambda s: {(l, i) for l, v in s.items() for i in v}
+    assert [loc.selection_size(s) for s in (tgt, rdm, rdm2)] == [6, 6, 6]
+    assert not flat(tgt) & flat(rdm) and not flat(tgt) & flat(rdm2) and not flat(rdm) & flat(rdm2)
+    assert L.regions(net, 0.1, seed=7) == (tgt, rdm, rdm2)
+
+
+def test_check_injection_catches_changes_outside_the_region():
+    a = tiny_model()
+    b = tiny_model()
+    tgt = {0: [1, 2], 2: [5]}
+    with torch.no_grad():
+        b.blocks[0].mlp.down.weight[:, 1] += 1.0
+    assert L.check_injection(a, b, tgt) == pytest.approx(math.sqrt(8))
+    with torch.no_grad():
+        b.blocks[1].mlp.down.weight[0, 0] += 1e-6
+    with pytest.raises(RuntimeError, match="outside V_tgt"):
+        L.check_injection(a, b, tgt)
+
+
+def test_value_span_and_value_targets():
+    assert L.value_span([5, 6, 7, 6, 7, 9], [6, 7]) == [3, 4]
+    assert L.value_span([5, 6], [8]) is None
+    tok = L.make_tokenizer(L.Config())
+    rec = {"question": "Who is the father of Mila Westbrook?", "answer": "The father of Mila Westbrook is Karl Westbrook.",
+           "value": "Karl Westbrook", "paraphrased_answer": "x", "perturbed_answer": ["Karl", "Hugo"]}
+    s = L.eval_set(tok, [rec], value=True)
+    vals = s["vy"][s["vy"] != -100].tolist()
+    assert s["n_value"] == 1 and tok.decode(vals) == "Karl Westbrook"
+    assert tok.decode(s["y"][s["y"] != -100].tolist()) == rec["answer"]
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="objectives"):
+        L.Config(objectives=("npo", "ga"))
+    with pytest.raises(ValueError, match="loc_ratio"):
+        L.Config(loc_ratio=0.5)
+    with pytest.raises(ValueError, match="mix_step"):
+        L.Config(mix_step=0.3)
+
+
+# -------------------------------------------------------------------------------------------------
+# end to end
+# -------------------------------------------------------------------------------------------------
+
+def test_smoke_run_end_to_end_and_cache(tmp_path):
+    out = str(tmp_path / "lp")
+    metrics, claims = L.main(["--preset=smoke", f"--out_dir={out}"], log=lambda s: None)
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert {c["claim"][:1] for c in res["claims"]} == {"1", "2", "3"}
+    assert all(c["held"] in (True, False) for c in res["claims"])
+    t2 = res["metrics"]["table2"]
+    for s in t2["seeds"].values():
+        assert s["inject"]["identical_outside_v_tgt"] is True
+        for runs in s["runs"].values():
+            for c in runs.values():
+                assert len(c["fs"]) == 3 and c["alpha"] == [0.0, 0.5, 1.0]
+                assert c["fs"][0] == pytest.approx(s["inject"]["fs"])       # alpha 0 is theta_o
+    assert set(res["metrics"]["table1"]["localizers"]) == {"activations", "memflex", "wagle"}
+    if L.ev.pyplot() is not None:
+        assert os.path.exists(os.path.join(out, "fig1_l2_curves.png"))
+    # a rerun reads every finished run from the cache and reports the same numbers
+    m2, c2 = L.main(["--preset=smoke", f"--out_dir={out}"], log=lambda s: None)
+    assert [c["value"] for c in c2] == [c["value"] for c in claims]
+    assert m2["cpu_time_s"] < metrics["cpu_time_s"]
+
+
+def test_paper_path_on_a_tiny_local_fake(tmp_path):
+    """--preset=paper's code path: TOFU-format files read by data.load_tofu and a local HF Llama folder with its
+    own tokenizer and chat template (a tiny random stand-in for Llama-3.1-8B-Instruct)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    w = D.make_world(0, n_people=20, n_families=8, n_cities=4, n_real=4)
+    tofu = tmp_path / "tofu"
+    tofu.mkdir()
+    for cfg_name, split in (("forget10_perturbed", "forget10"), ("retain90", "retain90"),
+                            ("retain_perturbed", "retain_perturbed"), ("real_authors_perturbed", "real_authors"),
+                            ("world_facts_perturbed", "world_facts")):
+        with open(tofu / f"{cfg_name}.json", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in w.tofu_split(split))
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(w.texts(), trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "llama"
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False))
+    hf.save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    template = ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+                "'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+                "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                              "eos_token": "<|eot_id|>", "chat_template": template}))
+    out = str(tmp_path / "out")
+    smoke = {k: v for k, v in L.PRESETS["smoke"].items() if k not in ("n_layer", "n_head", "n_embd", "d_ff", "out_dir")}
+    argv = ["--preset=paper", f"--tofu_path={tofu}", f"--init_from={folder}", f"--out_dir={out}", "--table1=false",
+            "--objectives=npo,dpo,rmu", "--seeds=(7,19)", "--rmu_layer=1", "--eval_batch=64", "--n_retain_eval=10",
+            "--n_real_eval=10"] + [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                   for k, v in smoke.items() if k not in ("seeds", "n_retain_eval", "n_real_eval",
+                                                                           "n_people", "n_families", "n_real")]
+    metrics, claims = L.main(argv, log=lambda s: None)
+    assert metrics["n_qa"]["forget"] == 20 and metrics["n_value_vectors"] == 3 * 40
+    assert [c["claim"] for c in claims] == [f"1 Oracle does not beat Random ({o})" for o in ("npo", "dpo", "rmu")]
+    mu_parts = metrics["table2"]["seeds"]["7"]["runs"]["npo"]["oracle"]
+    assert len(mu_parts["mu"]) == 3
