@@ -10,6 +10,7 @@ Built-in data (the default; nothing is downloaded, everything is deterministic f
 - make_stories(n, seed), ts_repetition(...), ts_canary(...): TinyStories in miniature for MemSinks/NeuMuter.
 - world_tokenizer(), stories_tokenizer(): word-level vocabularies derived from the generators' word lists
   (independent of the seed), exact round trip on generated text.
+- HFTokenizer: a pretrained checkpoint's own tokenizer with the same interface plus chat() (hf.load_pretrained).
 
 What the defaults cost (measured; world = make_world(0), word-level tokens, one <eos> per document):
 - vocabulary: world 470 tokens, stories 236 (specials included; the same for every seed and size).
@@ -237,6 +238,9 @@ class HFTokenizer:
         ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
         if stop_at_eos and self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:     # `tokenizers` would drop them silently (a model's embedding may be larger than the vocabulary)
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def token(self, i):

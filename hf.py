@@ -505,7 +505,10 @@ def hub_folder(name):
 
 def load_pretrained(init_from, *, dtype=torch.float32, device="cpu"):
     """(model.GPT, data.HFTokenizer) from a local Hugging Face folder, a hub name ("meta-llama/Llama-3.2-1B-Instruct",
-    downloaded when online) or a .gguf file. The tokenizer is the checkpoint's own (see data.HFTokenizer)."""
+    downloaded when online) or a .gguf file; "smollm2" is short for smollm2_path(). The tokenizer is the
+    checkpoint's own (see data.HFTokenizer)."""
+    if str(init_from) == "smollm2" and not Path("smollm2").exists():
+        init_from = smollm2_path()
     p = Path(str(init_from)).expanduser()
     if p.suffix == ".gguf":
         model, meta = load_gguf(p, dtype, device=device)

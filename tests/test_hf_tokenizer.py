@@ -68,6 +68,8 @@ def test_tokenizer_json_equals_transformers(tmp_path, bos):
         assert tok.decode(ids) == t                              # exact round trip
     assert tok.bos_id == (0 if bos else None) and tok.eos_id == 1 and tok.pad_id == 1
     assert tok.decode(tok.encode("a b") + [tok.eos_id] + tok.encode("c"), stop_at_eos=True) == "a b"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size])
     restored = data.load_tokenizer(tok.state_dict())
     assert restored.encode(TEXTS[1]) == tok.encode(TEXTS[1]) and restored.bos_id == tok.bos_id
 

@@ -37,7 +37,7 @@ def smollm2():
         path = hf_io.smollm2_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    return hf_io.load_pretrained(path)
+    return hf_io.load_pretrained("smollm2")     # short for smollm2_path()
 
 
 def perplexity(model, tok):
