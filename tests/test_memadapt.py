@@ -314,10 +314,9 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
 def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
     """--preset=paper's code path (TOFU files from a folder, a local HF checkpoint with its own tokenizer) on a
     tiny random Llama and the built-in world saved in TOFU's format."""
-    pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM
     import data
+    import hf
     world = data.make_world(0, n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4)
     tofu = tmp_path / "tofu"
     world.save_tofu(tofu)
@@ -328,15 +327,14 @@ def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     folder = tmp_path / "llama"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=False)).save_pretrained(folder)
+    hf.save_hf(M.GPT(M.ModelConfig(flavor="llama", vocab_size=len(words), block_size=128, n_layer=2, n_head=4,
+                                   n_kv_head=2, n_embd=32, d_ff=64, bias=False, tie_embeddings=False)), folder)
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
     runs, claims = MA.main(["--preset=paper", f"--init_from={folder}", f"--tofu_path={tofu}", "--tofu_qa_per_author=10",
                             "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8", "--mem_epochs=1",
                             "--ft_epochs=1", "--unlearn_steps=2", "--unlearn_batch=4", "--baselines=graddiff",
-                            "--lr_mults=1.0", "--block_size=64", "--log_every=0", f"--out_dir={tmp_path / 'out'}"])
+                            "--lr_mults=1.0", "--block_size=64", "--log_every=0", "--eval_n=10", f"--out_dir={tmp_path / 'out'}"])
     assert len(claims) == 6
     run = runs[0]
     assert run["times"]["memadapt_ft"]["step0_max_abs_diff"] == 0.0
