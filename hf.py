@@ -307,6 +307,8 @@ def read_gguf(path):
         block, size = GGML_QUANT_SIZES[qtype]
         row_bytes = shape[0] // block * size                      # ggml's shape: innermost dimension first
         rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        if start + off + rows * row_bytes > len(buf):
+            raise ValueError(f"{path} is truncated: tensor {name} ends past the end of the file")
         data = buf[start + off:start + off + rows * row_bytes].reshape(*shape[:0:-1], row_bytes)
         tensors[name] = (qtype, tuple(shape[::-1]), data)
     return meta, tensors
@@ -318,6 +320,11 @@ def config_from_gguf(meta, tensors):
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: 'llama' (incl. SmolLM)")
     g = lambda k, default=None: meta.get(f"llama.{k}", default)
+    need = ["embedding_length", "attention.head_count", "block_count", "feed_forward_length", "context_length"]
+    if missing := [f"llama.{k}" for k in need if g(k) is None]:
+        raise ValueError(f"GGUF metadata lacks {missing}")
+    if "token_embd.weight" not in tensors:
+        raise KeyError("GGUF file has no token_embd.weight tensor")
     n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
     if g("rope.dimension_count") not in (None, n_embd // n_head):
         raise ValueError(f"GGUF rope.dimension_count {g('rope.dimension_count')} != head dim {n_embd // n_head}")
