@@ -209,7 +209,13 @@ def test_read_gguf_equals_gguf_reader(tmp_path, bpe):
         assert np.array_equal(np.asarray(data).reshape(-1), np.ascontiguousarray(t.data).view(np.uint8).reshape(-1))
 
 
-def test_gguf_errors(tmp_path):
+def test_gguf_errors(tmp_path, bpe):
+    tokens, merges = bpe
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(len(tokens), True), tokens, merges, Q.F32)
+    whole = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:-1000])
+    with pytest.raises(ValueError, match="truncated"):
+        hf_io.load_pretrained(tmp_path / "cut.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hf_io.load_pretrained(tmp_path / "missing.gguf")
     (tmp_path / "bad.gguf").write_bytes(b"NOPE" + bytes(40))
