@@ -1,31 +1,26 @@
 """
-Does Localization Inform Unlearning? (Lee, Hwang, Lim, Kim; EMNLP 2025, arXiv:2505.16252). Localized unlearning
-restricts updates to the value vectors (columns of the MLP down projections) a localizer says hold the
-target knowledge; the paper finds that localizers do not beat a random region, and that even the ground-truth
-region (Oracle: the knowledge was put there by construction) does not beat a random one.
+Does Localization Inform Unlearning? (Lee, Hwang, Lim, Kim; EMNLP 2025, arXiv:2505.16252). Restricting unlearning
+to the value vectors (columns of the MLP down projections) a localizer picks does not beat a random region, and
+even the region that holds the knowledge by construction (Oracle) does not beat a random one.
 
   python locprobe.py                  # built-in world, CPU: Table 2 (NPO, WGA) x 5 seeds and Table 1
   python locprobe.py --objectives=npo,wga,l2 --name=l2    # + Figure 1 (claim 3), reusing the finished runs
   python locprobe.py --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest of the paper
   python locprobe.py --preset=smoke   # seconds;  --preset=paper: TOFU + a local Llama-3.1-8B-Instruct folder
 
-theta_r = the model trained without the forget set; V_tgt = a random 10% of all value vectors; theta_o = theta_r
-trained on the forget set updating only V_tgt (checked: everything else bit-identical). Oracle unlearns theta_o
-on V_tgt, Random on a disjoint random 10%, Random2 (our calibration arm) on a third disjoint 10%. Table 1: the
-model trained on everything, unlearned with NPO on the top 10% of each localizer (localize.py) or Random.
-Evaluation (App. B): model mixing (1 - a) theta_o + a theta_unlearned, a = 0..1 by 0.05; FS = 1 - ES(forget),
-RS = ES(retain); AUES = area under RS(FS); MU95 = log10 forget quality where model utility falls to 95% of
-theta_o's. Significance: the paper's per-alpha swap test and pooled-point bootstrap per seed, each printed
-beside the same test on Random vs Random2, and seed-level exact permutation tests for the claims.
+theta_r: trained without the forget set; V_tgt: a random 10% of all value vectors; theta_o: theta_r trained on the
+forget set moving only V_tgt (checked: all else bit-identical). Oracle unlearns theta_o on V_tgt, Random on a
+disjoint random 10%, Random2 (our calibration arm) on a third. Table 1: NPO on the top 10% of each localizer
+(localize.py) vs Random. App. B: mixing (1 - a) theta_o + a theta_unlearned, a = 0..1 by 0.05, AUES = area under
+RS(FS), MU95 = log10 forget quality where utility falls to 95% of theta_o's. Every App. D p-value is printed
+beside the same test on Random vs Random2; the claims use exact seed-level permutation tests.
 Where we differ, on purpose:
-- Toy pretraining: theta_p's knowledge (the world's pretraining-only people and city facts) is trained in the
-  same run as the retain set (theta_r) or everything (theta_full), not in a separate stage first.
-- Model utility (default): harmonic mean of the length-normalized answer probability on retain, real-author
-  and world-fact questions; TOFU's nine numbers (+ ROUGE-L, truth ratios, option-normalized probability) with
-  --full_mu=true. The sweep evaluates 21 models per run, which the cheap form makes affordable on a CPU.
-- Claims use exact seed-level label-permutation tests over the seeds (with 5 seeds a paired sign-flip test
-  cannot go below p = 1/16); the paper's per-alpha tests flag even Random vs Random2 at this scale.
-- The losses of App. A as printed have no retain term; we add none. Unlearning uses AdamW, wd 0.01 (App. F).
+- Toy pretraining: theta_p's knowledge (pretraining-only people, city facts) is trained in the same run as the
+  retain set (theta_r) or everything (theta_full), not in a stage of its own.
+- Model utility: harmonic mean of the answer probability on retain, real-author and world-fact questions (21
+  models per sweep on a CPU); TOFU's nine numbers with --full_mu=true.
+- Claims: unpaired label permutations over seeds (with 5 seeds a paired sign-flip p cannot go below 1/16).
+- App. A's losses as printed have no retain term; we add none. AdamW, weight decay 0.01 (App. F).
 """
 import copy
 import json
