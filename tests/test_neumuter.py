@@ -190,19 +190,25 @@ def test_smoke_run_writes_results(tmp_path):
             assert (tmp_path / f).exists(), f
 
 
-def test_paper_path_on_local_fakes(tmp_path):
-    """--init_from a local Hugging Face folder, --data_path a local file, --mlm_path a local BERT (tiny fakes)."""
+def fake_hf_folder(folder, words):
+    """A tiny random GPT-2 in a local Hugging Face folder with a word-level tokenizer.json over `words`."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    words = [w for w in D.stories_words() if w.isalpha()][:150]
     vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    gpt = tmp_path / "gpt"
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2,
-                                                         n_head=2, bos_token_id=2, eos_token_id=2)).save_pretrained(gpt)
-    tk.save(str(gpt / "tokenizer.json"))
+                                                         n_head=2, bos_token_id=2, eos_token_id=2)).save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_paper_path_on_local_fakes(tmp_path):
+    """--init_from a local Hugging Face folder, --data_path a local file, --mlm_path a local BERT (tiny fakes)."""
+    transformers = pytest.importorskip("transformers")
+    words = [w for w in D.stories_words() if w.isalpha()][:150]
+    gpt = fake_hf_folder(tmp_path / "gpt", words)
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w.lower() for w in words]))
@@ -216,3 +222,15 @@ def test_paper_path_on_local_fakes(tmp_path):
                          "--methods=ga,ig", f"--out_dir={tmp_path / 'out'}"])
     ex = metrics["seeds"]["0"]["extraction"]
     assert "retrained" not in ex and set(ex["methods"]) == {"neumuter", "ga", "ig"}
+
+
+def test_real_path_fine_tunes_a_local_pretrained_model(tmp_path):
+    """--preset=real's code path (TOFU from a pretrained checkpoint) on a tiny local fake."""
+    import re
+    words = sorted({w for t in D.make_world(0, n_people=12, n_families=4, n_cities=4, n_countries=4, n_holdout=2).texts()
+                    for w in re.findall(r"\w+|[^\w\s]", t)} | set(N.IDK.split()) | {"Question", "Answer", ":"})
+    gpt = fake_hf_folder(tmp_path / "gpt", words)
+    metrics, claims = N.main(["--preset=smoke", "--experiment=tofu", f"--init_from={gpt}", "--tofu_methods=ga,npo",
+                              f"--out_dir={tmp_path / 'out'}"])
+    tf = metrics["seeds"]["0"]["tofu"][0]
+    assert set(tf["curves"]) == {"neumuter", "ga", "npo"} and claims[0]["claim"].startswith("4 ")
