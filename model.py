@@ -5,6 +5,8 @@ Two flavors, one class:
 - gpt2:  LayerNorm, GELU MLP, learned absolute positions, tied embeddings, biases.
 - llama: RMSNorm, SwiGLU MLP, RoPE (Hugging Face rotate-half convention), grouped-query attention,
          no biases, optional tied embeddings.
+GPT-Neo is the gpt2 flavor with attention_layers (global / sliding-window local per layer), local_window and
+attn_scale=False (no 1/sqrt(head_dim)); its bias-free q/k/v load into qkv with a zero bias.
 
 Hook points the five papers need (DESIGN of this repo: README.md, "Layout"), all given per forward call, never as
 global state:
