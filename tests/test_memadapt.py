@@ -339,3 +339,10 @@ def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
     run = runs[0]
     assert run["times"]["memadapt_ft"]["step0_max_abs_diff"] == 0.0
     assert run["forget_sources"] == sorted({r["person"] for r in world.tofu_split("forget10")})
+
+
+def test_sweep_entries_smoke(tmp_path):
+    rows = MA.main(["--preset=smoke", f"--out_dir={tmp_path}", "--sweep=entries", "--sweep_values=4,8"])
+    assert [r["entries"] for r in rows] == [4, 8]
+    assert all({"util_r", "util_g", "own_access_share"} <= set(r) for r in rows)
+    assert (tmp_path / "sweep_entries.json").exists()
