@@ -329,7 +329,7 @@ def read_step(kind, rows, values, w, mask, g):
     return values.grad
 
 
-def train_step_case(n_sub, k=8, entries=64, sources=100, d=128, B=16, T=24, seed=0):
+def train_step_case(n_sub, k=8, entries=64, sources=100, d=128, B=16, T=24, seed=0, device="cpu"):
     """A memory of n_sub^2 entries with `entries` rows assigned to each of `sources` sources, and a closure
     that runs one gradient-masked training step (forward, backward, RowAdam) on a random batch. Returns
     (mem, step, stored bytes: the value table + Adam moments + index map)."""
@@ -338,11 +338,11 @@ def train_step_case(n_sub, k=8, entries=64, sources=100, d=128, B=16, T=24, seed
     gen = torch.Generator().manual_seed(seed)
     ents = torch.randperm(n_sub * n_sub, generator=gen)[:sources * entries]
     mem.assign(ents, torch.arange(1, sources + 1).repeat_interleave(entries))
+    mem.to(device).train()
     mem.values.requires_grad_(True)
-    mem.train()
     opt = RowAdam([mem.values], lr=1e-2)
-    x = torch.randn(B, T, d, generator=gen)
-    ctx = MemCtx(source=torch.randint(1, sources + 1, (B,), generator=gen))
+    x = torch.randn(B, T, d, generator=gen).to(device)
+    ctx = MemCtx(source=torch.randint(1, sources + 1, (B,), generator=gen).to(device))
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -346,3 +346,12 @@ def test_sweep_entries_smoke(tmp_path):
     assert [r["entries"] for r in rows] == [4, 8]
     assert all({"util_r", "util_g", "own_access_share"} <= set(r) for r in rows)
     assert (tmp_path / "sweep_entries.json").exists()
+
+
+def test_bench_blocks_store_only_assigned_rows():
+    small = MA.train_step_case(16, k=4, entries=4, sources=10, d=8, B=2, T=3)
+    big = MA.train_step_case(64, k=4, entries=4, sources=10, d=8, B=2, T=3)
+    assert small[0].values.shape == big[0].values.shape == (41, 8)    # 10 x 4 rows + the zero row, whatever N
+    assert big[2] - small[2] == (64 * 64 - 16 * 16) * 8                 # only the int64 index map grows with N
+    for kind in ("single", "two_pass", "plain"):
+        assert MA.read_step(kind, *MA.read_case(6, 3, 4, 10)).shape == (10, 4)
