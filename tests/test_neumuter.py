@@ -190,16 +190,24 @@ def test_smoke_run_writes_results(tmp_path):
             assert (tmp_path / f).exists(), f
 
 
-def fake_hf_folder(folder, words):
-    """A tiny random GPT-2 in a local Hugging Face folder with a word-level tokenizer.json over `words`."""
+def fake_hf_folder(folder, words, neo=False):
+    """A tiny random GPT-2 (or GPT-Neo, the paper's model) in a local Hugging Face folder with a word-level
+    tokenizer.json over `words`."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2,
-                                                         n_head=2, bos_token_id=2, eos_token_id=2)).save_pretrained(folder)
+    if neo:
+        transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+            vocab_size=len(vocab), max_position_embeddings=64, hidden_size=16, num_layers=2, num_heads=2,
+            attention_types=[[["global", "local"], 1]], intermediate_size=64, window_size=8, bos_token_id=2,
+            eos_token_id=2)).save_pretrained(folder)
+    else:
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16,
+                                                             n_layer=2, n_head=2, bos_token_id=2,
+                                                             eos_token_id=2)).save_pretrained(folder)
     tk.save(str(folder / "tokenizer.json"))
     return folder
 
@@ -208,7 +216,7 @@ def test_paper_path_on_local_fakes(tmp_path):
     """--init_from a local Hugging Face folder, --data_path a local file, --mlm_path a local BERT (tiny fakes)."""
     transformers = pytest.importorskip("transformers")
     words = [w for w in D.stories_words() if w.isalpha()][:150]
-    gpt = fake_hf_folder(tmp_path / "gpt", words)
+    gpt = fake_hf_folder(tmp_path / "gpt", words, neo=True)
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w.lower() for w in words]))
