@@ -159,3 +159,26 @@ def test_memadapt_read_pair_runs_on_cpu():
                             batch=2, T=4)
     res = bench.measure(p, bench.Row("mem", None, anchor="peak"), rounds=1, warmup=1, min_time=0.0)
     assert p.extra["flops_per_step"] == 8 * (2 * 16 * 8 + 2 * 8 * 8 + 4 * 2 * 16) and res["ratio"] > 0
+
+
+def test_nanogpt_anchor_is_the_same_gpt2():
+    """With model.py's weights and GPT-2's tanh GELU, the anchor computes exactly what model.py computes, so the
+    train_nanogpt rows compare like with like."""
+    import torch
+    from model import GPT, ModelConfig
+    ours = GPT(ModelConfig(flavor="gpt2", n_layer=2, n_head=2, n_embd=16, d_ff=64, vocab_size=32, block_size=8))
+    ref = bench.NanoGPT(32, 8, 2, 2, 16, gelu="tanh")
+    names = {"ln_1": "ln_1", "attn.qkv": "c_attn", "attn.proj": "c_proj", "ln_2": "ln_2", "mlp.up": "c_fc",
+             "mlp.down": "mlp_proj"}
+    sd = {}
+    for k, v in ours.state_dict().items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            mod, kind = rest.rsplit(".", 1)
+            sd[f"h.{i}.{names[mod]}.{kind}"] = v
+        else:
+            sd[k] = v
+    ref.load_state_dict(sd)
+    x = torch.randint(0, 32, (3, 8))
+    (lo, loss_o), (lr, loss_r) = ours(x, x), ref(x, x)
+    assert torch.allclose(lo, lr, atol=1e-5) and torch.allclose(loss_o, loss_r, atol=1e-6)
