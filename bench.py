@@ -563,7 +563,7 @@ def memsinks_mask_generation(cfg, device, rows=64, docs_per_row=4, T=128, n_shar
 PEAK_BF16 = [   # dense bf16 tensor-core FLOP/s from the vendors' data sheets; first name fragment that matches wins
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
-    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12)]
+    ("L4", 121e12)]   # others (A10, A10G, consumer cards, ...): add the data-sheet number; unknown GPUs skip
 
 
 def peak_bf16(device):
