@@ -6,9 +6,10 @@ Performance, as ratios of two things timed side by side in one process, each aga
 
 How a row is measured: A and B are timed in alternating rounds (A B, then B A, ...) in this one process, so a busy
 spell of a shared machine hits both sides. Each round gives one ratio; the table prints the median ratio, its
-spread (interquartile range over the rounds), the anchor (what B is: a reference implementation or a physical
-limit), the target, and the verdict: "met" / "NOT met" when the whole spread is on one side of the target,
-"inconclusive: spread" when the target lies inside the spread (run more --rounds, or on a quieter machine).
+spread (the distribution-free 95% confidence interval of the median, from the order statistics of the rounds;
+it narrows with more rounds) and the interquartile range of the rounds, the anchor (what B is: a reference
+implementation or a physical limit), the target, and the verdict: "met" / "NOT met" when the whole spread is on
+one side of the target, "inconclusive: spread" when the target lies inside it (run more --rounds).
 The verdict uses wall time; the process CPU-time ratio is printed beside it (waiting for a busy core is not in it).
 A row whose target is not met (or inconclusive) is profiled (torch.profiler; --profile=False to skip): the closing
 note lists the operators on which A spends the most time more than B. results.md holds the table for README.md.
@@ -132,6 +133,20 @@ def quartiles(xs):
     return q[0], q[2]
 
 
+def median_ci(xs, conf=0.95):
+    """Distribution-free confidence interval of the median: [x_(j), x_(n+1-j)] of the sorted rounds with the
+    largest j whose coverage 1 - 2 P(Bin(n, 1/2) <= j - 1) is still >= conf (j = 1, min-max, when n is too small
+    for conf). Returns (lo, hi, coverage)."""
+    xs, n = sorted(xs), len(xs)
+
+    def cdf(m):                       # P(Bin(n, 1/2) <= m)
+        return sum(math.comb(n, i) for i in range(m + 1)) / 2 ** n
+    j = 1
+    while j + 1 <= (n + 1) // 2 and 1 - 2 * cdf(j) >= conf:
+        j += 1
+    return xs[j - 1], xs[n - j], (1 - 2 * cdf(j - 1)) if n > 1 else 0.0
+
+
 def measure(pair, r: Row, rounds, warmup, min_time, sync=lambda: None, clock=time.perf_counter,
             cpu_clock=time.process_time):
     """Time A and B of `pair` in `rounds` alternating rounds; returns the row's result dict (without verdict)."""
@@ -167,14 +182,15 @@ def measure(pair, r: Row, rounds, warmup, min_time, sync=lambda: None, clock=tim
     tb_c = cpu.get("b", [None] * rounds)
     ratios = [ratio(ta, tb) for ta, tb in zip(wall["a"], tb_w)]
     cpu_ratios = [ratio(ta, tb) for ta, tb in zip(cpu["a"], tb_c)] if all(c > 0 for c in cpu["a"]) else None
-    lo, hi = quartiles(ratios)
+    lo, hi, coverage = median_ci(ratios)
     t_a, t_b = statistics.median(wall["a"]), statistics.median(wall["b"]) if "b" in wall else None
     return dict(a=pair.a_label, b=pair.b_label, unit=pair.unit, work=pair.work, what=pair.what,
                 a_rate=pair.work / t_a, b_rate=pair.b_rate if pair.b is None else pair.work / t_b,
                 a_ms=t_a * 1e3, b_ms=None if t_b is None else t_b * 1e3,
                 a_cpu_ms=statistics.median(cpu["a"]) * 1e3,
                 b_cpu_ms=statistics.median(cpu["b"]) * 1e3 if "b" in cpu else None,
-                ratio=statistics.median(ratios), spread=[lo, hi], min_max=[min(ratios), max(ratios)],
+                ratio=statistics.median(ratios), spread=[lo, hi], spread_coverage=coverage,
+                iqr=list(quartiles(ratios)), min_max=[min(ratios), max(ratios)],
                 cpu_ratio=None if cpu_ratios is None else statistics.median(cpu_ratios),
                 rounds=rounds, calls_per_timing=inner, round_ratios=ratios)
 
@@ -515,10 +531,11 @@ def nulls_unlearn_vs_npo(cfg, device):
 
 
 # --- MemSinks ----------------------------------------------------------------------------------------
-@row("memsinks_train_overhead", anchor="the same step without a mask", target=">= 0.95", min_rounds=21)
+@row("memsinks_train_overhead", anchor="the same step without a mask", target=">= 0.95", min_rounds=41)
 def memsinks_train_overhead(cfg, device, batch=32):
     """MemSinks training step (sink masks built on the fly from the per-token ids every step) vs the same model
-    without a mask. The ratio is near the target, so the row takes at least 21 rounds."""
+    without a mask. The ratio is near the target, so the row takes at least 41 rounds (the median's interval
+    narrows as 1 / sqrt(rounds))."""
     import memsinks
     model = GPT(ModelConfig(flavor="gpt2", **SIZES["small"])).to(device)
     n_shared, n_sink = memsinks.split_neurons(model.cfg.d_ff, 0.7)
@@ -701,11 +718,11 @@ def fmt_row(r):
     if "skipped" in r:
         return f"{r['name']:<30} skipped: {r['skipped']}"
     sym = "x" if r["measure"] == "speed" else "x time"
-    lo, hi = r["spread"]
+    (lo, hi), (q1, q3) = r["spread"], r["iqr"]
     tgt = f"{r['target']}: {r['verdict']}" if r["target"] else "-"
-    cpu = "" if r["cpu_ratio"] is None else f" (cpu {r['cpu_ratio']:.3f})"
+    cpu = "" if r["cpu_ratio"] is None else f" cpu {r['cpu_ratio']:.3f}"
     return (f"{r['name']:<30} {r['a'] + ' ' + format(r['a_rate'], '.4g'):>30} {r['b'] + ' ' + format(r['b_rate'], '.4g'):>30}"
-            f" {r['ratio']:>7.3f}{sym} [{lo:.3f}, {hi:.3f}]{cpu}  {tgt}")
+            f" {r['ratio']:>7.3f}{sym} [{lo:.3f}, {hi:.3f}] (IQR {q1:.3f}-{q3:.3f}{cpu})  {tgt}")
 
 
 def markdown(results, env):
@@ -714,16 +731,18 @@ def markdown(results, env):
              f"{env['threads']} thread(s), device {env['device']}{' ' + env['gpu'] if env['gpu'] else ''}; "
              f"load average {env['load_avg'][0]:.1f} at the start, {env['load_avg_end'][0]:.1f} at the end."
              if env.get("load_avg") and env.get("load_avg_end") else f"Machine: {env}", "",
-             "| row | A | B (anchor) | rate A | rate B | ratio (IQR) | CPU-time ratio | target | verdict |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: | --- | --- |"]
+             "| row | A | B (anchor) | rate A | rate B | ratio [95% CI of the median] | IQR of the rounds | rounds | "
+             "CPU-time ratio | target | verdict |",
+             "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: | --- | --- |"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | | {r['anchor']} | | | skipped: {r['skipped']} | | {r['target'] or ''} | |")
+            lines.append(f"| {r['name']} | | {r['anchor']} | | | skipped: {r['skipped']} | | | | {r['target'] or ''} | |")
             continue
         x = "x" if r["measure"] == "speed" else "x time"
         cpu = "" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.3f}"
         lines.append(f"| {r['name']} | {r['a']} | {r['b']} | {r['a_rate']:.4g} {r['unit']} | {r['b_rate']:.4g} | "
-                     f"{r['ratio']:.3f}{x} ({r['spread'][0]:.3f}-{r['spread'][1]:.3f}, {r['rounds']} rounds) | {cpu} | "
+                     f"{r['ratio']:.3f}{x} [{r['spread'][0]:.3f}, {r['spread'][1]:.3f}] | "
+                     f"{r['iqr'][0]:.3f}-{r['iqr'][1]:.3f} | {r['rounds']} | {cpu} | "
                      f"{r['target'] or '-'} | {r['verdict'] or '-'} |")
     prof = [r for r in results if r.get("profile")]
     if prof:
@@ -748,7 +767,7 @@ def main(argv=None):
     print(f"machine: {env['cpu']} ({env['cores']} cores), {env['platform']}, torch {env['torch']}, "
           f"{env['threads']} thread(s), device {env['device']}{' ' + env['gpu'] if env['gpu'] else ''}, "
           f"load {env['load_avg']}")
-    print(f"{'row':<30} {'A (rate)':>30} {'B = anchor (rate)':>30} {'ratio':>8} [spread IQR] (cpu-time ratio)  target")
+    print(f"{'row':<30} {'A (rate)':>30} {'B = anchor (rate)':>30} {'ratio':>8} [95% CI of the median] (IQR of the rounds, cpu-time ratio)  target")
     results = []
     for name, r in ROWS.items():
         if wanted and name not in wanted:

@@ -46,12 +46,30 @@ def test_alternating_rounds_and_ratios():
     assert _measure(_pair([1.0] * 5, [2.0] * 5), measure="time")["ratio"] == pytest.approx(0.5)
 
 
-def test_spread_is_interquartile_range_of_round_ratios():
+def test_spread_is_the_median_confidence_interval_and_iqr_is_kept():
     # warm-up, then per-round B/A ratios 1, 2, 3, 4, 5 (B costs vary, A costs 1)
     res = _measure(_pair([1.0] * 6, [9.0, 1.0, 2.0, 3.0, 4.0, 5.0]), rounds=5)
     assert res["round_ratios"] == pytest.approx([1, 2, 3, 4, 5])
-    assert res["ratio"] == pytest.approx(3.0) and res["spread"] == pytest.approx([2.0, 4.0])
+    assert res["ratio"] == pytest.approx(3.0) and res["iqr"] == pytest.approx([2.0, 4.0])
+    # 5 rounds: only min-max reaches 95% (coverage 1 - 2 / 32); [x2, x4] would cover 1 - 2 * 6 / 32 = 62.5%
+    assert res["spread"] == pytest.approx([1.0, 5.0]) and res["spread_coverage"] == pytest.approx(30 / 32)
     assert res["min_max"] == pytest.approx([1.0, 5.0])
+
+
+def test_median_ci_by_hand():
+    # 15 rounds: P(Bin(15, 1/2) <= 3) = (1 + 15 + 105 + 455) / 2^15 = 576 / 32768 <= 2.5%, <= 4 is 5.9%: [x4, x12]
+    lo, hi, cov = bench.median_ci([float(x) for x in range(15, 0, -1)])
+    assert (lo, hi) == (4.0, 12.0) and cov == pytest.approx(1 - 2 * 576 / 32768)
+    # a slow explicit check of the coverage: enumerate all 2^n sign patterns of the rounds around the true median
+    import itertools
+    n, j = 9, None
+    for jj in range(1, 6):
+        below = sum(1 for s in itertools.product((0, 1), repeat=n) if sum(s) <= jj - 1) / 2 ** n
+        if 1 - 2 * below >= 0.95:
+            j = jj
+    lo, hi, cov = bench.median_ci(list(range(1, n + 1)))
+    assert (lo, hi) == (j, n + 1 - j)
+    assert bench.median_ci([2.0]) == (2.0, 2.0, 0.0)
 
 
 def test_fixed_rate_anchor():
