@@ -31,7 +31,7 @@ import os
 import random
 import time
 import zlib
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -359,9 +359,8 @@ def train_step_case(n_sub, k=8, entries=64, sources=100, d=128, B=16, T=24, seed
 
 def access_pairs(sources, entries):
     """Per-access source ids and entry ids (1-D, same length) -> unique (source, entry) pairs and counts."""
-    key = sources.long() * (int(entries.max()) + 1 if entries.numel() else 1) + entries.long()
-    uniq, counts = torch.unique(key, return_counts=True)
     base = int(entries.max()) + 1 if entries.numel() else 1
+    uniq, counts = torch.unique(sources.long() * base + entries.long(), return_counts=True)
     return uniq // base, uniq % base, counts
 
 
@@ -1079,7 +1078,7 @@ def report(cfg, runs, claims, seeds):
         L.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {c['threshold']} | {c['held']} "
                  f"({c.get('held_per_seed', '')}) |" + (f" {c['detail']}" if c["detail"] else ""))
         if not c["held"]:
-            L.append(f"|  | not reproduced here (see value) | | |")
+            L.append("|  | not reproduced here (see value and detail) | | |")
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
     text = "\n".join(L)
