@@ -5,13 +5,15 @@ fixed N_source, so what is specific to a source collects in its sinks; a source 
 its sinks on again, with no gradient step and no access to the retained data.
 
 Run: `python nulls.py` (the built-in world, people as sources; CPU, minutes); `--preset=smoke` (seconds);
-`--preset=paper` (Wikipedia articles as sources, a SmolLM-shaped model, one GPU); `--sweep=overlap|n_source|
-capacity` (Figure 8); `torchrun --nproc_per_node=N nulls.py ...` trains data-parallel, rank 0 evaluates. It trains
-NULLs, Retrained (NULLs without the forgotten sources) and a standard transformer of the same size (cached in
-out_dir, named by train.run_key), unlearns n_forget people, probes their facts by truth ratio (Figures 3-4), runs
-NPO and gradient ascent on the standard model (3c), the relearning attack (7b) and the capability check, prints
-the tables and claims, and writes out_dir/results.json, results.md and the figures. Measured numbers: README.md.
-The sink masks come from memsinks.py's generator.
+`--preset=paper` (Wikipedia articles as sources, long ones in block-size pieces; a SmolLM-shaped model, one GPU);
+`--seeds=0,1,2` (every claim as mean +- std, verdict per seed); `--sweep=overlap|n_source|capacity` (Figure 8);
+`torchrun --nproc_per_node=N nulls.py ...` trains data-parallel, rank 0 evaluates. It trains NULLs, Retrained
+(NULLs without the forgotten sources) and a standard transformer of the same size (cached in out_dir, named by
+train.run_key), unlearns n_forget people, probes their facts by truth ratio with verbatim and paraphrased cloze
+prompts (Figures 3-4), tracks NPO and gradient ascent on the standard model against related facts of other
+articles (3c), runs the relearning attack (7b), knowledge capacity (8c) and general multiple-choice capability
+(Table 1), prints the tables and claims, and writes out_dir/results.json, results.md and the figures. Measured
+numbers: README.md. The sink masks come from memsinks.py's generator.
 
 Where we deliberately differ from the authors' released code, and why:
 - exactly N_source active sinks per source (the release draws Bernoulli(p_mem), 75-130 for a target of 100): the
@@ -81,6 +83,13 @@ class Config:
     ga_lr: float = 1e-3
     relearn_steps: int = 20
     relearn_lr: float = 1e-3
+    # evaluation: rows (of at most block_size tokens) per forward pass in every corpus-wide pass; related facts
+    # (other people's article-specific facts, claim 3) at most n_related, as the paper's 200 facts per category
+    eval_batch: int = 64
+    n_related: int = 200
+    # 0,1,2: run the whole experiment once per seed (out_dir/seed<k>) and report each claim as mean +- std with
+    # a verdict per seed and overall; empty = the one run of `seed`
+    seeds: tuple[int, ...] = ()
     # sweeps behind a flag: "overlap" (Fig 8a), "n_source" (8b), "capacity" (8c); "" = none
     sweep: str = ""
     sweep_values: tuple = ()
@@ -99,7 +108,10 @@ class Config:
                 batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]", weight_decay="[0, inf)",
                 warmup_steps="[0, inf)", grad_clip="[0, inf)", unlearn_epochs="[1, inf)", unlearn_batch="[1, inf)",
                 npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
-                relearn_lr="(0, inf)", log_every="[0, inf)")
+                relearn_lr="(0, inf)", log_every="[0, inf)", eval_batch="[1, inf)", n_related="[1, inf)",
+                seeds="[0, inf)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} is not valid: seeds must be distinct")
         T.pick_device(self.device)             # names the devices that exist if this one does not
 
 
@@ -107,13 +119,13 @@ PRESETS = {
     # seconds, for the tests
     "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
                   n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
-                  log_every=0),
+                  n_related=40, log_every=0),
     # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
     # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
     "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
                   n_kv_head=3, n_embd=576, n_gen=500, n_pool=7692, n_source=100, block_size=1024, epochs=3,
                   batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=1000, npo_lr=1e-5, ga_lr=1e-5,
-                  relearn_lr=1e-5, unlearn_batch=8, log_every=100),
+                  relearn_lr=1e-5, unlearn_batch=8, eval_batch=8, log_every=100),
 }
 
 
@@ -323,24 +335,58 @@ def load_sources(cfg):
         if cfg.tokenizer not in ("gpt2", "word"):
             raise ValueError(f"tokenizer must be 'gpt2' or 'word', got {cfg.tokenizer!r}")
         tok = data.GPT2Tokenizer(cfg.gpt2_ranks or None) if cfg.tokenizer == "gpt2" else data.WordTokenizer.from_texts(texts)
-        enc = [tok.encode(t)[:cfg.block_size] for t in texts]
-        enc = [e for e in enc if len(e) >= 8]
+        # whole documents: a document longer than block_size is trained on (and evaluated) in block-size pieces
+        # that keep its source id, so a long article is still one source
+        enc = [e for e in (tok.encode(t) for t in texts) if len(e) >= 8]
         docs = {i + 1: e for i, e in enumerate(enc[:cfg.n_docs])}
         holdout = enc[cfg.n_docs:]
         world = None
         forget = list(range(1, len(docs) + 1, max(1, len(docs) // cfg.n_forget)))[:cfg.n_forget]
     if not 0 < cfg.n_forget < len(docs):
         raise ValueError(f"n_forget must be in 1..{len(docs) - 1}, got {cfg.n_forget}")
-    longest = max(len(d) for d in docs.values())
-    if longest >= cfg.block_size:
-        raise ValueError(f"a source has {longest} tokens; raise block_size above it (now {cfg.block_size})")
+    if world is not None and max(len(d) for d in docs.values()) > cfg.block_size:
+        raise ValueError(f"block_size must be >= the longest article ({max(len(d) for d in docs.values())} tokens), "
+                         f"got {cfg.block_size}")
     return dict(tok=tok, docs=docs, forget=forget, world=world, holdout=holdout)
 
 
-def segments(cfg, tok, seqs):
-    """Token lists -> one row each (x, y, doc_ids), cut into sentence segments for the world (see Config)."""
+class _Stop(Exception):
+    pass
+
+
+def split_pieces(seqs, size):
+    """Token lists -> (pieces of at most `size` tokens, owner index of each piece, is-last-piece flags): long
+    documents are cut into block-size pieces that keep their document (and so their source)."""
+    pieces, owner, last = [], [], []
+    for i, s in enumerate(seqs):
+        if len(s) == 0:
+            raise ValueError(f"sequence {i} is empty")
+        for k in range(0, len(s), size):
+            pieces.append(s[k:k + size])
+            owner.append(i)
+            last.append(k + size >= len(s))
+    return pieces, torch.tensor(owner, dtype=torch.long), last
+
+
+def segments(cfg, tok, seqs, last=None):
+    """Token lists (each at most block_size) -> one row each (x, y, doc_ids), cut into sentence segments for the
+    world (see Config). last: per row, False for a piece that a longer document continues: its final target is
+    the next piece's first token, which this row cannot see, so it is ignored (-100) rather than set to eos."""
     split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
-    return data.one_per_row(seqs, None, eos_id=tok.eos_id, pad_id=tok.pad_id, split_ids=split)
+    rows = data.one_per_row(seqs, None, eos_id=tok.eos_id, pad_id=tok.pad_id, split_ids=split)
+    if last is not None:
+        for i, (s, end) in enumerate(zip(seqs, last)):
+            if not end:
+                rows["y"][i, len(s) - 1] = -100
+    return rows
+
+
+def _chunks(cfg, seqs):
+    """Yield (rows, owner) for batches of cfg.eval_batch block-size pieces of `seqs`: every corpus-wide pass
+    goes through here, so its memory depends on eval_batch and block_size, not on the corpus."""
+    pieces, owner, last = split_pieces(seqs, cfg.block_size)
+    for i in range(0, len(pieces), cfg.eval_batch):
+        yield i, pieces[i:i + cfg.eval_batch], owner[i:i + cfg.eval_batch], last[i:i + cfg.eval_batch]
 
 
 def probe_facts(world, forget):
@@ -382,10 +428,17 @@ def model_config(cfg, vocab_size):
 
 
 def lm_rows(cfg, tok, docs, source_ids):
-    """One row per source document (x, y, doc_ids, per-token source_ids); world articles in sentence segments."""
+    """One row per block-size piece of each source document (x, y, doc_ids, per-token source_ids): a long document
+    becomes several rows that keep its source id; a world article (shorter than block_size) is one row, in
+    sentence segments."""
     split = {tok.stoi["."]} if cfg.split_sentences and cfg.data == "world" else None
-    return data.one_per_row([docs[s] for s in source_ids], source_ids, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            block_size=cfg.block_size, split_ids=split)
+    pieces, owner, last = split_pieces([docs[s] for s in source_ids], cfg.block_size)
+    rows = data.one_per_row(pieces, torch.tensor(source_ids, dtype=torch.long)[owner].tolist(), eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, block_size=cfg.block_size, split_ids=split)
+    for i, (p, end) in enumerate(zip(pieces, last)):
+        if not end:          # the next token is in the next piece: no target here (see segments)
+            rows["y"][i, len(p) - 1] = -100
+    return rows
 
 
 def train_config(cfg, steps):
@@ -410,7 +463,7 @@ def checkpoint_path(cfg, name, tok, rows, steps, sinks):
 def lm_run(cfg, tok, docs, source_ids, sinks, name):
     """What training one model hands the loop: (rows, the epoch order, the TrainConfig with its checkpoint)."""
     rows = lm_rows(cfg, tok, docs, source_ids)
-    order = data.EpochIterator(len(source_ids), cfg.batch_size, seed=cfg.seed)
+    order = data.EpochIterator(len(rows["x"]), cfg.batch_size, seed=cfg.seed)
     steps = cfg.epochs * order.steps_per_epoch
     tc = dataclasses.replace(train_config(cfg, steps), resume=True,
                              ckpt_path=checkpoint_path(cfg, name, tok, rows, steps, sinks))
@@ -462,39 +515,85 @@ def train_three(cfg, src, sinks, retr_sinks):
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def embed(model, rows, mask):
-    """(N, n_embd) mean-pooled final hidden states (after the last norm) of each row of `rows` (x, doc_ids as
-    made by segments()), under one mask: the paper's "mean-pooled token representations" used for
-    nearest-source routing (Appendix A.2)."""
+def embed(cfg, model, tok, seqs, mask):
+    """(len(seqs), n_embd) mean-pooled final hidden states (after the last norm) over every token of each
+    sequence, under one mask: the paper's "mean-pooled token representations" used for nearest-source routing
+    (Appendix A.2). Batched over block-size pieces; the forward stops before the logits."""
     dev = next(model.parameters()).device
+    sums, counts = torch.zeros(len(seqs), model.cfg.n_embd, dtype=torch.float64), torch.zeros(len(seqs))
     captured = []
-    hook = model.ln_f.register_forward_hook(lambda m, i, o: captured.append(o))
+
+    def grab(m, i, o):
+        captured.append(o)
+        raise _Stop
+    hook = model.ln_f.register_forward_hook(grab)
     try:
-        model(rows["x"].to(dev), doc_ids=rows["doc_ids"].to(dev), mlp_mask=None if mask is None else mask.to(dev))
+        with ev.evaluating(model):
+            for _, pieces, owner, last in _chunks(cfg, seqs):
+                rows = segments(cfg, tok, pieces, last)
+                try:
+                    model(rows["x"].to(dev), doc_ids=rows["doc_ids"].to(dev),
+                          mlp_mask=None if mask is None else mask.to(dev))
+                except _Stop:
+                    pass
+                valid = (rows["doc_ids"] >= 0).float().to(dev)[..., None]              # (N, T, 1)
+                sums.index_add_(0, owner, (captured.pop().float() * valid).sum(1).double().cpu())
+                counts.index_add_(0, owner, valid.sum((1, 2)).cpu())
     finally:
         hook.remove()
-    valid = (rows["doc_ids"] >= 0).float().to(dev)[..., None]                   # (N, T, 1)
-    return ((captured[-1].float() * valid).sum(1) / valid.sum(1)).cpu()
+    return (sums / counts[:, None]).float()
 
 
-def nearest_sources(queries, source_emb, source_ids, exclude=()):
+@torch.no_grad()
+def seq_losses(cfg, net, tok, seqs, sinks=None, route=None, forgotten=None, fixed_mask=None):
+    """(len(seqs),) mean next-token NLL over each sequence's targets, batched over block-size pieces. Masks as
+    truth_ratios: route (per sequence, a source whose sinks are on; forgotten: a source per sequence whose
+    sinks are excluded too), or one fixed_mask, or none (the standard transformer)."""
+    dev = next(net.parameters()).device
+    nll, count = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.float64)
+    with ev.evaluating(net):
+        for _, pieces, owner, last in _chunks(cfg, seqs):
+            rows = segments(cfg, tok, pieces, last)
+            mask = fixed_mask
+            if route is not None:
+                mask = sinks.row_mask([int(route[o]) for o in owner],
+                                      None if forgotten is None else [int(forgotten[o]) for o in owner])
+            lp = net.token_logprobs(rows["x"].to(dev), rows["y"].to(dev), doc_ids=rows["doc_ids"].to(dev),
+                                    mlp_mask=None if mask is None else mask.to(dev))
+            keep = (rows["y"] != -100).to(dev)
+            nll.index_add_(0, owner, -(lp.double() * keep).sum(1).cpu())
+            count.index_add_(0, owner, keep.sum(1).double().cpu())
+    return nll / count
+
+
+def nearest_sources(queries, source_emb, source_ids, exclude=(), chunk=1024):
     """For each query embedding (Q, C), the id of the source whose embedding (S, C) has the highest cosine
-    similarity, never one in `exclude` (the forgotten sources)."""
-    sim = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(source_emb, dim=-1).t()
+    similarity, never one in `exclude` (the forgotten sources). Queries go `chunk` at a time (a Q x S matrix of
+    similarities would not fit for a large corpus)."""
+    keys = torch.nn.functional.normalize(source_emb, dim=-1).t()
     ids = torch.as_tensor(source_ids, dtype=torch.long)
-    sim[:, torch.isin(ids, torch.tensor(sorted(exclude), dtype=torch.long))] = float("-inf")
-    return ids[sim.argmax(1)]
+    banned = torch.isin(ids, torch.tensor(sorted(exclude), dtype=torch.long))
+    out = []
+    for i in range(0, len(queries), chunk):
+        sim = torch.nn.functional.normalize(queries[i:i + chunk], dim=-1) @ keys
+        sim[:, banned] = float("-inf")
+        out.append(ids[sim.argmax(1)])
+    return torch.cat(out) if out else ids[:0]
 
 
 def forget_batches(cfg, tok, docs, forget):
-    rows = segments(cfg, tok, [docs[s] for s in forget])
-    return [{k: rows[k][i:i + cfg.unlearn_batch] for k in ("x", "y", "doc_ids")}
-            for i in range(0, len(forget), cfg.unlearn_batch)]
+    pieces, _, last = split_pieces([docs[s] for s in forget], cfg.block_size)
+    out = []
+    for i in range(0, len(pieces), cfg.unlearn_batch):
+        rows = segments(cfg, tok, pieces[i:i + cfg.unlearn_batch], last[i:i + cfg.unlearn_batch])
+        out.append({k: rows[k] for k in ("x", "y", "doc_ids")})
+    return out
 
 
-def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
+def gradient_baseline(cfg, name, std_net, batches, metrics_fn=None):
     """NPO or gradient ascent on a copy of the standard transformer for cfg.unlearn_epochs epochs over the
-    forgotten sources, metrics every epoch. Neither uses retained data (as NULLs does not)."""
+    forgotten sources, metrics after every step (the paper tracks the whole trajectory). Neither uses retained
+    data (as NULLs does not)."""
     net = copy.deepcopy(std_net)
     if name == "npo":          # the frozen reference is the model before unlearning
         ref = copy.deepcopy(std_net).eval().requires_grad_(False)
@@ -505,7 +604,7 @@ def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
     else:
         raise ValueError(f"gradient baseline must be npo or ga, got {name!r}")
     res = baselines.unlearn(net, objective, batches, epochs=cfg.unlearn_epochs, lr=lr, metrics_fn=metrics_fn,
-                            eval_every=len(batches))
+                            eval_every=1)
     net.eval()
     return net, res
 
@@ -514,21 +613,14 @@ def gradient_baseline(cfg, name, std_net, batches, metrics_fn):
 # Evaluation: losses, the NULLs truth ratio of cloze prompts under a chosen source's mask, relearning
 # -------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def row_losses(net, rows, mask=None):
-    """(N,) mean next-token NLL of each row (targets -100 ignored), with the rows' segments as documents."""
-    dev = next(net.parameters()).device
-    with ev.evaluating(net):
-        lp = net.token_logprobs(rows["x"].to(dev), rows["y"].to(dev), doc_ids=rows["doc_ids"].to(dev),
-                                mlp_mask=None if mask is None else mask.to(dev))
-    return -ev.mean_logprob(lp, rows["y"].to(dev)).cpu()
-
-
-def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None, forgotten=None):
+def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None, forgotten=None, wording="verbatim"):
     """(N,) NULLs truth ratio TR = p̄(value | cloze) / mean_j p̄(wrong value_j | cloze) of each fact.
     route: (N,) source ids whose sink masks are applied (with `sinks`' forget list, and each row's
     `forgotten` source excluded: Sink-Off); fixed_mask: one mask for every item (e.g. backbone only);
-    neither: no mask (the standard transformer)."""
+    neither: no mask (the standard transformer). wording: "verbatim" (the cloze is the article's own text) or
+    "paraphrased" (the same fact in wording no article uses)."""
+    if wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
     out = torch.empty(len(facts), dtype=torch.float64)
     by_k = {}
     for i, f in enumerate(facts):              # eval.truth_ratio needs the same number of wrong answers per call
@@ -540,11 +632,14 @@ def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None, forgo
                                              [int(forgotten[i]) for i in idx]).to(next(net.parameters()).device)
         elif fixed_mask is not None:
             fwd["mlp_mask"] = fixed_mask.to(next(net.parameters()).device)
-        q = [tok.encode(facts[i].cloze) for i in idx]
+        q = [tok.encode(facts[i].cloze if wording == "verbatim" else facts[i].paraphrased_cloze) for i in idx]
         a = [tok.encode(facts[i].value) for i in idx]
         p = [[tok.encode(v) for v in facts[i].perturbed_values] for i in idx]
         out[idx] = ev.truth_ratio(net, q, a, p, form="nulls", batch_size=256, pad_id=tok.pad_id, **fwd)
     return out
+
+
+WORDINGS = ("verbatim", "paraphrased")
 
 
 def summarize(tr):
@@ -555,78 +650,83 @@ def summarize(tr):
     return {"n": len(tr), "geomean": float(tr.log().mean().exp()), "frac_gt1": float((tr > 1).double().mean())}
 
 
-def probe_world(cfg, world, tok, forget, nets, sinks, retr_sinks, nearest, emb, all_ids):
-    """Truth ratios of the forgotten people's facts in every mode (Figures 3a, 3b, 4) -> (table, routing stats,
-    per-fact rows)."""
-    nulls_net, retr_net, std_net = nets["nulls"], nets["retrained"], nets["standard"]
-    items = probe_facts(world, forget)
-    facts = [f for f, _, _ in items]
-    own = torch.tensor([p for _, p, _ in items])
-    stating = torch.tensor([r for _, _, r in items])
-    near = torch.tensor([nearest[p] for _, p, _ in items])
-    # per-prompt routing of an unlabelled cloze prompt (Appendix A.2)
-    prompt_emb = embed(nulls_net, segments(cfg, tok, [tok.encode(f.cloze) for f in facts]), sinks.expected_mask())
-    prompt = nearest_sources(prompt_emb, emb, all_ids, exclude=set(forget))
-    tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks),
-          "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask()),
-          "standard": truth_ratios(std_net, tok, facts)}
-    for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
-        tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks, forgotten=own)
-        tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks)
-    kinds = [f.kind for f in facts]
-    # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
-    # (under the routing to a stating source / sibling), "unique" = the rest
-    retr_ok = tr["retrained/stating"] > 1
-    paper_cat = ["shared" if k == "shared" else ("inferred*" if ok else "unique*") for k, ok in zip(kinds, retr_ok)]
-    table = {}
-    for mode, v in tr.items():
-        table[mode] = {}
-        for cat in ("unique", "shared", "inferred", "unique*", "inferred*"):
-            sel = [i for i in range(len(facts)) if (kinds[i] == cat or paper_cat[i] == cat)]
-            table[mode][cat] = summarize(v[sel])
-    routing = {
-        "nearest_is_sibling": float(sum(nearest[p] in world.person(p).siblings for p in forget) / len(forget)),
-        "nearest_same_birth_city": float(sum(world.person(nearest[p]).birth_city == world.person(p).birth_city
-                                             for p in forget) / len(forget)),
-        "prompt_routed_to_stating_source": float(sum(int(prompt[i]) in facts[i].source_ids for i in range(len(facts)))
-                                                 / len(facts))}
-    per_fact = [{"fact": f.id, "kind": f.kind, "person": p, "route_stating": r, "route_nearest": nearest[p],
-                 **{m: float(v[i]) for m, v in tr.items()}} for i, (f, p, r) in enumerate(items)]
-    return table, routing, per_fact
+def mc_accuracy(net, tok, questions, route=None, sinks=None):
+    """Multiple-choice accuracy: the choice with the highest mean log-prob per token as the prompt's continuation
+    (length-normalized, as the paper's benchmarks are usually scored). route: per question, the source whose
+    sinks are on (NULLs); None = the standard transformer."""
+    q = [tok.encode(x.prompt) for x in questions]
+    fwd = {}
+    if route is not None:
+        fwd["mlp_mask"] = sinks.row_mask([int(r) for r in route]).to(next(net.parameters()).device)
+    K = len(questions[0].choices)
+    lp = torch.stack([ev.answer_logprob(net, q, [tok.encode(x.choices[j]) for x in questions], batch_size=256,
+                                        pad_id=tok.pad_id, **fwd) for j in range(K)], 1)
+    return float((lp.argmax(1) == torch.tensor([x.answer for x in questions])).double().mean())
 
 
-def fact_trajectory(tok, world, forget):
-    """metrics_fn for the gradient baselines (Figure 3c): truth ratios of the forgotten people's unique and
-    shared facts on the unmasked model."""
-    facts = [f for f, _, _ in probe_facts(world, forget)]
-    uniq = [f for f in facts if f.kind == "unique"]
-    shared = [f for f in facts if f.kind == "shared"]
+def related_facts(world, forget, n_max):
+    """Facts in semantically similar OTHER articles (the paper's Figure 3c "shared" curve): the article-specific
+    facts of the retained siblings of each forgotten person, then of retained people born in the same city.
+    Returns [(fact, its person, the forgotten person it is related to)], at most n_max facts, taken round-robin
+    over the forgotten people; each related person counts once."""
+    gone, seen, queues = set(forget), set(), []
+    for p in forget:
+        me = world.person(p)
+        sibs = [s for s in me.siblings if s not in gone]
+        town = [q.id for q in world.people if q.birth_city == me.birth_city and q.id not in gone
+                and q.id != p and q.id not in sibs]
+        queues.append([(q, p) for q in sibs + town])
+    order = []
+    for k in range(max(len(q) for q in queues)):
+        for q in queues:
+            if k < len(q) and q[k][0] not in seen:
+                seen.add(q[k][0])
+                order.append(q[k])
+    out = []
+    for q, p in order:
+        for f in world.facts_of(q):
+            if f.kind == "unique" and len(out) < n_max:
+                out.append((f, q, p))
+    return out
 
-    def metrics_fn(net, step):
-        u, s = summarize(truth_ratios(net, tok, uniq)), summarize(truth_ratios(net, tok, shared))
-        return {"unique_frac_gt1": u["frac_gt1"], "shared_frac_gt1": s["frac_gt1"],
-                "unique_geomean": u["geomean"], "shared_geomean": s["geomean"]}
-    return metrics_fn
+
+def relearn_split(cfg, tok, seq):
+    """The relearning protocol's two parts of one forgotten source: a reserved part the attacker fine-tunes on
+    and a held-out part whose loss is tracked. World articles split at the sentence end nearest the middle;
+    other documents at the middle token."""
+    cut = len(seq) // 2
+    if cfg.data == "world":
+        ends = [i + 1 for i, t in enumerate(seq[:-1]) if t == tok.stoi["."]]
+        cut = min(ends, key=lambda e: abs(e - cut)) if ends else cut
+    return seq[:cut], seq[cut:]
 
 
-def relearn(cfg, net, tok, train_seqs, test_seqs, mask_rows=None):
-    """Fine-tune on part of each forgotten source (train_seqs) and track the loss on the rest (test_seqs).
-    mask_rows: (N, 1, d_ff) per-source masks (NULLs / Retrained as deployed) or None (standard)."""
+def relearn(cfg, net, tok, train_seqs, test_seqs, sinks=None, route=None, forgotten=None):
+    """Fine-tune on the reserved parts of the forgotten sources (one AdamW step per pass over all of them,
+    accumulated over eval_batch-row chunks) and track the mean loss of the held-out parts after every step.
+    NULLs and Retrained run as deployed: each row under its route's sinks, its own source's excluded."""
     net = copy.deepcopy(net)
     dev = next(net.parameters()).device
-    train_rows, test_rows = segments(cfg, tok, train_seqs), segments(cfg, tok, test_seqs)
-    kw = {"doc_ids": train_rows["doc_ids"].to(dev)}
-    if mask_rows is not None:
-        kw["mlp_mask"] = mask_rows.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.relearn_lr, weight_decay=0.0)
-    curve = [float(row_losses(net, test_rows, mask_rows).mean())]
+    chunks = list(_chunks(cfg, train_seqs))
+    n_targets = sum(int((segments(cfg, tok, p, l)["y"] != -100).sum()) for _, p, _, l in chunks)
+
+    def held_out():
+        return float(seq_losses(cfg, net, tok, test_seqs, sinks, route, forgotten).mean())
+    curve = [held_out()]
     for _ in range(cfg.relearn_steps):
         net.train()
-        _, loss = net(train_rows["x"].to(dev), train_rows["y"].to(dev), **kw)
-        loss.backward()
+        for _, pieces, owner, last in chunks:
+            rows = segments(cfg, tok, pieces, last)
+            kw = {"doc_ids": rows["doc_ids"].to(dev)}
+            if route is not None:
+                kw["mlp_mask"] = sinks.row_mask([int(route[o]) for o in owner], None if forgotten is None else
+                                                [int(forgotten[o]) for o in owner]).to(dev)
+            _, loss = net(rows["x"].to(dev), rows["y"].to(dev), **kw)
+            (loss * int((rows["y"] != -100).sum()) / n_targets).backward()   # = the mean over every target
         opt.step()
         opt.zero_grad(set_to_none=True)
-        curve.append(float(row_losses(net, test_rows, mask_rows).mean()))
+        curve.append(held_out())
     return curve
 
 
@@ -638,7 +738,7 @@ def run(cfg):
     """Train (or reuse) the three models, unlearn, evaluate -> (metrics, claims); (None, None) on the ranks > 0
     of a torchrun launch, which only help train."""
     torch.manual_seed(cfg.seed)
-    t_start = time.time()
+    t_start, c_start = time.time(), time.process_time()
     src = load_sources(cfg)
     tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
     all_ids = sorted(docs)
@@ -650,10 +750,11 @@ def run(cfg):
     nulls_net, retr_net, std_net = nets["nulls"], nets["retrained"], nets["standard"]
     metrics = {"times": times, "n_sources": len(all_ids), "forget": forget,
                "params": {"nulls": nulls_net.num_params(), "standard": std_net.num_params()}}
+    t_eval = time.time()
 
     # routing (Appendix A.2): mean-pooled final hidden states of each source's text. No source is known for a
     # query, so both sides are embedded under the expected mask (every sink at N_source / N_pool).
-    emb = embed(nulls_net, segments(cfg, tok, [docs[s] for s in all_ids]), sinks.expected_mask())
+    emb = embed(cfg, nulls_net, tok, [docs[s] for s in all_ids], sinks.expected_mask())
     nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
                                                exclude=set(forget)).tolist()))
     # Unlearning = putting a source on the forget list; no weight changes. Sink-Off is evaluated one target
@@ -668,166 +769,447 @@ def run(cfg):
     metrics["times"]["forget_list_s"] = time.perf_counter() - t
     save_nulls(os.path.join(cfg.out_dir, "nulls_unlearned.pt"), nulls_net, unlearned, tok, cfg)
 
-    # capability (claim 5): held-out text, NULLs routed to the nearest source, vs the standard transformer
-    hold = segments(cfg, tok, src["holdout"])
-    hold_route = nearest_sources(embed(nulls_net, hold, sinks.expected_mask()), emb, all_ids, exclude=set(forget))
+    # held-out text (a diagnostic now; claim 5 is measured as the paper does, below): NULLs routed to the
+    # nearest source, vs the standard transformer; then no routing (every sink at its expected value), backbone only
+    hold = src["holdout"]
+    hold_route = nearest_sources(embed(cfg, nulls_net, tok, hold, sinks.expected_mask()), emb, all_ids,
+                                 exclude=set(forget))
     metrics["val_loss"] = {
-        "nulls": float(row_losses(nulls_net, hold, sinks.row_mask(hold_route)).mean()),
-        "standard": float(row_losses(std_net, hold).mean()),
-        # diagnostics: no routing, every sink at its expected value; the backbone alone
-        "nulls_expected_mask": float(row_losses(nulls_net, hold, sinks.expected_mask()).mean()),
-        "nulls_backbone_only": float(row_losses(nulls_net, hold, sinks.backbone_mask()).mean())}
+        "nulls": float(seq_losses(cfg, nulls_net, tok, hold, sinks, hold_route).mean()),
+        "standard": float(seq_losses(cfg, std_net, tok, hold).mean()),
+        "nulls_expected_mask": float(seq_losses(cfg, nulls_net, tok, hold, fixed_mask=sinks.expected_mask()).mean()),
+        "nulls_backbone_only": float(seq_losses(cfg, nulls_net, tok, hold, fixed_mask=sinks.backbone_mask()).mean())}
 
     # loss on the forgotten sources themselves, per mode (the Harry Potter study's Figure 5a measure)
     fseqs = [docs[s] for s in forget]
-    frows = segments(cfg, tok, fseqs)
     route_near = torch.tensor([nearest[s] for s in forget])
     metrics["forget_loss"] = {
-        "sink_on": float(row_losses(nulls_net, frows, sinks.row_mask(forget)).mean()),
-        "sink_off": float(row_losses(nulls_net, frows, sinks.row_mask(route_near, forget)).mean()),
-        "retrained": float(row_losses(retr_net, frows, retr_sinks.row_mask(route_near)).mean()),
-        "standard": float(row_losses(std_net, frows).mean())}
+        "sink_on": float(seq_losses(cfg, nulls_net, tok, fseqs, sinks, forget).mean()),
+        "sink_off": float(seq_losses(cfg, nulls_net, tok, fseqs, sinks, route_near, forget).mean()),
+        "retrained": float(seq_losses(cfg, retr_net, tok, fseqs, retr_sinks, route_near).mean()),
+        "standard": float(seq_losses(cfg, std_net, tok, fseqs).mean())}
 
-    claims = {}
-    if world is not None:
-        table, metrics["routing"], metrics["per_fact"] = probe_world(cfg, world, tok, forget, nets, sinks,
-                                                                     retr_sinks, nearest, emb, all_ids)
-        metrics["truth_ratio"] = table
-        claims["unique_removed"] = claim_unique_removed(table)
-        claims["shared_kept"] = claim_shared_kept(table)
-    else:
-        for name, text in (("unique_removed", "1 unique facts removed like retraining"),
-                           ("shared_kept", "2 shared and inferred facts kept"),
-                           ("gradient_not_selective", "3 gradient unlearning not selective")):
-            claims[name] = ev.claim(text, None, None, None, "not measured: real documents come without facts")
-
-    # Figure 3c: NPO and gradient ascent on the standard transformer over the forgotten articles (GA only where
-    # facts are probed); the NPO model also faces the relearning attack
     batches = forget_batches(cfg, tok, docs, forget)
-    metrics_fn = None if world is None else fact_trajectory(tok, world, forget)
-    unlearned_nets = {}
     if world is not None:
-        metrics["gradient_baselines"] = {}
-    for name in ("npo", "ga") if world is not None else ("npo",):
-        unlearned_nets[name], res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
-        if world is not None:
-            metrics["gradient_baselines"][name] = {"trajectory": res.trajectory, "train_time_s": res.train_time}
-            claims[f"{name}_not_selective"] = claim_not_selective(name, res.trajectory, cfg.unlearn_epochs)
+        claims, grad_nets = probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks,
+                                        retr_sinks, unlearned, nearest, emb, all_ids, batches)
+    else:
+        claims = [ev.claim(c, None, None, None, "not measured: real documents come without facts or questions")
+                  for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept like retraining",
+                            "3 gradient unlearning not selective", "5 knowledge capacity", "5 general capability")]
+        grad_nets = {name: gradient_baseline(cfg, name, std_net, batches)[0] for name in ("npo", "ga")}
 
-    # relearning (claim 4): fine-tune on the first half of each forgotten source, loss on the second half
-    half = [(d[:len(d) // 2], d[len(d) // 2:]) for d in fseqs]
-    train_half, test_half = [a for a, _ in half], [b for _, b in half]
-    metrics["relearning"] = {
-        "sink_off": relearn(cfg, nulls_net, tok, train_half, test_half, sinks.row_mask(route_near, forget)),
-        "retrained": relearn(cfg, retr_net, tok, train_half, test_half, retr_sinks.row_mask(route_near)),
-        "npo": relearn(cfg, unlearned_nets["npo"], tok, train_half, test_half)}
-    claims["relearning"] = claim_relearning(metrics["relearning"])
-    claims["capability"] = claim_capability(metrics["val_loss"])
+    # relearning (claim 4, Figure 7b): the attacker fine-tunes on a reserved part of every forgotten source and
+    # the loss on the held-out rest is tracked; every curve is compared with Retrained's, step by step
+    parts = [relearn_split(cfg, tok, d) for d in fseqs]
+    train_part, test_part = [a for a, _ in parts], [b for _, b in parts]
+    print(f"== relearning attack: {cfg.relearn_steps} steps on each of {2 + len(grad_nets)} models")
+    curves = {"sink_off": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, route_near, forget),
+              "retrained": relearn(cfg, retr_net, tok, train_part, test_part, retr_sinks, route_near)}
+    for name, net in grad_nets.items():
+        curves[name] = relearn(cfg, net, tok, train_part, test_part)
+    metrics["relearning"] = curves
+    claims.append(claim_reversed(curves["npo"], curves["retrained"], "npo"))
+    claims.append(claim_tracks(curves["sink_off"], curves["retrained"]))
+    claims.sort(key=lambda c: c["claim"][0])            # 1, 1p, 2, 2p, 3 (NPO, GA, NULLs), 4, 5 (stable)
+    metrics["times"]["eval_s"] = time.time() - t_eval
     metrics["wall_time_s"] = time.time() - t_start
-    return metrics, list(claims.values())
+    metrics["cpu_time_s"] = time.process_time() - c_start
+    return metrics, claims
+
+
+def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks, unlearned,
+                nearest, emb, all_ids, batches):
+    """Truth ratios of the forgotten people's facts in every mode and both wordings (Figures 3a, 3b, 4), the
+    gradient baselines' trajectories against related facts in other articles (Figure 3c), knowledge capacity
+    (Figure 8c) and general capability (Table 1): claims 1, 2, 3 and 5. Returns (claims, {name: unlearned net})."""
+    forget = src["forget"]
+    gone = set(forget)
+    items = probe_facts(world, forget)
+    facts = [f for f, _, _ in items]
+    own = torch.tensor([p for _, p, _ in items])
+    stating = torch.tensor([r for _, _, r in items])
+    near = torch.tensor([nearest[p] for _, p, _ in items])
+    kinds = [f.kind for f in facts]
+    tables, trs, claims = {}, {}, []
+    for wording in WORDINGS:
+        # per-prompt routing of an unlabelled cloze prompt (Appendix A.2)
+        prompts = [tok.encode(f.cloze if wording == "verbatim" else f.paraphrased_cloze) for f in facts]
+        prompt = nearest_sources(embed(cfg, nulls_net, tok, prompts, sinks.expected_mask()), emb, all_ids, exclude=gone)
+        kw = {"wording": wording}
+        tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks, **kw),
+              "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask(), **kw),
+              "standard": truth_ratios(std_net, tok, facts, **kw)}
+        for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
+            tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks, forgotten=own, **kw)
+            tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks, **kw)
+        # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
+        # (under nearest routing, the paper's Sink-Off), "unique" = the rest
+        retr_ok = tr["retrained/nearest"] > 1
+        paper_cat = ["shared" if k == "shared" else ("inferred*" if ok else "unique*") for k, ok in zip(kinds, retr_ok)]
+        table = {}
+        for mode, v in tr.items():
+            table[mode] = {}
+            for cat in ("unique", "shared", "inferred", "unique*", "inferred*"):
+                sel = [i for i in range(len(facts)) if (kinds[i] == cat or paper_cat[i] == cat)]
+                table[mode][cat] = summarize(v[sel])
+        tables[wording], trs[wording] = table, tr
+        tag = "" if wording == "verbatim" else "p"
+        claims.append(claim_unique_removed(*(table[m]["unique"] for m in ("sink_on", "sink_off/nearest",
+                                                                            "retrained/nearest")), tag=tag))
+        claims.append(claim_kept(table["sink_off/nearest"], table["retrained/nearest"],
+                                 oracle_off=table["sink_off/stating"], tag=tag))
+        metrics["routing_" + wording] = {"prompt_routed_to_stating_source": float(
+            sum(int(prompt[i]) in facts[i].source_ids for i in range(len(facts))) / len(facts))}
+    claims.sort(key=lambda c: c["claim"][:2])               # 1, 1p, 2, 2p
+    metrics["truth_ratio"] = tables
+    metrics["routing"] = {
+        "nearest_is_sibling": float(sum(nearest[p] in world.person(p).siblings for p in forget) / len(forget)),
+        "nearest_same_birth_city": float(sum(world.person(nearest[p]).birth_city == world.person(p).birth_city
+                                             for p in forget) / len(forget))}
+    metrics["per_fact"] = [{"fact": f.id, "kind": f.kind, "person": p, "route_stating": r, "route_nearest": nearest[p],
+                            **{f"{w}/{m}": float(v[i]) for w in WORDINGS for m, v in trs[w].items()}}
+                           for i, (f, p, r) in enumerate(items)]
+
+    # general capability (Table 1's analogue): multiple-choice questions no single article owns, NULLs under the
+    # routing it would use at deployment (each prompt to its nearest source), vs the standard transformer
+    questions = data.general_questions(world)
+    q_emb = embed(cfg, nulls_net, tok, [tok.encode(q.prompt) for q in questions], sinks.expected_mask())
+    general = {"nulls": mc_accuracy(nulls_net, tok, questions,
+                                    nearest_sources(q_emb, emb, all_ids), sinks),
+               # the deployed model after all n_forget requests (their sinks off everywhere): a utility diagnostic
+               "nulls_after_forgetting": mc_accuracy(nulls_net, tok, questions,
+                                                     nearest_sources(q_emb, emb, all_ids, exclude=gone), unlearned),
+               "standard": mc_accuracy(std_net, tok, questions), "n": len(questions)}
+    metrics["general_accuracy"] = general
+
+    # Figure 3c: NPO and gradient ascent on the standard transformer, cfg.unlearn_epochs epochs over the forgotten
+    # articles, tracking after every step the article-specific facts of the forgotten people against the
+    # article-specific facts of semantically similar OTHER articles (siblings, people of the same city)
+    uniq = [f for f in facts if f.kind == "unique"]
+    rel = related_facts(world, forget, cfg.n_related)
+    rel_facts = [f for f, _, _ in rel]
+    rel_owner, rel_to = torch.tensor([q for _, q, _ in rel]), torch.tensor([p for _, _, p in rel])
+
+    def frac(tr):
+        return summarize(tr)["frac_gt1"]
+
+    total, t0 = cfg.unlearn_epochs * len(batches), [time.time()]
+
+    def metrics_fn(net, step):
+        out = {"specific": frac(truth_ratios(net, tok, uniq)), "related": frac(truth_ratios(net, tok, rel_facts)),
+               "general_acc": mc_accuracy(net, tok, questions)}
+        if step == 0:
+            t0[0] = time.time()
+        elif step % max(1, total // 5) == 0 or step == total:
+            eta = (time.time() - t0[0]) / step * (total - step)
+            print(f"  step {step}/{total}: article-specific {out['specific']:.2f}, related {out['related']:.2f} "
+                  f"(eta {eta:.0f} s)")
+        return out
+    nulls_point = {
+        "on": {"specific": table_frac(tables, "sink_on"),
+               "related": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks))},
+        "off": {"specific": table_frac(tables, "sink_off/nearest"),
+                "related": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks, forgotten=rel_to))},
+        "retrained": {"specific": table_frac(tables, "retrained/nearest"),
+                      "related": frac(truth_ratios(retr_net, tok, rel_facts, rel_owner, retr_sinks))}}
+    metrics["selectivity"] = {"n_specific": len(uniq), "n_related": len(rel_facts), "nulls": nulls_point,
+                              "general_accuracy_nulls_after_forgetting": general["nulls_after_forgetting"]}
+    grad_nets, metrics["gradient_baselines"] = {}, {}
+    for name in ("npo", "ga"):
+        print(f"== {name} on the standard transformer, {total} steps, tracked after each")
+        net, res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
+        grad_nets[name] = net
+        metrics["gradient_baselines"][name] = {"trajectory": res.trajectory, "train_time_s": res.train_time,
+                                               "matched": matched_point(res.trajectory, nulls_point["off"]["specific"])}
+        claims.append(claim_not_selective(name, res.trajectory, nulls_point["off"]["specific"]))
+    claims.append(claim_selective(nulls_point["on"], nulls_point["off"]))
+
+    # knowledge capacity (Figure 8c): Sink-On NULLs vs the standard transformer on every person's unique facts
+    all_uniq = [f for f in world.facts if f.kind == "unique"]
+    owners = torch.tensor([f.person for f in all_uniq])
+    cap = {w: {"nulls_sink_on": summarize(truth_ratios(nulls_net, tok, all_uniq, owners, sinks, wording=w)),
+               "standard": summarize(truth_ratios(std_net, tok, all_uniq, wording=w))} for w in WORDINGS}
+    metrics["capacity"] = cap
+    claims.append(claim_capacity(cap["verbatim"]["nulls_sink_on"], cap["verbatim"]["standard"],
+                                 (cap["paraphrased"]["nulls_sink_on"], cap["paraphrased"]["standard"])))
+    claims.append(claim_general(general["nulls"], general["standard"], general["n"]))
+    return claims, grad_nets
+
+
+def table_frac(tables, mode):
+    return tables["verbatim"][mode]["unique"]["frac_gt1"]
 
 
 # -------------------------------------------------------------------------------------------------
-# Claims, from this run's numbers (thresholds fixed in code)
+# Claims: each measured as the paper measures it, thresholds fixed here before any run; tested both ways
 # -------------------------------------------------------------------------------------------------
 
-def claim_unique_removed(table):
-    """Claim 1, unique facts under the paper's nearest-source routing: Sink-Off forgets like Retrained."""
-    on, off, re_ = (table[m]["unique"] for m in ("sink_on", "sink_off/nearest", "retrained/nearest"))
+def claim_unique_removed(on, off, retr, tag=""):
+    """Claim 1 (Figures 3b, 4): under nearest routing, Sink-Off removes article-specific (unique) facts as
+    retraining does. on/off/retr: summarize() of the unique facts' truth ratios."""
+    diff = abs(off["frac_gt1"] - retr["frac_gt1"])
     fold = on["geomean"] / off["geomean"]
-    diff = abs(off["frac_gt1"] - re_["frac_gt1"])
-    return ev.claim("1 Sink-Off removes unique facts like retraining (nearest routing): |frac TR>1 "
-                    "Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
+    return ev.claim(f"1{tag} Sink-Off removes unique facts like retraining (nearest routing, {WORDING_TAG[tag]}): "
+                    "|frac TR>1 Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
                     {"frac_diff": diff, "geomean_fold": fold}, {"frac_diff": 0.15, "geomean_fold": 100},
                     bool(diff <= 0.15 and fold >= 100),
-                    f"frac TR>1: on {on['frac_gt1']:.2f}, off {off['frac_gt1']:.2f}, retrained {re_['frac_gt1']:.2f}")
+                    f"frac TR>1: on {on['frac_gt1']:.2f}, off {off['frac_gt1']:.2f}, retrained {retr['frac_gt1']:.2f}")
 
 
-def claim_shared_kept(table):
-    """Claim 2, shared and inferred facts, routed to a source that states them: Sink-Off keeps them."""
+WORDING_TAG = {"": "verbatim cloze", "p": "paraphrased cloze"}
+
+
+def claim_kept(off, retr, oracle_off=None, tag=""):
+    """Claim 2 (Figure 4): under the paper's Sink-Off (the next-closest source by embedding similarity), shared
+    and inferred facts match Retrained: for each, |frac TR>1 difference| <= 0.10 and the geometric means within
+    a factor of 2. off/retr: {category: summarize()}; oracle_off: the same under routing to a source that
+    states the fact (an upper bound no deployed router has), reported only."""
     vals, ok = {}, True
     for cat in ("shared", "inferred"):
-        o, r = table["sink_off/stating"][cat], table["retrained/stating"][cat]
-        vals[cat] = {"sink_off_frac": o["frac_gt1"], "retrained_frac": r["frac_gt1"]}
-        ok &= o["frac_gt1"] >= 0.9 and abs(o["frac_gt1"] - r["frac_gt1"]) <= 0.1
-    return ev.claim("2 Sink-Off keeps shared and inferred facts (routed to a stating source): frac TR>1 "
-                    ">= 0.9 and within 0.1 of Retrained", vals, {"frac": 0.9, "diff": 0.1}, bool(ok))
+        o, r = off[cat], retr[cat]
+        vals[cat] = {"frac_diff": abs(o["frac_gt1"] - r["frac_gt1"]), "geomean_ratio": o["geomean"] / r["geomean"]}
+        ok &= vals[cat]["frac_diff"] <= 0.10 and 0.5 <= vals[cat]["geomean_ratio"] <= 2.0
+    detail = "; ".join(f"{c}: frac TR>1 Sink-Off {off[c]['frac_gt1']:.2f} vs Retrained {retr[c]['frac_gt1']:.2f}, "
+                       f"geomean {fmt(off[c]['geomean'])} vs {fmt(retr[c]['geomean'])}" for c in ("shared", "inferred"))
+    if oracle_off is not None:
+        detail += ("; oracle routing to a stating source (reported, not the claim): frac TR>1 shared "
+                   f"{oracle_off['shared']['frac_gt1']:.2f}, inferred {oracle_off['inferred']['frac_gt1']:.2f}")
+    return ev.claim(f"2{tag} Sink-Off keeps shared and inferred facts like Retrained (nearest routing, "
+                    f"{WORDING_TAG[tag]}): |frac TR>1 diff| <= 0.10 and geomean ratio in [0.5, 2]",
+                    vals, {"frac_diff": 0.10, "geomean_ratio": [0.5, 2.0]}, bool(ok), detail)
 
 
-def claim_not_selective(name, traj, epochs):
-    """Claim 3 for one gradient baseline: shared facts fall at least half as fast as article-specific ones."""
-    d_u = traj[0]["unique_frac_gt1"] - traj[-1]["unique_frac_gt1"]
-    d_s = traj[0]["shared_frac_gt1"] - traj[-1]["shared_frac_gt1"]
-    ratio = d_s / d_u if d_u > 0 else None
-    return ev.claim(f"3 {name.upper()} is not selective: shared facts (frac TR>1) fall at least half as "
-                    "fast as article-specific ones", ratio, 0.5, None if ratio is None else bool(ratio >= 0.5),
-                    f"drop unique {d_u:.3f}, drop shared {d_s:.3f} over {epochs} epochs"
-                    + ("" if d_u > 0 else "; unique facts did not fall, ratio undefined"))
+def matched_point(traj, level):
+    """Where a trajectory [{"specific", "related", ...}] (fractions of facts with TR > 1, step by step) first
+    brings the article-specific fraction down to `level`: every key linearly interpolated between the two
+    evaluations around the crossing. None if it never gets there."""
+    for a, b in zip(traj, traj[1:]):
+        if a["specific"] > level >= b["specific"]:
+            w = (a["specific"] - level) / (a["specific"] - b["specific"])
+            return {k: a[k] + w * (b[k] - a[k]) for k in a if isinstance(a[k], (int, float)) and k in b}
+    return dict(traj[0]) if traj and traj[0]["specific"] <= level else None
 
 
-def claim_relearning(curves):
-    """Claim 4: NPO's forgetting is undone faster by fine-tuning than NULLs' Sink-Off, which ends near Retrained."""
-    rec = {k: c[0] - c[-1] for k, c in curves.items()}
-    gap = abs(curves["sink_off"][-1] - curves["retrained"][-1]) / curves["retrained"][-1]
-    return ev.claim("4 relearning: NPO recovers markedly faster than Sink-Off (>= 2x the loss drop), "
-                    "Sink-Off ends within 10% of Retrained",
-                    {"drop_npo": rec["npo"], "drop_sink_off": rec["sink_off"], "rel_gap_to_retrained": gap},
-                    {"drop_ratio": 2.0, "rel_gap": 0.10},
-                    bool(rec["npo"] >= 2 * max(rec["sink_off"], 0.0) and rec["npo"] > 0 and gap <= 0.10))
+def claim_not_selective(name, traj, level):
+    """Claim 3 (Figure 3c), gradient side: at matched removal of article-specific facts (down to `level`, the
+    fraction NULLs' Sink-Off leaves), facts in semantically similar other articles have fallen at least half as
+    much (slope = related drop / article-specific drop >= 0.5; the paper's near-diagonal trajectory is ~1)."""
+    title = f"3 {name.upper()} is not selective: at matched removal, related facts in other articles fall >= 0.5x as much"
+    start, m = traj[0], matched_point(traj, level)
+    if start["specific"] <= level:
+        return ev.claim(title, None, 0.5, None, f"not reproduced here: the standard model starts at frac TR>1 "
+                        f"{start['specific']:.2f}, already at or below the matched level {level:.2f}")
+    if m is None:
+        return ev.claim(title, None, 0.5, None,
+                        f"not reproduced here: {name} never brought article-specific frac TR>1 from "
+                        f"{start['specific']:.2f} down to the matched level {level:.2f} (lowest "
+                        f"{min(r['specific'] for r in traj):.2f}) in {traj[-1]['step']} steps")
+    slope = (start["related"] - m["related"]) / (start["specific"] - m["specific"])
+    return ev.claim(title, slope, 0.5, bool(slope >= 0.5),
+                    f"matched at step {m['step']:.1f}: article-specific {start['specific']:.2f} -> {m['specific']:.2f}, "
+                    f"related {start['related']:.2f} -> {m['related']:.2f}, general accuracy "
+                    f"{start['general_acc']:.2f} -> {m['general_acc']:.2f}")
 
 
-def claim_capability(vl):
-    """Claim 5: NULLs (routed to the nearest source) matches a standard transformer of the same size."""
-    ratio = vl["nulls"] / vl["standard"]
-    return ev.claim("5 capability: NULLs held-out loss within 3% of a standard transformer (same params)",
-                    ratio, 1.03, bool(ratio <= 1.03),
-                    f"NULLs routed to the nearest source {vl['nulls']:.4f} vs standard {vl['standard']:.4f}; for "
-                    f"reference (not the claim's measure), the ratio under the expected mask is "
-                    f"{vl['nulls_expected_mask'] / vl['standard']:.3f} and with the backbone alone "
-                    f"{vl['nulls_backbone_only'] / vl['standard']:.3f}")
+def claim_selective(on, off):
+    """Claim 3, NULLs side: Sink-Off removes article-specific facts without degrading related facts in other
+    articles: slope = related drop / article-specific drop <= 0.2. on/off: {"specific", "related"} fractions."""
+    title = "3 NULLs is selective: related facts fall <= 0.2x as much as article-specific ones under Sink-Off"
+    d_spec, d_rel = on["specific"] - off["specific"], on["related"] - off["related"]
+    if d_spec <= 0:
+        return ev.claim(title, None, 0.2, None, f"not reproduced here: Sink-Off removed no article-specific facts "
+                        f"(frac TR>1 {on['specific']:.2f} -> {off['specific']:.2f})")
+    slope = d_rel / d_spec
+    return ev.claim(title, slope, 0.2, bool(slope <= 0.2),
+                    f"article-specific {on['specific']:.2f} -> {off['specific']:.2f}, related {on['related']:.2f} -> "
+                    f"{off['related']:.2f}")
+
+
+def claim_reversed(curve, retr, name="npo", within=10):
+    """Claim 4a (Figure 7b): gradient unlearning is reversed by relearning in fewer than `within` (10) steps:
+    the held-out loss of the gradient-unlearned model falls below Retrained's at the same step (Retrained was
+    also fine-tuned the same way; it never saw the source). Both curves start at step 0 (before fine-tuning)."""
+    title = f"4 relearning reverses {name.upper()} within {within} steps (held-out loss below Retrained's at the same step)"
+    if curve[0] < retr[0]:
+        return ev.claim(title, None, within, None, f"not reproduced here: {name} starts below Retrained before any "
+                        f"relearning ({curve[0]:.3f} vs {retr[0]:.3f}), so there is no unlearning to reverse")
+    k = next((k for k in range(1, len(curve)) if curve[k] < retr[k]), None)
+    return ev.claim(title, k, within, bool(k is not None and k <= within),
+                    f"held-out loss {name} {curve[0]:.3f} -> {curve[-1]:.3f}, Retrained {retr[0]:.3f} -> {retr[-1]:.3f}"
+                    + ("" if k is not None else f"; never below Retrained in {len(curve) - 1} steps"))
+
+
+def claim_tracks(off, retr, tol=0.10):
+    """Claim 4b (Figure 7b): under relearning, NULLs with Sink-Off follows Retrained: at every step the held-out
+    loss is within 10% of Retrained's (max over steps of |off - retr| / retr)."""
+    gap = max(abs(a - b) / b for a, b in zip(off, retr))
+    return ev.claim("4 relearning: Sink-Off stays within 10% of Retrained's held-out loss at every step", gap, tol,
+                    bool(gap <= tol), f"Sink-Off {off[0]:.3f} -> {off[-1]:.3f}, Retrained {retr[0]:.3f} -> {retr[-1]:.3f}")
+
+
+def claim_capacity(nulls_on, std, para=None):
+    """Claim 5a (Figure 8c): knowledge capacity. Sink-On NULLs matches a parameter-matched standard transformer
+    on article-specific facts: frac TR>1 no more than 0.10 below, geometric mean at least half."""
+    d, r = nulls_on["frac_gt1"] - std["frac_gt1"], nulls_on["geomean"] / std["geomean"]
+    detail = (f"frac TR>1 NULLs {nulls_on['frac_gt1']:.2f} vs standard {std['frac_gt1']:.2f}, geomean "
+              f"{fmt(nulls_on['geomean'])} vs {fmt(std['geomean'])}")
+    if para is not None:
+        detail += (f"; paraphrased cloze (reported): frac TR>1 {para[0]['frac_gt1']:.2f} vs {para[1]['frac_gt1']:.2f}, "
+                   f"geomean {fmt(para[0]['geomean'])} vs {fmt(para[1]['geomean'])}")
+    return ev.claim("5 knowledge capacity: Sink-On NULLs vs a standard transformer (same params) on every article's "
+                    "unique facts: frac TR>1 diff >= -0.10 and geomean ratio >= 0.5",
+                    {"frac_diff": d, "geomean_ratio": r}, {"frac_diff": -0.10, "geomean_ratio": 0.5},
+                    bool(d >= -0.10 and r >= 0.5), detail)
+
+
+def claim_general(acc_nulls, acc_std, n):
+    """Claim 5b (Table 1): general capability. NULLs' multiple-choice accuracy under deployment routing is within
+    one standard deviation of the standard transformer's: acc_nulls >= acc_std - sqrt(acc_std (1 - acc_std) / n)
+    (the binomial standard error benchmarks report). One-sided: being better is no cost."""
+    se = math.sqrt(acc_std * (1 - acc_std) / n)
+    return ev.claim("5 general capability: NULLs multiple-choice accuracy on general questions (deployment "
+                    "routing) >= standard - 1 std", {"acc_nulls": acc_nulls, "acc_standard": acc_std, "std": se},
+                    {"acc_nulls_min": acc_std - se}, bool(acc_nulls >= acc_std - se), f"{n} questions")
 
 
 # -------------------------------------------------------------------------------------------------
-# Report: the printed table, results.json / results.md, plots
+# Seeds: the whole experiment once per seed; every claim as mean +- std with a verdict per seed and overall
+# -------------------------------------------------------------------------------------------------
+
+def _flat(v, key=""):
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            out.update(_flat(x, f"{key}/{k}" if key else str(k)))
+        return out
+    return {key or "value": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else {}
+
+
+def aggregate_claims(per_seed):
+    """per_seed: {seed: [claim dicts]} -> one claim per name: held per seed, overall held (True if it held for
+    every seed, False if it failed for any, else None: not measured somewhere), and each numeric part of the
+    value as mean +- std over the seeds where it was measured (std with n - 1; 0 for one seed)."""
+    seeds = list(per_seed)
+    out = []
+    for c0 in per_seed[seeds[0]]:
+        cs = {s: next(c for c in per_seed[s] if c["claim"] == c0["claim"]) for s in seeds}
+        held = {s: c["held"] for s, c in cs.items()}
+        overall = (True if all(h is True for h in held.values()) else
+                   False if any(h is False for h in held.values()) else None)
+        stats = {}
+        keys = []
+        for c in cs.values():
+            keys += [k for k in _flat(c["value"]) if k not in keys]
+        for k in keys:
+            xs = torch.tensor([_flat(c["value"])[k] for c in cs.values() if k in _flat(c["value"])], dtype=torch.float64)
+            stats[k] = {"mean": float(xs.mean()), "std": float(xs.std()) if len(xs) > 1 else 0.0, "n": len(xs)}
+        out.append({"claim": c0["claim"], "threshold": c0["threshold"], "held": overall,
+                    "held_per_seed": held, "value_per_seed": {s: c["value"] for s, c in cs.items()},
+                    "stats": stats, "detail": "; ".join(f"seed {s}: {c['detail']}" for s, c in cs.items() if c["detail"])})
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Report: the printed tables, results.json / results.md, plots
 # -------------------------------------------------------------------------------------------------
 
 def fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
-def report(cfg, metrics, claims):
-    lines = []
-    if "truth_ratio" in metrics:
-        lines += ["Truth ratio of the forgotten people's facts (geometric mean / fraction with TR > 1); "
-                  "unique*, inferred* = the paper's split of article-specific facts by the retrained model", "",
-                  "| mode | unique | shared | inferred | unique* | inferred* |", "| --- | --- | --- | --- | --- | --- |"]
-        for mode, row in metrics["truth_ratio"].items():
-            cells = [f"{fmt(row[c]['geomean'])} / {fmt(row[c]['frac_gt1'], '.2f')} (n={row[c]['n']})" for c in
-                     ("unique", "shared", "inferred", "unique*", "inferred*")]
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-        lines += ["", "routing: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["routing"].items()), "",
-                  "Gradient unlearning on the standard transformer (fraction of facts with TR > 1, per epoch)", "",
-                  "| method | step | unique | shared |", "| --- | --- | --- | --- |"]
-        for name, g in metrics["gradient_baselines"].items():
-            for r in g["trajectory"]:
-                lines.append(f"| {name} | {r['step']} | {fmt(r['unique_frac_gt1'], '.2f')} | {fmt(r['shared_frac_gt1'], '.2f')} |")
-    fl, vl = metrics["forget_loss"], metrics["val_loss"]
-    lines += ["", "Loss on the forgotten sources: " + ", ".join(f"{k} {v:.3f}" for k, v in fl.items()),
-              f"Held-out loss: NULLs {vl['nulls']:.4f} (routed to the nearest source; expected mask "
-              f"{vl['nulls_expected_mask']:.4f}, backbone only {vl['nulls_backbone_only']:.4f}), standard {vl['standard']:.4f} "
-              f"(params {metrics['params']['nulls'] / 1e6:.2f}M each)",
-              "Relearning, held-out half of the forgotten sources (loss at step 0 -> end): " +
-              ", ".join(f"{k} {c[0]:.3f} -> {c[-1]:.3f}" for k, c in metrics["relearning"].items()), "",
-              "| claim | value | threshold | held |", "| --- | --- | --- | --- |"]
+def claims_table(claims):
+    lines = ["| claim | value | threshold | held |", "| --- | --- | --- | --- |"]
     for c in claims:
         lines.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {json.dumps(c['threshold'])} | "
                      f"{c['held']} |" + (f" {c['detail']}" if c["detail"] else ""))
-    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s")
+    return lines
+
+
+def report(cfg, metrics, claims, seeds_note=""):
+    lines = []
+    for wording, table in metrics.get("truth_ratio", {}).items():
+        lines += [f"Truth ratio of the forgotten people's facts, {wording} cloze (geometric mean / fraction with "
+                  "TR > 1); unique*, inferred* = the paper's split of article-specific facts by the retrained model "
+                  "(nearest routing)", "",
+                  "| mode | unique | shared | inferred | unique* | inferred* |", "| --- | --- | --- | --- | --- | --- |"]
+        for mode, row in table.items():
+            cells = [f"{fmt(row[c]['geomean'])} / {fmt(row[c]['frac_gt1'], '.2f')} (n={row[c]['n']})" for c in
+                     ("unique", "shared", "inferred", "unique*", "inferred*")]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "routing" in metrics:
+        lines += ["routing: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["routing"].items()) + "; prompt routed "
+                  "to a stating source: " + ", ".join(f"{w} {metrics['routing_' + w]['prompt_routed_to_stating_source']:.2f}"
+                                                      for w in WORDINGS), ""]
+    if "selectivity" in metrics:
+        sel = metrics["selectivity"]
+        lines += [f"Selectivity (Figure 3c): fraction with TR > 1 of the forgotten people's article-specific facts "
+                  f"(n={sel['n_specific']}) and of related facts in other articles (n={sel['n_related']}: siblings, "
+                  "same birth city), with general multiple-choice accuracy as utility", "",
+                  "| model | step | article-specific | related | general acc |", "| --- | --- | --- | --- | --- |"]
+        for name, g in metrics["gradient_baselines"].items():
+            t, m = g["trajectory"], g["matched"]
+            for r in t[:1] + [r for r in t[1:] if r["step"] % max(1, len(t) // 5) == 0 or r is t[-1]]:
+                lines.append(f"| {name} | {r['step']} | {r['specific']:.2f} | {r['related']:.2f} | {r['general_acc']:.2f} |")
+            if m is not None:
+                lines.append(f"| {name} at matched removal | {m['step']:.1f} | {m['specific']:.2f} | {m['related']:.2f} "
+                             f"| {m['general_acc']:.2f} |")
+        ga = metrics["general_accuracy"]
+        for k, name in (("on", "NULLs Sink-On"), ("off", "NULLs Sink-Off"), ("retrained", "Retrained")):
+            p = sel["nulls"][k]
+            acc = ga["nulls"] if k == "on" else ga["nulls_after_forgetting"] if k == "off" else None
+            lines.append(f"| {name} | - | {p['specific']:.2f} | {p['related']:.2f} | {fmt(acc, '.2f')} |")
+        cap = metrics["capacity"]
+        lines += ["", f"General capability: multiple-choice accuracy on {ga['n']} general questions: NULLs (deployment "
+                  f"routing) {ga['nulls']:.3f}, after forgetting all {len(metrics['forget'])} sources "
+                  f"{ga['nulls_after_forgetting']:.3f}, standard {ga['standard']:.3f}",
+                  "Knowledge capacity (every person's unique facts, geomean TR / frac TR>1): " +
+                  "; ".join(f"{w}: NULLs Sink-On {fmt(c['nulls_sink_on']['geomean'])} / {c['nulls_sink_on']['frac_gt1']:.2f}, "
+                            f"standard {fmt(c['standard']['geomean'])} / {c['standard']['frac_gt1']:.2f}"
+                            for w, c in cap.items()), ""]
+    fl, vl = metrics["forget_loss"], metrics["val_loss"]
+    rl = metrics["relearning"]
+    lines += ["Loss on the forgotten sources: " + ", ".join(f"{k} {v:.3f}" for k, v in fl.items()),
+              f"Held-out loss (diagnostic): NULLs {vl['nulls']:.4f} (routed to the nearest source; expected mask "
+              f"{vl['nulls_expected_mask']:.4f}, backbone only {vl['nulls_backbone_only']:.4f}), standard "
+              f"{vl['standard']:.4f} (params {metrics['params']['nulls'] / 1e6:.2f}M each)", "",
+              "Relearning (Figure 7b): held-out loss of the forgotten sources while fine-tuning on their reserved parts",
+              "", "| step | " + " | ".join(rl) + " |", "|" + " --- |" * (len(rl) + 1)]
+    for k in range(len(rl["retrained"])):
+        lines.append(f"| {k} | " + " | ".join(f"{c[k]:.3f}" for c in rl.values()) + " |")
+    lines += [""] + claims_table(claims)
+    lines.append(f"\n{seeds_note}wall time {metrics['wall_time_s']:.0f} s, process CPU time {metrics['cpu_time_s']:.0f} s "
+                 f"(training {metrics['times']['train_s']:.0f} s wall, evaluation {metrics['times']['eval_s']:.0f} s wall)")
     text = "\n".join(lines)
     print(text)
     path = ev.write_results(cfg.out_dir, "nulls.py results", cfg, metrics, claims, text)
     plot(cfg, metrics)
     print(f"wrote {path}")
+
+
+def report_seeds(cfg, seeds, per_seed_metrics, per_seed_claims):
+    """The claims over seeds: mean +- std of each value, verdict per seed and overall; out_dir/results.json."""
+    agg = aggregate_claims(per_seed_claims)
+    lines = [f"nulls.py over {len(seeds)} seeds ({', '.join(map(str, seeds))}); per-seed tables in "
+             f"{cfg.out_dir}/seed<k>/results.md", "", "| claim | mean +- std | threshold | held per seed | overall |",
+             "| --- | --- | --- | --- | --- |"]
+    for c in agg:
+        st = ", ".join(f"{k} {v['mean']:.3g} +- {v['std']:.2g}" for k, v in c["stats"].items()) or "-"
+        lines.append(f"| {c['claim']} | {st} | {json.dumps(c['threshold'])} | "
+                     f"{' '.join(str(h) for h in c['held_per_seed'].values())} | {c['held']} |")
+    cpu = sum(m["cpu_time_s"] for m in per_seed_metrics.values())
+    wall = sum(m["wall_time_s"] for m in per_seed_metrics.values())
+    lines.append(f"\nwall time {wall:.0f} s, process CPU time {cpu:.0f} s over {len(seeds)} seeds")
+    text = "\n".join(lines)
+    print(text)
+    summary = {"seeds": seeds, "per_seed": {s: {k: m[k] for k in ("truth_ratio", "general_accuracy", "capacity",
+                                                                  "selectivity", "relearning", "val_loss", "wall_time_s",
+                                                                  "cpu_time_s") if k in m}
+                                            for s, m in per_seed_metrics.items()}}
+    path = ev.write_results(cfg.out_dir, "nulls.py results over seeds", cfg, summary, agg, text)
+    print(f"wrote {path}")
+    return agg
 
 
 def plot(cfg, metrics):
@@ -836,20 +1218,26 @@ def plot(cfg, metrics):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))          # Figures 3a, 3b
         for ax, kind in zip(axes, ("shared", "unique")):
             for mode in ("sink_on", "sink_off/nearest", "retrained/nearest"):
-                v = [math.log10(max(r[mode], 1e-12)) for r in metrics["per_fact"] if r["kind"] == kind]
+                v = [math.log10(max(r["verbatim/" + mode], 1e-12)) for r in metrics["per_fact"] if r["kind"] == kind]
                 ax.hist(v, bins=20, alpha=0.5, label=mode)
             ax.axvline(0, color="k", lw=0.8)
             ax.set(title=f"{kind} facts", xlabel="log10 truth ratio")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(cfg.out_dir, "fig3ab_truth_ratio.png"), dpi=120)
-        fig, ax = plt.subplots(figsize=(4.5, 4))                  # Figure 3c
+        fig, ax = plt.subplots(figsize=(4.5, 4))                  # Figure 3c, NULLs on the same axes
         for name, g in metrics["gradient_baselines"].items():
             t = g["trajectory"]
-            ax.plot([r["unique_frac_gt1"] for r in t], [r["shared_frac_gt1"] for r in t], "o-", label=name)
+            ax.plot([r["specific"] for r in t], [r["related"] for r in t], "o-", ms=3, label=name)
+        p = metrics["selectivity"]["nulls"]
+        ax.annotate("", (p["off"]["specific"], p["off"]["related"]), (p["on"]["specific"], p["on"]["related"]),
+                    arrowprops=dict(arrowstyle="->", color="k"))
+        ax.plot([p["off"]["specific"]], [p["off"]["related"]], "k*", ms=10, label="NULLs Sink-Off")
+        ax.plot([p["retrained"]["specific"]], [p["retrained"]["related"]], "gs", label="Retrained")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlabel="article-specific: frac TR > 1", ylabel="shared: frac TR > 1", title="gradient unlearning")
-        ax.legend()
+        ax.set(xlabel="article-specific: frac TR > 1", ylabel="related, other articles: frac TR > 1",
+               title="unlearning selectivity")
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(cfg.out_dir, "fig3c_gradient_baselines.png"), dpi=120)
     fig, ax = plt.subplots(figsize=(4.5, 3.5))                    # Figure 7b
@@ -889,7 +1277,7 @@ def sweep_point(cfg, src):
     retr_net, _ = train_lm(cfg, tok, docs, retr_sinks.sources, retr_sinks, "retrained")
     if not T.is_main_process():
         return None
-    emb = embed(nulls_net, segments(cfg, tok, [docs[s] for s in all_ids]), sinks.expected_mask())
+    emb = embed(cfg, nulls_net, tok, [docs[s] for s in all_ids], sinks.expected_mask())
     nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
                                                exclude=set(forget)).tolist()))
     items = [(f, p) for f, p, _ in probe_facts(world, forget) if f.kind == "unique"]
@@ -937,10 +1325,24 @@ def main(argv=None):
     try:
         if cfg.sweep:
             return run_sweep(cfg)
-        metrics, claims = run(cfg)
-        if metrics is not None:             # rank 0 (or the only process) evaluates and writes
-            report(cfg, metrics, claims)
-        return metrics, claims
+        if not cfg.seeds:
+            metrics, claims = run(cfg)
+            if metrics is not None:         # rank 0 (or the only process) evaluates and writes
+                report(cfg, metrics, claims, seeds_note=f"one seed ({cfg.seed}); --seeds=0,1,2 reports every claim "
+                                                        "over three seeds. ")
+            return metrics, claims
+        per_metrics, per_claims = {}, {}
+        for k in cfg.seeds:                 # the whole experiment per seed: another world, other initial weights
+            c = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=os.path.join(cfg.out_dir, f"seed{k}"))
+            if T.is_main_process():
+                print(f"==== seed {k} ({len(per_metrics) + 1}/{len(cfg.seeds)})")
+            m, cl = run(c)
+            if m is not None:
+                per_metrics[k], per_claims[k] = m, cl
+                report(c, m, cl, seeds_note=f"seed {k} of {list(cfg.seeds)}. ")
+        if not per_metrics:
+            return None, None
+        return per_metrics, report_seeds(cfg, list(cfg.seeds), per_metrics, per_claims)
     finally:
         T.end_distributed()
 

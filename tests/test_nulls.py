@@ -84,7 +84,8 @@ def test_checkpoints_are_keyed_on_what_training_sees():
     # evaluation, unlearning, relearning and the fast path (equal to the dense mask, tested) retrain nothing
     for change in (dict(relearn_steps=5), dict(npo_lr=2e-3), dict(ga_lr=2e-3), dict(unlearn_epochs=3),
                    dict(unlearn_batch=3), dict(npo_beta=0.2), dict(relearn_lr=1e-2), dict(fast_path=False),
-                   dict(device="cpu"), dict(log_every=7), dict(out_dir="elsewhere"), dict(sweep="capacity")):
+                   dict(device="cpu"), dict(log_every=7), dict(out_dir="elsewhere"), dict(sweep="capacity"),
+                   dict(eval_batch=3), dict(n_related=5), dict(seeds=(0, 1))):
         assert _ckpt_names(dataclasses.replace(smoke, **change)) == base, change
     # anything training sees does; forgetting other sources changes only the retrained model
     every = {"nulls", "retrained", "standard"}
@@ -107,6 +108,9 @@ def test_checkpoints_are_keyed_on_what_training_sees():
     ("--lr=0", "lr must be in (0, inf)"),
     ("--tokenizer=bpe", "tokenizer must be one of 'gpt2', 'word'"),
     ("--sweep=size", "sweep must be one of"),
+    ("--eval_batch=0", "eval_batch must be in [1, inf)"),
+    ("--seeds=0,-1", "seeds must be in [0, inf)"),
+    ("--seeds=1,1", "seeds must be distinct"),
 ])
 def test_bad_settings_exit_2_naming_the_field_and_range(tmp_path, capsys, arg, msg):
     with pytest.raises(SystemExit) as e:
@@ -115,32 +119,49 @@ def test_bad_settings_exit_2_naming_the_field_and_range(tmp_path, capsys, arg, m
     assert not os.path.exists(tmp_path / "results.json")
 
 
-def test_smoke_run_writes_results_with_claims(tmp_path):
-    metrics, claims = nulls.main(["--preset=smoke", f"--out_dir={tmp_path}"])
+CLAIM_IDS = ["1", "1p", "2", "2p", "3", "3", "3", "4", "4", "5", "5"]
+
+
+def test_smoke_run_over_two_seeds_writes_per_seed_and_aggregate_results(tmp_path):
+    """The run's plumbing end to end. A smoke model is too small to decide any claim, so no verdict is checked
+    here: each claim function is tested on constructed inputs, both ways, in test_nulls_claims.py."""
+    per_metrics, agg = nulls.main(["--preset=smoke", "--seeds=0,1", f"--out_dir={tmp_path}"])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [c["claim"][:5] for c in res["claims"]] == ["1 Sin", "2 Sin", "3 NPO", "3 GA ", "4 rel", "5 cap"]
-    assert {"fig3ab_truth_ratio.png", "fig3c_gradient_baselines.png", "fig7b_relearning.png"} <= set(os.listdir(tmp_path))
+    names = [c["claim"] for c in res["claims"]]
+    assert [n.split()[0] for n in names] == CLAIM_IDS
     for c in res["claims"]:
-        assert set(c) == {"claim", "value", "threshold", "held", "detail"} and c["held"] in (True, False, None)
-    tr = res["metrics"]["truth_ratio"]
-    assert {"sink_on", "sink_off/nearest", "retrained/nearest", "standard", "all_sinks_off"} <= set(tr)
-    assert (tmp_path / "results.md").exists()
-    # the claims are computed from the measured numbers, e.g. claim 5 is the loss ratio printed beside it
-    vl = res["metrics"]["val_loss"]
-    assert res["claims"][-1]["value"] == pytest.approx(vl["nulls"] / vl["standard"])
+        assert set(c["held_per_seed"]) == {"0", "1"} and set(c["value_per_seed"]) == {"0", "1"}
+    for k in (0, 1):
+        seed_res = json.loads((tmp_path / f"seed{k}" / "results.json").read_text())
+        assert seed_res["config"]["seed"] == k
+        assert [c["claim"] for c in seed_res["claims"]] == names
+        for c in seed_res["claims"]:
+            assert set(c) == {"claim", "value", "threshold", "held", "detail"}
+        m = seed_res["metrics"]
+        assert set(m["truth_ratio"]) == {"verbatim", "paraphrased"}
+        assert {"sink_on", "sink_off/nearest", "retrained/nearest", "sink_off/stating", "standard",
+                "all_sinks_off"} <= set(m["truth_ratio"]["paraphrased"])
+        assert len(m["relearning"]["npo"]) == 3 and set(m["relearning"]) == {"sink_off", "retrained", "npo", "ga"}
+        assert len(m["gradient_baselines"]["npo"]["trajectory"]) >= 2
+        assert {"fig3ab_truth_ratio.png", "fig3c_gradient_baselines.png", "fig7b_relearning.png",
+                "results.md"} <= set(os.listdir(tmp_path / f"seed{k}"))
+    # each seed is its own experiment (another world, other initial weights)
+    assert per_metrics[0]["truth_ratio"] != per_metrics[1]["truth_ratio"]
     # a rerun that changes only what happens after training reuses the three finished models, untouched
-    ckpts = {f: os.stat(tmp_path / f).st_mtime_ns for f in os.listdir(tmp_path) if f.endswith(".pt")
+    out = tmp_path / "seed0"
+    ckpts = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".pt")
              and f != "nulls_unlearned.pt"}
     assert len(ckpts) == 3
-    cfg = train.parse_config(nulls.Config, ["--preset=smoke", f"--out_dir={tmp_path}", "--relearn_steps=3",
-                                            "--npo_lr=2e-3", "--unlearn_epochs=2", "--fast_path=false"])
+    cfg = train.parse_config(nulls.Config, ["--preset=smoke", f"--out_dir={out}", "--relearn_steps=3",
+                                            "--npo_lr=2e-3", "--unlearn_epochs=2", "--fast_path=false",
+                                            "--eval_batch=3", "--n_related=7"])
     src = nulls.load_sources(cfg)
     nets, _ = nulls.train_three(cfg, src, *nulls.make_sinks(cfg, src))
-    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in ckpts} == ckpts
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == sorted([*ckpts, "nulls_unlearned.pt"])
-    hold = nulls.segments(cfg, src["tok"], src["holdout"])
-    assert float(nulls.row_losses(nets["standard"], hold).mean()) == metrics["val_loss"]["standard"]
-
+    assert {f: os.stat(out / f).st_mtime_ns for f in ckpts} == ckpts
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == sorted([*ckpts, "nulls_unlearned.pt"])
+    # (eval_batch changes only how the corpus-wide passes are batched)
+    assert float(nulls.seq_losses(cfg, nets["standard"], src["tok"], src["holdout"]).mean()) == pytest.approx(
+        per_metrics[0]["val_loss"]["standard"], rel=1e-6)
 
 def test_forget_list_persists_with_the_model(tmp_path):
     net = _tiny()
