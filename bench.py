@@ -576,6 +576,72 @@ def memsinks_mask_generation(cfg, device, rows=64, docs_per_row=4, T=128, n_shar
                 f"x {seg} tokens, {n_shared}+{n_sink} neurons")
 
 
+# --- locprobe ----------------------------------------------------------------------------------------
+@row("locprobe_mixing_sweep", anchor="the same sweep with ES computed one item at a time", target=">= 5",
+     max_rounds=3, warmup=0)
+def locprobe_mixing_sweep(cfg, device, n=50):
+    """One 21-point mixing sweep (locprobe.py, App. B of the localization paper): FS and RS of each mixed model
+    from eval.py's batched one-pass ES vs the same ES computed by a per-item Python loop (the prototype's cost)."""
+    import eval as ev
+    import locprobe
+    lcfg = locprobe.Config(n_retain_eval=n)
+    tok = locprobe.make_tokenizer(lcfg)
+    recs = locprobe.load_records(lcfg)
+    torch.manual_seed(cfg.seed)
+    a = GPT(locprobe.model_config(lcfg, tok.vocab_size)).to(device).eval()
+    b = GPT(locprobe.model_config(lcfg, tok.vocab_size)).to(device).eval()
+    qa = lambda rs: ([locprobe.prompt_ids(tok, r["question"]) for r in rs], [locprobe.answer_ids(tok, r["answer"])
+                                                                             for r in rs])
+    (qf, af), (qr, ar) = qa(recs["forget"][:n]), qa(recs["retain_eval"][:n])
+    alphas = [i / 20 for i in range(21)]
+    per_item = lambda m, qs, ans: torch.cat([ev.extraction_strength(m, [q], [x]) for q, x in zip(qs, ans)])
+    batched = lambda m: ev.strengths(ev.extraction_strength(m, qf, af), ev.extraction_strength(m, qr, ar))
+    looped = lambda m: ev.strengths(per_item(m, qf, af), per_item(m, qr, ar))
+    got = {}
+
+    def check():
+        assert got["batched"] == got["looped"], "batched ES != per-item ES"
+    return Pair("one-pass ES", lambda: got.__setitem__("batched", ev.mixing_sweep(a, b, alphas, batched)),
+                "per-item ES", lambda: got.__setitem__("looped", ev.mixing_sweep(a, b, alphas, looped)),
+                work=len(alphas), unit="points/s", check=check,
+                what=f"21-point mixing sweep, FS and RS on {len(qf)} forget + {len(qr)} retain QA, locprobe's model")
+
+
+# --- NeuMuter ----------------------------------------------------------------------------------------
+# The paper's Table 9 compares wall times to reach the thresholds; this row compares the unit of work: one NeuMuter
+# iteration (gates sampled, forget loss + neighbour KL under them, reference forward, Adam on log_alpha) against one
+# GA step (forget loss, AdamW on every weight) on the same 32 forget rows of the default model's shape.
+@row("neumuter_iteration_vs_ga_step", anchor="one GA step on the same forget batch (no target: informs)",
+     measure="time")
+def neumuter_iteration_vs_ga_step(cfg, device, batch=32, T=96):
+    import copy
+    import baselines
+    import neumuter
+    from localize import hc_init_log_alpha
+    torch.manual_seed(cfg.seed)
+    ncfg = neumuter.Config()
+    net = GPT(ModelConfig(vocab_size=256, block_size=128, n_layer=ncfg.n_layer, n_head=ncfg.n_head,
+                          n_embd=ncfg.n_embd, d_ff=ncfg.d_ff)).to(device).eval()
+    net.requires_grad_(False)
+    x = torch.randint(3, 256, (2 * batch, T + 1), device=device)
+    fb, nb = {"x": x[:batch, :-1], "y": x[:batch, 1:]}, {"x": x[batch:, :-1], "y": x[batch:, 1:]}
+    L = ncfg.n_layer - ncfg.first_layer
+    log_alpha = torch.full((L, ncfg.d_ff), hc_init_log_alpha(1 - 1e-9), device=device, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=ncfg.mask_lr)
+    gen = torch.Generator().manual_seed(0)
+    ga = copy.deepcopy(net).requires_grad_(True)
+    ga_opt = torch.optim.AdamW(ga.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def ga_step():
+        loss = baselines.ga_loss(ga, fb)
+        ga_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ga_opt.step()
+    return Pair("NeuMuter iteration", lambda: neumuter.mask_step(ncfg, net, log_alpha, opt, fb, nb, gen, log_alpha.numel()),
+                "GA step", ga_step, work=batch * T, unit="forget tokens/s",
+                what=f"{batch} forget + {batch} neighbour rows of {T} tokens, {ncfg.n_layer}-layer d={ncfg.n_embd} GPT")
+
+
 # --- GPU: bf16 training throughput and model FLOPs utilization (skipped without CUDA) ------------------
 PEAK_BF16 = [   # dense bf16 tensor-core FLOP/s from the vendors' data sheets; first name fragment that matches wins
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
