@@ -579,7 +579,7 @@ def memsinks_mask_generation(cfg, device, rows=64, docs_per_row=4, T=128, n_shar
 # --- locprobe ----------------------------------------------------------------------------------------
 @row("locprobe_mixing_sweep", anchor="the same sweep with ES computed one item at a time", target=">= 5",
      max_rounds=3, warmup=0)
-def locprobe_mixing_sweep(cfg, device, n=50):
+def locprobe_mixing_sweep(cfg, device, n=30):
     """One 21-point mixing sweep (locprobe.py, App. B of the localization paper): FS and RS of each mixed model
     from eval.py's batched one-pass ES vs the same ES computed by a per-item Python loop (the prototype's cost)."""
     import eval as ev
@@ -640,6 +640,50 @@ def neumuter_iteration_vs_ga_step(cfg, device, batch=32, T=96):
     return Pair("NeuMuter iteration", lambda: neumuter.mask_step(ncfg, net, log_alpha, opt, fb, nb, gen, log_alpha.numel()),
                 "GA step", ga_step, work=batch * T, unit="forget tokens/s",
                 what=f"{batch} forget + {batch} neighbour rows of {T} tokens, {ncfg.n_layer}-layer d={ncfg.n_embd} GPT")
+
+
+# --- Memory Adapters ---------------------------------------------------------------------------------
+@row("memadapt_masked_read", anchor="the unmasked read (one embedding-bag, plain backward)", target="<= 1.2",
+     measure="time")
+def memadapt_masked_read(cfg, device, tokens=16 * 24, k=8, d=128, n_rows=6401):
+    """Sequence-level gradient-masked memory read (single pass: one embedding-bag forward, masked custom
+    backward), forward + backward, vs the same read without a mask (memadapt.py's default shape)."""
+    import memadapt
+    case = [t.to(device) for t in memadapt.read_case(tokens, k, d, n_rows)]
+    case[1] = case[1].detach().requires_grad_(True)
+    return Pair("single-pass masked", lambda: memadapt.read_step("single", *case),
+                "unmasked", lambda: memadapt.read_step("plain", *case), work=tokens, unit="tokens/s",
+                what=f"{tokens} tokens x k {k}, value dim {d}, {n_rows} stored rows")
+
+
+@row("memadapt_single_vs_two_pass", anchor="the paper's two-pass masked read (reference)", target="<= 1.0",
+     measure="time")
+def memadapt_single_vs_two_pass(cfg, device, tokens=16 * 24, k=8, d=128, n_rows=6401):
+    """The single-pass masked read against the paper's two-pass version (a masked-score pass for gradients plus
+    a no-grad pass for the output): equal output and gradients (tests), one embedding-bag forward fewer."""
+    import memadapt
+    case = [t.to(device) for t in memadapt.read_case(tokens, k, d, n_rows)]
+    case[1] = case[1].detach().requires_grad_(True)
+
+    def same():
+        a = memadapt.read_step("single", *case).clone()
+        assert torch.allclose(a, memadapt.read_step("two_pass", *case), atol=1e-5), "single-pass grad != two-pass"
+    return Pair("single-pass masked", lambda: memadapt.read_step("single", *case),
+                "two-pass masked", lambda: memadapt.read_step("two_pass", *case), work=tokens, unit="tokens/s",
+                what=f"{tokens} tokens x k {k}, value dim {d}", check=same)
+
+
+@row("memadapt_step_vs_memory_size", anchor="the same step with N = 64^2 entries", target="<= 1.5",
+     measure="time")
+def memadapt_step_vs_memory_size(cfg, device):
+    """Gradient-masked training step of the memory (60 sources x 64 entries, k 8, value dim 128, batch 16 x 24)
+    at N = 1024^2 vs N = 64^2: only assigned rows are stored, so time and memory follow the assigned entries.
+    Stored bytes (values + Adam moments + index map) at 64^2, 256^2, 1024^2 go to the row's extra."""
+    import memadapt
+    cases = {n: memadapt.train_step_case(n, device=device) for n in (64, 256, 1024)}
+    extra = {f"stored_MB_N{n}^2": round(c[2] / 1e6, 2) for n, c in cases.items()}
+    return Pair("N = 1024^2", cases[1024][1], "N = 64^2", cases[64][1], work=16 * 24, unit="tokens/s",
+                what="memory training step, 3,840 assigned rows (fit in N = 64^2)", extra=extra)
 
 
 # --- GPU: bf16 training throughput and model FLOPs utilization (skipped without CUDA) ------------------

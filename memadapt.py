@@ -229,6 +229,11 @@ class ProductKeyMemory(nn.Module):
     def assign(self, entries, owners):
         """Materialize rows for `entries` (R,) owned by `owners` (R,); values start at zero."""
         R = len(entries)
+        if len(owners) != R or (R and (int(entries.min()) < 0 or int(entries.max()) >= self.N)):
+            raise ValueError(f"need one owner per entry and entries in 0..{self.N - 1}; got {R} entries, "
+                             f"{len(owners)} owners")
+        if len(torch.unique(entries)) != R:
+            raise ValueError("an entry is assigned twice: entries must be distinct")
         dev = self.keys.device
         row_of = torch.full((self.N,), R, dtype=torch.long, device=dev)
         row_of[entries.to(dev)] = torch.arange(R, device=dev)
@@ -329,7 +334,7 @@ def read_step(kind, rows, values, w, mask, g):
     return values.grad
 
 
-def train_step_case(n_sub, k=8, entries=64, sources=100, d=128, B=16, T=24, seed=0, device="cpu"):
+def train_step_case(n_sub, k=8, entries=64, sources=60, d=128, B=16, T=24, seed=0, device="cpu"):
     """A memory of n_sub^2 entries with `entries` rows assigned to each of `sources` sources, and a closure
     that runs one gradient-masked training step (forward, backward, RowAdam) on a random batch. Returns
     (mem, step, stored bytes: the value table + Adam moments + index map)."""
