@@ -701,11 +701,20 @@ def memadapt_ft(cfg, base, tok, recs, name="memadapt"):
 # Unlearning: MemAdapt by block-list; post-hoc baselines on Finetuned
 # -------------------------------------------------------------------------------------------------
 
-def block_sources(mem, sources):
-    """Unlearn = add the sources' entries to the block-list. Returns (wall seconds, CPU seconds)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    mem.block(sources)
-    return time.perf_counter() - t0, time.process_time() - c0
+def block_sources(mem, sources, repeats=21):
+    """Unlearn = add the sources' entries to the block-list. Returns (wall s, CPU s, max wall s): medians over
+    `repeats` timings of the same update from the same starting block-list (a single sub-millisecond timing on a
+    shared machine is at the mercy of one preemption; the max is kept beside the median)."""
+    start = mem.blocked.clone()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        mem.blocked.copy_(start)
+        t0, c0 = time.perf_counter(), time.process_time()
+        mem.block(sources)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    med = lambda v: sorted(v)[len(v) // 2]
+    return med(walls), med(cpus), max(walls)
 
 
 def unlearn_batches(cfg, tok, forget_recs, retain_recs):
@@ -885,13 +894,13 @@ def claim_agg(agg_ma, agg_baselines):
                     {"agg": agg_ma, "best_baseline": best}, "agg >= max baseline agg", bool(agg_ma >= best))
 
 
-def claim_speed(block_s, baseline_times):
+def claim_speed(block_s, baseline_times, detail=""):
     fastest = min(baseline_times.values())
     ratio = fastest / max(block_s, 1e-12)
     return ev.claim("5. unlearning takes < 1 ms and >= 1000x less than the fastest post-hoc baseline",
                     {"block_s": block_s, "fastest_baseline_s": fastest, "speedup": ratio},
                     f"block_s < {BLOCK_MAX_S} and speedup >= {SPEEDUP_MIN}",
-                    bool(block_s < BLOCK_MAX_S and ratio >= SPEEDUP_MIN))
+                    bool(block_s < BLOCK_MAX_S and ratio >= SPEEDUP_MIN), detail)
 
 
 def claim_identity(max_abs_diff):
@@ -950,7 +959,7 @@ def run_seed(cfg):
     raw = {"base": E(base), "finetuned": E(ft), "retrained": E(ret), "memadapt_ft": E(ma)}
     share_before = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
     values_before = mem.values.detach().clone()
-    block_s, block_cpu = block_sources(mem, forget)
+    block_s, block_cpu, block_max = block_sources(mem, forget)
     raw["memadapt"] = E(ma)
     share_after = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
     untouched = bool(torch.equal(values_before, mem.values.detach()))
@@ -980,7 +989,7 @@ def run_seed(cfg):
     for split in ("forget01", "forget05", "forget10"):
         before = mem.values.detach().clone()
         ids = sorted({r["person"] for r in sets[split]})
-        s, c = block_sources(mem, ids)
+        s, c, _ = block_sources(mem, ids)
         n = E(ma, split)
         iterative.append({"split": split, "sources": len(ids), "block_s": s, "block_cpu_s": c,
                           "values_untouched": bool(torch.equal(before, mem.values.detach())),
@@ -998,7 +1007,8 @@ def run_seed(cfg):
                                                                     "family_es")} for name, b in best.items()})
     bl_times = {name: b["train_s"] for name, b in best.items()}
     metrics = {"seed": cfg.seed, "table1": table, "raw": raw, "kinds": kinds, "times": times,
-               "block_s": block_s, "block_cpu_s": block_cpu, "values_untouched_by_block": untouched,
+               "block_s": block_s, "block_cpu_s": block_cpu, "block_max_s": block_max,
+               "values_untouched_by_block": untouched,
                "baseline_times": bl_times, "baseline_sweep": {k: [{x: y for x, y in r.items() if x != "raw"}
                                                                  for r in v] for k, v in sweep.items()},
                "iterative": iterative, "routing_before": share_before, "routing_after": share_after,
@@ -1020,7 +1030,8 @@ def run_seed(cfg):
               claim_learning(table["memadapt_ft"]["util_r"], d2),
               claim_no_cost(table["memadapt"]["util_r"], table["memadapt_ft"]["util_r"], detail),
               claim_agg(table["memadapt"]["agg"], {k: table[k]["agg"] for k in best}),
-              claim_speed(block_s, bl_times),
+              claim_speed(block_s, bl_times, f"median of 21 timings; max {block_max * 1e3:.2f} ms, CPU "
+                                             f"{block_cpu * 1e3:.3f} ms"),
               claim_identity(times["memadapt_ft"]["step0_max_abs_diff"])]
     metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t_start, time.process_time() - c_start
     return metrics, claims
@@ -1061,7 +1072,7 @@ def report(cfg, runs, claims, seeds):
         L.append(f"| {m} | {mean_std([r['times'][m]['wall_s'] for r in runs], '.1f')} | "
                  f"{mean_std([r['times'][m]['cpu_s'] for r in runs], '.1f')} |")
     L += ["", "| unlearning | s |", "| --- | --- |",
-          f"| MemAdapt (block-list) | {mean_std([r['block_s'] for r in runs], '.2e')} |"]
+          f"| MemAdapt (block-list, median of 21) | {mean_std([r['block_s'] for r in runs], '.2e')} |"]
     bt = runs[0]["baseline_times"]
     if bt:
         srt = sorted(bt, key=bt.get)

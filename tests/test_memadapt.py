@@ -223,6 +223,8 @@ def test_unblock_restores_exactly_the_earlier_outputs():
     assert not torch.equal(mem(x), out)
     mem.unblock([1])
     assert torch.equal(mem(x), out)
+    wall, cpu, worst = MA.block_sources(mem, [2], repeats=5)    # timed repeats leave exactly one block applied
+    assert torch.equal(mem.blocked, mem.rows_of_sources([2])) and 0 <= wall <= worst
 
 
 def test_per_row_block_lists_equal_the_rows_run_alone():
