@@ -75,9 +75,8 @@ class Config:
     mask_lr: float = 0.1               # Adam on log_alpha (authors' code)
     beta: float = 1 / 3                # temperature (code 1/3; paper "0.3")
     mask_init: float = 1.0             # deterministic gate at init (code: 1 -> log_alpha = log 11)
-    # lambda and eta: the paper has 500 and 5, the authors' code 5 and 500. On a throwaway model of this setting
-    # lambda 500, 5 and 0.5 (eta 5 or 0.5) moved fewer than 350 gates in 250 iterations and left the forget MA at
-    # 0.986; lambda = eta = 0.05 was the largest pair tried that forgets at all (README: NeuMuter, the search)
+    # lambda and eta: the paper has 500 and 5, the authors' code 5 and 500. At this scale neither (nor 0.5) moved the
+    # forget MA; 0.05 and 0.05 was the largest pair tried that forgets at all (README.md, neumuter.py: the search)
     lam: float = 0.05                  # lambda on the neighbour KL
     eta: float = 0.05                  # eta on R(M), normalized: see eta_ref_neurons
     eta_ref_neurons: int = 33792       # eta acts as eta * N_m / eta_ref_neurons (GPT-Neo-125M gates 11 x 3072)
