@@ -27,7 +27,6 @@ import zlib
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 import baselines as B
 import data as D
@@ -466,7 +465,7 @@ def load_or_train_extraction(cfg, seed, log):
     """(original model, reference model that never saw the forget set or None, data)."""
     if cfg.init_from:
         import hf
-        net, tok = hf.load_hf(cfg.init_from) if not hasattr(hf, "load_pretrained") else hf.load_pretrained(cfg.init_from)
+        net, tok = hf.load_pretrained(cfg.init_from)
         net = net.to(T.pick_device(cfg.device)).eval()
         for p in net.parameters():
             p.requires_grad_(False)
@@ -766,7 +765,7 @@ def over_seeds(per_seed):
         mean = sum(num) / len(num) if num else None
         std = (sum((v - mean) ** 2 for v in num) / (len(num) - 1)) ** 0.5 if len(num) > 1 else 0.0
         out.append(ev.claim(c["claim"], mean, c["threshold"], all(h is True for h in held),
-                            f"per seed: " + ", ".join(f"seed {s}: {v if not isinstance(v, float) else round(v, 4)} "
+                            "per seed: " + ", ".join(f"seed {s}: {v if not isinstance(v, float) else round(v, 4)} "
                                                        f"({'holds' if h else 'does not hold'})"
                                                        for s, v, h in zip(seeds, vals, held)) +
                             (f"; mean {mean:.4g} +- {std:.3g}" if mean is not None else "") +
