@@ -6,18 +6,7 @@ import pytest
 import torch
 
 import localize as loc
-import model as M
-
-
-def tiny(flavor="gpt2", d_ff=10, n_layer=2, seed=0):
-    cfg = M.ModelConfig(flavor=flavor, vocab_size=23, block_size=16, n_layer=n_layer, n_head=2, n_embd=8, d_ff=d_ff,
-                        bias=flavor == "gpt2")
-    torch.manual_seed(seed)
-    net = M.GPT(cfg)
-    with torch.no_grad():            # larger weights than GPT-2's init, so every path carries real signal
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return net
+from test_memsinks import tiny     # the same tiny random GPT the memsinks tests use
 
 
 # -------------------------------------------------------------------------------------------------
