@@ -512,6 +512,7 @@ def init_distributed(device="auto"):
 
 def end_distributed():
     if dist.is_initialized():
+        dist.barrier()    # no rank tears down while another still talks to rank 0's store
         dist.destroy_process_group()
 
 
@@ -734,5 +735,6 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
     wall = time.time() - t0
     history.update(wall_time=wall, tokens_per_s=tokens / max(wall, 1e-9), start_step=start, steps=tc.max_steps)
     if own_group:
+        dist.barrier()    # no rank tears down while another still talks to rank 0's store
         dist.destroy_process_group()
     return history

@@ -1,6 +1,9 @@
 """Data-parallel training on CPU: 2 processes with gloo, as torchrun would launch them."""
+import faulthandler
 import os
 import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -48,6 +51,7 @@ LINES, SAVED = [], []
 
 
 def _worker(rank, world, port, out_dir):
+    faulthandler.dump_traceback_later(HANG_S, exit=True)   # a hung rank prints its stacks and exits, failing the test
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TEST_CKPT=os.path.join(out_dir, "ckpt.pt"))
     torch.set_num_threads(1)
@@ -58,13 +62,29 @@ def _worker(rank, world, port, out_dir):
     m1 = tiny()
     h1 = train(m1, batches, cfg(ckpt_path=os.environ["TEST_CKPT"]), log=LINES.append)
     assert not dist.is_initialized()
-    os.environ["MASTER_PORT"] = str(port + 1)
-    dist.init_process_group("gloo")
+    # a file store, not a second TCP port: nothing to collide with on a busy CI machine
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=HANG_S))
     m2 = tiny()
     h2 = train(m2, batches, cfg(), loss_fn=mean_ce, log=LINES.append)
     dist.destroy_process_group()
     torch.save({"m1": m1.state_dict(), "h1": h1, "m2": m2.state_dict(), "h2": h2, "lines": LINES, "saved": SAVED},
                os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+HANG_S = 240   # far above a healthy run (seconds), far below torch's default 30-minute rendezvous timeout
+
+
+def _run_ranks(fn, args, nprocs=2):
+    """Fork `nprocs` ranks of fn(rank, *args) and wait for them, failing (not hanging) if one stalls."""
+    # fork, not spawn: re-importing torch in two fresh processes takes longer than the whole test on 2 cores
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.time() + HANG_S + 30
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} ranks still running after {HANG_S + 30} s")
 
 
 def _free_port():
@@ -83,8 +103,7 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
         h2 = train(s2, batches, cfg(), loss_fn=mean_ce, log=None)
     finally:
         torch.set_num_threads(n)
-    # fork, not spawn: re-importing torch in two fresh processes takes longer than the whole test on 2 cores
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    _run_ranks(_worker, (2, _free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
     for key, single, hist in (("m1", s1, h1), ("m2", s2, h2)):
@@ -120,6 +139,7 @@ def test_batch_must_divide_by_ranks(monkeypatch):
 def _nulls_rank(rank, world, port, out_dir):
     """One rank of `torchrun --nproc_per_node=2 nulls.py --preset=smoke`: the env torchrun sets, then main()."""
     import nulls
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -156,8 +176,7 @@ def test_nulls_under_torchrun_matches_the_single_process_run(tmp_path):
     finally:
         torch.set_num_threads(n)
     (tmp_path / "ddp").mkdir()
-    mp.start_processes(_nulls_rank, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True,
-                       start_method="fork")
+    _run_ranks(_nulls_rank, (2, _free_port(), str(tmp_path / "ddp")))
     r0, r1 = (torch.load(tmp_path / f"nulls_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r1["metrics"] is None and r1["claims"] is None                       # rank 1 only trained
     assert not r0["initialized"] and not r1["initialized"]                      # main() left no process group
