@@ -273,3 +273,15 @@ def test_smoke_run_writes_every_row_and_column(tmp_path):
     assert len(res["claims"]) == 2 * len(C.BY_CONSTRUCTION)
     assert all(isinstance(c["held"], bool) for c in res["claims"])
     assert table["retrained"]["relearn_gap"] == 0.0 and table["retrained"]["fq"] == 1.0
+
+
+def test_real_preset_builds_memadapts_real_setting():
+    """--preset=real is only built and checked here (a full run loads SmolLM2-135M): its memadapt.py settings are
+    memadapt.py's real preset, so the same checkpoints serve both; the sink pool widens a llama MLP (tested above)."""
+    import memadapt as MA
+    cfg = T.parse_config(C.Config, ["--preset=real"], C.PRESETS)
+    want = T.parse_config(MA.Config, ["--preset=real"], MA.PRESETS)
+    got = C.ma_config(cfg)
+    for k in MA.MEM_FIELDS + MA.FT_FIELDS:
+        assert getattr(got, k) == getattr(want, k), k
+    assert got.out_dir == want.out_dir and cfg.init_from == "smollm2"
