@@ -381,31 +381,77 @@ def extraction_likelihood(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):
     """(N,) EL_n(x) = sum_{t=1}^{T-n} OVERLAP_n(f(x_<t), x_>=t) / (T - n), f = greedy continuation to length T.
 
     Jang et al.'s definition; generation cannot be replaced by teacher forcing here (the continuation feeds on
-    its own tokens). All prefixes of all sequences are generated in batches of batch_size, grouped by how many
-    tokens they need. Generations never stop at EOS, so |pred| = |ref| and the paper's denominator (pred's
-    n-grams) equals the code's (ref's n-grams).
+    its own tokens). Generations never stop at EOS, so |pred| = |ref| and the paper's denominator (pred's
+    n-grams) equals the code's (ref's n-grams). Shortcut, exact up to argmax ties: where the greedy token after
+    x_<t is x_t itself (one teacher-forced pass tells), f(x_<t) = [x_t] + f(x_<t+1), so only the other
+    prefixes (and the last) are generated, in batches of batch_size grouped by length. A memorized sequence
+    needs almost no generation. extraction_likelihood_reference generates every prefix (tests compare them).
     """
+    _check_el(seqs, n)
+    _generate_kwargs(fwd)
+    N, dev = len(seqs), _device(model)
+    hits = []                                  # hits[i][t-1]: greedy token after s[:t] == s[t], t = 1..T-1
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            x, y = lm_batch([seqs[i] for i in idx.tolist()], pad_id, dev)
+            logits, _ = model(x, **take_rows(fwd, idx, N))
+            ok = (logits.argmax(-1) == y).cpu()
+            hits += [ok[j, :len(seqs[i]) - 1].tolist() for j, i in enumerate(idx.tolist())]
+    anchors = [(i, t) for i, s in enumerate(seqs) for t in range(1, len(s) - n + 1)
+               if t == len(s) - n or not hits[i][t - 1]]
+    gen = _generate_prefixes(model, seqs, anchors, batch_size, pad_id, fwd)
+    total = torch.zeros(N, dtype=torch.float64)
+    for i, s in enumerate(seqs):
+        cont = None
+        for t in range(len(s) - n, 0, -1):     # f(x_<t) from f(x_<t+1), right to left
+            cont = gen[(i, t)] if (i, t) in gen else [s[t]] + cont
+            total[i] += ngram_overlap(cont, list(s[t:]), n)
+    return total / torch.tensor([len(s) - n for s in seqs], dtype=torch.float64)
+
+
+def extraction_likelihood_reference(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):
+    """EL_n with every prefix generated (the slow reference of extraction_likelihood)."""
+    _check_el(seqs, n)
+    jobs = [(i, t) for i, s in enumerate(seqs) for t in range(1, len(s) - n + 1)]
+    gen = _generate_prefixes(model, seqs, jobs, batch_size, pad_id, fwd)
+    total = torch.zeros(len(seqs), dtype=torch.float64)
+    for (i, t), g in gen.items():
+        total[i] += ngram_overlap(g, list(seqs[i][t:]), n)
+    return total / torch.tensor([len(s) - n for s in seqs], dtype=torch.float64)
+
+
+def _check_el(seqs, n):
     if n < 1:
         raise ValueError("n must be >= 1")
-    N = len(seqs)
-    if N == 0:
+    if len(seqs) == 0:
         raise ValueError("no sequences")
     if any(len(s) <= n for s in seqs):
         raise ValueError(f"EL_{n} needs sequences longer than {n} tokens")
-    # every (sequence, prefix length) pair, longest continuations first so each batch needs similar lengths
-    jobs = sorted(((i, t) for i, s in enumerate(seqs) for t in range(1, len(s) - n + 1)),
-                  key=lambda j: len(seqs[j[0]]) - j[1], reverse=True)
-    total = torch.zeros(N, dtype=torch.float64)
+
+
+def _generate_prefixes(model, seqs, jobs, batch_size, pad_id, fwd):
+    """{(i, t): greedy continuation of seqs[i][:t] to the length of seqs[i]}. Longest continuations first so a
+    batch needs similar lengths; a batch generates its longest continuation for every row, so a row joins only
+    if its prefix plus that length stays within the model's positions."""
+    jobs = sorted(jobs, key=lambda j: len(seqs[j[0]]) - j[1], reverse=True)
+    limit = getattr(getattr(model, "cfg", None), "block_size", None) or float("inf")
+    N, out = len(seqs), {}
     with evaluating(model):
-        for b in range(0, len(jobs), batch_size):
-            chunk = jobs[b:b + batch_size]
+        while jobs:
+            new = len(seqs[jobs[0][0]]) - jobs[0][1]
+            chunk, rest = [], []
+            for j in jobs:
+                (chunk if len(chunk) < batch_size and j[1] + new - 1 <= limit else rest).append(j)
+            if not chunk:
+                raise ValueError(f"a sequence of {len(seqs[jobs[0][0]])} tokens needs more than the model's "
+                                 f"{limit} positions")
+            jobs = rest
             rows = torch.tensor([i for i, _ in chunk])
-            new = max(len(seqs[i]) - t for i, t in chunk)
-            out = model.generate([list(seqs[i][:t]) for i, t in chunk], new, pad_id=pad_id,
+            gen = model.generate([list(seqs[i][:t]) for i, t in chunk], new, pad_id=pad_id,
                                  **_generate_kwargs(take_rows(fwd, rows, N))).tolist()
-            for (i, t), g in zip(chunk, out):
-                total[i] += ngram_overlap(g[:len(seqs[i]) - t], list(seqs[i][t:]), n)
-    return total / torch.tensor([len(s) - n for s in seqs], dtype=torch.float64)
+            for (i, t), g in zip(chunk, gen):
+                out[(i, t)] = g[:len(seqs[i]) - t]
+    return out
 
 
 def forgetting_thresholds(model, unseen_seqs, n=10, **kw):

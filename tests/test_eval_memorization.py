@@ -189,6 +189,28 @@ def test_extraction_likelihood_eq16_against_per_prefix_generation(n):
                                    s[t:], n) for t in range(1, T - n + 1)]
         assert el[i].item() == pytest.approx(sum(terms) / (T - n))
     assert el[0] > 0.8 and el[3] < 0.2 and 0 < el[5] < el[0]
+    assert torch.allclose(el, ev.extraction_likelihood_reference(model, seqs, n, batch_size=16))
+
+
+def test_extraction_likelihood_shortcut_generates_only_where_greedy_leaves_the_text(monkeypatch):
+    """On the model's own greedy text every prefix continues the text, so only the last prefix is generated;
+    the result still equals generating every prefix."""
+    model = tiny()
+    own = [3, 7] + model.generate(torch.tensor([[3, 7]]), 14)[0].tolist()
+    seqs = [own, sequences(model, random.Random(4))[3]]
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda p, *a, **k: calls.append(len(p)) or real(p, *a, **k))
+    el = ev.extraction_likelihood(model, seqs, 3, batch_size=64)
+    fast_rows = sum(calls)
+    calls.clear()
+    ref = ev.extraction_likelihood_reference(model, seqs, 3, batch_size=64)
+    assert torch.allclose(el, ref) and el[0] > 0.9
+    assert sum(calls) == (len(own) - 3) + (len(seqs[1]) - 3)          # the reference generates every prefix
+    with pytest.raises(ValueError, match="block_size|positions"):   # an error, not an endless loop
+        ev.extraction_likelihood(model, [list(range(1, model.cfg.block_size + 3))], 3)
+    # own text: the one-token prefix [3] (not the [3, 7] it was generated from) and the last prefix at most
+    assert 1 <= fast_rows <= 2 + (len(seqs[1]) - 3)
 
 
 def test_extraction_likelihood_per_row_masks_and_errors():
