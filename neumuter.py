@@ -140,12 +140,14 @@ PRESETS = {
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_neighbours(ref, seqs, K, ratio, seed=0, banned=()):
+def reference_neighbours(ref, seqs, K, ratio, seed=0, banned=(), use_cache=True):
     """K neighbours per sequence from a causal reference model that never saw the forget data: round(ratio * (n-1))
     of positions 1..n-1 are chosen at random and rewritten left to right, each by a draw from the reference's
     next-token distribution given the already rewritten prefix, the original token and `banned` ids excluded.
     The paper rewrites with BERT's argmax; a causal model sees only the left context, and sampling (not argmax)
-    keeps the K neighbours of a sample distinct when ratio = 1. Returns N * K token lists, sample i's at i*K.."""
+    keeps the K neighbours of a sample distinct when ratio = 1. Returns N * K token lists, sample i's at i*K..
+    All rows advance one position per forward through a KV cache; use_cache=False recomputes every prefix (the
+    slow reference, tested to draw the same neighbours)."""
     if not 0 <= ratio <= 1 or K < 1:
         raise ValueError(f"need K >= 1 and replace_ratio in [0, 1], got K={K}, ratio={ratio}")
     gen = torch.Generator().manual_seed(seed)
@@ -159,18 +161,27 @@ def reference_neighbours(ref, seqs, K, ratio, seed=0, banned=()):
     was = ref.training
     ref.eval()
     T_max = max(len(r) for r in rows)
-    for t in range(1, T_max):
-        todo = [i for i, r in enumerate(rows) if t < len(r) and t in pick[i]]
-        if not todo:
-            continue
-        x = torch.tensor([rows[i][:t] for i in todo], device=dev)
-        logits = ref(x)[0][:, -1].float()
-        logits[torch.arange(len(todo)), torch.tensor([rows[i][t] for i in todo])] = -float("inf")
-        for b in banned:
-            logits[:, b] = -float("inf")
-        new = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen)[:, 0]
-        for i, v in zip(todo, new.tolist()):
-            rows[i][t] = v
+    # right-padded rows: a row's padding only follows its own last token, so it never reaches a position we read
+    buf = torch.tensor([r + [0] * (T_max - len(r)) for r in rows], device=dev)
+    cache = M.KVCache(ref.cfg.n_layer) if use_cache else None
+    with torch.no_grad():
+        for t in range(1, T_max):
+            todo = [i for i, r in enumerate(rows) if t < len(r) and t in pick[i]]
+            if use_cache:                 # feed position t-1 (already rewritten) of every row
+                step = ref(buf[:, t - 1:t], doc_ids=torch.zeros(len(rows), 1, dtype=torch.long, device=dev),
+                           cache=cache)[0][:, -1]
+                logits = step[todo].float() if todo else None
+            elif todo:
+                logits = ref(torch.tensor([rows[i][:t] for i in todo], device=dev))[0][:, -1].float()
+            if not todo:
+                continue
+            logits[torch.arange(len(todo)), torch.tensor([rows[i][t] for i in todo])] = -float("inf")
+            for b in banned:
+                logits[:, b] = -float("inf")
+            new = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen)[:, 0]
+            for i, v in zip(todo, new.tolist()):
+                rows[i][t] = v
+                buf[i, t] = v
     ref.train(was)
     return rows
 

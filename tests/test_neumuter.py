@@ -69,6 +69,16 @@ def test_reference_neighbours_replace_about_the_ratio():
         N.reference_neighbours(net, seqs, K=1, ratio=1.5)
 
 
+def test_reference_neighbours_cache_draws_what_recomputing_every_prefix_draws():
+    net = tiny(V=30).double()                  # float64: cached and recomputed logits agree far below any draw's margin
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 30, (n,), generator=g).tolist() for n in (12, 19, 7)]
+    for ratio in (0.4, 1.0):
+        fast = N.reference_neighbours(net, seqs, K=3, ratio=ratio, seed=5, banned=(0,))
+        slow = N.reference_neighbours(net, seqs, K=3, ratio=ratio, seed=5, banned=(0,), use_cache=False)
+        assert fast == slow
+
+
 def test_train_masks_freezes_the_model_and_stops_on_check():
     net = tiny()
     before = {k: v.clone() for k, v in net.state_dict().items()}
