@@ -762,6 +762,13 @@ def mean_std(vals, spec=".3f"):
     return format(float(t.mean()), spec) + (f" ± {float(t.std()):{spec}}" if len(t) > 1 else "")
 
 
+def edge(sweep, picked):
+    """Whether the picked candidate is the first or last of a sweep of more than one (lr or iterations)."""
+    k = "iters" if "iters" in picked else "lr"
+    vals = [c[k] for c in sweep]
+    return len(vals) > 1 and picked[k] in (min(vals), max(vals))
+
+
 def report(cfg, runs, claims, seeds):
     rows = list(runs[0]["table"])
     L = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std where more than one). forget10 of the world: "
@@ -795,7 +802,16 @@ def report(cfg, runs, claims, seeds):
           "that trained them).", "", "Picked hyperparameters (one rule, HM(model utility, Mem.)): " +
           ", ".join(f"{m} {'iters ' + str(r0['table'][m]['iters']) if m == 'neumuter' else format(r0['table'][m]['lr'], '.1e')}"
                     for m in POSTHOC if m in r0["table"]),
-          "", "| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
+          "", "Picks at an end of their sweep (the optimum may lie beyond it): " + (", ".join(
+              m for m in POSTHOC if m in r0["table"] and edge(r0["sweeps"][m], r0["table"][m])) or "none"),
+          "", "Recall (mean answer probability of forgotten facts) before / after each attack:", "",
+          "| method | relearn: held-out half before | after | noise: forget set before | after |",
+          "| --- | --- | --- | --- | --- |"]
+    for m in rows:
+        L.append(f"| {m} | " + " | ".join(mean_std([r["robustness"][m][k] for r in runs]) for k in
+                                            ("relearn_before", "relearn_after", "perturb_before", "perturb_after"))
+                 + " |")
+    L += ["", "| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
     for c in claims:
         L.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {c['threshold']} | {c['held']} "
                  f"({c.get('held_per_seed', '')}) |")

@@ -285,3 +285,10 @@ def test_real_preset_builds_memadapts_real_setting():
     for k in MA.MEM_FIELDS + MA.FT_FIELDS:
         assert getattr(got, k) == getattr(want, k), k
     assert got.out_dir == want.out_dir and cfg.init_from == "smollm2"
+
+
+def test_edge_flags_picks_at_either_end_of_a_sweep():
+    sweep = [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}]
+    assert C.edge(sweep, {"lr": 1e-3}) and C.edge(sweep, {"lr": 1e-4}) and not C.edge(sweep, {"lr": 3e-4})
+    assert not C.edge([{"lr": 1e-4}], {"lr": 1e-4})
+    assert C.edge([{"iters": 50}, {"iters": 100}], {"iters": 100, "lr": None})
