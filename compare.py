@@ -241,7 +241,7 @@ class Routed(nn.Module):
     def prefix(self, row):
         """The prompt part of a row (up to the end of the question template), without padding."""
         row, m = list(row), len(self.marker)
-        for i in range(len(row) - m + 1):
+        for i in range(len(row) - m + 1 if m else 0):
             if row[i:i + m] == self.marker:
                 return tuple(row[:i + m])
         while row and row[-1] == self.pad_id:
@@ -359,10 +359,19 @@ def train_sinks(cfg, mcfg, base, tok, recs, kind):
     return net, layout, info
 
 
+def prompt_marker(tok):
+    """The last (up to two) tokens the question template puts after the question ("Answer" ":" for the world's
+    template, the assistant header of a chat template): where a row's prompt ends. [] when the template ends with
+    the question (then the whole row routes)."""
+    tpl = MA.prompt_template(tok)
+    full = tok.encode(tpl.format(question="x"))
+    n = len(full) - len(tok.encode(tpl.split("{question}")[0] + "x"))
+    return full[len(full) - min(2, n):] if n > 0 else []
+
+
 def deploy(net, layout, tok, recs):
     """The routed model; the router knows every source's training prompts (their mean embedding)."""
-    marker = tok.encode(MA.prompt_template(tok).format(question="x"))[-2:]
-    r = Routed(net, layout, marker, tok.pad_id)
+    r = Routed(net, layout, prompt_marker(tok), tok.pad_id)
     qs, _ = MA.encode_qa(tok, recs)
     by = {}
     for rec, q in zip(recs, qs):

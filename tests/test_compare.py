@@ -292,3 +292,50 @@ def test_edge_flags_picks_at_either_end_of_a_sweep():
     assert C.edge(sweep, {"lr": 1e-3}) and C.edge(sweep, {"lr": 1e-4}) and not C.edge(sweep, {"lr": 3e-4})
     assert not C.edge([{"lr": 1e-4}], {"lr": 1e-4})
     assert C.edge([{"iters": 50}, {"iters": 100}], {"iters": 100, "lr": None})
+
+
+def test_prompt_marker_of_the_world_template_and_of_a_bare_template():
+    import memadapt as MA
+    tok = MA.world_vocab_tokenizer()
+    assert [tok.itos[i] for i in C.prompt_marker(tok)] == ["Answer", ":"]
+
+    class Bare:                 # a chat() that returns the bare question: nothing marks the prompt's end
+        def __init__(self, t):
+            self.t = t
+
+        def chat(self, q):
+            return q
+
+        def encode(self, s):
+            return self.t.encode(s)
+    assert C.prompt_marker(Bare(tok)) == []
+    r = C.Routed(tiny(), C.Layout("nulls", 10, 10, 2, 0.1), [], pad_id=0)
+    assert r.prefix([4, 5, 6, 0]) == (4, 5, 6)
+
+
+def test_real_path_on_a_tiny_local_llama(tmp_path):
+    """--preset=real's code path (a local HF checkpoint with its own tokenizer as the base, the sink pool on a llama
+    MLP) on a tiny random Llama: every row of the table comes out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    import hf
+    import memadapt as MA
+    words = MA.world_vocab_tokenizer().itos
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    hf.save_hf(M.GPT(M.ModelConfig(flavor="llama", vocab_size=len(words), block_size=128, n_layer=2, n_head=4,
+                                   n_kv_head=2, n_embd=32, d_ff=64, bias=False, tie_embeddings=False)), folder)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    out = tmp_path / "out"
+    runs, claims = C.main(["--preset=real", f"--init_from={folder}", "--n_people=12", "--n_families=5",
+                           "--n_holdout=2", "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8",
+                           "--mem_epochs=1", "--ft_epochs=1", "--unlearn_steps=2", "--unlearn_batch=4",
+                           "--posthoc=npo", "--block_size=64", "--eval_n=8", "--n_pool=16", "--n_source=4",
+                           "--neumuter_iters=2", "--neumuter_every=1", "--relearn_steps=1", "--eval_batch=64",
+                           f"--out_dir={out}", f"--ma_out_dir={out / 'ma'}"])
+    assert set(runs[0]["table"]) == {"retrained", "finetuned", *C.BY_CONSTRUCTION, "npo", "neumuter", "npo_loc",
+                                     "npo_rand"}
+    assert len(claims) == 2 * len(C.BY_CONSTRUCTION)
+    assert runs[0]["cost"]["nulls_zeroed"]["params_touched"] > 0
