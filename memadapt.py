@@ -109,7 +109,8 @@ PRESETS = {
     "real": dict(init_from="smollm2", n_people=20, n_families=8, n_cities=4, n_holdout=4, n_real=4, n_copy=0,
                  layer=15, mem_sqrt=256, topk=8, k_dim=64, entries=64, ft_epochs=3, ft_lr=1e-4, ft_batch=16,
                  mem_epochs=5, mem_lr=1e-2, mem_batch=16, baselines="graddiff,npo", unlearn_steps=20,
-                 unlearn_batch=8, lr_mults=(1.0,), block_size=128, eval_batch=32, out_dir="out/memadapt_real"),
+                 unlearn_batch=8, lr_mults=(1.0,), block_size=128, eval_batch=32, log_every=5,
+                 out_dir="out/memadapt_real"),
     # the paper: TOFU and Llama-3.2-1B-Instruct (one GPU); 1024^2 values of dim 2048 at layer 9 of 16, 256
     # entries per author, 15 epochs at lr 1e-2. TOFU's finetuning: lr 1e-5, 5 epochs.
     "paper": dict(data="tofu", n_real=0, n_copy=0, layer=8, mem_sqrt=1024, topk=32, k_dim=512, entries=256,
