@@ -1,7 +1,6 @@
 """
-Every unlearning method in this repo on one forget request: forget10 of the built-in world in TOFU format (ten whole
-people as sources), one table of utility, forgetting, privacy, robustness and cost. No single paper shows this: each
-compares its own method with post-hoc baselines on its own data and metrics.
+Every unlearning method in this repo on one forget request, forget10 of the built-in world in TOFU format (ten whole
+people as sources): one table of utility, forgetting, privacy, robustness and cost, which no single paper shows.
 
 Run: `python compare.py` (CPU; reuses memadapt.py's cached base / Finetuned / Retrained / MemAdapt FT when the
 settings match), `--seeds=0,1,2` (mean ± std, verdict per seed), `--preset=smoke` (seconds), `--preset=real`
@@ -108,7 +107,7 @@ class Config:
     eval_n: int = 0
     device: str = "auto"
     out_dir: str = "out/compare"
-    log_every: int = 0
+    log_every: int = _MA.log_every            # training progress lines (with ETA) every so many steps; 0 = none
 
     def __post_init__(self):
         T.check(self, n_people="[4, inf)", n_layer="[1, inf)", n_embd="[1, inf)", ft_epochs="[1, inf)",
