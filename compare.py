@@ -843,10 +843,10 @@ def plot(cfg, runs):
         xs = torch.tensor([r["table"][m]["mem"] for r in runs], dtype=torch.float64)
         ys = torch.tensor([r["table"][m]["util_r"] for r in runs], dtype=torch.float64)
         kind = "*" if m == "retrained" else ("s" if m in BY_CONSTRUCTION else ("D" if m == "finetuned" else "o"))
-        if len(runs) > 1:
-            ax.scatter(xs, ys, s=8, alpha=0.4)
         err = dict(xerr=float(xs.std()), yerr=float(ys.std())) if len(runs) > 1 else {}
-        ax.errorbar(float(xs.mean()), float(ys.mean()), fmt=kind, ms=14 if m == "retrained" else 7, **err)
+        line = ax.errorbar(float(xs.mean()), float(ys.mean()), fmt=kind, ms=14 if m == "retrained" else 7, **err)
+        if len(runs) > 1:                # each seed's point in the method's colour
+            ax.scatter(xs, ys, s=8, alpha=0.4, color=line[0].get_color())
         ax.annotate(m, (float(xs.mean()), float(ys.mean())), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="forgetting: Mem. (higher = less memorized)", ylabel="utility: Util_R (Finetuned = 1)",
            title="forget10: utility vs forgetting (* Retrained, squares: by construction)")
