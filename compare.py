@@ -820,12 +820,7 @@ def report(cfg, runs, claims, seeds):
         L.append(f"| {m} | " + " | ".join(mean_std([r["robustness"][m][k] for r in runs]) for k in
                                             ("relearn_before", "relearn_after", "perturb_before", "perturb_after"))
                  + " |")
-    L += ["", "| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
-    for c in claims:
-        L.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {c['threshold']} | {c['held']} "
-                 f"({c.get('held_per_seed', '')}) |")
-        if not c["held"]:
-            L.append("|  | not reproduced here (see value) | | |")
+    L += [""] + ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
     text = "\n".join(L)

@@ -777,6 +777,19 @@ def claim(name, value, threshold, held, detail=""):
     return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
 
 
+def claims_markdown(claims):
+    """Markdown rows for claims combined over seeds (value as JSON, verdict and per-seed verdicts, detail), with a
+    "not reproduced here" row under every claim that did not hold."""
+    import json
+    L = ["| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
+    for c in claims:
+        L.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {c['threshold']} | {c['held']} "
+                 f"({c.get('held_per_seed', '')}) |" + (f" {c['detail']}" if c.get("detail") else ""))
+        if not c["held"]:
+            L.append("|  | not reproduced here (see value" + (" and detail" if c.get("detail") else "") + ") | | |")
+    return L
+
+
 def write_results(out_dir, title, config, metrics, claims, text):
     """out_dir/results.md (the printed table) and out_dir/results.json ({config, metrics, claims}), the json
     written atomically. Returns the json path."""

@@ -1090,12 +1090,7 @@ def report(cfg, runs, claims, seeds):
     r0 = runs[0]
     L += ["", f"Memory: {r0['N']} nominal entries, {r0['n_rows_stored']} rows stored; own-entry access share "
           f"at assignment {mean_std([r['times']['memadapt_ft']['own_access_share'] for r in runs])}",
-          "", "| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
-    for c in claims:
-        L.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {c['threshold']} | {c['held']} "
-                 f"({c.get('held_per_seed', '')}) |" + (f" {c['detail']}" if c["detail"] else ""))
-        if not c["held"]:
-            L.append("|  | not reproduced here (see value and detail) | | |")
+          ""] + ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
     text = "\n".join(L)

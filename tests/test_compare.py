@@ -316,18 +316,8 @@ def test_prompt_marker_of_the_world_template_and_of_a_bare_template():
 def test_real_path_on_a_tiny_local_llama(tmp_path):
     """--preset=real's code path (a local HF checkpoint with its own tokenizer as the base, the sink pool on a llama
     MLP) on a tiny random Llama: every row of the table comes out."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    import hf
-    import memadapt as MA
-    words = MA.world_vocab_tokenizer().itos
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    folder = tmp_path / "llama"
-    torch.manual_seed(0)
-    hf.save_hf(M.GPT(M.ModelConfig(flavor="llama", vocab_size=len(words), block_size=128, n_layer=2, n_head=4,
-                                   n_kv_head=2, n_embd=32, d_ff=64, bias=False, tie_embeddings=False)), folder)
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    from test_memadapt import tiny_llama_folder
+    folder = tiny_llama_folder(tmp_path)
     out = tmp_path / "out"
     runs, claims = C.main(["--preset=real", f"--init_from={folder}", "--n_people=12", "--n_families=5",
                            "--n_holdout=2", "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8",

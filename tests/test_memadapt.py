@@ -310,17 +310,10 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
         assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
 
 
-def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
-    """--preset=paper's code path (TOFU files from a folder, a local HF checkpoint with its own tokenizer) on a
-    tiny random Llama and the built-in world saved in TOFU's format."""
+def tiny_llama_folder(tmp_path):
+    """A tiny random Llama saved as a Hugging Face folder with a word-level tokenizer.json over the world's words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    import data
     import hf
-    world = data.make_world(0, n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4)
-    tofu = tmp_path / "tofu"
-    world.save_tofu(tofu)
-    for s in ("forget01", "forget05", "forget10", "world_facts", "real_authors"):
-        (tofu / f"{s}_perturbed.json").write_text((tofu / f"{s}.json").read_text())
     words = MA.world_vocab_tokenizer().itos
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -330,6 +323,19 @@ def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
                                    n_kv_head=2, n_embd=32, d_ff=64, bias=False, tie_embeddings=False)), folder)
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    return folder
+
+
+def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
+    """--preset=paper's code path (TOFU files from a folder, a local HF checkpoint with its own tokenizer) on a
+    tiny random Llama and the built-in world saved in TOFU's format."""
+    import data
+    world = data.make_world(0, n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4)
+    tofu = tmp_path / "tofu"
+    world.save_tofu(tofu)
+    for s in ("forget01", "forget05", "forget10", "world_facts", "real_authors"):
+        (tofu / f"{s}_perturbed.json").write_text((tofu / f"{s}.json").read_text())
+    folder = tiny_llama_folder(tmp_path)
     runs, claims = MA.main(["--preset=paper", f"--init_from={folder}", f"--tofu_path={tofu}", "--tofu_qa_per_author=10",
                             "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8", "--mem_epochs=1",
                             "--ft_epochs=1", "--unlearn_steps=2", "--unlearn_batch=4", "--baselines=graddiff",

@@ -18,3 +18,14 @@ def test_claim_and_results_files(tmp_path):
     assert got == {"config": {"lr": 0.1}, "metrics": {"loss": 1.5}, "claims": [c]}
     assert (tmp_path / "out" / "results.md").read_text() == "# x.py results\n\n| table |\n"
     assert not (tmp_path / "out" / "results.json.tmp").exists()
+
+
+def test_claims_markdown_rows_and_not_reproduced_line():
+    import eval as ev
+    held = dict(ev.claim("a holds", {"x": 1.5}, "x >= 1", True, "seed 0: fine"), held_per_seed={"0": True})
+    failed = dict(ev.claim("b fails", 0.25, ">= 0.5", False), held_per_seed={"0": False})
+    rows = ev.claims_markdown([held, failed])
+    assert rows[:2] == ["| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
+    assert rows[2] == '| a holds | {"x": 1.5} | x >= 1 | True ({\'0\': True}) | seed 0: fine'
+    assert rows[3] == "| b fails | 0.25 | >= 0.5 | False ({'0': False}) |"
+    assert rows[4] == "|  | not reproduced here (see value) | | |" and len(rows) == 5
