@@ -107,6 +107,7 @@ class Config:
     eval_batch: int = _MA.eval_batch
     eval_n: int = 0
     device: str = "auto"
+    threads: int = 1                          # torch CPU threads: 1 reproduces README's numbers; 0 = torch's default
     out_dir: str = "out/compare"
     log_every: int = _MA.log_every            # training progress lines (with ETA) every so many steps; 0 = none
 
@@ -116,7 +117,7 @@ class Config:
                 unlearn_steps="[1, inf)", unlearn_batch="[1, inf)", region_ratio="(0, 1]",
                 neumuter_iters="[1, inf)", neumuter_every="[1, neumuter_iters]", relearn_steps="[1, inf)",
                 relearn_lr="(0, inf)", perturb="[0, inf)", perturb_draws="[1, inf)", seeds="[0, inf)",
-                eval_n="[0, inf)", eval_batch="[1, inf)")
+                eval_n="[0, inf)", eval_batch="[1, inf)", threads="[0, inf)")
         bad = [b for b in self.posthoc.split(",") if b and b not in baselines.DEFAULTS]
         if bad:
             raise ValueError(f"posthoc={self.posthoc!r} is not valid: {bad} not in {sorted(baselines.DEFAULTS)}")
@@ -853,6 +854,8 @@ def plot(cfg, runs):
 
 def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     seeds = list(cfg.seeds) or [cfg.seed]
     runs, per_seed = [], []
     for s in seeds:

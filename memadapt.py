@@ -94,8 +94,12 @@ class Config:
     eval_batch: int = 256
     eval_n: int = 0                   # > 0: evaluate only the first eval_n records of each split (tests)
     device: str = "auto"
+    threads: int = 1                  # torch CPU threads: 1 reproduces README's numbers (reduction order); 0 = torch's default
     out_dir: str = "out/memadapt"
     log_every: int = 200
+
+    def __post_init__(self):
+        T.check(self, threads="[0, inf)")
 
 
 PRESETS = {
@@ -1177,6 +1181,8 @@ def run_sweep(cfg):
 
 def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     if cfg.sweep:
         return run_sweep(cfg)
     seeds = list(cfg.seeds) or [cfg.seed]
