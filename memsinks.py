@@ -97,7 +97,7 @@ class Config:
     seed: int = 0
     seeds: tuple[int, ...] = ()        # e.g. 0,1,2: the whole experiment per seed, claims as mean ± std over them
     device: str = "auto"
-    threads: int = 0                   # torch CPU threads; 0 = torch's default
+    threads: int = 1                   # torch CPU threads (README tables: 1); 0 = torch's default
     out_dir: str = "out/memsinks"
     log_every: int = 50
 
