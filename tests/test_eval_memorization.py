@@ -209,8 +209,13 @@ def test_extraction_likelihood_shortcut_generates_only_where_greedy_leaves_the_t
     assert sum(calls) == (len(own) - 3) + (len(seqs[1]) - 3)          # the reference generates every prefix
     with pytest.raises(ValueError, match="block_size|positions"):   # an error, not an endless loop
         ev.extraction_likelihood(model, [list(range(1, model.cfg.block_size + 3))], 3)
-    # own text: the one-token prefix [3] (not the [3, 7] it was generated from) and the last prefix at most
-    assert 1 <= fast_rows <= 2 + (len(seqs[1]) - 3)
+    assert fast_rows < sum(calls)
+    # own text alone: the one-token prefix [3] (not the [3, 7] it was generated from) and the last prefix at most,
+    # against the reference's 14 rows
+    calls.clear()
+    assert torch.allclose(ev.extraction_likelihood(model, [own], 3), ev.extraction_likelihood_reference(model, [own], 3))
+    own_fast = calls[0]
+    assert len(calls) == 2 and 1 <= own_fast <= 2 and calls[1] == len(own) - 3
 
 
 def test_extraction_likelihood_per_row_masks_and_errors():
