@@ -706,14 +706,13 @@ def run_seed(cfg):
     block_s, block_cpu, _ = MA.block_sources(mem, forget)
     nets["memadapt"] = ma_net
     cost["memadapt"] = {"unlearn_wall_s": block_s, "unlearn_cpu_s": block_cpu, **upfront(times["memadapt_ft"])}
-    routing = {}
+    routing, S = {}, eval_sets(cfg, sets)
+    queries = {split: [tuple(q) for q in MA.encode_qa(tok, S[split])[0]] for split in ("retain_perturbed", mcfg.forget)}
     for m in ("nulls_sinkoff", "nulls_zeroed", "memsinks"):
         table[m] = score(nets[m])
         r = nets[m]
-        S = eval_sets(cfg, sets)
-        for split in ("retain_perturbed", mcfg.forget):
-            qs, _ = MA.encode_qa(tok, S[split])
-            got = r.route([tuple(q) for q in qs]).tolist()
+        for split, qs in queries.items():
+            got = r.route(qs).tolist()
             routing.setdefault(m, {})[split] = sum(g == rec["person"] for g, rec in zip(got, S[split])) / len(got)
     table["memadapt"] = score(ma_net)
 
