@@ -5,7 +5,7 @@ loss on the forget set while a KL term keeps the model's predictions on neighbou
 tokens replaced) and an L0 term keeps gates open (Eqs. 10-13); the few neurons whose gates closed are muted by their
 learned gate values (Eq. 14), everything else is untouched.
 
-    python neumuter.py                      # both experiments on the built-in data, CPU, a few minutes
+    python neumuter.py                      # both experiments on the built-in data, side by side in two processes
     python neumuter.py --experiment=extraction --seeds=0,1,2
     python neumuter.py --preset=smoke       # seconds
     python neumuter.py --preset=paper --init_from=gpt-neo-125M/ --data_path=lm_extraction_32_0.csv --mlm_path=bert/
@@ -113,9 +113,15 @@ class Config:
     mu_keep: float = 0.9               # claim 4: utility within this fraction of the original
     seed: int = 0
     device: str = "auto"
-    threads: int = 1
+    threads: int = 1                   # torch threads per process (0 = torch's default)
+    workers: int = 2                   # processes running experiments side by side (one per core; 1 = one after
+                                       # another). Every experiment seeds itself, so the numbers do not change
     out_dir: str = "out/neumuter"
     log_every: int = 100
+
+    def __post_init__(self):
+        T.check(self, experiment=("both", "extraction", "tofu"), threshold=("energy", "fixed"), threads="[0, inf)",
+                workers="[1, inf)", mu_keep="(0, 1]")
 
 
 PRESETS = {
@@ -846,8 +852,9 @@ def report(cfg, metrics, claims):
     for c in claims:
         v, t = (f4(x, ".4g") if isinstance(x, float) else str(x) for x in (c["value"], c["threshold"]))
         lines.append(f"| {c['claim']} | {v} | {t} | {c['held']} | {c['detail']} |")
-    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, process CPU time {metrics['cpu_time_s']:.0f} s "
-                 f"({metrics['env']['threads']} torch threads, {metrics['env']['device']})")
+    env = metrics["env"]
+    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s (all processes; "
+                 f"{env['workers']} x {env['threads']} torch threads, {env['device']})")
     text = "\n".join(lines)
     print(text)
     path = ev.write_results(cfg.out_dir, "neumuter.py results", cfg, metrics, claims, text)
@@ -903,10 +910,18 @@ def plot(cfg, metrics):
     plt.close("all")
 
 
+def run_job(cfg, seed, experiment, split, prefix=""):
+    """One experiment of one seed (in this process or a worker); returns its result and the CPU seconds it took."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    log = (lambda s: print("\n".join(prefix + line for line in str(s).split("\n")), flush=True)) if prefix else print
+    c0, scfg = time.process_time(), replace(cfg, seed=seed)
+    out = run_extraction(scfg, seed, log) if experiment == "extraction" else run_tofu(scfg, seed, split, log)
+    return out, time.process_time() - c0
+
+
 def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
-    if cfg.experiment not in ("both", "extraction", "tofu"):
-        raise ValueError(f"experiment must be both, extraction or tofu, got {cfg.experiment!r}")
     if not cfg.seeds:
         raise ValueError("seeds must name at least one seed, e.g. --seeds=0,1,2")
     if cfg.threads > 0:
@@ -915,21 +930,31 @@ def main(argv=None):
         import hf
         cfg = replace(cfg, init_from=hf.smollm2_path())
     t0, c0 = time.time(), time.process_time()
-    runs, per_seed = {}, {}
-    for seed in cfg.seeds:
-        scfg = replace(cfg, seed=int(seed))
-        run, claims = {}, []
-        if cfg.experiment in ("both", "extraction"):
-            run["extraction"] = run_extraction(scfg, int(seed))
-            claims += extraction_claims(run["extraction"])
-        if cfg.experiment in ("both", "tofu"):
-            run["tofu"] = [run_tofu(scfg, int(seed), split) for split in cfg.tofu_splits]
-            claims += [tofu_claim(tf, cfg.mu_keep) for tf in run["tofu"]]
-        runs[str(seed)], per_seed[seed] = run, claims
+    jobs = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
+            (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
+    n = min(cfg.workers, len(jobs))
+    if n > 1:   # spawn, not fork: safe with CUDA and with torch's thread pools; each worker logs with a prefix
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = [f.result() for f in [pool.submit(run_job, cfg, *j, f"[{j[1]} seed {j[0]}] ") for j in jobs]]
+    else:
+        done = [run_job(cfg, *j) for j in jobs]
+    runs, per_seed, job_cpu = {}, {}, 0.0
+    for (seed, exp, split), (out, cpu) in zip(jobs, done):
+        run, claims = runs.setdefault(str(seed), {}), per_seed.setdefault(seed, [])
+        job_cpu += cpu if n > 1 else 0.0
+        if exp == "extraction":
+            run["extraction"] = out
+            claims += extraction_claims(out)
+        else:
+            run.setdefault("tofu", []).append(out)
+            claims.append(tofu_claim(out, cfg.mu_keep))
     claims = over_seeds(per_seed)
-    metrics = {"seeds": runs, "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0,
+    metrics = {"seeds": runs, "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0 + job_cpu,
                "env": {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "note": "machine shared with other jobs: compare CPU times"}}
+                       "workers": n, "torch": torch.__version__,
+                       "note": "machine shared with other jobs: compare CPU times"}}
     report(cfg, metrics, claims)
     return metrics, claims
 

@@ -186,8 +186,21 @@ def test_checker_computes_el_only_when_ma_passes():
     assert ppl == pytest.approx(math.exp(-lp.sum().item() / (val["y"] != -100).sum().item()), rel=1e-5)
 
 
+def _without_times(x):
+    if isinstance(x, dict):
+        return {k: _without_times(v) for k, v in x.items() if "time" not in k and k != "env"}
+    return [_without_times(v) for v in x] if isinstance(x, list) else x
+
+
 def test_smoke_run_writes_results(tmp_path):
     metrics, claims = N.main(["--preset=smoke", f"--out_dir={tmp_path}"])
+    assert metrics["env"]["workers"] == 2          # the default: extraction and TOFU side by side in two processes
+    # one after another in this process (fresh checkpoints): every number but the timings is the same
+    m1, c1 = N.main(["--preset=smoke", "--workers=1", f"--out_dir={tmp_path / 'serial'}"])
+    assert m1["env"]["workers"] == 1
+    assert _without_times(m1["seeds"]) == _without_times(metrics["seeds"])
+    assert [c["value"] for c in c1 if not c["claim"].startswith("5")] == \
+        [c["value"] for c in claims if not c["claim"].startswith("5")]
     res = json.loads((tmp_path / "results.json").read_text())
     names = [c["claim"][:2] for c in res["claims"]]
     assert names == ["1 ", "2 ", "3 ", "5 ", "4 "]
@@ -252,3 +265,12 @@ def test_real_path_fine_tunes_a_local_pretrained_model(tmp_path):
                               f"--out_dir={tmp_path / 'out'}"])
     tf = metrics["seeds"]["0"]["tofu"][0]
     assert set(tf["curves"]) == {"neumuter", "ga", "npo"} and claims[0]["claim"].startswith("4 ")
+
+
+def test_bad_settings_exit_2_naming_the_field(capsys):
+    for arg, msg in (("--workers=0", "workers must be in [1, inf)"), ("--experiment=mia", "experiment must be one of"),
+                     ("--threshold=top", "threshold must be one of")):
+        with pytest.raises(SystemExit) as e:
+            N.main([arg])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
