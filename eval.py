@@ -389,14 +389,8 @@ def extraction_likelihood(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):
     """
     _check_el(seqs, n)
     _generate_kwargs(fwd)
-    N, dev = len(seqs), _device(model)
-    hits = []                                  # hits[i][t-1]: greedy token after s[:t] == s[t], t = 1..T-1
-    with evaluating(model):
-        for idx in _chunks(N, batch_size):
-            x, y = lm_batch([seqs[i] for i in idx.tolist()], pad_id, dev)
-            logits, _ = model(x, **take_rows(fwd, idx, N))
-            ok = (logits.argmax(-1) == y).cpu()
-            hits += [ok[j, :len(seqs[i]) - 1].tolist() for j, i in enumerate(idx.tolist())]
+    N = len(seqs)
+    hits = _greedy_hits(model, seqs, batch_size, pad_id, fwd)
     anchors = [(i, t) for i, s in enumerate(seqs) for t in range(1, len(s) - n + 1)
                if t == len(s) - n or not hits[i][t - 1]]
     gen = _generate_prefixes(model, seqs, anchors, batch_size, pad_id, fwd)
@@ -407,6 +401,37 @@ def extraction_likelihood(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):
             cont = gen[(i, t)] if (i, t) in gen else [s[t]] + cont
             total[i] += ngram_overlap(cont, list(s[t:]), n)
     return total / torch.tensor([len(s) - n for s in seqs], dtype=torch.float64)
+
+
+def _greedy_hits(model, seqs, batch_size, pad_id, fwd):
+    """hits[i][t-1]: the greedy token after seqs[i][:t] is seqs[i][t], t = 1..T-1 (one teacher-forced pass)."""
+    N, dev, hits = len(seqs), _device(model), []
+    with evaluating(model):
+        for idx in _chunks(N, batch_size):
+            x, y = lm_batch([seqs[i] for i in idx.tolist()], pad_id, dev)
+            logits, _ = model(x, **take_rows(fwd, idx, N))
+            ok = (logits.argmax(-1) == y).cpu()
+            hits += [ok[j, :len(seqs[i]) - 1].tolist() for j, i in enumerate(idx.tolist())]
+    return hits
+
+
+def extraction_likelihood_lower_bound(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):
+    """(N,) a lower bound on EL_n from one teacher-forced pass, no generation. If the greedy token is the text's
+    for k positions in a row from x_t on, f(x_<t) starts with x_t..x_t+k-1, so at least k-n+1 of its
+    T-t-n+1 n-grams are the text's: OVERLAP_n >= max(0, k-n+1) / (T-t-n+1). A bound above a threshold settles
+    "not forgotten" without generating (exact up to argmax ties, as extraction_likelihood's shortcut)."""
+    _check_el(seqs, n)
+    _generate_kwargs(fwd)
+    hits = _greedy_hits(model, seqs, batch_size, pad_id, fwd)
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    for i, s in enumerate(seqs):
+        T, run = len(s), 0
+        for t in range(T - 1, 0, -1):          # run: greedy hits in a row from hits[t-1] on
+            run = run + 1 if hits[i][t - 1] else 0
+            if t <= T - n:
+                out[i] += max(0, min(run, T - t) - n + 1) / (T - t - n + 1)
+        out[i] /= T - n
+    return out
 
 
 def extraction_likelihood_reference(model, seqs, n=10, *, batch_size=64, pad_id=0, **fwd):

@@ -448,23 +448,34 @@ class Checker:
     def __init__(self, cfg, forget, thresholds, val_rows, pad_id):
         self.cfg, self.forget, self.thr, self.val, self.pad = cfg, forget, thresholds, val_rows, pad_id
 
-    def __call__(self, net, masks=None, full=False):
+    def __call__(self, net, masks=None, full=False, stop_only=False):
+        """stop_only: only the stop decision is needed (final() completes the record of the last state): no
+        perplexity, and no generation when a sample's EL lower bound is already above the threshold."""
         kw = {} if masks is None else {"mlp_mask": masks}
         ma = ev.memorization_accuracy(net, self.forget, pad_id=self.pad, **kw)
         rec = {"ma": float(ma.mean()), "ma_max": float(ma.max())}
-        below_ma = bool((ma <= self.thr["ma"]).all())
-        if below_ma or full:
+        maybe = bool((ma <= self.thr["ma"]).all())           # Eq. 17 can hold only if every MA is below
+        if maybe and stop_only:
+            lb = ev.extraction_likelihood_lower_bound(net, self.forget, self.cfg.el_n, pad_id=self.pad, **kw)
+            maybe = not bool((lb > self.thr["el"]).any())
+        if maybe or full:
             el = ev.extraction_likelihood(net, self.forget, self.cfg.el_n, pad_id=self.pad, **kw)
             rec.update(el=float(el.mean()), el_max=float(el.max()),
                        forgotten=float(ev.is_forgotten(ma, el, self.thr).double().mean()))
-        rec["stop"] = below_ma and rec.get("forgotten") == 1.0
-        rec["ppl"], rec["acc"] = ppl_and_acc(net, self.val, masks)
+        rec["stop"] = maybe and rec.get("forgotten") == 1.0
+        if not stop_only:
+            rec["ppl"], rec["acc"] = ppl_and_acc(net, self.val, masks)
         self.last = rec
         return rec
 
     def final(self, net, masks=None):
-        """The full record (EL included) of the state the last call checked, without generating again."""
-        return dict(self.last) if "el" in self.last else self(net, masks, full=True)
+        """The full record (EL and PPL included) of the state the last call checked, without generating again."""
+        if "el" not in self.last:
+            return self(net, masks, full=True)
+        rec = dict(self.last)
+        if "ppl" not in rec:
+            rec["ppl"], rec["acc"] = ppl_and_acc(net, self.val, masks)
+        return rec
 
 
 def loss_distances(net, forget, val, pad_id, masks=None):
@@ -512,7 +523,7 @@ def run_baseline(cfg, name, net, ref, d, fb, check):
     model = copy.deepcopy(net)
     for p in model.parameters():
         p.requires_grad_(True)
-    stop = lambda m, step: check(m)["stop"]
+    stop = lambda m, step: check(m, stop_only=True)["stop"]     # the full record at the end: check.final
     kw = dict(steps=cfg.base_steps, stop_fn=stop, eval_every=cfg.base_eval_every, betas=(0.9, 0.999))
     if name in ("ga", "sga", "di"):
         obj = {"ga": lambda: B.make_objective("ga"), "sga": lambda: B.make_objective("sga", threshold=0.7, top_k=1),
@@ -530,7 +541,7 @@ def run_baseline(cfg, name, net, ref, d, fb, check):
             m = copy.deepcopy(base)
             B.negate_task_vector(m, ft, cfg.ta_tau)
             neg["model"] = m
-            return check(m)["stop"]
+            return check(m, stop_only=True)["stop"]
         ft = copy.deepcopy(net)
         for p in ft.parameters():
             p.requires_grad_(True)
@@ -546,7 +557,7 @@ def run_baseline(cfg, name, net, ref, d, fb, check):
         spent = time.perf_counter() - t0
         for r in cfg.ig_ratios:
             masks = drop_top(scores, r)
-            if check(net, masks)["stop"]:
+            if check(net, masks, stop_only=True)["stop"]:
                 break
         return net, masks, spent, r
     raise ValueError(f"unknown extraction method {name!r}; methods: ga, sga, ta, di, ig")

@@ -241,3 +241,24 @@ def test_forgetting_thresholds_eq17():
     el = torch.tensor([0.01, 0.01, 0.05, 0.06])
     # thresholds are inclusive ("<=" in Eq. 17)
     assert ev.is_forgotten(ma, el, dict(ma=0.3, el=0.05)).tolist() == [True, True, True, False]
+
+
+def test_extraction_likelihood_lower_bound_worked_example_and_below_el(monkeypatch):
+    # worked example: T = 6, n = 2, greedy hits after prefixes t = 1..5: yes yes no yes yes. Runs from t = 1..4:
+    # 2, 1, 0, 2 -> OVERLAP >= (2-1)/(5-1), 0, 0, (2-1)/(2-1) -> EL >= (1/4 + 1) / 4 = 0.3125
+    model = tiny()
+    monkeypatch.setattr(ev, "_greedy_hits", lambda *a: [[True, True, False, True, True]])
+    lb = ev.extraction_likelihood_lower_bound(model, [[1, 2, 3, 4, 5, 6]], 2)
+    assert lb.dtype == torch.float64 and lb.tolist() == [0.3125]
+    monkeypatch.undo()
+    # the model's own greedy text (generated from [3, 7]: every prefix but [3] continues it, bound close to 1),
+    # corrupted copies and random text: the bound never exceeds EL generated for every prefix
+    own = [3, 7] + model.generate(torch.tensor([[3, 7]]), 20)[0].tolist()
+    seqs = [own] + [own[:m] + [own[m] % 47 + 1] + own[m + 1:] for m in (5, 12, 17)] + \
+        sequences(model, random.Random(6))[:4]
+    for n in (2, 3, 5):
+        lb = ev.extraction_likelihood_lower_bound(model, seqs, n)
+        el = ev.extraction_likelihood_reference(model, seqs, n)
+        assert lb[0] > 0.9
+        assert bool((lb <= el + 1e-12).all()), (n, lb, el)
+        assert bool((lb[1:4] > 0).all())          # the corrupted copies still keep long runs of the text

@@ -184,6 +184,33 @@ def test_checker_computes_el_only_when_ma_passes():
     ppl, acc = N.ppl_and_acc(net, val)
     lp = net.token_logprobs(val["x"], val["y"])
     assert ppl == pytest.approx(math.exp(-lp.sum().item() / (val["y"] != -100).sum().item()), rel=1e-5)
+    # a stop decision alone leaves the perplexity out; final() adds it (and EL) for the same state
+    check = N.Checker(cfg, seqs, {"ma": -1.0, "el": 1.0}, val, 0)
+    assert "ppl" not in check(net, stop_only=True)
+    fin = check.final(net)
+    assert fin["ppl"] == ppl and fin["acc"] == acc and "el" in fin
+    check = N.Checker(cfg, seqs, {"ma": 1.0, "el": 1.0}, val, 0)
+    quick = check(net, stop_only=True)
+    assert check.final(net) == dict(quick, ppl=ppl, acc=acc)
+
+
+def test_checker_stop_only_skips_generation_exactly_when_the_el_bound_decides(monkeypatch):
+    net = tiny(V=20, L=2)
+    own = [3, 7] + net.generate(torch.tensor([[3, 7]]), 12)[0].tolist()     # the model's own text: EL near 1
+    g = torch.Generator().manual_seed(1)
+    seqs = [own] + [torch.randint(3, 20, (14,), generator=g).tolist() for _ in range(2)]
+    cfg, val = N.Config(el_n=4), N.lm_rows(seqs, 0)
+    el = ev.extraction_likelihood(net, seqs, 4)
+    lb = ev.extraction_likelihood_lower_bound(net, seqs, 4)
+    calls = []
+    real = ev.extraction_likelihood
+    monkeypatch.setattr(ev, "extraction_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for thr_el, decided in ((float(lb.max()) / 2, True), (float(el.max()), False)):
+        thr = {"ma": 1.0, "el": thr_el}
+        calls.clear()
+        quick = N.Checker(cfg, seqs, thr, val, 0)(net, stop_only=True)
+        assert len(calls) == (0 if decided else 1)
+        assert quick["stop"] == N.Checker(cfg, seqs, thr, val, 0)(net)["stop"] == (not decided)
 
 
 def _without_times(x):
