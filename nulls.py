@@ -94,6 +94,7 @@ class Config:
     sweep: str = ""
     sweep_values: tuple = ()
     device: str = "auto"
+    threads: int = 1                   # torch CPU threads per process (README tables: 1); 0 = torch's default
     seed: int = 0
     out_dir: str = "out/nulls"
     log_every: int = 50
@@ -109,7 +110,7 @@ class Config:
                 warmup_steps="[0, inf)", grad_clip="[0, inf)", unlearn_epochs="[1, inf)", unlearn_batch="[1, inf)",
                 npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
                 relearn_lr="(0, inf)", log_every="[0, inf)", eval_batch="[1, inf)", n_related="[1, inf)",
-                seeds="[0, inf)")
+                seeds="[0, inf)", threads="[0, inf)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds!r} is not valid: seeds must be distinct")
         T.pick_device(self.device)             # names the devices that exist if this one does not
@@ -1180,7 +1181,8 @@ def report(cfg, metrics, claims, seeds_note=""):
         lines.append(f"| {k} | " + " | ".join(f"{c[k]:.3f}" for c in rl.values()) + " |")
     lines += [""] + claims_table(claims)
     lines.append(f"\n{seeds_note}wall time {metrics['wall_time_s']:.0f} s, process CPU time {metrics['cpu_time_s']:.0f} s "
-                 f"(training {metrics['times']['train_s']:.0f} s wall, evaluation {metrics['times']['eval_s']:.0f} s wall)")
+                 f"({torch.get_num_threads()} torch threads; training {metrics['times']['train_s']:.0f} s wall, "
+                 f"evaluation {metrics['times']['eval_s']:.0f} s wall)")
     text = "\n".join(lines)
     print(text)
     path = ev.write_results(cfg.out_dir, "nulls.py results", cfg, metrics, claims, text)
@@ -1321,6 +1323,8 @@ def run_sweep(cfg):
 
 def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     T.init_distributed(cfg.device)          # under torchrun: one process group for every model trained
     try:
         if cfg.sweep:
