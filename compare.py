@@ -823,13 +823,8 @@ def report(cfg, runs, claims, seeds):
     L += [""] + ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
-    text = "\n".join(L)
-    print(text)
-    metrics = {"seeds": list(seeds), "runs": runs}
-    path = ev.write_results(cfg.out_dir, "compare.py: every method on forget10", cfg, metrics, claims, text)
-    plot(cfg, runs)
-    print(f"wrote {path}")
-    return text
+    return ev.publish(cfg.out_dir, "compare.py: every method on forget10", cfg, {"seeds": list(seeds), "runs": runs},
+                      claims, L, lambda: plot(cfg, runs))
 
 
 def plot(cfg, runs):

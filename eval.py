@@ -832,6 +832,18 @@ def write_results(out_dir, title, config, metrics, claims, text):
     return path
 
 
+def publish(out_dir, title, config, metrics, claims, lines, plot=None):
+    """The end of every script's report: print the lines, write results.md and results.json (write_results), then
+    the figures (plot(), when given). Returns the printed text."""
+    text = "\n".join(lines)
+    print(text)
+    path = write_results(out_dir, title, config, metrics, claims, text)
+    if plot is not None:
+        plot()
+    print(f"wrote {path}")
+    return text
+
+
 def pyplot():
     """matplotlib.pyplot with a file backend. matplotlib is a regular dependency (requirements.txt): every
     script writes its figures, so a missing install is an error, not a run without plots."""

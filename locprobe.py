@@ -852,11 +852,7 @@ def report(cfg, metrics, claims):
         lines.append(f"| {c['claim']} | {v} | {c['threshold']} | {c['held']} | {c['detail']} |")
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s "
                  f"({metrics['env']['threads']} torch threads, {metrics['env']['device']})")
-    text = "\n".join(lines)
-    print(text)
-    path = ev.write_results(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, text)
-    plot(cfg, metrics)
-    print(f"wrote {path}")
+    ev.publish(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics))
 
 
 def results_dir(cfg):

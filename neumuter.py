@@ -866,11 +866,7 @@ def report(cfg, metrics, claims):
     env = metrics["env"]
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s (all processes; "
                  f"{env['workers']} x {env['threads']} torch threads, {env['device']})")
-    text = "\n".join(lines)
-    print(text)
-    path = ev.write_results(cfg.out_dir, "neumuter.py results", cfg, metrics, claims, text)
-    plot(cfg, metrics)
-    print(f"wrote {path}")
+    ev.publish(cfg.out_dir, "neumuter.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics))
 
 
 def plot(cfg, metrics):

@@ -1183,11 +1183,7 @@ def report(cfg, metrics, claims, seeds_note=""):
     lines.append(f"\n{seeds_note}wall time {metrics['wall_time_s']:.0f} s, process CPU time {metrics['cpu_time_s']:.0f} s "
                  f"({torch.get_num_threads()} torch threads; training {metrics['times']['train_s']:.0f} s wall, "
                  f"evaluation {metrics['times']['eval_s']:.0f} s wall)")
-    text = "\n".join(lines)
-    print(text)
-    path = ev.write_results(cfg.out_dir, "nulls.py results", cfg, metrics, claims, text)
-    plot(cfg, metrics)
-    print(f"wrote {path}")
+    ev.publish(cfg.out_dir, "nulls.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics))
 
 
 def report_seeds(cfg, seeds, per_seed_metrics, per_seed_claims):

@@ -29,3 +29,15 @@ def test_claims_markdown_rows_and_not_reproduced_line():
     assert rows[2] == '| a holds | {"x": 1.5} | x >= 1 | True ({\'0\': True}) | seed 0: fine'
     assert rows[3] == "| b fails | 0.25 | >= 0.5 | False ({'0': False}) |"
     assert rows[4] == "|  | not reproduced here (see value) | | |" and len(rows) == 5
+
+
+def test_publish_prints_writes_then_plots(tmp_path, capsys):
+    out = tmp_path / "out"
+    seen = []
+    text = ev.publish(out, "x.py results", Cfg(), {"loss": 1.5}, [], ["| a |", "| b |"],
+                      lambda: seen.append((out / "results.json").exists()))
+    assert text == "| a |\n| b |" and seen == [True]          # the figures come after the results files
+    assert (out / "results.md").read_text() == "# x.py results\n\n| a |\n| b |\n"
+    printed = capsys.readouterr().out
+    assert printed.startswith("| a |\n| b |\n") and printed.rstrip().endswith(f"wrote {out / 'results.json'}")
+    assert ev.publish(out, "t", Cfg(), {}, [], ["only text"]) == "only text"
