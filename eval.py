@@ -21,6 +21,7 @@ Where the project differs on purpose from a reference implementation, the docstr
 nothing matches; no 300-item cap in forget quality; EL generations never stop early; MA on unpadded rows).
 """
 import copy
+import json
 import math
 import zlib
 from contextlib import contextmanager
@@ -794,54 +795,289 @@ def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, le
 
 
 # -------------------------------------------------------------------------------------------------
-# Reporting: every script's claims list, results files and optional plots
+# Claims: one verdict vocabulary for every script
 # -------------------------------------------------------------------------------------------------
 
-def claim(name, value, threshold, held, detail=""):
-    """One headline claim of a paper as measured: held is True/False, or None when it could not be measured."""
-    return {"claim": name, "value": value, "threshold": threshold, "held": held, "detail": detail}
+# A claim is the paper's statement as a conjunction of tests, each `value op threshold` with the threshold fixed
+# in code before any run. Its verdict is one of VERDICTS:
+#   holds / fails      every test on its holding side / some test on its failing side, every precondition met;
+#   not testable here  a precondition of the paper's setting is measured and not met at this scale, so the
+#                      claim says nothing about the method (the record names the precondition and its value);
+#   inconclusive       the 95% interval of some test straddles its threshold (over seeds, or within one run for
+#                      a test that carries its own interval) and no test is clearly failed.
+VERDICTS = ("holds", "fails", "not testable here", "inconclusive")
+OPS = (">=", ">", "<=", "<", "within")
 
 
-def claims_markdown(claims):
-    """Markdown rows for claims combined over seeds (value as JSON, verdict and per-seed verdicts, detail), with a
-    "not reproduced here" row under every claim that did not hold."""
-    import json
-    L = ["| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
+def condition(quantity, value, op, threshold, ci=None, counts=None):
+    """One condition of a claim: `value op threshold`; op "within" takes threshold = [lo, hi] (inclusive).
+    value must be a finite number (a claim whose measurement is missing is `not testable here`, with the
+    precondition that says why). ci = (lo, hi): an interval this run measured for the value (then the test's
+    side is the interval's, not the point's); counts: a paired-proportion test's 2x2 counts (paired_proportion),
+    pooled over seeds instead of averaging the seeds' values."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op == "within" and not (len(threshold) == 2 and threshold[0] <= threshold[1]):
+        raise ValueError(f"op 'within' needs threshold [lo, hi] with lo <= hi, got {threshold!r}")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise ValueError(f"test {quantity!r}: value must be a finite number, got {value!r}")
+    t = {"quantity": quantity, "value": float(value), "op": op,
+         "threshold": [float(x) for x in threshold] if op == "within" else float(threshold)}
+    if ci is not None:
+        t["ci"] = [float(ci[0]), float(ci[1])]
+    if counts is not None:
+        t["counts"] = dict(counts)
+    return t
+
+
+def precondition(what, value, met):
+    """A precondition of the paper's setting, measured: what it is (with the bar it must pass), its value here,
+    and whether it is met. An unmet precondition makes the claim `not testable here`."""
+    return {"what": what, "value": value, "met": bool(met)}
+
+
+def margin(value, op, threshold):
+    """Signed distance to the threshold, positive on the holding side (0 on the line: holds for >=, <=, within)."""
+    if op in (">=", ">"):
+        return value - threshold
+    if op in ("<=", "<"):
+        return threshold - value
+    return min(value - threshold[0], threshold[1] - value)
+
+
+def side(lo, hi, op, threshold):
+    """Where an interval [lo, hi] of a value lies: "holds" (all of it passes), "fails" (none of it), "straddles"."""
+    m_lo, m_hi = sorted((margin(lo, op, threshold), margin(hi, op, threshold)))
+    if op == "within":       # the margin of a band is not monotone in the value: test both ends and the band
+        inside = lambda v: threshold[0] <= v <= threshold[1]
+        if inside(lo) and inside(hi):
+            return "holds"
+        return "fails" if hi < threshold[0] or lo > threshold[1] else "straddles"
+    strict = op in (">", "<")
+    if m_lo > 0 or (m_lo == 0 and not strict):
+        return "holds"
+    return "fails" if (m_hi < 0 or (m_hi == 0 and strict)) else "straddles"
+
+
+def _verdict(sides):
+    return "fails" if "fails" in sides else "holds" if all(s == "holds" for s in sides) else "inconclusive"
+
+
+def test_side(t):
+    lo, hi = t.get("ci", (t["value"], t["value"]))
+    return side(lo, hi, t["op"], t["threshold"])
+
+
+def claim(name, tests, detail="", precondition=None):
+    """One headline claim as measured: {"claim", "verdict", "tests", "value", "threshold", "precondition",
+    "detail"}. tests: condition(...) records (all must hold); precondition: precondition(...) or None (none needed).
+    With the precondition unmet the tests may be [] (nothing could be measured) and the verdict is
+    `not testable here` whatever they say."""
+    tests = list(tests)
+    if precondition is not None and not precondition["met"]:
+        verdict = "not testable here"
+    elif not tests:
+        raise ValueError(f"claim {name!r} has no test and no unmet precondition: nothing decides its verdict")
+    else:
+        verdict = _verdict([test_side(t) for t in tests])
+    return {"claim": name, "verdict": verdict, "tests": tests,
+            "value": {t["quantity"]: t["value"] for t in tests},
+            "threshold": {t["quantity"]: _threshold_text(t) for t in tests},
+            "precondition": precondition, "detail": detail}
+
+
+def sanity(name, ok, detail=""):
+    """A check of the code's own arithmetic that cannot fail for a reason about the method (the adapter starts
+    equal to its base, a timing against seconds): printed under "checks", never as a claim."""
+    return {"check": name, "ok": bool(ok), "detail": detail}
+
+
+def paired_proportion(x, y, threshold=0.10, quantity="frac_diff", z=1.959964):
+    """Paired difference of two proportions over the same items (x, y: 0/1 per item): mean(x) - mean(y) with a 95%
+    interval by Agresti & Min's adjusted Wald (2005; 0.5 added to every cell of the 2x2 table), so that a few items
+    give a wide interval even when they all agree. Returns condition(...) of |diff| within [-threshold, threshold]."""
+    x, y = [bool(v) for v in x], [bool(v) for v in y]
+    if len(x) != len(y) or not x:
+        raise ValueError("paired_proportion needs two 0/1 lists of the same, non-zero length")
+    n10 = sum(a and not b for a, b in zip(x, y))
+    n01 = sum(b and not a for a, b in zip(x, y))
+    return _paired_test({"n": len(x), "n10": n10, "n01": n01}, threshold, quantity, z)
+
+
+def _paired_test(counts, threshold, quantity, z=1.959964):
+    n, n10, n01 = counts["n"], counts["n10"], counts["n01"]
+    d = (n10 - n01) / n
+    a10, a01, a = n10 + 0.5, n01 + 0.5, n + 2
+    da = (a10 - a01) / a
+    se = math.sqrt(max(0.0, (a10 + a01) - (a10 - a01) ** 2 / a)) / a
+    return condition(quantity, d, "within", [-threshold, threshold], ci=(da - z * se, da + z * se), counts=counts)
+
+
+def t_interval(xs, level=0.95):
+    """(mean, std (n - 1), lo, hi) of the values of several seeds: Student's t interval of the mean."""
+    xs = np.asarray(xs, np.float64)
+    mu = float(xs.mean())
+    if xs.size < 2:
+        return mu, 0.0, mu, mu
+    sd = float(xs.std(ddof=1))
+    h = float(stats.t.ppf(0.5 + level / 2, xs.size - 1)) * sd / math.sqrt(xs.size)
+    return mu, sd, mu - h, mu + h
+
+
+def over_seeds(per_seed):
+    """per_seed: {seed: [claim records]} (the same claims in the same order) -> one record per claim over the seeds.
+    Each test's margin (value minus threshold, positive = holds; margin()) is paired within a seed, so thresholds
+    that are themselves measured (another model's number) move with their seed; the overall verdict comes from the
+    95% t interval of the margins over the seeds (a test with counts pools its items over the seeds instead).
+    `not testable here` if any seed's precondition is unmet: the setting does not reliably support the claim."""
+    seeds = list(per_seed)
+    lists = [per_seed[s] for s in seeds]
+    if any([c["claim"] for c in cs] != [c["claim"] for c in lists[0]] for cs in lists):
+        raise ValueError("the seeds produced different claims; cannot combine them")
+    out = []
+    for i, c0 in enumerate(lists[0]):
+        cs = [cs[i] for cs in lists]
+        per = {str(s): c["verdict"] for s, c in zip(seeds, cs)}
+        tests = []
+        if all(c["verdict"] != "not testable here" for c in cs):
+            for j, t0 in enumerate(c0["tests"]):
+                ts = [c["tests"][j] for c in cs]
+                if all("counts" in t for t in ts):
+                    pooled = {k: sum(t["counts"][k] for t in ts) for k in ("n", "n10", "n01")}
+                    p = _paired_test(pooled, t0["threshold"][1], t0["quantity"])
+                    row = {"side": test_side(p), "ci": p["ci"], "pooled": pooled}
+                else:
+                    m = [margin(t["value"], t["op"], t["threshold"]) for t in ts]
+                    mu, sd, lo, hi = t_interval(m)
+                    row = {"margin_mean": mu, "margin_std": sd, "margin_ci": [lo, hi],
+                           "side": side(lo, hi, ">=" if t0["op"] not in (">", "<") else ">", 0.0)}
+                    if len(ts) == 1:
+                        row["side"] = test_side(t0)
+                vals = [t["value"] for t in ts]
+                mu, sd, _, _ = t_interval(vals)
+                tests.append({"quantity": t0["quantity"], "op": t0["op"], "threshold": t0["threshold"],
+                              "mean": mu, "std": sd, "n": len(ts), "per_seed": vals, **row})
+            verdict = _verdict([t["side"] for t in tests])
+        else:
+            verdict = "not testable here"
+        out.append({"claim": c0["claim"], "verdict": verdict, "verdict_per_seed": per, "tests": tests,
+                    "value": {t["quantity"]: t["mean"] for t in tests},
+                    "threshold": {t0["quantity"]: _threshold_text(t0) for t0 in c0["tests"]},
+                    "precondition_per_seed": {str(s): c["precondition"] for s, c in zip(seeds, cs)},
+                    "detail": "; ".join(f"seed {s}: {c['detail']}" for s, c in zip(seeds, cs) if c["detail"])})
+    return out
+
+
+def _num(x):
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_num(v) for v in x) + "]"
+    return format(x, ".4g") if isinstance(x, float) else str(x)
+
+
+def _threshold_text(t):
+    return f"{t['op']} {_num(t['threshold'])}"
+
+
+def _value_text(c):
+    if c.get("verdict_per_seed") is None:
+        return ", ".join(f"{t['quantity']} {_num(t['value'])}" + (f" [{_num(t['ci'][0])}, {_num(t['ci'][1])}]"
+                                                                  if "ci" in t else "") for t in c["tests"]) or "-"
+    return ", ".join(f"{t['quantity']} {_num(t['mean'])} ± {_num(t['std'])}"
+                     + (f" (margin 95% CI [{_num(t['margin_ci'][0])}, {_num(t['margin_ci'][1])}])" if "margin_ci" in t
+                        else f" (pooled 95% CI [{_num(t['ci'][0])}, {_num(t['ci'][1])}])") for t in c["tests"]) or "-"
+
+
+def _precondition_text(c):
+    pres = [c.get("precondition")] if "precondition_per_seed" not in c else \
+        [p for p in c["precondition_per_seed"].values()]
+    bad = [p for p in pres if p is not None and not p["met"]]
+    if not bad:
+        return ""
+    return f"precondition not met: {bad[0]['what']} (measured {_num(bad[0]['value'])}" + \
+        (f"; {len(bad)} of {len(pres)} seeds" if len(pres) > 1 else "") + ")"
+
+
+def claims_markdown(claims, checks=()):
+    """The claims table every script prints (one run, or combined over seeds by over_seeds), then the sanity
+    checks. Verdicts are VERDICTS' words; an unmet precondition is named with its value."""
+    seeds = "verdict_per_seed" in claims[0] if claims else False
+    L = ["| claim | value" + (" (mean ± std over seeds)" if seeds else "") + " | threshold | verdict"
+         + (" (per seed)" if seeds else "") + " | detail |", "| --- | --- | --- | --- | --- |"]
     for c in claims:
-        L.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {c['threshold']} | {c['held']} "
-                 f"({c.get('held_per_seed', '')}) |" + (f" {c['detail']}" if c.get("detail") else ""))
-        if not c["held"]:
-            L.append("|  | not reproduced here (see value" + (" and detail" if c.get("detail") else "") + ") | | |")
+        thr = "; ".join(f"{k} {v}" for k, v in c["threshold"].items()) or "-"
+        per = (" (" + ", ".join(f"{s}: {v}" for s, v in c["verdict_per_seed"].items()) + ")") if seeds else ""
+        detail = "; ".join(x for x in (_precondition_text(c), c.get("detail", "")) if x)
+        L.append(f"| {c['claim']} | {_value_text(c)} | {thr} | **{c['verdict']}**{per} | {detail} |")
+    if checks:
+        L += ["", "Checks (the code's own arithmetic; they cannot fail for a reason about the method):", ""]
+        L += [f"- {'ok' if k['ok'] else 'FAILED'}: {k['check']}" + (f" ({k['detail']})" if k["detail"] else "")
+              for k in checks]
     return L
 
 
-def write_results(out_dir, title, config, metrics, claims, text):
-    """out_dir/results.md (the printed table) and out_dir/results.json ({config, metrics, claims}), the json
-    written atomically. Returns the json path."""
-    import json
+def json_safe(x):
+    """x with every nan / infinity as None (JSON null): a score with nothing to normalize by (Util_R when the
+    reference model's utility is 0) is a number the tables print as nan and results.json holds as null."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def write_results(out_dir, title, config, metrics, claims, text, checks=()):
+    """out_dir/results.md (the printed table) and out_dir/results.json ({config, metrics, claims, checks}: strict
+    JSON; nan metrics as null, a nan in a claim is an error: conditions must be finite), the json written
+    atomically. Returns the json path."""
     import os
     from dataclasses import asdict, is_dataclass
+    for c in claims:
+        if c.get("verdict") not in VERDICTS:
+            raise ValueError(f"claim {c.get('claim')!r} has verdict {c.get('verdict')!r}, not one of {VERDICTS}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(f"# {title}\n\n{text}\n")
     path = os.path.join(out_dir, "results.json")
     cfg = asdict(config) if is_dataclass(config) else config
     with open(path + ".tmp", "w") as f:
-        json.dump({"config": cfg, "metrics": metrics, "claims": claims}, f, indent=1, default=float)
+        json.dump({"config": cfg, "metrics": json_safe(metrics), "claims": claims, "checks": list(checks)}, f, indent=1,
+                  default=float, allow_nan=False)
     os.replace(path + ".tmp", path)
     return path
 
 
-def publish(out_dir, title, config, metrics, claims, lines, plot=None):
+def publish(out_dir, title, config, metrics, claims, lines, plot=None, checks=()):
     """The end of every script's report: print the lines, write results.md and results.json (write_results), then
     the figures (plot(), when given). Returns the printed text."""
     text = "\n".join(lines)
     print(text)
-    path = write_results(out_dir, title, config, metrics, claims, text)
+    path = write_results(out_dir, title, config, metrics, claims, text, checks)
     if plot is not None:
         plot()
     print(f"wrote {path}")
     return text
+
+
+# -------------------------------------------------------------------------------------------------
+# Tuning on what the report never uses
+# -------------------------------------------------------------------------------------------------
+
+def tune(grid, score, *, tuned_on, reported, what, minimize=True):
+    """Pick the value of `grid` with the best score(value), where score is measured on `tuned_on` (held-out seeds,
+    a held-out forget request or a held-out half of each source's probes: any collection of ids) and the report
+    uses `reported`; the two must not share an id. Returns {"what", "value", "grid", "scores", "tuned_on"}, the
+    record a report prints ("what was tuned, on what, over which grid"). Ties go to the first grid value."""
+    overlap = set(map(str, tuned_on)) & set(map(str, reported))
+    if overlap:
+        raise ValueError(f"{what} would be tuned on {sorted(overlap)}, which the report also uses: tune on held-out "
+                         "data or seeds")
+    grid = list(grid)
+    if not grid:
+        raise ValueError(f"{what}: empty grid")
+    scores = [float(score(g)) for g in grid]
+    best = (min if minimize else max)(range(len(grid)), key=lambda i: scores[i])
+    return {"what": what, "value": grid[best], "grid": grid, "scores": scores, "tuned_on": list(tuned_on),
+            "rule": "lowest" if minimize else "highest"}
 
 
 def pyplot():

@@ -19,7 +19,8 @@ Where we differ, on purpose:
   retain set (theta_r) or everything (theta_full), not in a stage of its own.
 - Model utility: harmonic mean of the answer probability on retain, real-author and world-fact questions (21
   models per sweep on a CPU); TOFU's nine numbers with --full_mu=true.
-- Claims: unpaired label permutations over seeds (with 5 seeds a paired sign-flip p cannot go below 1/16).
+- Claims: unpaired label permutations over seeds (with 5 seeds a paired sign-flip p cannot go below 1/16);
+  with fewer than 4 seeds even this p cannot reach 0.05, and claim 1 is `not testable here`.
 - App. A's losses as printed have no retain term; we add none. AdamW, weight decay 0.01 (App. F).
 """
 import copy
@@ -557,6 +558,17 @@ def sweep(cfg, theta_o, theta_u, sets, tr_retrained, tok=None):
     return c
 
 
+def fs_range(c):
+    """The FS range a sweep spans: AUES integrates over it (no extrapolation), so a range of 0 gives AUES 0."""
+    return float(max(c["fs"]) - min(c["fs"]))
+
+
+def mu95_fallback(c, level=0.95):
+    """Whether a sweep's MU never falls to level x MU(theta_o) (its first point), so that eval.mu95 returns its
+    fallback (the log FQ of the lowest-utility point) rather than a crossing."""
+    return bool(min(c["mu"]) > level * c["mu"][0])
+
+
 # -------------------------------------------------------------------------------------------------
 # Significance: seed-level exact permutation tests (claims) and the paper's per-alpha tests (reported)
 # -------------------------------------------------------------------------------------------------
@@ -706,6 +718,11 @@ def summarize_table2(cfg, t2):
             per_seed.append({"seed": int(s), "p_aues": p_or[0], "p_mu95": p_or[1], "p_aues_calibration": p_rr[0],
                              "p_mu95_calibration": p_rr[1]})
         row["paper_tests"] = per_seed
+        # what the claims' preconditions measure: each sweep's FS range (AUES is 0 over a degenerate one) and
+        # whether its MU falls to 95% of theta_o's (else MU95 is eval.mu95's fallback)
+        row["fs_range"] = {arm: [fs_range(r[arm]) for r in runs] for arm in ("oracle", "random", "random2")}
+        row["mu95_fallback"] = {arm: [mu95_fallback(r[arm]) for r in runs] for arm in ("oracle", "random", "random2")}
+        row["seeds"] = [str(s) for s in seeds]
         row["undo_distance"] = [r["oracle"].get("undo_distance") for r in runs]
         row["l2_closed"] = {arm: [1 - r[arm]["l2_final"] / r[arm]["l2_start"] for r in runs]
                             for arm in ("oracle", "random", "random2")}
@@ -722,57 +739,119 @@ SPREAD_SDS = 2.0          # claim 2: a localizer "beats Random" if its AUES exce
 L2_FACTOR = 0.5           # claim 3: V_rdm must close at least half as much of the L2 gap as V_tgt does
 
 
+def min_attainable_p(n_a, n_b):
+    """The smallest p permutation_test can give for groups of n_a and n_b distinct values (2 / C(n_a + n_b, n_a)
+    for n_a == n_b: the two separated splits; 1 / C(...) otherwise)."""
+    return (2 if n_a == n_b else 1) / math.comb(n_a + n_b, n_a)
+
+
+def seeds_precondition(n_seeds):
+    """The seed-level test can reject at all: with n seeds per arm its smallest p must be <= P_SIGNIFICANT (n >= 4;
+    with 3 seeds it is 0.1, so "p > 0.05" would hold whatever the arms do)."""
+    p = min_attainable_p(n_seeds, n_seeds)
+    return ev.precondition(f"seeds enough for the seed-level permutation test to reach p <= {P_SIGNIFICANT} "
+                           f"(smallest attainable p = 2 / C(2n, n), n = {n_seeds} seeds)", p, p <= P_SIGNIFICANT)
+
+
+def fs_range_precondition(ranges):
+    """Every sweep spans some FS range: AUES over a degenerate (zero) range is 0, so comparing it says nothing.
+    ranges: {label: FS range}."""
+    worst = min(ranges, key=ranges.get)
+    return ev.precondition(f"every sweep spans an FS range > 0 (AUES is 0 over a zero range; smallest: {worst})",
+                           ranges[worst], ranges[worst] > 0)
+
+
+def mu95_precondition(fallbacks):
+    """MU falls to 95% of theta_o's in every sweep, so every MU95 is a crossing and not eval.mu95's fallback.
+    fallbacks: {label: bool}."""
+    bad = [k for k, v in fallbacks.items() if v]
+    return ev.precondition("MU falls to 0.95 x MU(theta_o) in every sweep (else MU95 is the fallback, the "
+                           f"most-unlearned model's log FQ); sweeps that fall back (bar: 0 of {len(fallbacks)})",
+                           {"n": len(bad), "which": bad}, not bad)
+
+
+def all_of(*pres):
+    """One precondition from several: the first unmet one, else all of them (met)."""
+    for p in pres:
+        if not p["met"]:
+            return p
+    return ev.precondition("; ".join(p["what"] for p in pres), [p["value"] for p in pres], True)
+
+
+def verdict_words(oks):
+    return ", ".join("holds" if ok else "fails" for ok in oks)
+
+
 def claim_oracle_vs_random(summ, objectives):
-    """Claim 1, per objective: seed-level p > 0.05 for AUES and MU95, and the mean |delta| within the calibration
-    pair's spread (<= the largest |Random - Random2| of any seed). Per-seed verdict: that seed's |delta| <= it."""
+    """Claim 1, per objective and metric (AUES, MU95; two claims): the seed-level p > 0.05 and the mean |delta|
+    within the calibration pair's spread (<= the largest |Random - Random2| of any seed). Not testable here when
+    the seeds cannot reach p <= 0.05 at all, when a sweep spans no FS range (AUES), or when a sweep's MU never
+    falls to 95% of theta_o's (MU95 is then eval.mu95's fallback). The per-seed verdicts in the detail: that
+    seed's |delta| <= the spread."""
     out = []
     for name in objectives:
         row = summ[name]
-        ok, parts, per_seed = True, [], []
-        for metric in ("aues", "mu95"):
+        labels = [f"{s}/{arm}" for arm in ("oracle", "random", "random2") for s in row["seeds"]]
+        seeds_ok = seeds_precondition(len(row["seeds"]))
+        for metric, label in (("aues", "AUES"), ("mu95", "MU95")):
             m = row[metric]
             spread = max(m["abs_delta_calibration_per_seed"])
-            held = m["p_seed"] > P_SIGNIFICANT and m["abs_delta"][0] <= spread
-            ok &= held
-            parts.append(f"{metric}: p {m['p_seed']:.3f} (calibration {m['p_seed_calibration']:.3f}), |delta| "
-                         f"{m['abs_delta'][0]:.4f} vs calibration max {spread:.4f}")
-            per_seed.append([d <= spread for d in m["abs_delta_per_seed"]])
-        verdicts = [all(v) for v in zip(*per_seed)]
-        out.append(ev.claim(f"1 Oracle does not beat Random ({name})", min(row["aues"]["p_seed"], row["mu95"]["p_seed"]),
-                            f"p > {P_SIGNIFICANT} and |delta| <= max |Random - Random2|", ok,
-                            "; ".join(parts) + f"; per seed {verdicts}" + ("" if ok else "; not reproduced here")))
+            if metric == "aues":
+                pre = fs_range_precondition(dict(zip(labels, [x for arm in ("oracle", "random", "random2")
+                                                              for x in row["fs_range"][arm]])))
+            else:
+                pre = mu95_precondition(dict(zip(labels, [x for arm in ("oracle", "random", "random2")
+                                                          for x in row["mu95_fallback"][arm]])))
+            tests = [ev.condition("p_seed", m["p_seed"], ">", P_SIGNIFICANT),
+                     ev.condition("mean_abs_delta", m["abs_delta"][0], "<=", spread)]
+            out.append(ev.claim(
+                f"1 Oracle does not beat Random on {label} ({name})", tests,
+                f"p calibration (Random vs Random2) {m['p_seed_calibration']:.3f}; |delta| threshold = the largest "
+                f"per-seed |Random - Random2|; per seed |delta| <= it: "
+                f"{verdict_words(d <= spread for d in m['abs_delta_per_seed'])}",
+                precondition=all_of(seeds_ok, pre)))
     return out
 
 
 def claim_localizers(t1):
-    """Claim 2: no localizer's AUES exceeds Random's seed mean by more than SPREAD_SDS seed sds."""
+    """Claim 2: no localizer's AUES exceeds Random's seed mean by more than SPREAD_SDS seed sds (one condition per
+    localizer). Not testable here with fewer than two Random seeds (no spread) or a sweep that spans no FS range."""
     rnd = [r["aues"] for r in t1["random"].values()]
     m, sd = float(np.mean(rnd)), float(np.std(rnd, ddof=1)) if len(rnd) > 1 else 0.0
     margins = {n: r["aues"] - m for n, r in t1["localizers"].items()}
-    held = all(v <= SPREAD_SDS * sd for v in margins.values())
-    per_seed = {n: [t1["localizers"][n]["aues"] > x for x in rnd] for n in margins}
-    return ev.claim("2 No localizer beats Random on AUES by more than the seed spread",
-                    max(margins.values()) if margins else None, f"AUES_L - mean_Random <= {SPREAD_SDS} sd "
-                    f"({SPREAD_SDS * sd:.4f})", held,
-                    f"Random {m:.4f} +- {sd:.4f}; margins " + ", ".join(f"{k} {v:+.4f}" for k, v in margins.items())
-                    + f"; beats Random seed (per seed) {per_seed}" + ("" if held else "; not reproduced here"))
+    ranges = {**{f"random {s}": fs_range(c) for s, c in t1["random"].items()},
+              **{n: fs_range(c) for n, c in t1["localizers"].items()}}
+    pre = all_of(ev.precondition("at least 2 Random seeds (the seed spread needs two)", len(rnd), len(rnd) >= 2),
+                 fs_range_precondition(ranges))
+    tests = [ev.condition(f"AUES {n} - mean Random", v, "<=", SPREAD_SDS * sd) for n, v in margins.items()]
+    beats = {n: sum(t1["localizers"][n]["aues"] > x for x in rnd) for n in margins}
+    return ev.claim("2 No localizer beats Random on AUES by more than the seed spread", tests,
+                    f"Random {m:.4f} +- {sd:.4f} (threshold {SPREAD_SDS:g} sd); above each Random seed's AUES: "
+                    + ", ".join(f"{k} {v} of {len(rnd)}" for k, v in beats.items()), precondition=pre)
 
 
 def claim_l2(summ):
     """Claim 3: with the L2 objective, V_rdm closes >= L2_FACTOR of the MLP-output gap V_tgt closes (mean over
-    seeds), and the FS-RS curves overlap: mean |AUES delta| <= the largest Random-Random2 |delta|."""
+    seeds), and the FS-RS curves overlap: mean |AUES delta| <= the largest Random-Random2 |delta|. Not testable
+    here when V_tgt closes none of the gap (the ratio is then undefined) or a sweep spans no FS range."""
     row = summ["l2"]
     closed = row["l2_closed"]
-    ratio = float(np.mean(closed["random"]) / np.mean(closed["oracle"]))
+    o, r = float(np.mean(closed["oracle"])), float(np.mean(closed["random"]))
     spread = max(row["aues"]["abs_delta_calibration_per_seed"])
-    overlap = row["aues"]["abs_delta"][0] <= spread
-    per_seed = [r / o >= L2_FACTOR for r, o in zip(closed["random"], closed["oracle"])]
-    held = ratio >= L2_FACTOR and overlap
+    labels = [f"{s}/{arm}" for arm in ("oracle", "random", "random2") for s in row["seeds"]]
+    pre = all_of(ev.precondition("V_tgt closes part of the L2 gap (mean share closed > 0; the ratio's denominator)",
+                                 o, o > 0),
+                 fs_range_precondition(dict(zip(labels, [x for arm in ("oracle", "random", "random2")
+                                                         for x in row["fs_range"][arm]]))))
+    tests = []
+    if o > 0:             # the measured values are shown even where a precondition fails
+        tests = [ev.condition("gap closed V_rdm / V_tgt", r / o, ">=", L2_FACTOR),
+                 ev.condition("mean_abs_dAUES", row["aues"]["abs_delta"][0], "<=", spread)]
+    per_seed = [b / a >= L2_FACTOR if a > 0 else False for b, a in zip(closed["random"], closed["oracle"])]
     return ev.claim("3 The L2 objective reproduces theta_r's MLP outputs about as well from V_rdm as from V_tgt",
-                    ratio, f"gap closed V_rdm / V_tgt >= {L2_FACTOR} and |dAUES| <= max |Random - Random2|", held,
-                    f"gap closed: V_tgt {np.mean(closed['oracle']):.3f}, V_rdm {np.mean(closed['random']):.3f}, "
-                    f"V_rdm2 {np.mean(closed['random2']):.3f}; |dAUES| {row['aues']['abs_delta'][0]:.4f} vs "
-                    f"{spread:.4f}; per seed ratio >= {L2_FACTOR}: {per_seed}" + ("" if held else "; not reproduced here"))
+                    tests, f"gap closed: V_tgt {o:.3f}, V_rdm {r:.3f}, V_rdm2 {np.mean(closed['random2']):.3f}; "
+                    f"|dAUES| threshold = the largest per-seed |Random - Random2|; per seed ratio >= {L2_FACTOR}: "
+                    f"{verdict_words(per_seed)}", precondition=pre)
 
 
 def make_claims(cfg, summ, t1):
@@ -844,15 +923,21 @@ def table_lines(cfg, metrics):
     return L
 
 
+def checks(metrics):
+    """The code's own invariants, reported beside the claims (they cannot fail for a reason about the method)."""
+    inj = [r["inject"]["identical_outside_v_tgt"] for r in metrics["table2"]["seeds"].values()]
+    return [ev.sanity("theta_o equals theta_r bit for bit outside V_tgt (every seed; check_injection raises "
+                      "otherwise)", all(inj), f"{sum(inj)} of {len(inj)} seeds")]
+
+
 def report(cfg, metrics, claims):
     lines = table_lines(cfg, metrics)
-    lines += ["", "| claim | value | threshold | held | detail |", "| --- | --- | --- | --- | --- |"]
-    for c in claims:
-        v = f"{c['value']:.4g}" if isinstance(c["value"], float) else str(c["value"])
-        lines.append(f"| {c['claim']} | {v} | {c['threshold']} | {c['held']} | {c['detail']} |")
+    ks = checks(metrics)
+    lines += [""] + ev.claims_markdown(claims, ks)
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s "
                  f"({metrics['env']['threads']} torch threads, {metrics['env']['device']})")
-    ev.publish(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics))
+    ev.publish(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics),
+               checks=ks)
 
 
 def results_dir(cfg):

@@ -41,7 +41,7 @@ from localize import (batch_rows, drop_top, effective_neurons, hc_closed_penalty
 class Config:
     preset: str = ""
     experiment: str = "both"           # both | extraction | tofu
-    seeds: tuple = (0,)                # one full run per seed; claims are reported per seed and as mean +- std
+    seeds: tuple = (0,)                # one full run per seed; claims per seed and over seeds (eval.over_seeds)
     # extraction data (built-in stories; --data_path: a local csv/jsonl/txt of extraction sequences, e.g. the
     # Training Data Extraction Challenge's lm_extraction_32_0.csv, with a model from --init_from)
     n_forget: int = 32                 # the paper's default number of unlearned samples
@@ -729,16 +729,29 @@ def run_tofu(cfg, seed, split, log=print):
 
 def tofu_claim(tf, keep):
     """Claim 4 on one split: the best forget quality among points with utility >= keep * original utility
-    (the original itself excluded), NeuMuter against every baseline (a method with no such point has none)."""
+    (the original itself excluded), NeuMuter against every baseline. Two conditions: NeuMuter has a point at that
+    utility (its best MU >= keep x the original's), and its best FQ there is at least the best baseline's there
+    (0 when NeuMuter has no such point: the first condition fails then). Precondition: some baseline has a point
+    at that utility (without one there is nothing to compare with)."""
     mu0 = tf["original"]["mu"]
-    best = {k: max([p["fq"] for p in c if p["mu"] >= keep * mu0], default=None) for k, c in tf["curves"].items()}
+    bar = keep * mu0
+    best = {k: max([p["fq"] for p in c if p["mu"] >= bar], default=None) for k, c in tf["curves"].items()}
     nm = best.pop("neumuter")
     others = [v for v in best.values() if v is not None]
-    held = nm is not None and all(nm >= v for v in others)
+    base_mu = max([p["mu"] for k, c in tf["curves"].items() if k != "neumuter" for p in c], default=None)
+    pre = ev.precondition(f"a post-hoc baseline has a point at model utility >= {keep}x the original's (best baseline "
+                          f"MU / original MU)", None if base_mu is None or mu0 <= 0 else round(base_mu / mu0, 4),
+                          bool(others))
+    nm_mu = max(p["mu"] for p in tf["curves"]["neumuter"])
+    tests = [ev.condition("NeuMuter's best model utility", nm_mu, ">=", bar)]
+    if others:
+        tests.append(ev.condition(f"NeuMuter's best forget quality at MU >= {keep}x the original's",
+                                  0.0 if nm is None else nm, ">=", max(others)))
     return ev.claim(f"4 TOFU {tf['split']}: at model utility >= {keep} x the original's, NeuMuter's best forget quality "
-                    f"is at least every baseline's (KS p-value)", nm, max(others, default=None), held,
-                    ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} none" for k, v in best.items()) +
-                    f"; original MU {mu0:.3f}, FQ {tf['original']['fq']:.3g}")
+                    f"is at least every baseline's (KS p-value)", tests,
+                    ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} none" for k, v in
+                              {"neumuter": nm, **best}.items()) +
+                    f"; original MU {mu0:.3f}, FQ {tf['original']['fq']:.3g}", precondition=pre)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -755,51 +768,40 @@ def extraction_claims(ex):
     m, base_ppl = ex["methods"], ex["original"]["ppl"]
     nm = m["neumuter"]
     rise = lambda r: r["ppl"] / base_ppl - 1
+    forgotten = ev.condition("fraction forgotten", nm["forgotten"], ">=", 1.0)
     c = [ev.claim("1 NeuMuter brings every forget sample's MA and EL_10 below the unseen-data means (Eq. 17): "
-                  "fraction forgotten", nm["forgotten"], 1.0, nm["forgotten"] == 1.0,
+                  "fraction forgotten", [forgotten],
                   f"MA {nm['ma']:.3f} (max {nm['ma_max']:.3f}) vs {ex['thresholds']['ma']:.3f}; EL {nm['el']:.3f} "
                   f"(max {nm['el_max']:.3f}) vs {ex['thresholds']['el']:.3f}; all eligible MLPs zeroed: MA "
                   f"{ex['zero_all_eligible']['ma_max']:.3f} max, forgotten {ex['zero_all_eligible']['forgotten']:.2f}")]
-    reached = {k: rise(m[k]) for k in ("ga", "sga", "ta") if k in m and m[k]["forgotten"] == 1.0}
-    limit = min([PPL_RISE_MAX] + [PPL_RISE_SHARE * r for r in reached.values()])
-    missing = [k for k in ("ga", "sga", "ta") if k in m and k not in reached]
-    held = nm["forgotten"] == 1.0 and rise(nm) <= limit
+    run = [k for k in ("ga", "sga", "ta") if k in m]
+    reached = {k: rise(m[k]) for k in run if m[k]["forgotten"] == 1.0}
+    missing = [k for k in run if k not in reached]
+    # "at the same forgetting": without a baseline at full forgetting the comparison has nothing to compare with
+    pre = ev.precondition("GA, SGA or TA brings every forget sample below the thresholds, so there is a PPL rise at "
+                          "the same forgetting (baselines that do)", len(reached), bool(reached))
+    tests = [forgotten, ev.condition("relative PPL rise", rise(nm), "<=", PPL_RISE_MAX)]
+    if reached:
+        tests.append(ev.condition(f"relative PPL rise vs {PPL_RISE_SHARE} x the smallest of GA's, SGA's, TA's",
+                                  rise(nm), "<=", PPL_RISE_SHARE * min(reached.values())))
     c.append(ev.claim("2 at that point NeuMuter's validation PPL rises by at most 5% and by at most half of GA's, SGA's "
-                      "and TA's rise at the same forgetting (relative PPL rise)", rise(nm), limit, held,
+                      "and TA's rise at the same forgetting (relative PPL rise)", tests,
                       "; ".join(f"{k} {v:+.3f}" for k, v in reached.items()) +
                       (f"; did not reach the thresholds (left out): {', '.join(missing)}" if missing else "") +
-                      ("" if nm["forgotten"] == 1.0 else "; NeuMuter itself did not reach the thresholds")))
+                      ("" if nm["forgotten"] == 1.0 else "; NeuMuter itself did not reach the thresholds"),
+                      precondition=pre))
     c.append(ev.claim("3 NeuMuter mutes at most a few percent of the gated FFN neurons (fraction selected)",
-                      nm["selected_frac"], SELECTED_MAX, nm["selected_frac"] <= SELECTED_MAX,
+                      [ev.condition("fraction selected", nm["selected_frac"], "<=", SELECTED_MAX)],
                       f"{nm['selected']} of {nm['gated']}; gates moved below 0.99: {nm['effective']}"))
     if "ga" in m:
         ok = nm["time_s"] < m["ga"]["time_s"]
-        why = "" if ok else (f"; not reproduced here: GA needs {m['ga']['steps']} cheap steps on a tiny model, while "
+        why = "" if ok else (f"; why it fails here: GA needs {m['ga']['steps']} cheap steps on a tiny model, while "
                              f"NeuMuter's {nm['iters']} iterations each run the forget batch, a neighbour batch and a "
                              f"reference forward, and neighbour generation costs {nm['neighbour_time_s']:.1f}s")
         c.append(ev.claim("5 NeuMuter's unlearning time (neighbours + mask training) is below GA's (seconds)",
-                          nm["time_s"], m["ga"]["time_s"], ok, f"GA {m['ga']['time_s']:.1f}s" + why))
+                          [ev.condition("NeuMuter unlearning seconds", nm["time_s"], "<", m["ga"]["time_s"])],
+                          f"GA {m['ga']['time_s']:.1f}s" + why))
     return c
-
-
-def over_seeds(per_seed):
-    """{seed: [claims]} -> one claim per name: values mean +- std, held in every seed."""
-    seeds = list(per_seed)
-    out = []
-    for i, c in enumerate(per_seed[seeds[0]]):
-        vals = [per_seed[s][i]["value"] for s in seeds]
-        held = [per_seed[s][i]["held"] for s in seeds]
-        num = [v for v in vals if isinstance(v, (int, float))]
-        mean = sum(num) / len(num) if num else None
-        std = (sum((v - mean) ** 2 for v in num) / (len(num) - 1)) ** 0.5 if len(num) > 1 else 0.0
-        out.append(ev.claim(c["claim"], mean, c["threshold"], all(h is True for h in held),
-                            "per seed: " + ", ".join(f"seed {s}: {v if not isinstance(v, float) else round(v, 4)} "
-                                                       f"({'holds' if h else 'does not hold'})"
-                                                       for s, v, h in zip(seeds, vals, held)) +
-                            (f"; mean {mean:.4g} +- {std:.3g}" if mean is not None else "") +
-                            ("" if all(h is True for h in held) else "; not reproduced here in every seed")))
-        out[-1]["per_seed"] = {str(s): per_seed[s][i] for s in seeds}
-    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -859,10 +861,7 @@ def report(cfg, metrics, claims):
             lines += extraction_table(seed, run["extraction"]) + [""]
         for tf in run.get("tofu", []):
             lines += tofu_table(seed, tf, cfg.mu_keep) + [""]
-    lines += ["| claim | value | threshold | held | detail |", "| --- | --- | --- | --- | --- |"]
-    for c in claims:
-        v, t = (f4(x, ".4g") if isinstance(x, float) else str(x) for x in (c["value"], c["threshold"]))
-        lines.append(f"| {c['claim']} | {v} | {t} | {c['held']} | {c['detail']} |")
+    lines += ev.claims_markdown(claims)
     env = metrics["env"]
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s (all processes; "
                  f"{env['workers']} x {env['threads']} torch threads, {env['device']})")
@@ -957,7 +956,7 @@ def main(argv=None):
         else:
             run.setdefault("tofu", []).append(out)
             claims.append(tofu_claim(out, cfg.mu_keep))
-    claims = over_seeds(per_seed)
+    claims = ev.over_seeds(per_seed)
     metrics = {"seeds": runs, "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0 + job_cpu,
                "env": {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
                        "workers": n, "torch": torch.__version__,

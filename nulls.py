@@ -652,7 +652,11 @@ def summarize(tr):
 
 
 def mc_accuracy(net, tok, questions, route=None, sinks=None):
-    """Multiple-choice accuracy: the choice with the highest mean log-prob per token as the prompt's continuation
+    return float(mc_correct(net, tok, questions, route, sinks).double().mean())
+
+
+def mc_correct(net, tok, questions, route=None, sinks=None):
+    """(N,) bool: is each question answered right? The choice with the highest mean log-prob per token as the prompt's continuation
     (length-normalized, as the paper's benchmarks are usually scored). route: per question, the source whose
     sinks are on (NULLs); None = the standard transformer."""
     q = [tok.encode(x.prompt) for x in questions]
@@ -662,7 +666,7 @@ def mc_accuracy(net, tok, questions, route=None, sinks=None):
     K = len(questions[0].choices)
     lp = torch.stack([ev.answer_logprob(net, q, [tok.encode(x.choices[j]) for x in questions], batch_size=256,
                                         pad_id=tok.pad_id, **fwd) for j in range(K)], 1)
-    return float((lp.argmax(1) == torch.tensor([x.answer for x in questions])).double().mean())
+    return lp.argmax(1) == torch.tensor([x.answer for x in questions])
 
 
 def related_facts(world, forget, n_max):
@@ -795,7 +799,9 @@ def run(cfg):
         claims, grad_nets = probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks,
                                         retr_sinks, unlearned, nearest, emb, all_ids, batches)
     else:
-        claims = [ev.claim(c, None, None, None, "not measured: real documents come without facts or questions")
+        none = ev.precondition("the data comes with facts and questions about each source (the built-in world)",
+                               0, False)
+        claims = [ev.claim(c, [], "", none)
                   for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept like retraining",
                             "3 gradient unlearning not selective", "5 knowledge capacity", "5 general capability")]
         grad_nets = {name: gradient_baseline(cfg, name, std_net, batches)[0] for name in ("npo", "ga")}
@@ -804,14 +810,16 @@ def run(cfg):
     # the loss on the held-out rest is tracked; every curve is compared with Retrained's, step by step
     parts = [relearn_split(cfg, tok, d) for d in fseqs]
     train_part, test_part = [a for a, _ in parts], [b for _, b in parts]
-    print(f"== relearning attack: {cfg.relearn_steps} steps on each of {2 + len(grad_nets)} models")
+    print(f"== relearning attack: {cfg.relearn_steps} steps on each of {3 + len(grad_nets)} models")
     curves = {"sink_off": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, route_near, forget),
-              "retrained": relearn(cfg, retr_net, tok, train_part, test_part, retr_sinks, route_near)}
+              "retrained": relearn(cfg, retr_net, tok, train_part, test_part, retr_sinks, route_near),
+              # the negative control of claim 4b: the sources never forgotten (each routed to its own sinks)
+              "sink_on": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, torch.tensor(forget))}
     for name, net in grad_nets.items():
         curves[name] = relearn(cfg, net, tok, train_part, test_part)
     metrics["relearning"] = curves
     claims.append(claim_reversed(curves["npo"], curves["retrained"], "npo"))
-    claims.append(claim_tracks(curves["sink_off"], curves["retrained"]))
+    claims.append(claim_tracks(curves["sink_off"], curves["retrained"], curves["sink_on"]))
     claims.sort(key=lambda c: c["claim"][0])            # 1, 1p, 2, 2p, 3 (NPO, GA, NULLs), 4, 5 (stable)
     metrics["times"]["eval_s"] = time.time() - t_eval
     metrics["wall_time_s"] = time.time() - t_start
@@ -856,9 +864,11 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
                 table[mode][cat] = summarize(v[sel])
         tables[wording], trs[wording] = table, tr
         tag = "" if wording == "verbatim" else "p"
-        claims.append(claim_unique_removed(*(table[m]["unique"] for m in ("sink_on", "sink_off/nearest",
-                                                                            "retrained/nearest")), tag=tag))
-        claims.append(claim_kept(table["sink_off/nearest"], table["retrained/nearest"],
+        of = lambda mode, cat: tr[mode][[i for i in range(len(facts)) if kinds[i] == cat]]
+        claims.append(claim_unique_removed(*(of(m, "unique") for m in ("sink_on", "sink_off/nearest",
+                                                                       "retrained/nearest")), tag=tag))
+        claims.append(claim_kept({c: of("sink_off/nearest", c) for c in ("shared", "inferred")},
+                                 {c: of("retrained/nearest", c) for c in ("shared", "inferred")},
                                  oracle_off=table["sink_off/stating"], tag=tag))
         metrics["routing_" + wording] = {"prompt_routed_to_stating_source": float(
             sum(int(prompt[i]) in facts[i].source_ids for i in range(len(facts))) / len(facts))}
@@ -876,12 +886,13 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     # routing it would use at deployment (each prompt to its nearest source), vs the standard transformer
     questions = data.general_questions(world)
     q_emb = embed(cfg, nulls_net, tok, [tok.encode(q.prompt) for q in questions], sinks.expected_mask())
-    general = {"nulls": mc_accuracy(nulls_net, tok, questions,
-                                    nearest_sources(q_emb, emb, all_ids), sinks),
+    correct = {"nulls": mc_correct(nulls_net, tok, questions, nearest_sources(q_emb, emb, all_ids), sinks),
+               "standard": mc_correct(std_net, tok, questions)}
+    general = {"nulls": float(correct["nulls"].double().mean()),
                # the deployed model after all n_forget requests (their sinks off everywhere): a utility diagnostic
                "nulls_after_forgetting": mc_accuracy(nulls_net, tok, questions,
                                                      nearest_sources(q_emb, emb, all_ids, exclude=gone), unlearned),
-               "standard": mc_accuracy(std_net, tok, questions), "n": len(questions)}
+               "standard": float(correct["standard"].double().mean()), "n": len(questions)}
     metrics["general_accuracy"] = general
 
     # Figure 3c: NPO and gradient ascent on the standard transformer, cfg.unlearn_epochs epochs over the forgotten
@@ -907,13 +918,21 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
             print(f"  step {step}/{total}: article-specific {out['specific']:.2f}, related {out['related']:.2f} "
                   f"(eta {eta:.0f} s)")
         return out
+    # related facts are probed as deployed: each cloze routed to its nearest source by prompt (Appendix A.2),
+    # before the request among every source, after it among the retained ones with the target's sinks off; the
+    # oracle routing to the fact's owner is reported beside it (it can lose at most the owner's overlap sinks)
+    rel_emb = embed(cfg, nulls_net, tok, [tok.encode(f.cloze) for f in rel_facts], sinks.expected_mask())
+    route_on = nearest_sources(rel_emb, emb, all_ids)
+    route_off = nearest_sources(rel_emb, emb, all_ids, exclude=gone)
     nulls_point = {
         "on": {"specific": table_frac(tables, "sink_on"),
-               "related": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks))},
+               "related": frac(truth_ratios(nulls_net, tok, rel_facts, route_on, sinks)),
+               "related_oracle": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks))},
         "off": {"specific": table_frac(tables, "sink_off/nearest"),
-                "related": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks, forgotten=rel_to))},
+                "related": frac(truth_ratios(nulls_net, tok, rel_facts, route_off, sinks, forgotten=rel_to)),
+                "related_oracle": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks, forgotten=rel_to))},
         "retrained": {"specific": table_frac(tables, "retrained/nearest"),
-                      "related": frac(truth_ratios(retr_net, tok, rel_facts, rel_owner, retr_sinks))}}
+                      "related": frac(truth_ratios(retr_net, tok, rel_facts, route_off, retr_sinks))}}
     metrics["selectivity"] = {"n_specific": len(uniq), "n_related": len(rel_facts), "nulls": nulls_point,
                               "general_accuracy_nulls_after_forgetting": general["nulls_after_forgetting"]}
     grad_nets, metrics["gradient_baselines"] = {}, {}
@@ -929,12 +948,16 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     # knowledge capacity (Figure 8c): Sink-On NULLs vs the standard transformer on every person's unique facts
     all_uniq = [f for f in world.facts if f.kind == "unique"]
     owners = torch.tensor([f.person for f in all_uniq])
-    cap = {w: {"nulls_sink_on": summarize(truth_ratios(nulls_net, tok, all_uniq, owners, sinks, wording=w)),
-               "standard": summarize(truth_ratios(std_net, tok, all_uniq, wording=w))} for w in WORDINGS}
+    cap_tr = {w: {"nulls_sink_on": truth_ratios(nulls_net, tok, all_uniq, owners, sinks, wording=w),
+                  "standard": truth_ratios(std_net, tok, all_uniq, wording=w),
+                  "nulls_backbone_only": truth_ratios(nulls_net, tok, all_uniq, fixed_mask=sinks.backbone_mask(),
+                                                      wording=w)} for w in WORDINGS}
+    cap = {w: {k: summarize(v) for k, v in d.items()} for w, d in cap_tr.items()}
     metrics["capacity"] = cap
-    claims.append(claim_capacity(cap["verbatim"]["nulls_sink_on"], cap["verbatim"]["standard"],
-                                 (cap["paraphrased"]["nulls_sink_on"], cap["paraphrased"]["standard"])))
-    claims.append(claim_general(general["nulls"], general["standard"], general["n"]))
+    p = cap_tr["paraphrased"]
+    claims.append(claim_capacity(p["nulls_sink_on"], p["standard"], p["nulls_backbone_only"],
+                                 (cap["verbatim"]["nulls_sink_on"], cap["verbatim"]["standard"])))
+    claims.append(claim_general(correct["nulls"], correct["standard"]))
     return claims, grad_nets
 
 
@@ -948,14 +971,16 @@ def table_frac(tables, mode):
 
 def claim_unique_removed(on, off, retr, tag=""):
     """Claim 1 (Figures 3b, 4): under nearest routing, Sink-Off removes article-specific (unique) facts as
-    retraining does. on/off/retr: summarize() of the unique facts' truth ratios."""
-    diff = abs(off["frac_gt1"] - retr["frac_gt1"])
-    fold = on["geomean"] / off["geomean"]
+    retraining does. on/off/retr: per-fact truth ratios of the unique facts (the same facts, in order). The
+    fraction difference is paired over facts with its 95% interval (eval.paired_proportion)."""
+    on, off, retr = (torch.as_tensor(v, dtype=torch.float64) for v in (on, off, retr))
+    fold = float((on.log().mean() - off.log().mean()).exp())
     return ev.claim(f"1{tag} Sink-Off removes unique facts like retraining (nearest routing, {WORDING_TAG[tag]}): "
                     "|frac TR>1 Sink-Off - Retrained| <= 0.15 and geomean TR Sink-On / Sink-Off >= 100",
-                    {"frac_diff": diff, "geomean_fold": fold}, {"frac_diff": 0.15, "geomean_fold": 100},
-                    bool(diff <= 0.15 and fold >= 100),
-                    f"frac TR>1: on {on['frac_gt1']:.2f}, off {off['frac_gt1']:.2f}, retrained {retr['frac_gt1']:.2f}")
+                    [ev.paired_proportion((off > 1).tolist(), (retr > 1).tolist(), 0.15, "frac_diff"),
+                     ev.condition("geomean_fold", fold, ">=", 100.0)],
+                    f"frac TR>1: on {float((on > 1).double().mean()):.2f}, off {float((off > 1).double().mean()):.2f}, "
+                    f"retrained {float((retr > 1).double().mean()):.2f} ({len(on)} facts)")
 
 
 WORDING_TAG = {"": "verbatim cloze", "p": "paraphrased cloze"}
@@ -963,22 +988,25 @@ WORDING_TAG = {"": "verbatim cloze", "p": "paraphrased cloze"}
 
 def claim_kept(off, retr, oracle_off=None, tag=""):
     """Claim 2 (Figure 4): under the paper's Sink-Off (the next-closest source by embedding similarity), shared
-    and inferred facts match Retrained: for each, |frac TR>1 difference| <= 0.10 and the geometric means within
-    a factor of 2. off/retr: {category: summarize()}; oracle_off: the same under routing to a source that
-    states the fact (an upper bound no deployed router has), reported only."""
-    vals, ok = {}, True
+    and inferred facts match Retrained: for each, |frac TR>1 difference| <= 0.10, paired over the facts with its
+    95% interval (a category of 10 facts cannot resolve 0.10: it is `inconclusive` unless Sink-Off and Retrained
+    disagree on many), and the geometric means within a factor of 2. off/retr: {category: per-fact truth ratios};
+    oracle_off: {category: summarize()} under routing to a source that states the fact (an upper bound no deployed
+    router has), reported only."""
+    tests, parts = [], []
     for cat in ("shared", "inferred"):
-        o, r = off[cat], retr[cat]
-        vals[cat] = {"frac_diff": abs(o["frac_gt1"] - r["frac_gt1"]), "geomean_ratio": o["geomean"] / r["geomean"]}
-        ok &= vals[cat]["frac_diff"] <= 0.10 and 0.5 <= vals[cat]["geomean_ratio"] <= 2.0
-    detail = "; ".join(f"{c}: frac TR>1 Sink-Off {off[c]['frac_gt1']:.2f} vs Retrained {retr[c]['frac_gt1']:.2f}, "
-                       f"geomean {fmt(off[c]['geomean'])} vs {fmt(retr[c]['geomean'])}" for c in ("shared", "inferred"))
+        o, r = (torch.as_tensor(v[cat], dtype=torch.float64) for v in (off, retr))
+        tests.append(ev.paired_proportion((o > 1).tolist(), (r > 1).tolist(), 0.10, f"{cat} frac_diff"))
+        tests.append(ev.condition(f"{cat} geomean_ratio", float((o.log().mean() - r.log().mean()).exp()), "within",
+                                  [0.5, 2.0]))
+        parts.append(f"{cat} ({len(o)} facts): frac TR>1 Sink-Off {float((o > 1).double().mean()):.2f} vs Retrained "
+                     f"{float((r > 1).double().mean()):.2f}")
+    detail = "; ".join(parts)
     if oracle_off is not None:
         detail += ("; oracle routing to a stating source (reported, not the claim): frac TR>1 shared "
                    f"{oracle_off['shared']['frac_gt1']:.2f}, inferred {oracle_off['inferred']['frac_gt1']:.2f}")
     return ev.claim(f"2{tag} Sink-Off keeps shared and inferred facts like Retrained (nearest routing, "
-                    f"{WORDING_TAG[tag]}): |frac TR>1 diff| <= 0.10 and geomean ratio in [0.5, 2]",
-                    vals, {"frac_diff": 0.10, "geomean_ratio": [0.5, 2.0]}, bool(ok), detail)
+                    f"{WORDING_TAG[tag]}): |frac TR>1 diff| <= 0.10 and geomean ratio in [0.5, 2]", tests, detail)
 
 
 def matched_point(traj, level):
@@ -995,121 +1023,107 @@ def matched_point(traj, level):
 def claim_not_selective(name, traj, level):
     """Claim 3 (Figure 3c), gradient side: at matched removal of article-specific facts (down to `level`, the
     fraction NULLs' Sink-Off leaves), facts in semantically similar other articles have fallen at least half as
-    much (slope = related drop / article-specific drop >= 0.5; the paper's near-diagonal trajectory is ~1)."""
+    much (slope = related drop / article-specific drop >= 0.5; the paper's near-diagonal trajectory is ~1).
+    Precondition: the gradient method starts above the level and reaches it."""
     title = f"3 {name.upper()} is not selective: at matched removal, related facts in other articles fall >= 0.5x as much"
     start, m = traj[0], matched_point(traj, level)
-    if start["specific"] <= level:
-        return ev.claim(title, None, 0.5, None, f"not reproduced here: the standard model starts at frac TR>1 "
-                        f"{start['specific']:.2f}, already at or below the matched level {level:.2f}")
-    if m is None:
-        return ev.claim(title, None, 0.5, None,
-                        f"not reproduced here: {name} never brought article-specific frac TR>1 from "
-                        f"{start['specific']:.2f} down to the matched level {level:.2f} (lowest "
-                        f"{min(r['specific'] for r in traj):.2f}) in {traj[-1]['step']} steps")
+    low = min(r["specific"] for r in traj)
+    pre = ev.precondition(f"{name} brings article-specific frac TR>1 from above the matched level {level:.2f} down to "
+                          f"it within {traj[-1]['step']} steps (start, lowest)", [start["specific"], low],
+                          start["specific"] > level and m is not None)
+    if not pre["met"]:
+        return ev.claim(title, [], "", pre)
     slope = (start["related"] - m["related"]) / (start["specific"] - m["specific"])
-    return ev.claim(title, slope, 0.5, bool(slope >= 0.5),
+    return ev.claim(title, [ev.condition("slope", slope, ">=", 0.5)],
                     f"matched at step {m['step']:.1f}: article-specific {start['specific']:.2f} -> {m['specific']:.2f}, "
                     f"related {start['related']:.2f} -> {m['related']:.2f}, general accuracy "
-                    f"{start['general_acc']:.2f} -> {m['general_acc']:.2f}")
+                    f"{start['general_acc']:.2f} -> {m['general_acc']:.2f}", pre)
 
 
 def claim_selective(on, off):
     """Claim 3, NULLs side: Sink-Off removes article-specific facts without degrading related facts in other
-    articles: slope = related drop / article-specific drop <= 0.2. on/off: {"specific", "related"} fractions."""
+    articles: slope = related drop / article-specific drop <= 0.2. on/off: {"specific", "related"} fractions, the
+    related facts probed as deployed (each cloze routed to its nearest source; after the request the forgotten
+    sources are never routed to and their sinks are off). Precondition: Sink-Off removed some specific facts."""
     title = "3 NULLs is selective: related facts fall <= 0.2x as much as article-specific ones under Sink-Off"
     d_spec, d_rel = on["specific"] - off["specific"], on["related"] - off["related"]
-    if d_spec <= 0:
-        return ev.claim(title, None, 0.2, None, f"not reproduced here: Sink-Off removed no article-specific facts "
-                        f"(frac TR>1 {on['specific']:.2f} -> {off['specific']:.2f})")
-    slope = d_rel / d_spec
-    return ev.claim(title, slope, 0.2, bool(slope <= 0.2),
+    pre = ev.precondition("Sink-Off removes article-specific facts: frac TR>1 Sink-On - Sink-Off > 0", d_spec, d_spec > 0)
+    if not pre["met"]:
+        return ev.claim(title, [], "", pre)
+    return ev.claim(title, [ev.condition("slope", d_rel / d_spec, "<=", 0.2)],
                     f"article-specific {on['specific']:.2f} -> {off['specific']:.2f}, related {on['related']:.2f} -> "
-                    f"{off['related']:.2f}")
+                    f"{off['related']:.2f}", pre)
 
 
 def claim_reversed(curve, retr, name="npo", within=10):
     """Claim 4a (Figure 7b): gradient unlearning is reversed by relearning in fewer than `within` (10) steps:
     the held-out loss of the gradient-unlearned model falls below Retrained's at the same step (Retrained was
-    also fine-tuned the same way; it never saw the source). Both curves start at step 0 (before fine-tuning)."""
+    also fine-tuned the same way; it never saw the source). Both curves start at step 0 (before fine-tuning).
+    A curve that never gets below counts as step max(len(curve), within + 1) (censored: a fail)."""
     title = f"4 relearning reverses {name.upper()} within {within} steps (held-out loss below Retrained's at the same step)"
-    if curve[0] < retr[0]:
-        return ev.claim(title, None, within, None, f"not reproduced here: {name} starts below Retrained before any "
-                        f"relearning ({curve[0]:.3f} vs {retr[0]:.3f}), so there is no unlearning to reverse")
+    pre = ev.precondition(f"{name} starts at or above Retrained's held-out loss before relearning (difference)",
+                          curve[0] - retr[0], curve[0] >= retr[0])
     k = next((k for k in range(1, len(curve)) if curve[k] < retr[k]), None)
-    return ev.claim(title, k, within, bool(k is not None and k <= within),
+    steps = k if k is not None else max(len(curve), within + 1)
+    return ev.claim(title, [ev.condition("steps to reverse", steps, "<=", within)],
                     f"held-out loss {name} {curve[0]:.3f} -> {curve[-1]:.3f}, Retrained {retr[0]:.3f} -> {retr[-1]:.3f}"
-                    + ("" if k is not None else f"; never below Retrained in {len(curve) - 1} steps"))
+                    + ("" if k is not None else f"; never below Retrained in {len(curve) - 1} steps"), pre)
 
 
-def claim_tracks(off, retr, tol=0.10):
+def relative_gap(curve, retr):
+    return max(abs(a - b) / b for a, b in zip(curve, retr))
+
+
+def claim_tracks(off, retr, on, tol=0.10):
     """Claim 4b (Figure 7b): under relearning, NULLs with Sink-Off follows Retrained: at every step the held-out
-    loss is within 10% of Retrained's (max over steps of |off - retr| / retr)."""
-    gap = max(abs(a - b) / b for a, b in zip(off, retr))
-    return ev.claim("4 relearning: Sink-Off stays within 10% of Retrained's held-out loss at every step", gap, tol,
-                    bool(gap <= tol), f"Sink-Off {off[0]:.3f} -> {off[-1]:.3f}, Retrained {retr[0]:.3f} -> {retr[-1]:.3f}")
+    loss is within 10% of Retrained's (max over steps of |off - retr| / retr). Negative control: Sink-On (the
+    source never forgotten) must NOT track Retrained, or the measure cannot tell forgetting from not forgetting."""
+    control = relative_gap(on, retr)
+    return ev.claim("4 relearning: Sink-Off stays within 10% of Retrained's held-out loss at every step",
+                    [ev.condition("max relative gap", relative_gap(off, retr), "<=", tol)],
+                    f"Sink-Off {off[0]:.3f} -> {off[-1]:.3f}, Retrained {retr[0]:.3f} -> {retr[-1]:.3f}, Sink-On "
+                    f"{on[0]:.3f} -> {on[-1]:.3f}",
+                    ev.precondition(f"the measure separates a model that never forgot: Sink-On's max relative gap "
+                                    f"> {tol}", control, control > tol))
 
 
-def claim_capacity(nulls_on, std, para=None):
-    """Claim 5a (Figure 8c): knowledge capacity. Sink-On NULLs matches a parameter-matched standard transformer
-    on article-specific facts: frac TR>1 no more than 0.10 below, geometric mean at least half."""
-    d, r = nulls_on["frac_gt1"] - std["frac_gt1"], nulls_on["geomean"] / std["geomean"]
-    detail = (f"frac TR>1 NULLs {nulls_on['frac_gt1']:.2f} vs standard {std['frac_gt1']:.2f}, geomean "
-              f"{fmt(nulls_on['geomean'])} vs {fmt(std['geomean'])}")
-    if para is not None:
-        detail += (f"; paraphrased cloze (reported): frac TR>1 {para[0]['frac_gt1']:.2f} vs {para[1]['frac_gt1']:.2f}, "
-                   f"geomean {fmt(para[0]['geomean'])} vs {fmt(para[1]['geomean'])}")
+def claim_capacity(nulls_on, std, control, verbatim=None):
+    """Claim 5a (Figure 8c: the mean truth ratio on article-specific cloze prompts): knowledge capacity. Sink-On
+    NULLs matches a parameter-matched standard transformer on every article's unique facts asked in wording no
+    article uses (paraphrased cloze: verbatim prompts saturate, frac TR>1 = 1.00 for both): geometric-mean truth
+    ratio NULLs / standard >= 0.5. nulls_on/std/control: per-fact truth ratios; control = NULLs with every sink
+    off (backbone only), which holds none of the sources' knowledge: it must fail the same test, or the measure
+    cannot separate the models. verbatim: (nulls, standard) summarize() of the verbatim prompts, reported."""
+    g = lambda v: float(torch.as_tensor(v, dtype=torch.float64).log().mean().exp())
+    ratio, ctrl = g(nulls_on) / g(std), g(control) / g(std)
+    detail = f"paraphrased cloze: geomean TR NULLs {fmt(g(nulls_on))}, standard {fmt(g(std))}, backbone only {fmt(g(control))}"
+    if verbatim is not None:
+        detail += (f"; verbatim cloze (reported): frac TR>1 {verbatim[0]['frac_gt1']:.2f} vs "
+                   f"{verbatim[1]['frac_gt1']:.2f}, geomean {fmt(verbatim[0]['geomean'])} vs {fmt(verbatim[1]['geomean'])}")
     return ev.claim("5 knowledge capacity: Sink-On NULLs vs a standard transformer (same params) on every article's "
-                    "unique facts: frac TR>1 diff >= -0.10 and geomean ratio >= 0.5",
-                    {"frac_diff": d, "geomean_ratio": r}, {"frac_diff": -0.10, "geomean_ratio": 0.5},
-                    bool(d >= -0.10 and r >= 0.5), detail)
+                    "unique facts, paraphrased cloze: geomean TR ratio >= 0.5",
+                    [ev.condition("geomean_ratio", ratio, ">=", 0.5)], detail,
+                    ev.precondition("the measure separates a model without the sources' sinks: backbone-only / "
+                                    "standard geomean TR ratio < 0.5", ctrl, ctrl < 0.5))
 
 
-def claim_general(acc_nulls, acc_std, n):
+def claim_general(correct_nulls, correct_std):
     """Claim 5b (Table 1): general capability. NULLs' multiple-choice accuracy under deployment routing is within
-    one standard deviation of the standard transformer's: acc_nulls >= acc_std - sqrt(acc_std (1 - acc_std) / n)
-    (the binomial standard error benchmarks report). One-sided: being better is no cost."""
-    se = math.sqrt(acc_std * (1 - acc_std) / n)
-    return ev.claim("5 general capability: NULLs multiple-choice accuracy on general questions (deployment "
-                    "routing) >= standard - 1 std", {"acc_nulls": acc_nulls, "acc_standard": acc_std, "std": se},
-                    {"acc_nulls_min": acc_std - se}, bool(acc_nulls >= acc_std - se), f"{n} questions")
+    one standard deviation of the standard transformer's, where the standard deviation is the standard error of
+    the difference paired over the same questions: mean(d) >= -sd(d) / sqrt(n), d = correct_nulls - correct_std
+    per question. One-sided: being better is no cost."""
+    a, b = (torch.as_tensor(v, dtype=torch.float64) for v in (correct_nulls, correct_std))
+    d = a - b
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return ev.claim("5 general capability: NULLs multiple-choice accuracy on general questions (deployment routing) "
+                    ">= standard - 1 standard error of the paired difference",
+                    [ev.condition("accuracy difference", float(d.mean()), ">=", -se)],
+                    f"accuracy NULLs {float(a.mean()):.3f}, standard {float(b.mean()):.3f}, {len(d)} questions")
 
 
 # -------------------------------------------------------------------------------------------------
 # Seeds: the whole experiment once per seed; every claim as mean +- std with a verdict per seed and overall
 # -------------------------------------------------------------------------------------------------
-
-def _flat(v, key=""):
-    if isinstance(v, dict):
-        out = {}
-        for k, x in v.items():
-            out.update(_flat(x, f"{key}/{k}" if key else str(k)))
-        return out
-    return {key or "value": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else {}
-
-
-def aggregate_claims(per_seed):
-    """per_seed: {seed: [claim dicts]} -> one claim per name: held per seed, overall held (True if it held for
-    every seed, False if it failed for any, else None: not measured somewhere), and each numeric part of the
-    value as mean +- std over the seeds where it was measured (std with n - 1; 0 for one seed)."""
-    seeds = list(per_seed)
-    out = []
-    for c0 in per_seed[seeds[0]]:
-        cs = {s: next(c for c in per_seed[s] if c["claim"] == c0["claim"]) for s in seeds}
-        held = {s: c["held"] for s, c in cs.items()}
-        overall = (True if all(h is True for h in held.values()) else
-                   False if any(h is False for h in held.values()) else None)
-        stats = {}
-        keys = []
-        for c in cs.values():
-            keys += [k for k in _flat(c["value"]) if k not in keys]
-        for k in keys:
-            xs = torch.tensor([_flat(c["value"])[k] for c in cs.values() if k in _flat(c["value"])], dtype=torch.float64)
-            stats[k] = {"mean": float(xs.mean()), "std": float(xs.std()) if len(xs) > 1 else 0.0, "n": len(xs)}
-        out.append({"claim": c0["claim"], "threshold": c0["threshold"], "held": overall,
-                    "held_per_seed": held, "value_per_seed": {s: c["value"] for s, c in cs.items()},
-                    "stats": stats, "detail": "; ".join(f"seed {s}: {c['detail']}" for s, c in cs.items() if c["detail"])})
-    return out
-
 
 # -------------------------------------------------------------------------------------------------
 # Report: the printed tables, results.json / results.md, plots
@@ -1117,14 +1131,6 @@ def aggregate_claims(per_seed):
 
 def fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
-
-
-def claims_table(claims):
-    lines = ["| claim | value | threshold | held |", "| --- | --- | --- | --- |"]
-    for c in claims:
-        lines.append(f"| {c['claim']} | {json.dumps(c['value'], default=float)} | {json.dumps(c['threshold'])} | "
-                     f"{c['held']} |" + (f" {c['detail']}" if c["detail"] else ""))
-    return lines
 
 
 def report(cfg, metrics, claims, seeds_note=""):
@@ -1167,7 +1173,8 @@ def report(cfg, metrics, claims, seeds_note=""):
                   f"{ga['nulls_after_forgetting']:.3f}, standard {ga['standard']:.3f}",
                   "Knowledge capacity (every person's unique facts, geomean TR / frac TR>1): " +
                   "; ".join(f"{w}: NULLs Sink-On {fmt(c['nulls_sink_on']['geomean'])} / {c['nulls_sink_on']['frac_gt1']:.2f}, "
-                            f"standard {fmt(c['standard']['geomean'])} / {c['standard']['frac_gt1']:.2f}"
+                            f"standard {fmt(c['standard']['geomean'])} / {c['standard']['frac_gt1']:.2f}, backbone "
+                            f"only {fmt(c['nulls_backbone_only']['geomean'])} / {c['nulls_backbone_only']['frac_gt1']:.2f}"
                             for w, c in cap.items()), ""]
     fl, vl = metrics["forget_loss"], metrics["val_loss"]
     rl = metrics["relearning"]
@@ -1179,7 +1186,7 @@ def report(cfg, metrics, claims, seeds_note=""):
               "", "| step | " + " | ".join(rl) + " |", "|" + " --- |" * (len(rl) + 1)]
     for k in range(len(rl["retrained"])):
         lines.append(f"| {k} | " + " | ".join(f"{c[k]:.3f}" for c in rl.values()) + " |")
-    lines += [""] + claims_table(claims)
+    lines += [""] + ev.claims_markdown(claims)
     lines.append(f"\n{seeds_note}wall time {metrics['wall_time_s']:.0f} s, process CPU time {metrics['cpu_time_s']:.0f} s "
                  f"({torch.get_num_threads()} torch threads; training {metrics['times']['train_s']:.0f} s wall, "
                  f"evaluation {metrics['times']['eval_s']:.0f} s wall)")
@@ -1188,14 +1195,10 @@ def report(cfg, metrics, claims, seeds_note=""):
 
 def report_seeds(cfg, seeds, per_seed_metrics, per_seed_claims):
     """The claims over seeds: mean +- std of each value, verdict per seed and overall; out_dir/results.json."""
-    agg = aggregate_claims(per_seed_claims)
+    agg = ev.over_seeds(per_seed_claims)
     lines = [f"nulls.py over {len(seeds)} seeds ({', '.join(map(str, seeds))}); per-seed tables in "
-             f"{cfg.out_dir}/seed<k>/results.md", "", "| claim | mean +- std | threshold | held per seed | overall |",
-             "| --- | --- | --- | --- | --- |"]
-    for c in agg:
-        st = ", ".join(f"{k} {v['mean']:.3g} +- {v['std']:.2g}" for k, v in c["stats"].items()) or "-"
-        lines.append(f"| {c['claim']} | {st} | {json.dumps(c['threshold'])} | "
-                     f"{' '.join(str(h) for h in c['held_per_seed'].values())} | {c['held']} |")
+             f"{cfg.out_dir}/seed<k>/results.md; each verdict from the 95% interval over the seeds", ""]
+    lines += ev.claims_markdown(agg)
     cpu = sum(m["cpu_time_s"] for m in per_seed_metrics.values())
     wall = sum(m["wall_time_s"] for m in per_seed_metrics.values())
     lines.append(f"\nwall time {wall:.0f} s, process CPU time {cpu:.0f} s over {len(seeds)} seeds")

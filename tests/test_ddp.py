@@ -184,7 +184,7 @@ def test_nulls_under_torchrun_matches_the_single_process_run(tmp_path):
     ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
     _close(single["metrics"], ddp["metrics"])
     _close(single["claims"], ddp["claims"])
-    assert [c["held"] for c in ddp["claims"]] == [c["held"] for c in single["claims"]]
+    assert [c["verdict"] for c in ddp["claims"]] == [c["verdict"] for c in single["claims"]]
     # the three checkpoints (written by rank 0 alone) hold the same training keys as the single run's
     pts = lambda d: sorted(f for f in os.listdir(d) if f.endswith(".pt"))
     assert pts(tmp_path / "ddp") == pts(tmp_path / "single")

@@ -1,6 +1,6 @@
-"""locprobe.py: the seed-level tests against explicit enumeration, every claim function both ways on constructed
-inputs, regions and the injection check, value spans, the smoke run end to end (with its cache), and the
---preset=paper code path (TOFU files + a local Hugging Face folder) on a tiny fake."""
+"""locprobe.py: the seed-level tests against explicit enumeration, every claim function to each verdict it can
+reach on constructed inputs, regions and the injection check, value spans, the smoke run end to end (with its
+cache), and the --preset=paper code path (TOFU files + a local Hugging Face folder) on a tiny fake."""
 import itertools
 import json
 import math
@@ -80,18 +80,58 @@ def summary(t2, objectives=("npo",)):
     return L.summarize_table2(cfg, t2)
 
 
-def test_claim_oracle_vs_random_both_ways():
-    rnd = [0.50, 0.53, 0.47, 0.52, 0.49]
-    same = summary(fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], rnd, [0.52, 0.49, 0.50, 0.47, 0.51]))
-    (c,) = L.claim_oracle_vs_random(same, ["npo"])
-    assert c["held"] is True and c["value"] > 0.05
-    better = summary(fake_t2([0.70, 0.72, 0.69, 0.71, 0.73], rnd, [0.52, 0.49, 0.50, 0.47, 0.51]))
-    (c,) = L.claim_oracle_vs_random(better, ["npo"])
-    assert c["held"] is False and c["value"] < 0.05 and "not reproduced here" in c["detail"]
+def verdicts(claims):
+    return [c["verdict"] for c in claims]
+
+
+RND = [0.50, 0.53, 0.47, 0.52, 0.49]
+RND2 = [0.52, 0.49, 0.50, 0.47, 0.51]
+
+
+def test_claim_oracle_vs_random_every_verdict():
+    same = summary(fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], RND, RND2))
+    cs = L.claim_oracle_vs_random(same, ["npo"])
+    assert [c["claim"] for c in cs] == ["1 Oracle does not beat Random on AUES (npo)",
+                                        "1 Oracle does not beat Random on MU95 (npo)"]
+    assert verdicts(cs) == ["holds", "holds"] and cs[0]["value"]["p_seed"] > 0.05
+    assert cs[0]["tests"][1]["threshold"] == pytest.approx(max(same["npo"]["aues"]["abs_delta_calibration_per_seed"]))
+    better = summary(fake_t2([0.70, 0.72, 0.69, 0.71, 0.73], RND, RND2))
+    cs = L.claim_oracle_vs_random(better, ["npo"])
+    assert verdicts(cs) == ["fails", "fails"] and cs[0]["value"]["p_seed"] < 0.05
     # not significant, but |delta| far outside the calibration pair's spread (Random == Random2 here) -> fails
-    wide = summary(fake_t2([0.50, 0.60, 0.40, 0.55, 0.45], rnd, rnd))
-    (c,) = L.claim_oracle_vs_random(wide, ["npo"])
-    assert wide["npo"]["aues"]["p_seed"] > 0.05 and c["held"] is False
+    wide = summary(fake_t2([0.50, 0.60, 0.40, 0.55, 0.45], RND, RND))
+    cs = L.claim_oracle_vs_random(wide, ["npo"])
+    assert wide["npo"]["aues"]["p_seed"] > 0.05 and verdicts(cs) == ["fails", "fails"]
+    assert cs[0]["tests"][0]["value"] > 0.05 and cs[0]["tests"][1]["value"] > cs[0]["tests"][1]["threshold"]
+
+
+def test_claim_oracle_vs_random_not_testable_here():
+    # 3 seeds: the seed-level p cannot go below 2 / C(6, 3) = 0.1, so "p > 0.05" would hold whatever happens
+    better = summary(fake_t2([0.70, 0.72, 0.69], RND[:3], RND2[:3]))
+    cs = L.claim_oracle_vs_random(better, ["npo"])
+    assert verdicts(cs) == ["not testable here"] * 2
+    assert cs[0]["precondition"]["value"] == pytest.approx(0.1) and "p <= 0.05" in cs[0]["precondition"]["what"]
+    assert L.min_attainable_p(4, 4) == pytest.approx(2 / 70) and L.seeds_precondition(4)["met"]
+    # one sweep whose MU never falls to 95% of theta_o's: MU95 is the fallback there; AUES is still tested
+    t2 = fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], RND, RND2)
+    t2["seeds"]["3"]["runs"]["npo"]["oracle"]["mu"] = [0.9, 0.89, 0.88, 0.87, 0.86, 0.86]   # min 0.956 x theta_o
+    cs = L.claim_oracle_vs_random(summary(t2), ["npo"])
+    assert verdicts(cs) == ["holds", "not testable here"]
+    assert cs[1]["precondition"]["value"] == {"n": 1, "which": ["3/oracle"]}
+    assert "not testable here" in "\n".join(L.ev.claims_markdown(cs))
+    # a sweep that spans no FS range: its AUES is 0, the AUES claim is not testable
+    t2 = fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], RND, RND2)
+    t2["seeds"]["1"]["runs"]["npo"]["random2"]["fs"] = [0.2] * 6
+    cs = L.claim_oracle_vs_random(summary(t2), ["npo"])
+    assert verdicts(cs) == ["not testable here", "holds"] and cs[0]["precondition"]["value"] == 0.0
+
+
+def test_mu95_fallback_is_eval_mu95s_fallback():
+    c = {"mu": [0.8, 0.78, 0.77], "log_fq": [-3.0, -2.0, -1.0]}
+    assert L.mu95_fallback(c) and L.ev.mu95(c["mu"], c["log_fq"], c["mu"][0]) == -1.0   # lowest-MU point's FQ
+    c["mu"][2] = 0.75
+    assert not L.mu95_fallback(c) and -2.0 < L.ev.mu95(c["mu"], c["log_fq"], c["mu"][0]) < -1.0
+    assert L.fs_range({"fs": [0.3, 0.1, 0.25]}) == pytest.approx(0.2)
 
 
 def test_summary_reports_calibration_arm_and_paper_tests():
@@ -100,26 +140,44 @@ def test_summary_reports_calibration_arm_and_paper_tests():
     assert len(s["paper_tests"]) == 5 and {"p_aues", "p_aues_calibration", "p_mu95", "p_mu95_calibration"} <= \
         set(s["paper_tests"][0])
     assert s["l2_closed"]["oracle"] == [pytest.approx(0.9)] * 5
+    assert s["fs_range"]["oracle"] == [pytest.approx(0.5)] * 5 and s["mu95_fallback"]["random"] == [False] * 5
 
 
-def test_claim_localizers_both_ways():
-    rnd = {str(i): {"aues": v} for i, v in enumerate([0.50, 0.52, 0.48, 0.51, 0.49])}
-    c = L.claim_localizers({"random": rnd, "localizers": {"wagle": {"aues": 0.51}, "memflex": {"aues": 0.40}}})
-    assert c["held"] is True
-    c = L.claim_localizers({"random": rnd, "localizers": {"wagle": {"aues": 0.60}}})
-    assert c["held"] is False and c["value"] == pytest.approx(0.10)
+def t1_of(random_aues, localizers):
+    curve = lambda a: {"aues": a, "fs": [0.0, 0.2, 0.4]}
+    return {"random": {str(i): curve(v) for i, v in enumerate(random_aues)},
+            "localizers": {n: curve(v) for n, v in localizers.items()}}
 
 
-def test_claim_l2_both_ways():
+def test_claim_localizers_every_verdict():
+    rnd = [0.50, 0.52, 0.48, 0.51, 0.49]
+    c = L.claim_localizers(t1_of(rnd, {"wagle": 0.51, "memflex": 0.40}))
+    assert c["verdict"] == "holds" and len(c["tests"]) == 2
+    assert c["tests"][0]["threshold"] == pytest.approx(2 * float(np.std(rnd, ddof=1)))
+    c = L.claim_localizers(t1_of(rnd, {"wagle": 0.60}))
+    assert c["verdict"] == "fails" and c["value"]["AUES wagle - mean Random"] == pytest.approx(0.10)
+    c = L.claim_localizers(t1_of([0.50], {"wagle": 0.60}))           # one Random seed: no spread
+    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == 1
+    t1 = t1_of(rnd, {"wagle": 0.51})
+    t1["localizers"]["wagle"]["fs"] = [0.3, 0.3, 0.3]
+    c = L.claim_localizers(t1)
+    assert c["verdict"] == "not testable here" and "wagle" in c["precondition"]["what"]
+
+
+def test_claim_l2_every_verdict():
     t2 = fake_t2([0.5] * 5, [0.51, 0.49, 0.5, 0.52, 0.48], [0.5, 0.52, 0.48, 0.5, 0.51], objectives=("l2",))
     for seed in t2["seeds"].values():
         seed["runs"]["l2"]["random"]["l2_final"] = 4.0            # closes 60% vs Oracle's 90%
     c = L.claim_l2(summary(t2, ("l2",)))
-    assert c["held"] is True and c["value"] == pytest.approx(0.6 / 0.9)
+    assert c["verdict"] == "holds" and c["value"]["gap closed V_rdm / V_tgt"] == pytest.approx(0.6 / 0.9)
     for seed in t2["seeds"].values():
         seed["runs"]["l2"]["random"]["l2_final"] = 8.0            # closes 20%
     c = L.claim_l2(summary(t2, ("l2",)))
-    assert c["held"] is False and "not reproduced here" in c["detail"]
+    assert c["verdict"] == "fails" and "fails" in c["detail"]
+    for seed in t2["seeds"].values():
+        seed["runs"]["l2"]["oracle"]["l2_final"] = 10.0           # V_tgt closes nothing: the ratio is undefined
+    c = L.claim_l2(summary(t2, ("l2",)))
+    assert c["verdict"] == "not testable here" and c["tests"] == [] and c["precondition"]["value"] == 0.0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -183,7 +241,10 @@ def test_smoke_run_end_to_end_and_cache(tmp_path):
     metrics, claims = L.main(["--preset=smoke", f"--out_dir={out}"], log=lambda s: None)
     res = json.load(open(os.path.join(out, "results.json")))
     assert {c["claim"][:1] for c in res["claims"]} == {"1", "2", "3"}
-    assert all(c["held"] in (True, False) for c in res["claims"])
+    assert all(c["verdict"] in L.ev.VERDICTS for c in res["claims"])
+    # two seeds: the seed-level test cannot reach p <= 0.05, so claim 1 is not testable here
+    assert all(c["verdict"] == "not testable here" for c in res["claims"] if c["claim"][:1] == "1")
+    assert res["checks"] and all(k["ok"] for k in res["checks"])
     t2 = res["metrics"]["table2"]
     for s in t2["seeds"].values():
         assert s["inject"]["identical_outside_v_tgt"] is True
@@ -239,7 +300,8 @@ def test_paper_path_on_a_tiny_local_fake(tmp_path):
                                                                            "n_people", "n_families", "n_real")]
     metrics, claims = L.main(argv, log=lambda s: None)
     assert metrics["n_qa"]["forget"] == 20 and metrics["n_value_vectors"] == 3 * 40
-    assert [c["claim"] for c in claims] == ["1 Oracle does not beat Random (dpo)"]
+    assert [c["claim"] for c in claims] == ["1 Oracle does not beat Random on AUES (dpo)",
+                                            "1 Oracle does not beat Random on MU95 (dpo)"]
     c = metrics["table2"]["seeds"]["7"]["runs"]["dpo"]["oracle"]
     assert len(c["mu"]) == 3 and all(0 <= m <= 1 for m in c["mu"])
     assert metrics["table2"]["seeds"]["7"]["inject"]["identical_outside_v_tgt"] is True

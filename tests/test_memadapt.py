@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import eval as ev
 import memadapt as MA
 import model as M
 
@@ -270,25 +271,54 @@ def test_row_adam_first_step_is_adams():
 
 # ---------------------------------------------------------------------------------------------- claims
 
-def test_claim_functions_both_ways():
-    assert MA.claim_mem_priv(0.60, 0.62, 0.9, {"npo": 0.8})["held"]
-    assert not MA.claim_mem_priv(0.50, 0.62, 0.9, {"npo": 0.8})["held"]
-    assert not MA.claim_mem_priv(0.70, 0.62, 0.7, {"npo": 0.8})["held"]
-    assert MA.claim_learning(0.93)["held"] and not MA.claim_learning(0.89)["held"]
-    assert MA.claim_no_cost(1.0, 0.93)["held"] and not MA.claim_no_cost(0.9, 0.93)["held"]
-    assert MA.claim_agg(0.87, {"rmu": 0.86})["held"] and not MA.claim_agg(0.8, {"rmu": 0.86})["held"]
-    assert MA.claim_speed(1e-5, {"npo": 1.0, "rmu": 2.0})["held"]
-    assert not MA.claim_speed(1e-5, {"npo": 0.005})["held"]          # only 500x
-    assert not MA.claim_speed(2e-3, {"npo": 100.0})["held"]          # over 1 ms
-    assert MA.claim_identity(0.0)["held"] and not MA.claim_identity(1e-7)["held"]
-    assert not MA.claim_learning(float("nan"))["held"]
+def test_claim_functions_every_verdict():
+    nan = float("nan")
+    v = lambda c: c["verdict"]
+    assert v(MA.claim_mem_priv(0.60, 0.62, 0.9, {"npo": 0.8})) == "holds"
+    assert v(MA.claim_mem_priv(0.50, 0.62, 0.9, {"npo": 0.8})) == "fails"          # Mem. more than 0.05 below
+    assert v(MA.claim_mem_priv(0.70, 0.62, 0.7, {"npo": 0.8})) == "fails"          # Priv. below a baseline's
+    c = MA.claim_mem_priv(0.70, 0.62, 0.9, {})
+    assert v(c) == "not testable here" and c["precondition"]["value"] == 0        # no baseline ran
+    assert [v(MA.claim_learning(x)) for x in (0.93, 0.89, nan)] == ["holds", "fails", "not testable here"]
+    assert MA.claim_learning(nan)["precondition"]["value"] == ["util_r"]
+    assert [v(MA.claim_no_cost(a, 0.93)) for a in (1.0, 0.9, nan)] == ["holds", "fails", "not testable here"]
+    assert [v(MA.claim_agg(a, {"rmu": 0.86})) for a in (0.87, 0.8, nan)] == ["holds", "fails", "not testable here"]
+    assert v(MA.claim_agg(0.87, {"rmu": nan})) == v(MA.claim_agg(0.87, {})) == "not testable here"
+    c = MA.claim_mem_priv(0.60, 0.62, 0.9, {"npo": 0.8, "rmu": 0.85})
+    assert c["value"] == {"mem": 0.60, "priv": 0.9}
+    assert [t["threshold"] for t in c["tests"]] == [pytest.approx(0.57), 0.85]
 
 
-def test_combine_claims_mean_std_and_per_seed_verdicts():
-    per = [[MA.claim_learning(0.95)], [MA.claim_learning(0.85)]]
-    c = MA.combine_claims(per, [0, 1])[0]
-    assert c["value"]["mean"] == pytest.approx(0.9) and c["value"]["per_seed"] == [0.95, 0.85]
-    assert c["held_per_seed"] == {"0": True, "1": False} and c["held"] is False
+def test_speed_and_identity_are_checks_not_claims():
+    assert MA.check_speed(1e-5, {"npo": 1.0, "rmu": 2.0})["ok"]
+    assert not MA.check_speed(1e-5, {"npo": 0.005})["ok"]            # only 500x
+    assert not MA.check_speed(2e-3, {"npo": 100.0})["ok"]            # over 1 ms
+    assert MA.check_speed(1e-5, {})["ok"] and "no post-hoc baseline" in MA.check_speed(1e-5, {})["detail"]
+    assert MA.check_identity(0.0)["ok"] and not MA.check_identity(1e-7)["ok"]
+    assert "verdict" not in MA.check_identity(0.0)
+    per = [[MA.check_identity(0.0)], [MA.check_identity(1e-7)]]
+    both = MA.combine_checks(per, [0, 1])[0]
+    assert both["ok"] is False and "seed 0" in both["detail"] and "seed 1" in both["detail"]
+    assert MA.combine_checks(per[:1], [0]) == per[0]
+
+
+def test_combine_claims_over_seeds_every_verdict():
+    c = MA.combine_claims([[MA.claim_learning(0.95)], [MA.claim_learning(0.85)]], [0, 1])[0]
+    assert c["value"]["util_r"] == pytest.approx(0.9) and c["tests"][0]["per_seed"] == [0.95, 0.85]
+    assert c["verdict_per_seed"] == {"0": "holds", "1": "fails"} and c["verdict"] == "inconclusive"
+    assert MA.combine_claims([[MA.claim_learning(0.95)], [MA.claim_learning(0.951)]], [0, 1])[0]["verdict"] == "holds"
+    assert MA.combine_claims([[MA.claim_learning(0.5)], [MA.claim_learning(0.51)]], [0, 1])[0]["verdict"] == "fails"
+    assert MA.combine_claims([[MA.claim_learning(0.95)], [MA.claim_learning(float("nan"))]],
+                             [0, 1])[0]["verdict"] == "not testable here"
+    # a threshold measured per seed (the best baseline's) is paired with its own seed
+    straddle = {"mem_priv": ([MA.claim_mem_priv(0.6, 0.6, 0.9, {"npo": 0.8})],
+                             [MA.claim_mem_priv(0.6, 0.6, 0.7, {"npo": 0.8})]),
+                "no_cost": ([MA.claim_no_cost(1.0, 0.93)], [MA.claim_no_cost(0.9, 0.93)]),
+                "agg": ([MA.claim_agg(0.9, {"npo": 0.8})], [MA.claim_agg(0.7, {"npo": 0.8})])}
+    for name, (a, b) in straddle.items():
+        assert MA.combine_claims([a, b], [0, 1])[0]["verdict"] == "inconclusive", name
+    paired = MA.combine_claims([[MA.claim_agg(0.5, {"npo": 0.4})], [MA.claim_agg(0.9, {"npo": 0.8})]], [0, 1])[0]
+    assert paired["verdict"] == "holds"              # beats the baseline by 0.1 in both seeds
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -296,7 +326,9 @@ def test_combine_claims_mean_std_and_per_seed_verdicts():
 def test_smoke_run_writes_every_claim_and_table(tmp_path):
     runs, claims = MA.main(["--preset=smoke", f"--out_dir={tmp_path}", "--seeds=0"])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert len(res["claims"]) == 6 and all("held" in c for c in res["claims"])
+    assert [c["claim"][:2] for c in res["claims"]] == ["1.", "2.", "3.", "4."]
+    assert all(c["verdict"] in ev.VERDICTS for c in res["claims"])
+    assert len(res["checks"]) == 2 and res["checks"][1]["ok"] is True          # the adapter starts as the base
     run = res["metrics"]["runs"][0]
     for m in ("finetuned", "memadapt_ft", "retrained", "memadapt", "graddiff", "npo", "idknll"):
         assert set(run["table1"][m]) >= {"util_r", "util_g", "mem", "priv", "agg"}
@@ -304,7 +336,7 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
     assert all(it["values_untouched"] for it in run["iterative"])
     assert run["times"]["memadapt_ft"]["step0_max_abs_diff"] == 0.0
     md = (tmp_path / "results.md").read_text()
-    for t in ("Table 1", "Table 2", "Iterative unlearning", "by kind"):
+    for t in ("Table 1", "Table 2", "Iterative unlearning", "by kind", "Checks (", "| verdict"):
         assert t in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
@@ -340,7 +372,7 @@ def test_paper_path_on_a_tiny_local_llama_and_local_tofu(tmp_path):
                             "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8", "--mem_epochs=1",
                             "--ft_epochs=1", "--unlearn_steps=2", "--unlearn_batch=4", "--baselines=graddiff",
                             "--lr_mults=1.0", "--block_size=64", "--log_every=0", "--eval_n=10", f"--out_dir={tmp_path / 'out'}"])
-    assert len(claims) == 6
+    assert len(claims) == 4
     run = runs[0]
     assert run["times"]["memadapt_ft"]["step0_max_abs_diff"] == 0.0
     assert run["forget_sources"] == sorted({r["person"] for r in world.tofu_split("forget10")})

@@ -1,4 +1,5 @@
-"""neumuter.py: the loss (Eqs. 9, 13), neighbours, the mask training, claims both ways, the smoke run, the paper path."""
+"""neumuter.py: the loss (Eqs. 9, 13), neighbours, the mask training, every verdict of each claim, the smoke run,
+the paper path."""
 import json
 import math
 
@@ -133,42 +134,71 @@ def fake_extraction(forgotten=1.0, ppl=1.02, ga_ppl=1.5, sga_ppl=1.3, ta_ppl=1.2
                         "sga": rec(1.0, sga_ppl), "ta": rec(1.0, ta_ppl)}}
 
 
-def test_extraction_claims_both_ways():
-    held = [c["held"] for c in N.extraction_claims(fake_extraction())]
-    assert held == [True, True, True, True]
+def verdicts(claims):
+    return [c["verdict"] for c in claims]
+
+
+def test_extraction_claims_holds_and_fails():
+    assert verdicts(N.extraction_claims(fake_extraction())) == ["holds"] * 4
     bad = N.extraction_claims(fake_extraction(forgotten=0.9, ppl=1.3, sel=0.1, t_nm=3.0))
-    assert [c["held"] for c in bad] == [False, False, False, False]
-    assert "not reproduced here" in bad[3]["detail"]
-    # within 5% but more than half of TA's rise (0.04 > 0.5 * 0.06): claim 2 fails
+    assert verdicts(bad) == ["fails"] * 4
+    assert "why it fails here" in bad[3]["detail"]
+    # within 5% but more than half of TA's rise (0.04 > 0.5 * 0.06): claim 2 fails on its second part only
     c2 = N.extraction_claims(fake_extraction(ppl=1.04, ta_ppl=1.06))[1]
-    assert c2["held"] is False and c2["threshold"] == pytest.approx(0.03)
+    assert c2["verdict"] == "fails" and [ev.test_side(t) for t in c2["tests"]] == ["holds", "holds", "fails"]
+    assert c2["tests"][2]["threshold"] == pytest.approx(0.03) and c2["tests"][1]["threshold"] == 0.05
     # a baseline that never reached the thresholds is left out of the comparison
     ex = fake_extraction(ppl=1.04, ta_ppl=1.06)
     ex["methods"]["ta"]["forgotten"] = 0.5
     c2 = N.extraction_claims(ex)[1]
-    assert c2["held"] is True and "ta" in c2["detail"]
+    assert c2["verdict"] == "holds" and "ta" in c2["detail"] and c2["tests"][2]["threshold"] == pytest.approx(0.15)
 
 
-def test_tofu_claim_both_ways():
-    curve = lambda *pts: [{"fq": f, "mu": m} for f, m in pts]
-    tf = {"split": "forget10", "original": {"mu": 0.5, "fq": 1e-5},
-          "curves": {"neumuter": curve((0.1, 0.48), (0.5, 0.46)), "ga": curve((0.3, 0.47), (0.9, 0.2)),
-                     "npo": curve((0.9, 0.1))}}
-    c = N.tofu_claim(tf, 0.9)
-    assert c["held"] is True and c["value"] == 0.5 and c["threshold"] == 0.3    # GA's 0.9 is below the utility bar
-    tf["curves"]["ga"] = curve((0.6, 0.47))
-    assert N.tofu_claim(tf, 0.9)["held"] is False
-    tf["curves"]["neumuter"] = curve((0.99, 0.2))                               # never within the utility bar
-    assert N.tofu_claim(tf, 0.9)["held"] is False
+def test_extraction_claim_2_not_testable_without_a_baseline_at_full_forgetting():
+    ex = fake_extraction(ppl=1.01)
+    for k in ("ga", "sga", "ta"):
+        ex["methods"][k]["forgotten"] = 0.5
+    c = N.extraction_claims(ex)
+    assert verdicts(c) == ["holds", "not testable here", "holds", "holds"]
+    assert c[1]["precondition"]["value"] == 0 and c[1]["precondition"]["met"] is False
+    assert "precondition not met" in "\n".join(ev.claims_markdown(c))
 
 
-def test_over_seeds_mean_std_and_verdicts():
-    per = {0: [ev.claim("x", 1.0, 2.0, True)], 1: [ev.claim("x", 3.0, 2.0, False)]}
-    c = N.over_seeds(per)[0]
-    assert c["value"] == 2.0 and c["held"] is False
-    assert "seed 0: 1.0 (holds)" in c["detail"] and "seed 1: 3.0 (does not hold)" in c["detail"]
-    assert "+- 1.41" in c["detail"]
-    assert N.over_seeds({0: [ev.claim("x", 1.0, 2.0, True)]})[0]["held"] is True
+def test_extraction_claims_over_seeds_inconclusive_when_seeds_straddle():
+    good, bad = fake_extraction(), fake_extraction(forgotten=0.9, ppl=1.06, sel=0.05, t_nm=3.0)
+    per = {0: N.extraction_claims(good), 1: N.extraction_claims(bad)}
+    assert verdicts(per[0]) == ["holds"] * 4 and verdicts(per[1]) == ["fails"] * 4
+    c = ev.over_seeds(per)
+    assert verdicts(c) == ["inconclusive"] * 4
+    assert c[2]["verdict_per_seed"] == {"0": "holds", "1": "fails"}
+    assert c[2]["tests"][0]["per_seed"] == [0.01, 0.05] and c[2]["value"]["fraction selected"] == pytest.approx(0.03)
+    assert verdicts(ev.over_seeds({0: N.extraction_claims(good), 1: N.extraction_claims(fake_extraction(sel=0.011))})) \
+        == ["holds"] * 4
+    assert verdicts(ev.over_seeds({0: N.extraction_claims(bad), 1: N.extraction_claims(bad)})) == ["fails"] * 4
+
+
+def fake_tofu(nm=((0.1, 0.48), (0.5, 0.46)), ga=((0.3, 0.47), (0.9, 0.2)), npo=((0.9, 0.1),)):
+    curve = lambda pts: [{"fq": f, "mu": m} for f, m in pts]
+    return {"split": "forget10", "original": {"mu": 0.5, "fq": 1e-5},
+            "curves": {"neumuter": curve(nm), "ga": curve(ga), "npo": curve(npo)}}
+
+
+def test_tofu_claim_every_verdict():
+    c = N.tofu_claim(fake_tofu(), 0.9)              # GA's 0.9 is below the utility bar (MU 0.45)
+    assert c["verdict"] == "holds" and c["tests"][1]["value"] == 0.5 and c["tests"][1]["threshold"] == 0.3
+    assert c["tests"][0]["threshold"] == pytest.approx(0.45) and c["precondition"]["met"] is True
+    assert N.tofu_claim(fake_tofu(ga=((0.6, 0.47),)), 0.9)["verdict"] == "fails"
+    c = N.tofu_claim(fake_tofu(nm=((0.99, 0.2),)), 0.9)                          # never within the utility bar
+    assert c["verdict"] == "fails" and ev.test_side(c["tests"][0]) == "fails" and c["tests"][1]["value"] == 0.0
+    # no baseline has a point at the utility bar: nothing to compare with (it held vacuously before)
+    c = N.tofu_claim(fake_tofu(ga=((0.9, 0.2),)), 0.9)
+    assert c["verdict"] == "not testable here"
+    assert c["precondition"] == {"what": c["precondition"]["what"], "value": 0.4, "met": False}
+    # over seeds: one seed holds, one fails by a little -> the margin's interval straddles 0
+    per = {0: [N.tofu_claim(fake_tofu(), 0.9)], 1: [N.tofu_claim(fake_tofu(ga=((0.6, 0.47),)), 0.9)]}
+    assert ev.over_seeds(per)[0]["verdict"] == "inconclusive"
+    per[2] = [N.tofu_claim(fake_tofu(ga=((0.9, 0.2),)), 0.9)]
+    assert ev.over_seeds(per)[0]["verdict"] == "not testable here"
 
 
 def test_checker_computes_el_only_when_ma_passes():
@@ -231,6 +261,9 @@ def test_smoke_run_writes_results(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     names = [c["claim"][:2] for c in res["claims"]]
     assert names == ["1 ", "2 ", "3 ", "5 ", "4 "]
+    assert all(c["verdict"] in ev.VERDICTS for c in res["claims"]) and res["checks"] == []
+    md = (tmp_path / "results.md").read_text()
+    assert "| claim | value" in md and f"**{res['claims'][0]['verdict']}**" in md
     ex = res["metrics"]["seeds"]["0"]["extraction"]
     assert set(ex["methods"]) == {"neumuter", "ga", "sga", "ta", "di", "ig"}
     assert "zero_all_eligible" in ex and ex["thresholds"]["ma"] > 0

@@ -130,18 +130,19 @@ def test_smoke_run_over_two_seeds_writes_per_seed_and_aggregate_results(tmp_path
     names = [c["claim"] for c in res["claims"]]
     assert [n.split()[0] for n in names] == CLAIM_IDS
     for c in res["claims"]:
-        assert set(c["held_per_seed"]) == {"0", "1"} and set(c["value_per_seed"]) == {"0", "1"}
+        assert set(c["verdict_per_seed"]) == {"0", "1"} and set(c["precondition_per_seed"]) == {"0", "1"}
+        assert c["verdict"] in ("holds", "fails", "not testable here", "inconclusive")
     for k in (0, 1):
         seed_res = json.loads((tmp_path / f"seed{k}" / "results.json").read_text())
         assert seed_res["config"]["seed"] == k
         assert [c["claim"] for c in seed_res["claims"]] == names
         for c in seed_res["claims"]:
-            assert set(c) == {"claim", "value", "threshold", "held", "detail"}
+            assert set(c) == {"claim", "verdict", "tests", "value", "threshold", "precondition", "detail"}
         m = seed_res["metrics"]
         assert set(m["truth_ratio"]) == {"verbatim", "paraphrased"}
         assert {"sink_on", "sink_off/nearest", "retrained/nearest", "sink_off/stating", "standard",
                 "all_sinks_off"} <= set(m["truth_ratio"]["paraphrased"])
-        assert len(m["relearning"]["npo"]) == 3 and set(m["relearning"]) == {"sink_off", "retrained", "npo", "ga"}
+        assert len(m["relearning"]["npo"]) == 3 and set(m["relearning"]) == {"sink_off", "retrained", "sink_on", "npo", "ga"}
         assert len(m["gradient_baselines"]["npo"]["trajectory"]) >= 2
         assert {"fig3ab_truth_ratio.png", "fig3c_gradient_baselines.png", "fig7b_relearning.png",
                 "results.md"} <= set(os.listdir(tmp_path / f"seed{k}"))
@@ -190,8 +191,8 @@ def test_real_data_path_on_a_local_file(tmp_path):
     metrics, claims = nulls.main(["--preset=smoke", f"--data={tmp_path / 'docs.jsonl'}", "--tokenizer=word",
                                   "--n_docs=20", "--n_forget=2", f"--out_dir={out}"])
     assert metrics["n_sources"] == 20 and len(metrics["forget"]) == 2
-    assert [c["held"] for c in claims[:3]] == [None, None, None]          # no facts: honestly not measured
-    assert json.loads((out / "results.json").read_text())["claims"][0]["detail"].startswith("not measured")
+    assert [c["verdict"] for c in claims[:3]] == ["not testable here"] * 3   # no facts: honestly not measured
+    assert json.loads((out / "results.json").read_text())["claims"][0]["precondition"]["met"] is False
     with pytest.raises(KeyError, match="no field"):
         nulls.main(["--preset=smoke", f"--data={tmp_path / 'docs.jsonl'}", "--tokenizer=word",
                     "--text_field=body", f"--out_dir={out}"])

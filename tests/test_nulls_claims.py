@@ -11,25 +11,37 @@ import model
 import nulls
 
 
-def S(frac, gm, n=10):
-    return {"n": n, "frac_gt1": frac, "geomean": gm}
+V = lambda c: c["verdict"]
 
 
-def test_claim_unique_removed_both_ways():
-    assert nulls.claim_unique_removed(S(1.0, 1e3), S(0.3, 0.2), S(0.35, 0.15))["held"] is True
-    assert nulls.claim_unique_removed(S(1.0, 1e3), S(0.6, 0.2), S(0.35, 0.15))["held"] is False   # frac differs
-    assert nulls.claim_unique_removed(S(1.0, 10.0), S(0.3, 0.2), S(0.35, 0.15))["held"] is False  # fold 50 < 100
+def tr(n_gt1, n, high=10.0, low=0.1):
+    """n per-fact truth ratios, the first n_gt1 of them above 1."""
+    return [high] * n_gt1 + [low] * (n - n_gt1)
 
 
-def test_claim_kept_both_ways():
-    retr = {"shared": S(0.9, 50.0), "inferred": S(0.5, 1.2)}
-    ok = {"shared": S(0.85, 40.0), "inferred": S(0.55, 1.5)}
-    c = nulls.claim_kept(ok, retr, oracle_off=retr)
-    assert c["held"] is True and c["value"]["shared"]["frac_diff"] == pytest.approx(0.05)
-    assert "oracle" in c["detail"]
-    assert nulls.claim_kept({**ok, "inferred": S(0.3, 1.2)}, retr)["held"] is False            # frac off by 0.2
-    assert nulls.claim_kept({**ok, "shared": S(0.9, 20.0)}, retr)["held"] is False              # geomean 0.4x
-    assert nulls.claim_kept({**ok, "shared": S(0.9, 120.0)}, retr)["held"] is False             # geomean 2.4x
+def test_claim_unique_removed_reaches_every_verdict():
+    on = [1e4] * 60
+    assert V(nulls.claim_unique_removed(on, tr(18, 60, 2.0, 0.2), tr(18, 60, 2.0, 0.2))) == "holds"
+    c = nulls.claim_unique_removed(on, tr(40, 60, 2.0, 0.2), tr(18, 60, 2.0, 0.2))           # frac 0.67 vs 0.30
+    assert V(c) == "fails" and c["value"]["frac_diff"] == pytest.approx(22 / 60)
+    assert V(nulls.claim_unique_removed([10.0] * 60, tr(18, 60, 2.0, 0.2), tr(18, 60, 2.0, 0.2))) == "fails"  # fold < 100
+    # a difference of 0.10 on 60 facts: the paired interval reaches past 0.15
+    assert V(nulls.claim_unique_removed(on, tr(24, 60, 2.0, 0.2), tr(18, 60, 2.0, 0.2))) == "inconclusive"
+
+
+def test_claim_kept_reaches_every_verdict():
+    retr = {"shared": tr(27, 30, 50.0, 0.5), "inferred": tr(5, 10, 2.0, 0.5)}
+    same = {"shared": tr(27, 30, 50.0, 0.5), "inferred": tr(5, 10, 2.0, 0.5)}
+    # 10 inferred facts cannot resolve a 0.10 difference: inconclusive even when every fact agrees
+    c = nulls.claim_kept(same, retr, oracle_off={"shared": {"frac_gt1": 0.9}, "inferred": {"frac_gt1": 0.5}})
+    assert V(c) == "inconclusive" and c["value"]["shared frac_diff"] == 0.0 and "oracle" in c["detail"]
+    big = {"shared": tr(90, 100, 50.0, 0.5), "inferred": tr(15, 30, 2.0, 0.5)}
+    assert V(nulls.claim_kept(big, big)) == "holds"                                      # 30+ agreeing facts
+    lost = nulls.claim_kept({**same, "inferred": tr(0, 10, 2.0, 0.9)}, {**retr, "inferred": tr(8, 10, 2.0, 0.9)})
+    assert V(lost) == "fails"                                                            # 8 of 10 facts lost
+    assert 0.5 <= lost["value"]["inferred geomean_ratio"] <= 2                           # by the fraction alone
+    geo = nulls.claim_kept({**big, "shared": tr(90, 100, 5.0, 0.5)}, big)                  # same facts, TR 10x lower
+    assert V(geo) == "fails" and geo["value"]["shared frac_diff"] == 0.0
 
 
 def traj(points):
@@ -44,60 +56,77 @@ def test_matched_point_interpolates_at_the_crossing():
     assert nulls.matched_point(t, 0.3) is None
 
 
-def test_claim_not_selective_both_ways():
+def test_claim_not_selective_reaches_every_verdict():
     diagonal = traj([(1.0, 1.0), (0.7, 0.75), (0.2, 0.3)])
     c = nulls.claim_not_selective("npo", diagonal, 0.4)
-    assert c["held"] is True and c["value"] == pytest.approx((1.0 - 0.48) / 0.6)
+    assert V(c) == "holds" and c["value"]["slope"] == pytest.approx((1.0 - 0.48) / 0.6)
     selective = traj([(1.0, 1.0), (0.7, 0.98), (0.2, 0.95)])
-    assert nulls.claim_not_selective("ga", selective, 0.4)["held"] is False
+    assert V(nulls.claim_not_selective("ga", selective, 0.4)) == "fails"
     short = nulls.claim_not_selective("ga", traj([(1.0, 1.0), (0.8, 0.9)]), 0.4)
-    assert short["held"] is None and "not reproduced here" in short["detail"]
-    assert nulls.claim_not_selective("ga", traj([(0.3, 1.0), (0.2, 0.9)]), 0.4)["held"] is None
+    assert V(short) == "not testable here" and short["precondition"]["value"] == [1.0, 0.8]
+    assert V(nulls.claim_not_selective("ga", traj([(0.3, 1.0), (0.2, 0.9)]), 0.4)) == "not testable here"
 
 
-def test_claim_selective_both_ways():
-    assert nulls.claim_selective({"specific": 1.0, "related": 0.9}, {"specific": 0.3, "related": 0.88})["held"] is True
-    assert nulls.claim_selective({"specific": 1.0, "related": 0.9}, {"specific": 0.3, "related": 0.5})["held"] is False
-    assert nulls.claim_selective({"specific": 0.5, "related": 0.9}, {"specific": 0.5, "related": 0.9})["held"] is None
+def test_claim_selective_reaches_every_verdict():
+    assert V(nulls.claim_selective({"specific": 1.0, "related": 0.9}, {"specific": 0.3, "related": 0.88})) == "holds"
+    assert V(nulls.claim_selective({"specific": 1.0, "related": 0.9}, {"specific": 0.3, "related": 0.5})) == "fails"
+    assert V(nulls.claim_selective({"specific": 0.5, "related": 0.9}, {"specific": 0.5, "related": 0.9})) == \
+        "not testable here"
 
 
-def test_claim_reversed_both_ways():
+def test_claim_reversed_reaches_every_verdict():
     retr = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5]
     c = nulls.claim_reversed([5.0, 4.0, 3.0, 2.6, 2.0, 1.5], retr)
-    assert c["held"] is True and c["value"] == 3
-    assert nulls.claim_reversed([5.0, 4.9, 4.8, 4.7, 4.6, 4.5], retr)["held"] is False          # never reversed
+    assert V(c) == "holds" and c["value"]["steps to reverse"] == 3
+    never = nulls.claim_reversed([5.0, 4.9, 4.8, 4.7, 4.6, 4.5], retr)
+    assert V(never) == "fails" and never["value"]["steps to reverse"] == 11      # censored past the bar
     slow = nulls.claim_reversed([5.0] * 12 + [1.0], [3.0] * 13, within=10)
-    assert slow["held"] is False and slow["value"] == 12                                        # reversed too late
-    assert nulls.claim_reversed([2.0, 1.9, 1.8, 1.7, 1.6, 1.5], retr)["held"] is None            # nothing unlearned
+    assert V(slow) == "fails" and slow["value"]["steps to reverse"] == 12       # reversed too late
+    assert V(nulls.claim_reversed([2.0, 1.9, 1.8, 1.7, 1.6, 1.5], retr)) == "not testable here"   # nothing unlearned
 
 
-def test_claim_tracks_both_ways():
-    retr = [3.0, 2.9, 2.8]
-    assert nulls.claim_tracks([3.1, 3.0, 2.9], retr)["held"] is True
-    c = nulls.claim_tracks([3.1, 2.4, 2.9], retr)                     # one step 17% off
-    assert c["held"] is False and c["value"] == pytest.approx(0.5 / 2.9)
+def test_claim_tracks_reaches_every_verdict():
+    retr, on = [3.0, 2.9, 2.8], [1.0, 1.0, 1.0]                      # Sink-On far below: the measure can fail
+    assert V(nulls.claim_tracks([3.1, 3.0, 2.9], retr, on)) == "holds"
+    c = nulls.claim_tracks([3.1, 2.4, 2.9], retr, on)                 # one step 17% off
+    assert V(c) == "fails" and c["value"]["max relative gap"] == pytest.approx(0.5 / 2.9)
+    ctrl = nulls.claim_tracks([3.1, 3.0, 2.9], retr, [3.0, 2.95, 2.85])   # Sink-On tracks Retrained too
+    assert V(ctrl) == "not testable here" and ctrl["precondition"]["value"] == pytest.approx(0.05 / 2.8)
 
 
-def test_claim_capacity_and_general_both_ways():
-    assert nulls.claim_capacity(S(0.9, 30.0), S(0.95, 40.0))["held"] is True
-    assert nulls.claim_capacity(S(0.8, 30.0), S(0.95, 40.0))["held"] is False                   # frac 0.15 lower
-    assert nulls.claim_capacity(S(0.95, 15.0), S(0.95, 40.0))["held"] is False                  # geomean 0.375x
-    assert nulls.claim_general(0.80, 0.82, 100)["held"] is True                                 # se 0.038
-    c = nulls.claim_general(0.75, 0.82, 100)
-    assert c["held"] is False and c["value"]["std"] == pytest.approx((0.82 * 0.18 / 100) ** 0.5)
-    assert nulls.claim_general(0.95, 0.82, 100)["held"] is True                                 # better is no cost
+def test_claim_capacity_reaches_every_verdict():
+    std, ctrl = [40.0] * 20, [0.5] * 20
+    assert V(nulls.claim_capacity([30.0] * 20, std, ctrl)) == "holds"
+    c = nulls.claim_capacity([15.0] * 20, std, ctrl)                                    # geomean 0.375x
+    assert V(c) == "fails" and c["value"]["geomean_ratio"] == pytest.approx(0.375)
+    # the backbone without sinks scores as well as the standard model: the measure cannot separate them
+    assert V(nulls.claim_capacity([30.0] * 20, std, [35.0] * 20)) == "not testable here"
 
 
-def test_aggregate_claims_over_seeds():
-    def c(v, held):
-        return {"claim": "x", "value": v, "threshold": 1, "held": held, "detail": ""}
-    agg = nulls.aggregate_claims({0: [c({"a": 1.0, "b": {"c": 2.0}}, True)], 1: [c({"a": 3.0, "b": {"c": 4.0}}, True)],
-                                  2: [c({"a": 5.0, "b": {"c": 6.0}}, False)]})[0]
-    assert agg["held"] is False and agg["held_per_seed"] == {0: True, 1: True, 2: False}
-    assert agg["stats"]["a"] == {"mean": 3.0, "std": 2.0, "n": 3} and agg["stats"]["b/c"]["mean"] == 4.0
-    assert nulls.aggregate_claims({0: [c(1.0, True)], 1: [c(2.0, True)]})[0]["held"] is True
-    none = nulls.aggregate_claims({0: [c(None, None)], 1: [c(2.0, True)]})[0]
-    assert none["held"] is None and none["stats"]["value"]["n"] == 1
+def test_claim_general_uses_the_paired_standard_error():
+    a = [1] * 80 + [0] * 20
+    c = nulls.claim_general(a, a)
+    assert V(c) == "holds" and c["tests"][0]["threshold"] == 0.0                         # identical answers
+    b = [1] * 78 + [0] * 22                                                               # 2 more wrong
+    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    c = nulls.claim_general(b, a)
+    se = float(d.std() / 10)                                                              # by hand: sd(d) / sqrt(n)
+    assert c["tests"][0]["threshold"] == pytest.approx(-se) and c["value"]["accuracy difference"] == pytest.approx(-0.02)
+    assert se == pytest.approx((1.96 / 99) ** 0.5 / 10) and V(c) == "fails"               # -0.02 < -0.0141
+    mixed = [0, 0] + a[2:99] + [1]                                                        # 2 worse, 1 better
+    assert V(nulls.claim_general(mixed, a)) == "holds"                                    # -0.01 >= -0.0174
+    assert V(nulls.claim_general([0] * 30 + [1] * 70, a)) == "fails"                      # 10 points worse
+    assert V(nulls.claim_general([1] * 95 + [0] * 5, a)) == "holds"                       # better is no cost
+
+
+def test_claims_over_seeds_reach_inconclusive():
+    import eval as ev
+    retr, on = [3.0, 2.9, 2.8], [1.0, 1.0, 1.0]
+    per = {s: [nulls.claim_tracks([3.0 * (1 + g), 2.9, 2.8], retr, on)] for s, g in ((0, 0.02), (1, 0.05), (2, 0.16))}
+    agg = ev.over_seeds(per)[0]
+    assert agg["verdict"] == "inconclusive" and list(agg["verdict_per_seed"].values()) == ["holds", "holds", "fails"]
+    agg = ev.over_seeds({s: [nulls.claim_tracks([3.0 * (1 + g), 2.9, 2.8], retr, on)] for s, g in ((0, 0.02), (1, 0.03), (2, 0.04))})[0]
+    assert agg["verdict"] == "holds"
 
 
 def test_related_facts_come_from_other_retained_articles():
@@ -213,6 +242,6 @@ def test_paper_preset_end_to_end_on_long_local_documents(tmp_path):
     assert metrics["n_sources"] == 12 and len(metrics["forget"]) == 2
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["block_size"] == 32 and len(res["metrics"]["relearning"]["npo"]) == 3
-    assert all(c["held"] is None and c["detail"].startswith("not measured") for c in claims
-               if c["claim"][0] in "1235")                                   # no facts in real documents
+    assert all(c["verdict"] == "not testable here" and "facts and questions" in c["precondition"]["what"]
+               for c in claims if c["claim"][0] in "1235")                   # no facts in real documents
     assert {c["claim"][:1] for c in claims} == {"1", "2", "3", "4", "5"}

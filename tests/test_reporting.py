@@ -1,6 +1,11 @@
-"""eval.py's reporting helpers: the claims record and the results files every script writes."""
+"""eval.py's claims machinery (the one verdict vocabulary, intervals over seeds, paired proportions, tuning on
+held-out data) and the results files every script writes."""
 import json
+import math
 from dataclasses import dataclass
+
+import pytest
+from scipy import stats
 
 import eval as ev
 
@@ -11,24 +16,122 @@ class Cfg:
 
 
 def test_claim_and_results_files(tmp_path):
-    c = ev.claim("1 something holds", 0.7, 0.5, True, "measured")
-    assert c == {"claim": "1 something holds", "value": 0.7, "threshold": 0.5, "held": True, "detail": "measured"}
-    path = ev.write_results(tmp_path / "out", "x.py results", Cfg(), {"loss": 1.5}, [c], "| table |")
+    c = ev.claim("1 something holds", [ev.condition("x", 0.7, ">=", 0.5)], "measured")
+    assert c == {"claim": "1 something holds", "verdict": "holds", "detail": "measured", "precondition": None,
+                 "tests": [{"quantity": "x", "value": 0.7, "op": ">=", "threshold": 0.5}],
+                 "value": {"x": 0.7}, "threshold": {"x": ">= 0.5"}}
+    chk = ev.sanity("starts equal", True, "max diff 0")
+    path = ev.write_results(tmp_path / "out", "x.py results", Cfg(), {"loss": 1.5, "u": float("nan")}, [c],
+                            "| table |", [chk])
     got = json.loads(open(path).read())
-    assert got == {"config": {"lr": 0.1}, "metrics": {"loss": 1.5}, "claims": [c]}
+    assert got == {"config": {"lr": 0.1}, "metrics": {"loss": 1.5, "u": None}, "claims": [c], "checks": [chk]}
     assert (tmp_path / "out" / "results.md").read_text() == "# x.py results\n\n| table |\n"
     assert not (tmp_path / "out" / "results.json.tmp").exists()
+    with pytest.raises(ValueError, match="verdict"):              # only the four words reach results.json
+        ev.write_results(tmp_path / "out", "t", Cfg(), {}, [{**c, "verdict": "yes"}], "")
 
 
-def test_claims_markdown_rows_and_not_reproduced_line():
-    import eval as ev
-    held = dict(ev.claim("a holds", {"x": 1.5}, "x >= 1", True, "seed 0: fine"), held_per_seed={"0": True})
-    failed = dict(ev.claim("b fails", 0.25, ">= 0.5", False), held_per_seed={"0": False})
-    rows = ev.claims_markdown([held, failed])
-    assert rows[:2] == ["| claim | value | threshold | held (per seed) |", "| --- | --- | --- | --- |"]
-    assert rows[2] == '| a holds | {"x": 1.5} | x >= 1 | True ({\'0\': True}) | seed 0: fine'
-    assert rows[3] == "| b fails | 0.25 | >= 0.5 | False ({'0': False}) |"
-    assert rows[4] == "|  | not reproduced here (see value) | | |" and len(rows) == 5
+def test_every_verdict_from_conditions_and_preconditions():
+    C, cond, pre = ev.claim, ev.condition, ev.precondition
+    assert C("a", [cond("x", 0.5, ">=", 0.5), cond("y", 1.0, "<", 2.0)])["verdict"] == "holds"   # boundary holds
+    assert C("a", [cond("x", 0.5, ">", 0.5)])["verdict"] == "fails"                              # strict
+    assert C("a", [cond("x", 0.6, ">=", 0.5), cond("y", 3.0, "<=", 2.0)])["verdict"] == "fails"  # one part fails
+    assert C("a", [cond("x", 1.5, "within", [0.5, 2.0])])["verdict"] == "holds"
+    assert C("a", [cond("x", 2.5, "within", [0.5, 2.0])])["verdict"] == "fails"
+    assert C("a", [cond("x", 0.6, ">=", 0.5, ci=(0.4, 0.8))])["verdict"] == "inconclusive"       # its own interval
+    assert C("a", [cond("x", 0.6, ">=", 0.5, ci=(0.4, 0.8)), cond("y", 3, "<=", 2)])["verdict"] == "fails"
+    nt = C("a", [cond("x", 0.9, ">=", 0.5)], "", pre("a gap to close > 0", -0.1, False))
+    assert nt["verdict"] == "not testable here" and nt["precondition"]["value"] == -0.1        # never a vacuous hold
+    assert C("a", [], "", pre("p", 0, False))["verdict"] == "not testable here"
+    with pytest.raises(ValueError, match="nothing decides"):
+        C("a", [])
+    for bad in (float("nan"), None, float("inf"), True):
+        with pytest.raises(ValueError, match="finite number"):
+            cond("x", bad, ">=", 0)
+    with pytest.raises(ValueError, match="op"):
+        cond("x", 1.0, "=>", 0)
+
+
+def test_paired_proportion_interval_is_agresti_min_by_hand():
+    """Agresti & Min (2005): add 0.5 to each cell; d = (n10 - n01) / (n + 2), se = sqrt((n10 + n01) - (n10 -
+    n01)^2 / (n + 2)) / (n + 2) on the adjusted counts. Worked example: n = 10, n10 = 3, n01 = 1."""
+    x = [1, 1, 1, 0, 1, 0, 0, 0, 1, 1]
+    y = [0, 0, 0, 1, 1, 0, 0, 0, 1, 1]
+    t = ev.paired_proportion(x, y, 0.10)
+    a10, a01, a = 3.5, 1.5, 12.0
+    d = (a10 - a01) / a
+    se = math.sqrt((a10 + a01) - (a10 - a01) ** 2 / a) / a
+    assert t["value"] == pytest.approx(0.2) and t["counts"] == {"n": 10, "n10": 3, "n01": 1}
+    assert t["ci"] == pytest.approx([d - 1.959964 * se, d + 1.959964 * se])
+    assert ev.claim("c", [t])["verdict"] == "inconclusive"
+    # 10 agreeing items cannot resolve a 0.10 band; 40 can
+    assert ev.claim("c", [ev.paired_proportion([1] * 10, [1] * 10)])["verdict"] == "inconclusive"
+    assert ev.claim("c", [ev.paired_proportion([1] * 40, [1] * 40)])["verdict"] == "holds"
+    assert ev.claim("c", [ev.paired_proportion([1] * 30, [0] * 30)])["verdict"] == "fails"
+
+
+def _seed_claims(values, op=">=", thr=0.5, pre=None):
+    return {s: [ev.claim("c", [ev.condition("x", v, op, thr)], f"v {v}", pre)] for s, v in enumerate(values)}
+
+
+def test_over_seeds_t_interval_against_scipy():
+    vals = [0.6, 0.7, 0.95]
+    out = ev.over_seeds(_seed_claims(vals))[0]
+    m = [v - 0.5 for v in vals]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(m) / 3, scale=stats.sem(m))
+    t = out["tests"][0]
+    assert t["margin_ci"] == pytest.approx([lo, hi]) and t["per_seed"] == vals
+    assert t["mean"] == pytest.approx(0.75) and t["std"] == pytest.approx(stats.tstd(vals))
+    assert lo < 0 < hi                               # every seed holds, but 3 seeds this spread cannot be sure
+    assert out["verdict"] == "inconclusive" and out["verdict_per_seed"] == {"0": "holds", "1": "holds", "2": "holds"}
+
+
+def test_over_seeds_reaches_every_verdict():
+    assert ev.over_seeds(_seed_claims([0.8, 0.85, 0.9]))[0]["verdict"] == "holds"
+    assert ev.over_seeds(_seed_claims([0.1, 0.2, 0.3]))[0]["verdict"] == "fails"
+    # two seeds hold and one fails: the interval straddles the threshold; "all seeds held" is not the rule
+    mixed = ev.over_seeds(_seed_claims([0.55, 0.7, 0.4]))[0]
+    assert mixed["verdict"] == "inconclusive" and list(mixed["verdict_per_seed"].values()) == ["holds", "holds", "fails"]
+    # every seed holds, yet the spread is too wide to be sure
+    assert ev.over_seeds(_seed_claims([0.51, 0.52, 1.5]))[0]["verdict"] == "inconclusive"
+    nt = {0: _seed_claims([0.9])[0], 1: _seed_claims([0.9], pre=ev.precondition("p", 0, False))[0]}
+    out = ev.over_seeds(nt)[0]
+    assert out["verdict"] == "not testable here" and out["precondition_per_seed"]["1"]["met"] is False
+    assert ev.over_seeds(_seed_claims([0.9]))[0]["verdict"] == "holds"                       # one seed
+    # a measured threshold moves with its seed: margins are paired within the seed
+    per = {s: [ev.claim("c", [ev.condition("x", v, ">", t)])] for s, (v, t) in enumerate([(1.1, 1.0), (2.1, 2.0),
+                                                                                           (3.1, 3.0)])}
+    assert ev.over_seeds(per)[0]["verdict"] == "holds"
+    with pytest.raises(ValueError, match="different claims"):
+        ev.over_seeds({0: [ev.claim("a", [ev.condition("x", 1, ">", 0)])],
+                       1: [ev.claim("b", [ev.condition("x", 1, ">", 0)])]})
+
+
+def test_over_seeds_pools_paired_proportions():
+    per = {s: [ev.claim("c", [ev.paired_proportion([1] * 10, [1] * 10)])] for s in range(3)}
+    assert [c["verdict"] for c in per[0]] == ["inconclusive"]                                 # 10 items a seed
+    out = ev.over_seeds(per)[0]
+    assert out["verdict"] == "holds" and out["tests"][0]["pooled"] == {"n": 30, "n10": 0, "n01": 0}
+
+
+def test_claims_markdown_names_verdicts_preconditions_and_checks():
+    held = ev.claim("a holds", [ev.condition("x", 1.5, ">=", 1.0)], "fine")
+    nt = ev.claim("b", [], "", ev.precondition("a post-hoc point reaches it", 0.25, False))
+    rows = ev.claims_markdown([held, nt], [ev.sanity("adapter starts equal", False, "diff 1e-3")])
+    assert rows[:2] == ["| claim | value | threshold | verdict | detail |", "| --- | --- | --- | --- | --- |"]
+    assert rows[2] == "| a holds | x 1.5 | x >= 1 | **holds** | fine |"
+    assert rows[3] == "| b | - | - | **not testable here** | precondition not met: a post-hoc point reaches it (measured 0.25) |"
+    assert rows[-1] == "- FAILED: adapter starts equal (diff 1e-3)"
+    agg = ev.claims_markdown(ev.over_seeds(_seed_claims([0.8, 0.85, 0.9])))
+    assert "(mean ± std over seeds)" in agg[0] and "**holds** (0: holds, 1: holds, 2: holds)" in agg[2]
+
+
+def test_tune_refuses_reported_data_and_picks_the_best():
+    pick = ev.tune([0.1, 0.3, 0.5], lambda p: (p - 0.3) ** 2, tuned_on=[100], reported=[0, 1, 2], what="p")
+    assert pick["value"] == 0.3 and pick["scores"] == pytest.approx([0.04, 0.0, 0.04]) and pick["tuned_on"] == [100]
+    assert ev.tune([1, 2], lambda v: v, tuned_on=["a"], reported=["b"], what="x", minimize=False)["value"] == 2
+    with pytest.raises(ValueError, match="also uses"):
+        ev.tune([0.1], lambda p: p, tuned_on=[0, 100], reported=[0, 1, 2], what="p")
 
 
 def test_publish_prints_writes_then_plots(tmp_path, capsys):
