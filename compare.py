@@ -31,7 +31,6 @@ import math
 import os
 import random
 import time
-import zlib
 from dataclasses import dataclass, asdict, fields, replace
 
 import torch
@@ -330,8 +329,6 @@ def train_sinks(cfg, mcfg, base, tok, recs, kind):
     order = data.EpochIterator(len(rows["x"]), mcfg.ft_batch, seed=cfg.seed)
     steps = max(1, mcfg.ft_epochs * order.steps_per_epoch)
     keep = {k: getattr(cfg, k) for k in SINK_FIELDS if k != ("p" if kind == "nulls" else "n_source")}
-    key = json.dumps([kind, {k: getattr(mcfg, k) for k in MA.FT_FIELDS}, keep], sort_keys=True, default=str)
-    path = os.path.join(cfg.out_dir, "ckpt", f"{kind}-{zlib.crc32(key.encode()):08x}.pt")
 
     def batch_at(step):
         ep, pos = divmod(step, order.steps_per_epoch)
@@ -344,11 +341,18 @@ def train_sinks(cfg, mcfg, base, tok, recs, kind):
         return b
     tc = T.TrainConfig(lr=mcfg.ft_lr, min_lr=mcfg.ft_lr / 10, weight_decay=0.0, warmup_steps=min(20, steps // 10),
                        max_steps=steps, grad_clip=1.0, log_every=cfg.log_every, device=cfg.device, seed=cfg.seed,
-                       ckpt_every=max(100, steps // 4), resume=True, ckpt_path=path)
+                       ckpt_every=max(100, steps // 4), resume=True)
+    # train.run_key of what training receives: the rows, the widened base's weights, the sinks of every source
+    sources = sorted(set(rows["source_ids"].max(1).values.tolist()))
+    key = T.run_key(net.cfg, tc, data=rows, kind=kind, sinks=keep, on=layout.on(sources), batch=mcfg.ft_batch,
+                    init=T.digest(net.state_dict()), settings={k: getattr(mcfg, k) for k in MA.FT_FIELDS})
+    path = os.path.join(cfg.out_dir, "ckpt", f"{kind}-{key}.pt")
+    tc = replace(tc, ckpt_path=path)
     print(f"== {kind}: base widened by {cfg.n_pool} sinks per MLP ({net.num_params() / 1e6:.2f}M params), "
           f"{steps} steps on {len(recs)} QA")
+    MA.check_run_key(path, key)
     t0, c0 = time.time(), time.process_time()
-    hist = T.train(net, batch_at, tc, log=print if cfg.log_every else None)
+    hist = T.train(net, batch_at, dict(asdict(tc), run_key=key), log=print if cfg.log_every else None)
     net.eval().requires_grad_(False)
     info = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "steps": steps, "cached": False}
     side = path + ".time.json"
@@ -448,25 +452,47 @@ def run_neumuter(cfg, ft, base, tok, forget_recs, score):
     return cands, spent + t_nb
 
 
-def cache_path(cfg, mcfg, row, settings):
-    """out_dir/cache/<row>-<fingerprint>.pt from everything that shapes a post-hoc row's result."""
-    key = json.dumps([row, settings, {k: getattr(mcfg, k) for k in MA.FT_FIELDS},
-                      {k: getattr(cfg, k) for k in ("unlearn_steps", "unlearn_batch", "eval_n", "lr_mults")}],
-                     sort_keys=True, default=str)
-    return os.path.join(cfg.out_dir, "cache", f"{row}-{zlib.crc32(key.encode()):08x}.pt")
+def cache_path(cfg, mcfg, row, settings, inputs):
+    """(out_dir/cache/<row>-<key>.pt, key): key = train.run_key of everything that shapes a post-hoc row's result:
+    `inputs` (posthoc_inputs: the digests of Finetuned, the base, the unlearning batches and the evaluated sets),
+    the row's objective and settings, and the sweep's."""
+    key = T.run_key(inputs["model"], dict(max_steps=cfg.unlearn_steps, seed=cfg.seed), data=inputs["data"],
+                    init=inputs["finetuned"], base=inputs["base"], row=row, settings=settings,
+                    ma={k: getattr(mcfg, k) for k in MA.FT_FIELDS},
+                    sweep={k: getattr(cfg, k) for k in ("unlearn_steps", "unlearn_batch", "eval_n", "lr_mults")})
+    return os.path.join(cfg.out_dir, "cache", f"{row}-{key}.pt"), key
 
 
-def cached_row(path, ft, make):
-    """A post-hoc row {net, row, sweep}: loaded from `path` (the picked model's weights and the sweep's rows) or
-    made by make() and saved atomically, so a rerun or another seed's run skips finished sweeps."""
+def posthoc_inputs(ft, base, sets, forget_b, retain_b):
+    """What every post-hoc row starts from, digested once: Finetuned's and the base's weights (NeuMuter's
+    neighbours come from the base), the unlearning batches and the sets the rows are scored on."""
+    return {"model": ft.cfg, "finetuned": T.digest(ft.state_dict()), "base": T.digest(base.state_dict()),
+            "data": T.digest({"forget": forget_b, "retain": retain_b, "sets": sets})}
+
+
+def _plain(x):
+    """Python numbers, lists and dicts only (numpy scalars as floats), as a weights_only load reads them back."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x.item() if hasattr(x, "item") and not isinstance(x, torch.Tensor) else x
+
+
+def cached_row(path, key, ft, make):
+    """A post-hoc row {net, row, sweep}: loaded from `path` (the picked model's weights, the sweep's rows and the
+    run key the path is named by, checked; a weights-only load) or made by make() and saved atomically, so a rerun
+    or another seed's run skips finished sweeps."""
     if os.path.exists(path):
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        MA.check_run_key(path, key)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
         net = copy.deepcopy(ft)
         net.load_state_dict(ck["state"])
         return {"net": net.eval().requires_grad_(False), "row": ck["row"], "sweep": ck["sweep"], "cached": True}
     out = make()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"state": out["net"].state_dict(), "row": out["row"], "sweep": out["sweep"]}, path + ".tmp")
+    torch.save({"state": out["net"].state_dict(), "row": _plain(out["row"]), "sweep": _plain(out["sweep"]),
+                "run_key": key}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return out
 
@@ -475,6 +501,7 @@ def posthoc_rows(cfg, mcfg, ft, base, tok, sets, retain, score):
     """Every post-hoc row: the lr sweep (or NeuMuter's iterations), the pick, the picked model (cached)."""
     forget_recs = sets[mcfg.forget]
     forget_b, retain_b = MA.unlearn_batches(mcfg, tok, forget_recs, retain)
+    inputs = posthoc_inputs(ft, base, sets, forget_b, retain_b)
     fr = MA.qa_rows(tok, forget_recs, mcfg.block_size)
     jobs = [(n, n, None) for n in cfg.posthoc.split(",") if n]
     t0 = time.process_time()
@@ -497,7 +524,7 @@ def posthoc_rows(cfg, mcfg, ft, base, tok, sets, retain, score):
             b = pick([s[1] for s in sweep])
             return {"net": sweep[b][0], "row": sweep[b][1], "sweep": [s[1] for s in sweep]}
         settings = [name, baselines.DEFAULTS[name], cfg.region_ratio if sel is not None else None]
-        out[row] = cached_row(cache_path(cfg, mcfg, row, settings), ft, make)
+        out[row] = cached_row(*cache_path(cfg, mcfg, row, settings, inputs), ft, make)
         el, r = time.time() - t_start, out[row]["row"]
         print(f"  {row}: picked lr {r['lr']:.1e} (Agg {r['agg']:.3f}, Mem {r['mem']:.3f}, Util_R {r['util_r']:.3f})"
               f"{' (cached)' if out[row].get('cached') else ''} [{i + 1}/{n_jobs}, {el:.0f} s, "
@@ -509,7 +536,7 @@ def posthoc_rows(cfg, mcfg, ft, base, tok, sets, retain, score):
         return {"net": cands[b][0], "row": {"iters": cands[b][2], "wall_s": spent, "cpu_s": None, **cands[b][1]},
                 "sweep": [{"iters": c[2], **c[1]} for c in cands]}
     nm = replace(NM.Config(), iters=cfg.neumuter_iters, eval_every=cfg.neumuter_every)
-    out["neumuter"] = cached_row(cache_path(cfg, mcfg, "neumuter", asdict(nm)), ft, make_nm)
+    out["neumuter"] = cached_row(*cache_path(cfg, mcfg, "neumuter", asdict(nm), inputs), ft, make_nm)
     print(f"  neumuter: picked {out['neumuter']['row']['iters']} iterations (Agg {out['neumuter']['row']['agg']:.3f})"
           f" [{n_jobs}/{n_jobs}]")
     return out

@@ -33,6 +33,7 @@ What the defaults cost (measured; world = make_world(0), word-level tokens, one 
     the name in the sentence, so train on sentence segments when facts are probed with cloze prompts.
   So: about 35 epochs (gpt2) / 30 epochs (llama) to recall >90% of the unique facts word for word.
 """
+import functools
 import json
 import math
 import os
@@ -200,6 +201,41 @@ class GPT2Tokenizer:
         return tok
 
 
+@functools.lru_cache(maxsize=16)
+def _chat_template(template):
+    """A chat template compiled in the jinja2 environment that transformers' apply_chat_template documents and
+    uses: the immutable sandbox (a template comes with the checkpoint: untrusted code), trim_blocks and
+    lstrip_blocks (a block tag's own line break and leading indentation are not output), the loop-controls
+    extension ({% break %}, {% continue %}), raise_exception(message), a tojson filter that keeps non-ASCII and
+    HTML characters and the key order, and {% generation %} blocks (transformers' assistant-mask markers)
+    rendered as their contents. namespace() and dict() are jinja2's own (the sandbox refuses their underscore
+    attributes). Cached by the template text; the instance holds only the text (picklable)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    # Where we differ from transformers on purpose: it also defines strftime_now(format) (today's date). We leave it
+    # undefined so that templates which test `strftime_now is defined` (Llama 3.1 / 3.2: "Today Date: ...") take
+    # their fallback date ("26 Jul 2024") and a prompt, and so every metric computed on it, is the same on every day.
+    return env.from_string(template)
+
+
 class HFTokenizer:
     """
     A pretrained checkpoint's own tokenizer (the `tokenizers` library: a tokenizer.json, or a byte-level BPE that
@@ -209,13 +245,17 @@ class HFTokenizer:
       Special tokens written in the text (<|im_start|>, ...) ARE recognized, as HF's tokenizers do: chat() strings
       are built from them.
     - bos_id: the token encode(text, True) puts first, or None when the checkpoint adds none (SmolLM2).
-    - chat(question): the model's chat template for one user turn with the assistant turn opened. No jinja
-      dependency: a small renderer is chosen from the template text (ChatML, Llama 3); any other template is an
-      error, a model without a template gets the plain question.
+    - chat(question): the model's chat template (any jinja template: ChatML, Llama 3, Mistral, ...) rendered for
+      one user turn with the assistant turn opened, as transformers' apply_chat_template(..., add_generation_prompt
+      =True) renders it, except that no date function is given (see _chat_template); a model without a template
+      gets the plain question.
+    - special_tokens: the checkpoint's named special tokens as strings ({"bos_token": ..., "eos_token": ...}, from
+      tokenizer_config.json or the GGUF's ids), the variables a chat template sees besides the messages. When not
+      given: eos, pad and (when the post-processor adds one) bos as their tokens, what save_hf writes.
     The state stores the whole tokenizer.json (a few MB) so a checkpoint restores without the original folder.
     """
 
-    def __init__(self, tokenizer_json, *, eos_id, pad_id=None, chat_template=None, name=""):
+    def __init__(self, tokenizer_json, *, eos_id, pad_id=None, chat_template=None, special_tokens=None, name=""):
         from tokenizers import Tokenizer
         self.json, self.name, self.chat_template = tokenizer_json, name, chat_template
         self.tk = Tokenizer.from_str(tokenizer_json)
@@ -225,7 +265,12 @@ class HFTokenizer:
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)   # padding is masked anyway (-100, doc id -1)
         plain, full = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a").ids
         self.bos_id = full[0] if len(full) > len(plain) and full[1:len(plain) + 1] == plain else None
-        self._chat_kind()   # an unsupported template fails here, at load time, not in the middle of a run
+        if special_tokens is None:
+            special_tokens = {"eos_token": self.token(self.eos_id), "pad_token": self.token(self.pad_id)}
+            if self.bos_id is not None:
+                special_tokens["bos_token"] = self.token(self.bos_id)
+        self.special_tokens = {k: str(v) for k, v in special_tokens.items() if v is not None}
+        self.chat("x")      # a template that does not compile or render fails here, at load time, not mid-run
 
     @property
     def vocab_size(self):
@@ -246,45 +291,27 @@ class HFTokenizer:
     def token(self, i):
         return self.tk.id_to_token(int(i))
 
-    def _chat_kind(self):
-        t = self.chat_template
-        if not t:
-            return "plain", None
-        if "<|im_start|>" in t:
-            # ChatML. A default system turn written literally in the template (SmolLM2's "You are a helpful AI
-            # assistant named SmolLM, ...") is rendered too, as the template does when no system turn is given.
-            m = re.search(r"<\|im_start\|>system\n([^'\"{}]*?)<\|im_end\|>", t)
-            return "chatml", m.group(1) if m else None
-        if "<|start_header_id|>" in t:
-            # Llama 3.x. Its 3.1+ templates open with a system turn holding the knowledge cutoff and today's date
-            # (strftime_now); we write the template's own fallback date so that prompts are reproducible.
-            return "llama3", "Cutting Knowledge Date" in t
-        raise ValueError(f"chat template of {self.name or 'this tokenizer'} is not supported (only ChatML and "
-                         f"Llama 3 templates are rendered, without jinja): {t[:120]!r}...")
-
     def chat(self, question):
-        kind, extra = self._chat_kind()
-        if kind == "plain":
+        if not self.chat_template:
             return question
-        if kind == "chatml":
-            system = f"<|im_start|>system\n{extra}<|im_end|>\n" if extra is not None else ""
-            return f"{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-        bos = self.token(self.bos_id) if self.bos_id is not None else "<|begin_of_text|>"
-        system = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                  "Today Date: 26 Jul 2024\n\n<|eot_id|>") if extra else ""
-        return (f"{bos}{system}<|start_header_id|>user<|end_header_id|>\n\n{question.strip()}<|eot_id|>"
-                f"<|start_header_id|>assistant<|end_header_id|>\n\n")
+        try:
+            return _chat_template(self.chat_template).render(
+                messages=[{"role": "user", "content": str(question)}], tools=None, documents=None,
+                add_generation_prompt=True, **self.special_tokens)
+        except Exception as e:      # jinja2's TemplateError (syntax, raise_exception(...)), SecurityError, ...
+            raise ValueError(f"chat template of {self.name or 'this tokenizer'} failed to render one user turn "
+                             f"({type(e).__name__}: {e}): {self.chat_template[:120]!r}...") from e
 
     def state_dict(self):
         return {"kind": "hf", "json": self.json, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "chat_template": self.chat_template, "name": self.name}
+                "chat_template": self.chat_template, "special_tokens": self.special_tokens, "name": self.name}
 
     @classmethod
     def from_state_dict(cls, d):
         if d.get("kind") != "hf":
             raise ValueError(f"not a Hugging Face tokenizer state: kind={d.get('kind')!r}")
         return cls(d["json"], eos_id=d["eos_id"], pad_id=d["pad_id"], chat_template=d["chat_template"],
-                   name=d.get("name", ""))
+                   special_tokens=d.get("special_tokens"), name=d.get("name", ""))   # older states: derived
 
 
 def load_tokenizer(state):

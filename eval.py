@@ -742,23 +742,28 @@ def aues(fs, rs):
 
 def aues_permutation_test(fs_a, rs_a, fs_b, rs_b, *, n_perm=10000, seed=0):
     """App. D: |AUES_a - AUES_b| against a null made by swapping the two scenarios' (FS, RS) points at each
-    mixing coefficient with probability 1/2. Both curves must be on the same alpha grid.
-    p = share of permutations whose difference is >= the observed one. Returns (observed, p)."""
+    mixing coefficient with probability 1/2. Both curves must be on the same alpha grid. A Monte Carlo test over
+    n_perm random swap patterns: p = (k + 1) / (n_perm + 1), k of them giving a difference >= the observed one
+    (Phipson & Smyth 2010: the observed split counts as one of the null's draws, so p is never 0; its smallest
+    value is 1 / (n_perm + 1)). Returns (observed, p)."""
     fa, ra, fb, rb = (np.asarray(v, np.float64) for v in (fs_a, rs_a, fs_b, rs_b))
     if not fa.shape == ra.shape == fb.shape == rb.shape:
         raise ValueError("both curves need (FS, RS) at the same mixing coefficients")
     swap = np.random.default_rng(seed).random((n_perm, fa.size)) < 0.5
-    return aues_permutation_null(fa, ra, fb, rb, swap)
+    return aues_permutation_null(fa, ra, fb, rb, swap, monte_carlo=True)
 
 
-def aues_permutation_null(fs_a, rs_a, fs_b, rs_b, swap):
-    """(observed, p) for given swap patterns swap (R, n) bool; vectorized over the R permutations."""
+def aues_permutation_null(fs_a, rs_a, fs_b, rs_b, swap, monte_carlo=False):
+    """(observed, p) for given swap patterns swap (R, n) bool, vectorized over the R patterns: p = k / R, the
+    share of the patterns whose difference is >= the observed one (the exact p when swap lists all 2^n patterns),
+    or with monte_carlo=True (k + 1) / (R + 1) for R random patterns."""
     observed = abs(aues(fs_a, rs_a) - aues(fs_b, rs_b))
     pa_f, pb_f = np.where(swap, fs_b, fs_a), np.where(swap, fs_a, fs_b)
     pa_r, pb_r = np.where(swap, rs_b, rs_a), np.where(swap, rs_a, rs_b)
     null = np.abs(_aues_rows(pa_f, pa_r) - _aues_rows(pb_f, pb_r))
     # a tiny tolerance so that a permutation equal to the observed curve counts as "equals" despite rounding
-    return observed, float(np.mean(null >= observed - 1e-12))
+    k, R = int(np.sum(null >= observed - 1e-12)), len(null)
+    return observed, (k + 1) / (R + 1) if monte_carlo else k / R
 
 
 def mu95(mu, fq, mu_original, level=0.95):
@@ -780,7 +785,8 @@ def mu95(mu, fq, mu_original, level=0.95):
 def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, level=0.95, seed=0):
     """App. D: |MU95_a - MU95_b| against a null made by pooling both scenarios' (MU, FQ) points, shuffling
     them and splitting into groups of the original sizes (the paper calls this a bootstrap; it resamples
-    without replacement). p = share of splits whose difference is >= the observed one. Returns (observed, p)."""
+    without replacement). A Monte Carlo test over n_boot random splits: p = (k + 1) / (n_boot + 1), k of them
+    giving a difference >= the observed one (never 0, as aues_permutation_test). Returns (observed, p)."""
     mu = np.concatenate([np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)])
     fq = np.concatenate([np.asarray(fq_a, np.float64), np.asarray(fq_b, np.float64)])
     n_a = len(mu_a)
@@ -791,7 +797,7 @@ def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, le
         p = rng.permutation(mu.size)
         a, b = p[:n_a], p[n_a:]
         null[r] = abs(mu95(mu[a], fq[a], mu_original, level) - mu95(mu[b], fq[b], mu_original, level))
-    return observed, float(np.mean(null >= observed - 1e-12))
+    return observed, (int(np.sum(null >= observed - 1e-12)) + 1) / (n_boot + 1)
 
 
 # -------------------------------------------------------------------------------------------------

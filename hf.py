@@ -7,7 +7,6 @@ Pretrained checkpoints in and out, without `transformers` at run time:
 - save_hf(model, folder): a folder transformers loads (config.json + model.safetensors), for evaluation harnesses.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -433,13 +432,21 @@ def gguf_tokenizer(meta, name=""):
     eos = meta.get("tokenizer.ggml.eos_token_id")
     if eos is None:
         raise ValueError("GGUF file has no tokenizer.ggml.eos_token_id")
+    named = {f"{k}_token": tokens[int(meta[f"tokenizer.ggml.{g}_token_id"])]     # what a chat template sees
+             for k, g in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("sep", "seperator"),  # GGUF's spelling
+                          ("pad", "padding"), ("cls", "cls"), ("mask", "mask"))
+             if 0 <= int(meta.get(f"tokenizer.ggml.{g}_token_id", -1)) < len(tokens)}
     return HFTokenizer(tk.to_str(), eos_id=int(eos), pad_id=meta.get("tokenizer.ggml.padding_token_id"),
-                       chat_template=meta.get("tokenizer.chat_template"), name=name)
+                       chat_template=meta.get("tokenizer.chat_template"), special_tokens=named, name=name)
 
 
 # -------------------------------------------------------------------------------------------------
 # A checkpoint's own tokenizer, hub names, load_pretrained
 # -------------------------------------------------------------------------------------------------
+
+# the named special tokens a chat template sees as variables (bos_token, ...), as transformers passes them
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
 
 def load_hf_tokenizer(folder):
     """data.HFTokenizer of a Hugging Face folder: tokenizer.json (any fast tokenizer), or GPT-2-style vocab.json +
@@ -478,36 +485,37 @@ def load_hf_tokenizer(folder):
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if template is None and (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text()
-    return HFTokenizer(tk.to_str(), eos_id=eos, pad_id=tid("pad_token"), chat_template=template, name=folder.name)
+    specials = {k: v.get("content") if isinstance(v, dict) else v for k, v in tc.items() if k in _NAMED_SPECIALS}
+    return HFTokenizer(tk.to_str(), eos_id=eos, pad_id=tid("pad_token"), chat_template=template,
+                       special_tokens={k: v for k, v in specials.items() if isinstance(v, str)}, name=folder.name)
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def hub_folder(name):
-    """Local folder of a Hugging Face hub model: the cached copy if there is one, else downloaded (config, weights
-    as safetensors, tokenizer). Offline (HF_HUB_OFFLINE=1, or the hub unreachable) it fails at once."""
-    import socket
-    from urllib.parse import urlparse
+    """Local folder of a Hugging Face hub model: the cached copy if there is one (no network), else downloaded
+    (config, weights as safetensors, tokenizer) by huggingface_hub, which honours HF_ENDPOINT, HTTPS proxies and
+    HF_HUB_OFFLINE. Offline (HF_HUB_OFFLINE=1) and not cached, it fails at once; a hub it cannot reach fails after
+    huggingface_hub's own time-out. Either way the error says how to pass a local folder instead."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled
     patterns = ["*.json", "*.safetensors", "tokenizer*", "merges.txt", "chat_template.jinja"]
     how = (f"init_from={name!r} is a Hugging Face hub name. Download it where the hub is reachable "
-           f"(huggingface-cli download {name} --local-dir DIR) and pass init_from=DIR (a local folder) or a .gguf file")
+           f"(hf download {name} --local-dir DIR) and pass init_from=DIR (a local folder) or a .gguf file")
     try:
         return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
-    except Exception:
+    except LocalEntryNotFoundError:
         pass                                     # not cached: download
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
-        raise RuntimeError(f"{how}; HF_HUB_OFFLINE is set and it is not in the local cache")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e:
-        raise RuntimeError(f"{how}; {host} is unreachable ({e})") from None
+    except ValueError as e:                      # huggingface_hub's HFValidationError: not a valid repo id
+        raise RuntimeError(f"{how}. {type(e).__name__}: {str(e)[:300]}") from e
     try:
         return snapshot_download(name, allow_patterns=patterns)
-    except Exception as e:
-        raise RuntimeError(f"{how}; the download failed: {type(e).__name__}: {str(e)[:300]}") from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:    # offline, or the hub unreachable; not cached
+        raise RuntimeError(f"{how}. It is not in the local cache and huggingface_hub could not fetch it: "
+                           f"{type(e).__name__}: {str(e)[:300]}") from e
+    except Exception as e:                       # no such repo, gated, a proxy error, a failed download, ...
+        raise RuntimeError(f"{how}. The download failed: {type(e).__name__}: {str(e)[:300]}") from e
 
 
 def load_pretrained(init_from, *, dtype=torch.float32, device="cpu"):

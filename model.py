@@ -105,6 +105,22 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+# torch >= 2.5: scaled_dot_product_attention(enable_gqa=True) reads each kv head for its group of query heads, no
+# copy per layer and per cached step. Only where torch runs it in a fused kernel: where it would take the math
+# kernel (e.g. CUDA with a mask or fp32 on versions whose memory-efficient kernel lacks GQA) copying is no slower,
+# and the copied K/V may get a fused kernel. Tests set SDPA_GQA = False for the repeat_interleave reference path.
+SDPA_GQA = torch.__version__ >= (2, 5)
+
+
+def native_gqa(q, k, v, kw):
+    if not SDPA_GQA:
+        return False
+    try:
+        return int(torch._fused_sdp_choice(q, k, v, **kw, enable_gqa=True)) > 0     # a fused kernel (0 = math)
+    except Exception:                # a private probe: whatever it raises, the copy is always right
+        return False
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, local=False):
         super().__init__()
@@ -128,14 +144,16 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if cache_layer is not None:                          # append this step's keys/values
             k, v = cache_layer.append(k, v)
-        if cfg.n_kv_head != cfg.n_head:                      # GQA: share each kv head across a group
-            rep = cfg.n_head // cfg.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         # attn_mask None = plain causal attention (the fast path when there are no documents or cache)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           scale=None if cfg.attn_scale else 1.0)
+        kw = dict(attn_mask=attn_mask, is_causal=attn_mask is None, dropout_p=self.dropout if self.training else 0.0,
+                  scale=None if cfg.attn_scale else 1.0)
+        if cfg.n_kv_head != cfg.n_head:                      # GQA: share each kv head across a group
+            if native_gqa(q, k, v, kw):
+                kw["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+                v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, **kw)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * hd)
         return self.proj(y)
 

@@ -194,18 +194,63 @@ def test_perturb_equals_explicit_noise_and_has_the_relative_size():
 
 
 def test_cached_row_saves_then_reuses_the_picked_model(tmp_path):
+    import numpy as np
     ft = tiny("gpt2")
     calls = []
 
     def make():
         calls.append(1)
         net = C.perturb(ft, 0.1, 0)
-        return {"net": net, "row": {"agg": 0.5}, "sweep": [{"agg": 0.5}]}
+        return {"net": net, "row": {"agg": np.float64(0.5), "lr": 1e-3}, "sweep": [{"agg": 0.5}]}
     path = str(tmp_path / "cache" / "npo-1.pt")
-    a = C.cached_row(path, ft, make)
-    b = C.cached_row(path, ft, make)
-    assert len(calls) == 1 and b["cached"] and b["row"] == {"agg": 0.5}
+    a = C.cached_row(path, "1", ft, make)
+    b = C.cached_row(path, "1", ft, make)                     # a weights-only load (numpy numbers saved as floats)
+    assert len(calls) == 1 and b["cached"] and b["row"] == {"agg": 0.5, "lr": 1e-3}
     assert all(torch.equal(p, q) for p, q in zip(a["net"].parameters(), b["net"].parameters()))
+    assert torch.load(path, weights_only=True)["run_key"] == "1"
+    with pytest.raises(ValueError, match="run key 1, not for 2"):     # a file whose stored key is not its name's
+        C.cached_row(path, "2", ft, make)
+
+
+def test_posthoc_cache_key_follows_the_data():
+    """Post-hoc rows are keyed by train.run_key over Finetuned's and the base's weights, the unlearning batches and
+    the scored sets, not only the config: a data change is another file, identical inputs the same one."""
+    cfg = T.parse_config(C.Config, ["--preset=smoke"], C.PRESETS)
+    mcfg = C.ma_config(cfg)
+    ft, base = tiny("gpt2"), tiny("gpt2", seed=1)
+    sets = {"forget10": [{"question": "Who?", "answer": "Ann.", "person": 1}]}
+    fb, rb = [rows(seed=1)], [rows(seed=2)]
+
+    def path(ft=ft, sets=sets, fb=fb):
+        return C.cache_path(cfg, mcfg, "npo", ["npo", 1e-4], C.posthoc_inputs(ft, base, sets, fb, rb))[0]
+    p = path()
+    assert path() == p and os.path.basename(p).startswith("npo-")
+    fb2 = [dict(fb[0], x=fb[0]["x"].clone())]
+    fb2[0]["x"][0, 0] += 1                                               # one token of the forget batches
+    sets2 = {"forget10": [dict(sets["forget10"][0], answer="Bob.")]}    # one answer of the scored sets
+    assert len({p, path(fb=fb2), path(sets=sets2), path(ft=C.perturb(ft, 0.1, 0))}) == 4
+
+
+def test_sink_models_retrain_when_the_data_changes(tmp_path):
+    """train_sinks' checkpoints are named by train.run_key over the rows (and the widened base, the sinks): the
+    same QA reuses the model, one changed answer trains a new one; each file holds its key."""
+    import glob
+    import memadapt as MA
+    cfg = T.parse_config(C.Config, ["--preset=smoke", f"--out_dir={tmp_path}", "--ft_epochs=1"], C.PRESETS)
+    mcfg = C.ma_config(cfg)
+    D = MA.load_data(mcfg)
+    tok, recs = D["tok"], D["sets"]["full"]
+    torch.manual_seed(0)
+    base = M.GPT(MA.model_config(mcfg, tok.vocab_size))
+    cached = lambda recs: C.train_sinks(cfg, mcfg, base, tok, recs, "nulls")[2]["cached"]
+    assert not cached(recs) and cached(recs)
+    other = [dict(r) for r in recs]
+    other[0]["answer"] = recs[1]["answer"]
+    assert not cached(other) and cached(other)
+    files = sorted(glob.glob(str(tmp_path / "ckpt" / "nulls-*.pt")))
+    assert len(files) == 2
+    for f in files:
+        assert T.load_checkpoint(f)["config"]["run_key"] == os.path.basename(f)[len("nulls-"):-len(".pt")]
 
 
 def test_relearn_split_alternates_within_each_person():

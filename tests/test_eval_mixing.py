@@ -152,3 +152,22 @@ def test_mu95_bootstrap_p_approaches_exact_enumeration(shift):
     assert obs == pytest.approx(obs_exact)
     assert p == pytest.approx(p_exact, abs=0.03)
     assert ev.mu95_bootstrap_test(mu_a, fq_a, mu_a, fq_a, 1.0, n_boot=200)[1] == 1.0   # identical scenarios
+
+
+def test_monte_carlo_p_values_are_never_zero():
+    """A Monte Carlo p counts the observed split among the draws: (k + 1) / (R + 1) (Phipson & Smyth 2010), so
+    curves no random swap / split comes near give 1 / (R + 1), not 0."""
+    fa, ra, fb, rb = curves(np.random.default_rng(5), gap=0.5)
+    swap = np.random.default_rng(0).random((300, fa.size)) < 0.5
+    _, p_share = ev.aues_permutation_null(fa, ra, fb, rb, swap)               # k / R over the same draws
+    _, p = ev.aues_permutation_test(fa, ra, fb, rb, n_perm=300, seed=0)
+    assert p == (round(p_share * 300) + 1) / 301
+    assert p == 1 / 301                                                       # no draw reaches the gap
+    mu_a, mu_b = np.linspace(1.0, 0.9, 5), np.linspace(0.99, 0.91, 5)
+    fq_a, fq_b = -20 + 100 * (1 - mu_a), 10 + 100 * (1 - mu_b)
+    obs, p = ev.mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, 1.0, n_boot=50, seed=0)
+    mu, fq, rng, k = np.concatenate([mu_a, mu_b]), np.concatenate([fq_a, fq_b]), np.random.default_rng(0), 0
+    for _ in range(50):                                                       # the same 50 splits, one at a time
+        a, b = np.split(rng.permutation(10), 2)
+        k += abs(ev.mu95(mu[a], fq[a], 1.0) - ev.mu95(mu[b], fq[b], 1.0)) >= obs - 1e-12
+    assert p == (k + 1) / 51 and 0 < p < 1

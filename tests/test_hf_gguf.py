@@ -37,7 +37,7 @@ def tiny_bpe():
     vocab = tk.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     assert [vocab[t] for t in tokens] == list(range(len(tokens))) and tokens[:3] == SPECIALS
-    merges = [" ".join(m) for m in json_model(tk)["merges"]]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json_model(tk)["merges"]]   # "a b" before 0.20
     return tokens, merges
 
 

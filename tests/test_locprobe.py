@@ -52,6 +52,65 @@ def test_permutation_and_sign_flip_tests_against_enumeration():
     assert L.permutation_test([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
     assert L.sign_flip_test([2, 3, 4, 5, 6], [1, 1, 1, 1, 1]) == pytest.approx(2 / 32)   # > 0.05: why claims use
     assert L.permutation_test([1, 1, 1], [1, 1, 1]) == 1.0                                 # the unpaired test
+    for a, b in (([0.3], [0.1, 0.2, 0.9]), ([0.4, 0.1], [0.2]), ([1.0], [2.0])):           # a group of one value
+        assert L.permutation_test(a, b) == pytest.approx(perm_by_hand(a, b))
+    assert L.sign_flip_test([2.0], [1.0]) == 1.0
+
+
+def test_seed_tests_are_scipys_exact_tests_on_small_groups():
+    """Up to N_RESAMPLES splits / sign patterns, scipy.stats.permutation_test enumerates them all: the p equals
+    scipy's own (continuous values: no ties for the tolerances to treat differently) and the enumeration's."""
+    from scipy import stats
+    rng = np.random.default_rng(1)
+    for n_a, n_b in ((2, 2), (5, 5), (4, 6), (7, 7)):
+        a, b = rng.normal(size=n_a), rng.normal(0.8, size=n_b)
+        ref = stats.permutation_test((a, b), lambda x, y, axis: np.abs(x.mean(axis) - y.mean(axis)),
+                                     vectorized=True, n_resamples=L.N_RESAMPLES, alternative="greater")
+        assert len(ref.null_distribution) == math.comb(n_a + n_b, n_a) <= L.N_RESAMPLES     # exact
+        assert L.permutation_test(a, b) == ref.pvalue
+        if n_a <= 5:
+            assert L.permutation_test(a, b) == pytest.approx(perm_by_hand(a, b), abs=1e-15)
+    for n in (2, 5, 10):
+        a, b = rng.normal(size=n), rng.normal(0.3, size=n)
+        ref = stats.permutation_test((a - b,), lambda d, axis: np.abs(d.mean(axis)), permutation_type="samples",
+                                     vectorized=True, n_resamples=L.N_RESAMPLES, alternative="greater")
+        assert len(ref.null_distribution) == 2 ** n
+        assert L.sign_flip_test(a, b) == ref.pvalue
+        if n <= 5:
+            assert L.sign_flip_test(a, b) == pytest.approx(flip_by_hand(a, b), abs=1e-15)
+    # values given to three decimals: splits whose difference equals the observed one in exact arithmetic differ
+    # from it by rounding, which scipy's relative tolerance misses (p 0.667 here) and the enumeration's counts
+    a, b = [0.493, 0.472, 0.475, 0.485, 0.474], [0.495, 0.472]
+    assert L.permutation_test(a, b) == pytest.approx(perm_by_hand(a, b)) == pytest.approx(15 / 21)
+
+
+def test_seed_tests_sample_when_the_splits_are_too_many():
+    """15 + 15 seeds: C(30, 15) = 1.6e8 splits (enumerating them took over 20 GB); Monte Carlo over N_RESAMPLES
+    splits in bounded memory, p = (k + 1) / (N_RESAMPLES + 1), never 0, reproducible by its seed."""
+    import time
+    import tracemalloc
+    rng = np.random.default_rng(2)
+    far = rng.normal(size=15), rng.normal(5.0, size=15)        # no random split comes close to this difference
+    near = rng.normal(size=15), rng.normal(0.5, size=15)
+    R = L.N_RESAMPLES
+    t0 = time.perf_counter()
+    p_far, p_near = L.permutation_test(*far), L.permutation_test(*near)
+    q_far, q_flip20 = L.sign_flip_test(*far), L.sign_flip_test(rng.normal(size=20), rng.normal(size=20))
+    seconds = time.perf_counter() - t0
+    tracemalloc.start()
+    L.permutation_test(*near, n_resamples=30_000)       # three batches of 10000 splits: memory is per batch
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 30 and peak < 50e6, (seconds, peak)
+    assert p_far == 1 / (R + 1) == L.min_attainable_p(15, 15)
+    assert q_far == pytest.approx(2 / 2 ** 15)                   # 2^15 sign patterns: still exact
+    for p in (p_near, q_flip20):                                 # sampled (and 2^20 sign patterns)
+        assert 0 < p < 1 and p * (R + 1) == pytest.approx(round(p * (R + 1)))
+    assert L.permutation_test(*near) == p_near                   # seeded
+    # the Monte Carlo p estimates the exact one: 7 + 7 seeds (3432 splits) sampled 2000 times
+    a, b = rng.normal(size=7), rng.normal(0.6, size=7)
+    exact, sampled = L.permutation_test(a, b), L.permutation_test(a, b, n_resamples=2000)
+    assert sampled != exact and sampled == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 2000))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -269,6 +270,26 @@ def test_row_adam_first_step_is_adams():
     assert torch.equal(p[1], torch.tensor([3.0, 4.0]))
 
 
+def test_row_adam_counts_steps_per_row_unlike_sparse_adam():
+    """A row first touched at step 1000 gets Adam's first step (lr x sign(g)) from RowAdam; torch's SparseAdam,
+    which counts steps per tensor, moves it by 2.5 lr (the docstring's formula)."""
+    p = torch.nn.Parameter(torch.zeros(2, 1))
+    e = torch.nn.Embedding(2, 1, sparse=True)
+    torch.nn.init.zeros_(e.weight)
+    row_adam, sparse_adam = MA.RowAdam([p], lr=0.01), torch.optim.SparseAdam(e.parameters(), lr=0.01)
+    for row in [0] * 999 + [1]:
+        p.grad = torch.nn.functional.one_hot(torch.tensor([row]), 2).float().T
+        row_adam.step()
+        sparse_adam.zero_grad()
+        e(torch.tensor([row])).sum().backward()
+        sparse_adam.step()
+    assert row_adam.state[p]["t"].tolist() == [999, 1]
+    assert -p[1].item() == pytest.approx(0.01, rel=1e-5)
+    t = 1000
+    assert -e.weight[1].item() == pytest.approx(0.01 * (0.1 / (1 - 0.9 ** t)) / math.sqrt(0.001 / (1 - 0.999 ** t)),
+                                                rel=1e-4) == pytest.approx(0.0251, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- claims
 
 def test_claim_functions_every_verdict():
@@ -322,6 +343,38 @@ def test_combine_claims_over_seeds_every_verdict():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+
+def test_checkpoints_follow_the_data_not_only_the_config(tmp_path, monkeypatch):
+    """Base, Finetuned, Retrained and MemAdapt FT are named by train.run_key over their rows and starting weights:
+    a rerun reuses all four; a change of the pretraining text's generator (same config) retrains all four (the
+    base's rows change, and with them the others' starting weights); a file whose stored key is not its name's
+    is an error."""
+    import glob
+    import shutil
+    import train as T
+    cfg = T.parse_config(MA.Config, ["--preset=smoke", f"--out_dir={tmp_path}"], MA.PRESETS)
+
+    def run():
+        D, base, ft, ret, _, times = MA.prepare(cfg)
+        _, _, info = MA.memadapt_ft(cfg, base, D["tok"], D["sets"]["full"])
+        return [times[k]["cached"] for k in ("base", "finetuned", "retrained")] + [info["cached"]], ft
+    first, ft1 = run()
+    again, ft2 = run()
+    assert first == [False] * 4 and again == [True] * 4
+    assert all(torch.equal(p, q) for p, q in zip(ft1.parameters(), ft2.parameters()))
+    copy_rows = MA.copy_rows
+    monkeypatch.setattr(MA, "copy_rows", lambda world, n, seed: copy_rows(world, n, seed + 1))   # other names
+    changed, ft3 = run()
+    assert changed == [False] * 4
+    assert not all(torch.equal(p, q) for p, q in zip(ft1.parameters(), ft3.parameters()))
+    files = sorted(glob.glob(str(tmp_path / "ckpt" / "*.pt")))
+    assert len(files) == 8
+    for f in files:
+        assert T.load_checkpoint(f)["config"]["run_key"] == os.path.basename(f).rsplit("-", 1)[1][:-3]
+    shutil.copy(files[0], files[1])                      # a file under another model's name
+    with pytest.raises(ValueError, match="delete the file"):
+        MA.check_run_key(files[1], os.path.basename(files[1]).rsplit("-", 1)[1][:-3])
+
 
 def test_smoke_run_writes_every_claim_and_table(tmp_path):
     runs, claims = MA.main(["--preset=smoke", f"--out_dir={tmp_path}", "--seeds=0"])

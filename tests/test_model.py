@@ -168,6 +168,44 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(n_kv_head=2), dict(n_kv_head=1, attention_layers=("local", "global"),
+                                                           local_window=3)])
+def test_native_gqa_equals_repeated_kv_heads(kw, monkeypatch):
+    """torch >= 2.5's enable_gqa path against the repeat_interleave copy (SDPA_GQA = False): forward with and
+    without document ids, every gradient, and KV-cached generation (left padding: document ids and a mask)."""
+    import model as M
+    if not M.SDPA_GQA:
+        pytest.skip("torch < 2.5 has no enable_gqa: the repeat path is the only one")
+    m = make("llama", **kw)
+    idx, doc = randint((2, 13)), torch.tensor([[0] * 6 + [1] * 7, [3] * 13])
+    prompts = [randint((n,), seed=n).tolist() for n in (2, 7, 4)]
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("enable_gqa", False)) or sdpa(*a, **k))
+
+    def run():
+        out = {"plain": m(idx)[0], "docs": m(idx, doc_ids=doc)[0]}
+        m.zero_grad()
+        (m(idx, idx, doc_ids=doc)[1] + m(idx, idx)[1]).backward()
+        out.update({n: p.grad.clone() for n, p in m.named_parameters()})
+        cache, steps = M.KVCache(m.cfg.n_layer), []
+        for t in range(0, 13, 4):                  # prefill in chunks, then one token at a time
+            steps.append(m(idx[:, t:t + 4], doc_ids=doc[:, t:t + 4], cache=cache)[0])
+        out["cached"] = torch.cat(steps, 1)
+        with torch.no_grad():
+            out["generated"] = m.generate(prompts, 8, pad_id=5).float()
+        return out
+    native = run()
+    assert calls and all(calls)                    # every attention call shared the kv heads (on this torch)
+    calls.clear()
+    monkeypatch.setattr(M, "SDPA_GQA", False)
+    copied = run()
+    assert calls and not any(calls)
+    for k in native:
+        assert torch.allclose(native[k], copied[k], rtol=1e-5, atol=1e-6), k
+    assert torch.allclose(native["cached"], native["docs"], atol=1e-5)
+
+
 # --- generation ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flavor", FLAVORS)
