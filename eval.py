@@ -930,6 +930,26 @@ def t_interval(xs, level=0.95):
     return mu, sd, mu - h, mu + h
 
 
+def mean_std(values):
+    """(mean, sample std with n - 1; 0 for one value) of the finite numbers among values (None, NaN and non-numbers
+    are skipped: a seed that did not measure a quantity); (None, None) when there are none. The one over-seeds
+    summary every script prints."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not xs:
+        return None, None
+    mu = math.fsum(xs) / len(xs)
+    return mu, (math.sqrt(math.fsum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def fmt_mean_std(values, spec=".3f"):
+    """'mean ± std' of mean_std(values) ('mean' alone for one value, '-' for none), each formatted with spec."""
+    xs = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    mu, sd = mean_std(xs)
+    if mu is None:
+        return "-"
+    return format(mu, spec) + (f" ± {sd:{spec}}" if len(xs) > 1 else "")
+
+
 def over_seeds(per_seed):
     """per_seed: {seed: [claim records]} (the same claims in the same order) -> one record per claim over the seeds.
     Each test's margin (value minus threshold, positive = holds; margin()) is paired within a seed, so thresholds

@@ -950,20 +950,6 @@ def dynamics_claims(rows):
                      f"{m['memsinks']:.4f} vs {m['standard']:.4f}")]
 
 
-def _number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def mean_std(values):
-    """(mean, sample standard deviation with n - 1, 0 for one value) of the numbers among values; (None, None) if
-    there are none."""
-    xs = [float(v) for v in values if _number(v)]
-    if not xs:
-        return None, None
-    mu = sum(xs) / len(xs)
-    return mu, (math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 # -------------------------------------------------------------------------------------------------
 # Report: the printed table, results.json / results.md, plots
 # -------------------------------------------------------------------------------------------------
@@ -976,8 +962,7 @@ def agg(values, spec=".4f"):
     """One seed's number, or mean ± std over the seeds."""
     if len(values) == 1:
         return fmt(values[0], spec)
-    mu, sd = mean_std(values)
-    return "-" if mu is None else f"{format(mu, spec)} ± {format(sd, spec)}"
+    return ev.fmt_mean_std(values, spec)
 
 
 LABELS = {"standard": "standard (with repetition)", "dedup_epochs": "deduplicated, same epochs",

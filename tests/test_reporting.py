@@ -144,3 +144,16 @@ def test_publish_prints_writes_then_plots(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("| a |\n| b |\n") and printed.rstrip().endswith(f"wrote {out / 'results.json'}")
     assert ev.publish(out, "t", Cfg(), {}, [], ["only text"]) == "only text"
+
+
+def test_mean_std_matches_statistics_and_skips_missing():
+    import statistics
+    xs = [0.3, 1.7, 2.25, -0.5]
+    mu, sd = ev.mean_std(xs + [None, float("nan"), True])
+    assert mu == pytest.approx(statistics.fmean(xs), abs=1e-15)
+    assert sd == pytest.approx(statistics.stdev(xs), abs=1e-15)
+    assert ev.mean_std([4.0]) == (4.0, 0.0)
+    assert ev.mean_std([None]) == (None, None)
+    assert ev.fmt_mean_std([1.0, 3.0], ".2f") == "2.00 ± 1.41"
+    assert ev.fmt_mean_std([1.0, None], ".2f") == "1.00"
+    assert ev.fmt_mean_std([], ".2f") == "-"
