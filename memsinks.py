@@ -10,7 +10,7 @@ noise|dynamics` (Figures 5a-c, 7). It trains standard, deduplicated, MemSinks an
 architecture and step budget, runs localize.py's post-hoc localizers on the standard model, prints the tables
 and claims, and writes out_dir/results.json, results.md and the figures. Finished models are cached under
 out_dir/ckpt, named by train.run_key, so a rerun that changes only evaluation settings skips training.
-Measured numbers and the choice of defaults: README.md. nulls.py builds on the mask machinery here.
+Measured numbers and the choice of defaults: docs/memsinks.md. nulls.py builds on the mask machinery here.
 
 Where we deliberately differ from the authors' code, and why:
 - Their LCG power table a^j is computed with wrapping int64 torch.pow, so from j = 3 on it is not the LCG

@@ -13,7 +13,7 @@ train.run_key), unlearns n_forget people, probes their facts by truth ratio with
 prompts (Figures 3-4), tracks NPO and gradient ascent on the standard model against related facts of other
 articles (3c), runs the relearning attack (7b), knowledge capacity (8c) and general multiple-choice capability
 (Table 1), prints the tables and claims, and writes out_dir/results.json, results.md and the figures. Measured
-numbers: README.md. The sink masks come from memsinks.py's generator.
+numbers: docs/nulls.md. The sink masks come from memsinks.py's generator.
 
 Where we deliberately differ from the authors' released code, and why:
 - exactly N_source active sinks per source (the release draws Bernoulli(p_mem), 75-130 for a target of 100): the
