@@ -500,6 +500,14 @@ class Fact:
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10", "retain90", "retain95", "retain99", "retain_perturbed",
                "holdout01", "holdout05", "holdout10", "world_facts", "real_authors", "full")
+# forget requests (make_world(forget_kind=...)):
+#   "entangled"   one person per family first (the default; NULLs' shared / inferred facts, compare.py): every
+#                 forgotten person has a sibling in the retain set whose article states the family facts
+#   "independent" whole families, as TOFU's forget authors are independent of the retained ones: no fact of a
+#                 forgotten person is stated in, or inferable from, a retained person's article
+FORGET_KINDS = ("entangled", "independent")
+# what the retain set says about a forgotten person's fact (World.forget_fact_roles)
+FACT_ROLES = ("unique", "shared", "inferable")
 
 
 @dataclass
@@ -516,7 +524,11 @@ class World:
     facts: list                        # [Fact] about trained people, plus city facts
     holdout_facts: list
     real_facts: list
-    forget_order: list                 # person ids in the order forget sets take them (one per family first)
+    forget_order: list                 # person ids in the order forget sets take them (see forget_kind)
+    forget_kind: str = "entangled"     # FORGET_KINDS: one person per family first, or whole families
+    # make_world(real_phrasings=k > 1): k - 1 more renderings of each "real" person's article (other templates,
+    # sibling order, fillers, sentence order), for a pretraining corpus that states each fact several ways
+    real_rephrasings: dict = field(default_factory=dict)   # source id -> [article text]
 
     def person(self, pid):
         for p in self.people + self.holdout_people + self.real_people:
@@ -546,7 +558,8 @@ class World:
         TOFU-format records (dicts with question, answer, paraphrased_answer, paraphrased_question,
         perturbed_answer, plus fact metadata). Names as TOFU's configs; "_perturbed" suffixes are accepted
         (every record carries the perturbed fields). forgetXX = XX% of the people, nested, one person per
-        family first (so every forgotten person has a sibling in the retain set); retainYY = the others;
+        family first (forget_kind "entangled": every forgotten person has a sibling in the retain set) or whole
+        families (forget_kind "independent", forget_ids: the size nearest XX%); retainYY = the others;
         retain_perturbed = as many retained people as forget10, none in any forget set (TOFU's role for it);
         holdoutXX = people never trained on; world_facts = the city questions; real_authors = the "real"
         people (needs make_world(n_real > 0)); full = every trained person.
@@ -557,7 +570,7 @@ class World:
         n = len(self.people)
         pct = lambda s: int(s[-2:])
         count = lambda p, total: max(1, round(p * total / 100))
-        forget = lambda p: self.forget_order[:count(p, n)]
+        forget = lambda p: self.forget_ids(count(p, n))
         if base.startswith("forget"):
             return self._people_qa(forget(pct(base)), self.facts)
         if base.startswith("retain") and base != "retain_perturbed":
@@ -580,6 +593,57 @@ class World:
             return [f.tofu() for f in self.real_facts]
         return self._people_qa([p.id for p in self.people], self.facts)        # full
 
+    def forget_ids(self, count):
+        """The first forget request of about `count` people, in forget order. entangled: exactly the first
+        `count`. independent: a prefix of whole families, the one whose size is nearest `count` (ties: the
+        larger; at least one family), so forget sets stay nested and no family is split."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        if self.forget_kind == "entangled":
+            return self.forget_order[:count]
+        fam = {p.id: p.family for p in self.people}
+        ends = [i + 1 for i, pid in enumerate(self.forget_order)
+                if i + 1 == len(self.forget_order) or fam[self.forget_order[i + 1]] != fam[pid]]
+        end = min(ends, key=lambda e: (abs(e - count), -e))
+        return self.forget_order[:end]
+
+    def forget_fact_roles(self, split):
+        """{fact id: role} for every fact of the people a forget split removes, by what the retained people's
+        articles (everyone trained on but not in the split) say about it: "shared" (a retained article states
+        it), "inferable" (an inferred fact whose every premise a retained article states), "unique" (neither:
+        only the forgotten people's own data holds it). Under forget_kind "independent" every role is unique."""
+        base = split[:-len("_perturbed")] if split.endswith("_perturbed") else split
+        if not re.fullmatch(r"forget\d\d", base) or base not in TOFU_SPLITS:
+            raise ValueError(f"split must be one of forget01, forget05, forget10, got {split!r}")
+        gone = {r["person"] for r in self.tofu_split(base)}
+        kept = {p.id for p in self.people} - gone
+        by_id = {f.id: f for f in self.facts}
+        stated = lambda f: bool(set(f.source_ids) & kept)
+        out = {}
+        for f in self.facts:
+            if f.person not in gone:
+                continue
+            if f.kind == "inferred":
+                out[f.id] = "inferable" if all(stated(by_id[q]) for q in f.premises) else "unique"
+            else:
+                out[f.id] = "shared" if stated(f) else "unique"
+        return out
+
+    def real_corpus(self, qa=True):
+        """Pretraining text about the "real" people: every rendering of their articles (real_articles plus
+        real_rephrasings), one sentence per item, and with qa every QA form of each fact: (question or
+        paraphrased question) x (answer or paraphrased answer) in QA_TEMPLATE. Allen-Zhu & Li (Physics of
+        LMs 3.1): a model stores facts extractably only if pretraining states them in several phrasings."""
+        out = []
+        for pid, art in self.real_articles.items():
+            for text in [art] + list(self.real_rephrasings.get(pid, ())):
+                out += [t for t in re.split(r"(?<=\.) ", text) if t]
+        if qa:
+            for f in self.real_facts:
+                out += [QA_TEMPLATE.format(question=q) + " " + a for q in (f.question, f.paraphrased_question)
+                        for a in (f.answer, f.paraphrased_answer)]
+        return out
+
     def save_tofu(self, folder):
         """Write every split as TOFU-style JSON lines, <folder>/<name>.json: load_tofu(name, path=folder) reads them."""
         folder = Path(folder)
@@ -598,6 +662,7 @@ class World:
     def texts(self):
         """Every string the world generates (articles and QA fields), e.g. to check a vocabulary."""
         out = list(self.articles.values()) + list(self.holdout_articles.values()) + list(self.real_articles.values())
+        out += [t for v in self.real_rephrasings.values() for t in v]
         for f in self.facts + self.holdout_facts + self.real_facts:
             out += [f.question, f.paraphrased_question, f.answer, f.paraphrased_answer, f.cloze, f.value]
             out += list(f.perturbed_answer)
@@ -623,7 +688,7 @@ def _name_list(names):
 
 
 def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, n_holdout=10, n_real=0,
-               n_perturbed=5):
+               n_perturbed=5, *, forget_kind="entangled", real_phrasings=1):
     """
     Build the fictional world, deterministic from (seed, sizes).
 
@@ -636,7 +701,14 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
     in a country other than where they were born); it follows from the shared facts "born in <city>" and
     "<city>, a city in <country>": the inferred fact. Held-out and "real" people are built the same way in
     their own families; their articles are kept apart (world.holdout_articles, world.real_articles).
+    forget_kind (FORGET_KINDS): the order forget splits take people, one per family first ("entangled", the
+    default) or whole families ("independent"). real_phrasings >= 1: renderings of each real person's article
+    (the extra ones in world.real_rephrasings). Both opt-in: the defaults build the same world as before.
     """
+    if forget_kind not in FORGET_KINDS:
+        raise ValueError(f"forget_kind must be one of {FORGET_KINDS}, got {forget_kind!r}")
+    if not isinstance(real_phrasings, int) or real_phrasings < 1:
+        raise ValueError(f"real_phrasings must be an int >= 1, got {real_phrasings!r}")
     rng = random.Random(seed)
     n_groups = {"train": n_people, "holdout": n_holdout, "real": n_real}
     if n_people < 2 or n_families < 1 or n_people < 2 * n_families:
@@ -830,13 +902,18 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
     for f in fam_order:
         rng.shuffle(fams[f])
     forget_order = [fams[f][r] for r in range(max_size) for f in fam_order if r < len(fams[f])]
+    if forget_kind == "independent":     # the same seeded family order, whole families
+        forget_order = [pid for f in fam_order for pid in fams[f]]
+    # extra renderings of the real people's articles, from their own generators (nothing above changes)
+    rephrasings = {p.id: [render_article(p, random.Random(f"{seed}/real/{p.id}/{i}")) for i in range(1, real_phrasings)]
+                   for p in persons if p.group == "real" and real_phrasings > 1}
 
     return World(seed=seed, countries=countries, cities=cities, people=train_people,
                  holdout_people=[p for p in persons if p.group == "holdout"],
                  real_people=[p for p in persons if p.group == "real"],
                  articles=articles["train"], holdout_articles=articles["holdout"], real_articles=articles["real"],
                  facts=facts["train"], holdout_facts=facts["holdout"], real_facts=facts["real"],
-                 forget_order=forget_order)
+                 forget_order=forget_order, forget_kind=forget_kind, real_rephrasings=rephrasings)
 
 
 @dataclass(frozen=True)

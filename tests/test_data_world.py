@@ -249,3 +249,115 @@ def test_general_questions_belong_to_no_single_article(world):
     assert len(set(answers)) > 1                                          # the right choice is not always first
     with pytest.raises(ValueError, match="n_choices"):
         D.general_questions(world, n_choices=6)
+
+
+# ---- forget-request kinds, fact roles, the multi-phrasing pretraining corpus (opt-in; issue 24) ----
+
+def _digest(w):
+    import hashlib
+    import json
+    h = hashlib.sha256()
+    h.update(json.dumps([w.articles, w.holdout_articles, w.real_articles, w.forget_order], sort_keys=True,
+                        default=str).encode())
+    for f in w.facts + w.holdout_facts + w.real_facts:
+        h.update(json.dumps(f.tofu(), sort_keys=True).encode())
+    for s in D.TOFU_SPLITS:
+        try:
+            h.update(json.dumps(w.tofu_split(s), sort_keys=True).encode())
+        except ValueError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def test_defaults_build_the_same_world_as_before_the_opt_ins():
+    # digests of the default worlds measured before forget_kind / real_phrasings existed: existing callers'
+    # data (nulls, memsinks, compare, neumuter, locprobe and their caches) must not move
+    assert _digest(D.make_world(0)) == "b95838aa220ac52d"
+    assert _digest(D.make_world(3, n_cities=16, n_real=10)) == "8ad8ca7b91dcb1cb"
+    w = D.make_world(3, n_cities=16, n_real=10, forget_kind="entangled", real_phrasings=1)
+    assert _digest(w) == "8ad8ca7b91dcb1cb" and w.real_rephrasings == {}
+
+
+def test_opt_ins_change_only_what_they_name(world):
+    w = D.make_world(0, forget_kind="independent")
+    assert w.articles == world.articles and [f.tofu() for f in w.facts] == [f.tofu() for f in world.facts]
+    assert sorted(w.forget_order) == sorted(world.forget_order) != w.forget_order
+    for bad in (dict(forget_kind="whole"), dict(real_phrasings=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            D.make_world(0, **bad)
+
+
+def _sentences_of(articles):
+    return [s for a in articles for s in sentences(a)]
+
+
+def _slow_roles(w, split):
+    """Reference for forget_fact_roles from the article text: a fact is shared if one sentence of a retained
+    person's article names the person and the value; the country is inferable if one retained sentence names the
+    person and the birth city and another says '<birth city>, a city in <country>'."""
+    gone = {r["person"] for r in w.tofu_split(split)}
+    kept = _sentences_of(a for pid, a in w.articles.items() if pid not in gone)
+    both = lambda x, y: any(mentions(s, x) and mentions(s, y) for s in kept)
+    out = {}
+    for f in w.facts:
+        if f.person in gone:
+            if f.attribute == "country":
+                p = w.person(f.person)
+                ok = both(p.name, p.birth_city) and any(f"{p.birth_city}, a city in {f.value}" in s for s in kept)
+                out[f.id] = "inferable" if ok else "unique"
+            else:
+                out[f.id] = "shared" if both(f.subject, f.value) else "unique"
+    return out
+
+
+@pytest.mark.parametrize("kind", D.FORGET_KINDS)
+def test_forget_kinds_and_fact_roles_against_the_article_text(kind):
+    w = D.make_world(0, forget_kind=kind)
+    fam = {p.id: p.family for p in w.people}
+    prev = []
+    for split, want in (("forget01", 1), ("forget05", 5), ("forget10", 10)):
+        ids = [r["person"] for r in w.tofu_split(split)]
+        ids = list(dict.fromkeys(ids))
+        assert set(prev) <= set(ids)                               # nested
+        prev = ids
+        gone_fams = {fam[i] for i in ids}
+        kept_in_gone_fams = [p.id for p in w.people if p.id not in ids and p.family in gone_fams]
+        roles = w.forget_fact_roles(split)
+        assert roles == _slow_roles(w, split)
+        assert set(roles) == {f.id for f in w.facts if f.person in ids}
+        if kind == "entangled":
+            assert len(ids) == want and len(gone_fams) == want and kept_in_gone_fams
+            assert {"unique", "shared", "inferable"} == set(roles.values())
+        else:                                                      # whole families: nothing left to infer from
+            assert not kept_in_gone_fams
+            # the prefix of whole families (in forget order) whose size is nearest the target, ties the larger
+            sizes = [sum(fam[i] == f for i in w.forget_order) for f in dict.fromkeys(fam[i] for i in w.forget_order)]
+            prefix = [sum(sizes[:j + 1]) for j in range(len(sizes))]
+            assert len(ids) == min(prefix, key=lambda e: (abs(e - want), -e))
+            assert set(roles.values()) == {"unique"}
+    retain = {r["person"] for r in w.tofu_split("retain90")}
+    assert retain.isdisjoint(prev) and len(retain) + len(prev) == 100
+    with pytest.raises(ValueError, match="forget01, forget05, forget10"):
+        w.forget_fact_roles("retain90")
+
+
+def test_real_phrasings_state_every_fact_in_several_wordings():
+    w = D.make_world(0, n_cities=16, n_real=10, real_phrasings=3)
+    assert sorted(w.real_rephrasings) == sorted(w.real_articles)
+    corpus = w.real_corpus()
+    for p in w.real_people:
+        arts = [w.real_articles[p.id]] + w.real_rephrasings[p.id]
+        assert len(arts) == 3 and len(set(arts)) == 3                 # three different renderings
+        for f in (f for f in w.real_facts if f.person == p.id and f.kind != "inferred"):
+            assert all(mentions(a, f.value) for a in arts)            # each states every stated fact
+            # and the QA forms: question / paraphrased question x answer / paraphrased answer
+            for q in (f.question, f.paraphrased_question):
+                for a in (f.answer, f.paraphrased_answer):
+                    assert D.QA_TEMPLATE.format(question=q) + " " + a in corpus
+    # several phrasings: a real person's birth year is stated with more than one sentence template
+    p = w.real_people[0]
+    said = {s.replace(p.name, "{name}").replace(str(p.birth_year), "{year}") for s in
+            _sentences_of([w.real_articles[p.id]] + w.real_rephrasings[p.id]) if str(p.birth_year) in s}
+    assert len(said) >= 2, said
+    tok = D.world_tokenizer()
+    assert all(tok.encode(t, strict=True) for t in corpus)            # in the world's vocabulary
