@@ -360,8 +360,7 @@ def train_sinks(cfg, mcfg, base, tok, recs, kind):
         with open(side, "w") as f:
             json.dump(info, f)
     elif os.path.exists(side):          # reused from the cache: report the run that trained it
-        with open(side) as f:
-            info = dict(json.load(f), cached=True)
+        info = dict(T.load_json(side), cached=True)
     return net, layout, info
 
 
@@ -485,7 +484,7 @@ def cached_row(path, key, ft, make):
     or another seed's run skips finished sweeps."""
     if os.path.exists(path):
         MA.check_run_key(path, key)
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = T.load_checkpoint(path)                # CRC-checked: a damaged cache is named, never reused
         net = copy.deepcopy(ft)
         net.load_state_dict(ck["state"])
         return {"net": net.eval().requires_grad_(False), "row": ck["row"], "sweep": ck["sweep"], "cached": True}

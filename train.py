@@ -6,7 +6,10 @@ finished checkpoint can be reused), the optimizer and learning-rate schedule, an
 """
 import dataclasses
 from dataclasses import dataclass
+import difflib
 import functools
+import inspect
+import io
 import hashlib
 import json
 import math
@@ -15,7 +18,9 @@ import re
 import random
 import sys
 import tempfile
+import textwrap
 import time
+import tokenize
 import types
 import typing
 import zipfile
@@ -110,7 +115,10 @@ def _convert(s, typ, default):
             return int(f)
     if typ in (tuple, list) or origin in (tuple, list):
         parts = [p.strip() for p in s.strip().strip("()[]").split(",")]
-        parts = [p for p in parts if p]                         # "()" and the trailing comma of "(5,)"
+        if parts and not parts[-1]:                             # "()" and the trailing comma of "(5,)"
+            parts.pop()
+        if "" in parts:                                         # 0,,1 is a typo, not 0,1
+            raise ValueError(f"empty element in {s!r}")
         if args and args[-1] is not Ellipsis and origin is tuple:   # tuple[float, float]: fixed length
             if len(args) != len(parts):
                 raise ValueError(f"expected {len(args)} comma-separated values, got {len(parts)}")
@@ -151,15 +159,22 @@ def parse_config(ConfigClass, argv=None, presets=None):
         hints = {}
     hints = {k: (typing.Any if isinstance(v, str) or v is object else v) for k, v in hints.items()}
 
+    script = os.path.basename(sys.argv[0] or "script")
+
     def usage():
-        lines = [f"usage: python {os.path.basename(sys.argv[0] or 'script')} [--preset=NAME] [--key=value ...]",
-                 f"presets: {', '.join(presets) if presets else '(none)'}", "keys (default):"]
+        lines = [f"usage: python {script} [--preset=NAME] [--key=value ...]",
+                 f"presets: {', '.join(presets) if presets else '(none)'}", "keys (default): meaning"]
         w = max((len(k) for k in defaults), default=0)
-        lines += [f"  --{k:<{w}}  {'(required)' if v is MISSING else repr(v)}" for k, v in defaults.items()]
+        notes = _field_comments(ConfigClass)
+        for k, v in defaults.items():
+            d = "(required)" if v is MISSING else repr(v)
+            lines.append(f"  --{k:<{w}}  {d}" + (f": {notes[k]}" if notes.get(k) else ""))
         return "\n".join(lines)
 
     def fail(msg):
-        print(f"error: {msg}\n{usage()}", file=sys.stderr)
+        # the error is the last line on screen (no key list after it to scroll past); --help has the keys
+        print(f"usage: python {script} [--preset=NAME] [--key=value ...]   (--help: every key, default and meaning)\n"
+              f"error: {msg}", file=sys.stderr)
         raise SystemExit(2)
 
     if any(a in ("-h", "--help") for a in argv):
@@ -179,7 +194,9 @@ def parse_config(ConfigClass, argv=None, presets=None):
             preset = val
             continue
         if key not in defaults:
-            fail(f"unknown key {key!r}")
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            fail(f"unknown key {key!r}" + (f" (did you mean --{close[0]}?)" if close else "")
+                 + f"; valid keys: {', '.join(defaults)}")
         if key in overrides:
             fail(f"--{key} given twice")
         try:
@@ -194,9 +211,86 @@ def parse_config(ConfigClass, argv=None, presets=None):
     if preset is not None and "preset" in defaults and "preset" not in overrides:
         values["preset"] = preset
     try:
-        return ConfigClass(**values)
+        cfg = ConfigClass(**values)
     except (TypeError, ValueError) as e:                        # missing required fields, __post_init__ checks
         fail(str(e))
+    try:
+        _common_rules(cfg)
+    except ValueError as e:
+        fail(str(e))
+    return cfg
+
+
+def _common_rules(cfg):
+    """Rules every script's Config shares, checked at parse time: seeds are distinct non-negative integers
+    (--seeds=0,0 would report one seed twice with std 0), a seed is non-negative, and out_dir is a directory or
+    can be made one (checked now, not after the first model has trained)."""
+    seeds = getattr(cfg, "seeds", None)
+    if isinstance(seeds, (tuple, list)):
+        bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+        if bad:
+            raise ValueError(f"seeds={tuple(seeds)!r} is not valid: seeds must be non-negative integers (bad: {bad})")
+        dup = sorted({s for s in seeds if list(seeds).count(s) > 1})
+        if dup:
+            raise ValueError(f"seeds={tuple(seeds)!r} is not valid: seeds must be distinct (repeated: {dup})")
+    seed = getattr(cfg, "seed", None)
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        raise ValueError(f"seed={seed} is out of range: seed must be in [0, inf)")
+    out_dir = getattr(cfg, "out_dir", None)
+    if isinstance(out_dir, str) and out_dir:
+        problem = out_dir_problem(out_dir)
+        if problem:
+            raise ValueError(f"out_dir={out_dir!r} is not usable: {problem}")
+
+
+def out_dir_problem(path):
+    """Why `path` cannot be an output directory ('' if it can): it is a file, or the nearest existing folder
+    on its way is not writable."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        return "it is a file, not a directory"
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if not os.path.isdir(p):
+        return f"{p} is a file, not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return ""
+
+
+def _field_comments(ConfigClass):
+    """{field: its comment in the class source} for --help: the comment on the field's own line, else the
+    comment lines right above it. {} when the source is not available (e.g. a class built at run time)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(ConfigClass))
+    except (OSError, TypeError):
+        return {}
+    comments, lines = {}, src.splitlines()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    names = {f.name for f in dataclasses.fields(ConfigClass)}
+    out = {}
+    for i, line in enumerate(lines, 1):
+        m = re.match(r"\s+(\w+)\s*:", line)
+        if not m or m.group(1) not in names or m.group(1) in out:
+            continue
+        if i in comments:
+            out[m.group(1)] = comments[i]
+            continue
+        above, j = [], i - 1
+        while j in comments and lines[j - 1].lstrip().startswith("#"):
+            above.insert(0, comments[j])
+            j -= 1
+        if above:
+            out[m.group(1)] = " ".join(above)
+    return out
 
 
 _INTERVAL = re.compile(r"^\s*([(\[])\s*([^,]+?)\s*,\s*([^,]+?)\s*([)\]])\s*$")
@@ -313,16 +407,22 @@ def save_checkpoint(path, model, optimizer=None, step=0, config=None, tokenizer=
     return path
 
 
-def load_checkpoint(path, device="cpu", weights_only=True):
+def load_checkpoint(path, device="cpu", weights_only=True, **load_kw):
     """The dict save_checkpoint wrote, tensors on `device`. weights_only=True refuses arbitrary pickled
     objects (everything save_checkpoint writes itself loads this way); pass False for trusted files whose
-    tokenizer/config/extra hold other Python objects."""
+    tokenizer/config/extra hold other Python objects. Every member's CRC-32 is checked before torch.load
+    (torch.load itself does not: a flipped byte inside a tensor loads silently), ~0.1 s per 100 MB;
+    a damaged file raises CheckpointError naming it. load_kw go to torch.load (e.g. mmap=True)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    bad = _damaged(path)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is damaged ({bad}). Delete it and run again: training starts "
+                              f"over from step 0.")
     try:
-        return torch.load(path, map_location=device, weights_only=weights_only)
+        return torch.load(path, map_location=device, weights_only=weights_only, **load_kw)
     except Exception as e:
-        if _damaged(path):   # truncated (disk full, a copy cut short) or overwritten: say what to do about it
+        if _damaged(path):   # changed between the check and the load
             raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupt; torch.load said: "
                                   f"{type(e).__name__}: {str(e)[:200]}). Delete it and run again: training "
                                   f"starts over from step 0.") from e
@@ -334,12 +434,25 @@ class CheckpointError(RuntimeError):
 
 
 def _damaged(path):
-    """torch.save writes a zip archive: a file that is no zip, or whose members fail their CRC, is damaged."""
+    """What is wrong with the zip archive torch.save wrote ('' when nothing): no zip at all (truncated,
+    overwritten) or a member whose bytes fail their CRC-32 (a flipped bit, a copy cut short)."""
     try:
         with zipfile.ZipFile(path) as z:
-            return z.testzip() is not None
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
-        return True
+            member = z.testzip()
+        return f"member {member} fails its CRC-32 check" if member is not None else ""
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        return f"not a readable zip archive, truncated or corrupt: {type(e).__name__}: {str(e)[:120]}"
+
+
+def load_json(path):
+    """A cache .json a run wrote (json.dump to a temp file, then os.replace); a file that is not valid JSON
+    raises CheckpointError naming it and what to do, instead of a bare JSONDecodeError."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cache file {path} is damaged (not valid JSON: {e}). Delete it and run again: "
+                              f"the step that wrote it runs again.") from e
 
 
 def model_from_checkpoint(ckpt, device="cpu", setup=None):

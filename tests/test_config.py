@@ -1,4 +1,5 @@
-"""--key=value config parsing, presets, errors that list the valid keys, device picking."""
+"""--key=value config parsing, presets, errors that name the field (last line, exit 2), device picking."""
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -91,13 +92,14 @@ def test_dash_spelling_of_keys():
 
 
 def _fails(capsys, *argv, presets=PRESETS):
+    """The run exits 2 and the error is the last line on screen: one line, no key list or traceback after it."""
     with pytest.raises(SystemExit) as e:
         parse(*argv, presets=presets)
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err
-    for key in ("n_layer", "lr", "betas", "data", "widths"):        # the valid keys are listed
-        assert f"--{key}" in err
-    return err
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage:") and "--help" in lines[0]
+    assert lines[-1].startswith("error: ")
+    return lines[-1]
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -112,11 +114,19 @@ def _fails(capsys, *argv, presets=PRESETS):
     (["--n_layer=None"], "bad value for --n_layer"),                 # not Optional
     (["--pair=1,2,3"], "bad value for --pair"),                      # fixed-length tuple
     (["--betas=a,b"], "bad value for --betas"),
+    (["--widths=16,,32"], "empty element"),                           # a typo, not 16,32
     (["--n_layer=1", "--n_layer=2"], "given twice"),
     (["--preset=smoke", "--preset=paper"], "given twice"),
 ])
-def test_errors_exit_and_list_valid_keys(capsys, argv, msg):
+def test_errors_exit_2_with_the_error_last(capsys, argv, msg):
     assert msg in _fails(capsys, *argv)
+
+
+def test_unknown_key_suggests_and_lists_the_valid_keys(capsys):
+    err = _fails(capsys, "--nlayer=3")
+    assert "did you mean --n_layer?" in err
+    for key in ("n_layer", "lr", "betas", "data", "widths"):
+        assert key in err
 
 
 def test_preset_with_unknown_key_fails(capsys):
@@ -127,8 +137,8 @@ def test_post_init_errors_exit(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(ModelConfig, ["--flavor=bert"], {})
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "flavor must be" in err and "--n_embd" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "flavor must be" in err[-1]
     # and the real model config parses its bare `tuple` field element-wise
     assert parse_config(ModelConfig, ["--rope_scaling=8,1,4,8192"], {}).rope_scaling == (8, 1, 4, 8192)
 
@@ -207,3 +217,53 @@ def test_range_errors_name_field_and_range_and_exit_2(capsys):
         assert msg in capsys.readouterr().err
     with pytest.raises(ValueError, match="bad rule"):
         check(Ranged(), p="0 < p <= 1")
+
+
+def test_help_shows_each_fields_comment(capsys):
+    with pytest.raises(SystemExit):
+        parse("--help")
+    out = capsys.readouterr().out
+    assert "--data" in out and "Optional annotation" in out             # the comment on the field's line
+    assert "parse sensibly" in out
+
+
+@dataclass
+class RunCfg:
+    seed: int = 0
+    seeds: tuple = ()
+    out_dir: str = "out/x"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--seeds=0,0"], "seeds must be distinct (repeated: [0])"),
+    (["--seeds=0,-1"], "seeds must be non-negative integers"),
+    (["--seeds=0,,1"], "empty element"),
+    (["--seed=-1"], "seed must be in [0, inf)"),
+])
+def test_seed_rules_are_checked_at_parse_time(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        parse_config(RunCfg, argv, {})
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err.strip().splitlines()[-1]
+    assert parse_config(RunCfg, ["--seeds=2,0,1"], {}).seeds == (2, 0, 1)
+
+
+def test_out_dir_that_is_a_file_or_unwritable_fails_before_any_work(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for bad, msg in ((f, "it is a file"), (f / "sub", "is a file, not a directory")):
+        with pytest.raises(SystemExit) as e:
+            parse_config(RunCfg, [f"--out_dir={bad}"], {})
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):                                 # root may write anywhere
+            with pytest.raises(SystemExit):
+                parse_config(RunCfg, [f"--out_dir={ro / 'new'}"], {})
+            assert "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+    assert parse_config(RunCfg, [f"--out_dir={tmp_path / 'a' / 'b'}"], {}).out_dir.endswith("b")
+    assert not (tmp_path / "a").exists()                                # checking creates nothing

@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 
 import pytest
@@ -410,6 +411,24 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     assert load_checkpoint(path)["step"] == 3
 
 
+def test_a_flipped_byte_inside_a_tensor_is_caught_before_resuming(tmp_path):
+    """torch.load does not check the zip's CRCs: without the check a flipped byte resumes silently."""
+    m, opt = _trained_pair()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, m, opt, step=3)
+    whole = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:                        # a byte in the middle of the largest tensor's data
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    whole[start + info.compress_size // 2] ^= 0x10
+    path.write_bytes(bytes(whole))
+    torch.load(path, weights_only=True)                     # what would happen without the check: no error
+    with pytest.raises(TR.CheckpointError, match=re.escape(str(path)) + r" is damaged \(member .* CRC-32"):
+        load_checkpoint(path)
+    with pytest.raises(TR.CheckpointError, match="is damaged"):
+        train(tiny(), batches, cfg(ckpt_path=str(path), resume=True))
+
+
 def test_a_refused_but_intact_checkpoint_is_not_called_damaged(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, tiny(), step=1, extra={"obj": RunCfg})                  # a class: weights_only refuses it
@@ -504,3 +523,12 @@ def test_epoch_batch_walks_the_epochs_of_an_order():
     it = D.EpochIterator(10, 4, seed=1)
     for step in range(9):                     # 3 steps per epoch, the last one short: the iterator's batches
         assert torch.equal(TR.epoch_batch(order, step), next(it))
+
+
+def test_a_damaged_cache_json_is_named(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"wall_s": 1.5, "cpu')
+    with pytest.raises(TR.CheckpointError, match=re.escape(str(path)) + r" is damaged \(not valid JSON"):
+        TR.load_json(path)
+    path.write_text('{"wall_s": 1.5}')
+    assert TR.load_json(path) == {"wall_s": 1.5}
