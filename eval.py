@@ -800,6 +800,79 @@ def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, le
     return observed, (int(np.sum(null >= observed - 1e-12)) + 1) / (n_boot + 1)
 
 
+
+# AUES over a range the compared curves share, MU95 that says when it is not a crossing, and an lr picked by a
+# reach rule on held-out seeds (locprobe.py, issue 22)
+
+def common_fs_range(curves):
+    """(lo, hi): the FS range every curve spans, lo = the largest of the curves' smallest FS, hi = the smallest of
+    their largest FS. curves: iterable of FS lists. hi < lo when some two curves do not overlap."""
+    fss = [np.asarray(f, np.float64) for f in curves]
+    if not fss or any(f.size < 2 for f in fss):
+        raise ValueError("common_fs_range needs at least one curve of at least two FS values")
+    return float(max(f.min() for f in fss)), float(min(f.max() for f in fss))
+
+
+def aues_over(fs, rs, lo, hi):
+    """Area under RS(FS) between FS = lo and FS = hi: the curve of aues() (points sorted by FS, stable, joined by
+    straight lines) clipped to [lo, hi], RS at lo and hi read off the line through them. aues(fs, rs) ==
+    aues_over(fs, rs, min(fs), max(fs)). The curve must span [lo, hi] (no extrapolation); 0 when lo == hi."""
+    fs, rs = np.asarray(fs, np.float64), np.asarray(rs, np.float64)
+    if fs.shape != rs.shape or fs.ndim != 1 or fs.size < 2:
+        raise ValueError("AUES needs at least two (FS, RS) points")
+    if not hi >= lo:
+        raise ValueError(f"aues_over: hi must be >= lo, got lo={lo}, hi={hi}")
+    if lo < fs.min() - 1e-12 or hi > fs.max() + 1e-12:
+        raise ValueError(f"aues_over: [{lo}, {hi}] is outside the curve's FS range [{fs.min()}, {fs.max()}]")
+    order = np.argsort(fs, kind="stable")
+    x, y = fs[order], rs[order]
+    area = 0.0
+    for x0, x1, y0, y1 in zip(x[:-1], x[1:], y[:-1], y[1:]):
+        a, b = max(x0, lo), min(x1, hi)
+        if b <= a:                       # outside the range, or a vertical step (equal FS): no width
+            continue
+        at = lambda v: y0 + (y1 - y0) * (v - x0) / (x1 - x0)
+        area += (b - a) * (at(a) + at(b)) / 2
+    return float(area)
+
+
+def mu95_checked(mu, fq, mu_original, level=0.95):
+    """mu95() and whether it is a crossing: {"mu95": mu95(...), "fallback": None | "never_falls" | "always_below",
+    "target": level x mu_original, "mu_range": [min MU, max MU]}. "never_falls": MU stays above the target at
+    every point, so mu95 returned the lowest-utility point's FQ; "always_below": every point is below it (the
+    highest-utility point's FQ). A claim that reads a MU95 with a fallback is `not testable here`."""
+    mu = np.asarray(mu, np.float64)
+    value = mu95(mu, fq, mu_original, level)
+    target = level * float(mu_original)
+    fb = "never_falls" if mu.min() > target else "always_below" if mu.max() < target else None
+    return {"mu95": value, "fallback": fb, "target": target, "mu_range": [float(mu.min()), float(mu.max())]}
+
+
+def tune_first(grid, check, *, tuned_on, reported, what):
+    """The first value of `grid`, in its order, whose check(value) -> {"ok": bool, ...measured} passes, measured
+    on `tuned_on` (held-out seeds or data) that must not share an id with `reported` (as tune()). With the grid in
+    ascending order this is "the smallest value that meets the rule"; the scan stops there. Returns {"what",
+    "value" (None when no value passes: the caller must say so), "reached", "grid", "tried": [{"value", ...check's
+    record}], "tuned_on", "rule": "first"}."""
+    overlap = set(map(str, tuned_on)) & set(map(str, reported))
+    if overlap:
+        raise ValueError(f"{what} would be tuned on {sorted(overlap)}, which the report also uses: tune on held-out "
+                         "data or seeds")
+    grid = list(grid)
+    if not grid:
+        raise ValueError(f"{what}: empty grid")
+    tried = []
+    for g in grid:
+        rec = dict(check(g))
+        if "ok" not in rec:
+            raise ValueError(f"{what}: check must return a dict with an 'ok' key")
+        tried.append({"value": g, **rec})
+        if rec["ok"]:
+            return {"what": what, "value": g, "reached": True, "grid": grid, "tried": tried,
+                    "tuned_on": list(tuned_on), "rule": "first"}
+    return {"what": what, "value": None, "reached": False, "grid": grid, "tried": tried, "tuned_on": list(tuned_on),
+            "rule": "first"}
+
 # -------------------------------------------------------------------------------------------------
 # Claims: one verdict vocabulary for every script
 # -------------------------------------------------------------------------------------------------
@@ -1023,6 +1096,11 @@ def _precondition_text(c):
         (f"; {len(bad)} of {len(pres)} seeds" if len(pres) > 1 else "") + ")"
 
 
+def _cell(text):
+    """Text safe inside one markdown table cell: a literal | (as in |x - y|) escaped, line breaks as spaces."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def claims_markdown(claims, checks=()):
     """The claims table every script prints (one run, or combined over seeds by over_seeds), then the sanity
     checks. Verdicts are VERDICTS' words; an unmet precondition is named with its value."""
@@ -1033,7 +1111,8 @@ def claims_markdown(claims, checks=()):
         thr = "; ".join(f"{k} {v}" for k, v in c["threshold"].items()) or "-"
         per = (" (" + ", ".join(f"{s}: {v}" for s, v in c["verdict_per_seed"].items()) + ")") if seeds else ""
         detail = "; ".join(x for x in (_precondition_text(c), c.get("detail", "")) if x)
-        L.append(f"| {c['claim']} | {_value_text(c)} | {thr} | **{c['verdict']}**{per} | {detail} |")
+        L.append(f"| {_cell(c['claim'])} | {_cell(_value_text(c))} | {_cell(thr)} | **{c['verdict']}**{per} | "
+                 f"{_cell(detail)} |")
     if checks:
         L += ["", "Checks (the code's own arithmetic; they cannot fail for a reason about the method):", ""]
         L += [f"- {'ok' if k['ok'] else 'FAILED'}: {k['check']}" + (f" ({k['detail']})" if k["detail"] else "")

@@ -2,6 +2,7 @@
 held-out data) and the results files every script writes."""
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -157,3 +158,11 @@ def test_mean_std_matches_statistics_and_skips_missing():
     assert ev.fmt_mean_std([1.0, 3.0], ".2f") == "2.00 ± 1.41"
     assert ev.fmt_mean_std([1.0, None], ".2f") == "1.00"
     assert ev.fmt_mean_std([], ".2f") == "-"
+
+
+def test_claims_table_escapes_bars_so_every_row_has_five_cells():
+    c = ev.claim("1 |x - y| <= 0.15", [ev.condition("|diff|", 0.1, "<=", 0.15)], "a | b\nc")
+    row = ev.claims_markdown([c])[2]
+    cells = [x for x in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert len(cells) == 5, row
+    assert "\\|x - y\\|" in row and "\n" not in row
