@@ -42,9 +42,14 @@ def test_loss_eq13_switch_and_eta_normalization():
     R = 1 - 1 / (1 + math.exp(-(0.7 - cfg.beta * math.log(0.1 / 1.1))))        # Eq. 12 for equal gates
     eta = 5.0 * 100 / 1000
     lf = torch.tensor(2.0, dtype=torch.float64)                                 # below the bound: ascend
-    assert N.neumuter_loss(cfg, lf, kl, la, 100).item() == pytest.approx(-2.0 + 2.0 * 0.25 + eta * R)
+    assert N.neumuter_loss(cfg, lf, kl, la, 100, 3.0).item() == pytest.approx(-2.0 + 2.0 * 0.25 + eta * R)
     lf = torch.tensor(3.5, dtype=torch.float64)                                 # above: descend x5
-    assert N.neumuter_loss(cfg, lf, kl, la, 100).item() == pytest.approx(5 * 3.5 + 2.0 * 0.25 + eta * R)
+    assert N.neumuter_loss(cfg, lf, kl, la, 100, 3.0).item() == pytest.approx(5 * 3.5 + 2.0 * 0.25 + eta * R)
+    # the bound passed in decides the side, not cfg.bound
+    assert N.neumuter_loss(cfg, lf, kl, la, 100, 4.0).item() == pytest.approx(-3.5 + 2.0 * 0.25 + eta * R)
+    # the defaults are the paper's lambda and eta, normalized to GPT-Neo-125M's 12 x 3072 gated neurons
+    d = N.Config()
+    assert (d.lam, d.eta, d.eta_ref_neurons, d.bound) == (500.0, 5.0, 12 * 3072, 0.0)
 
 
 def test_reference_neighbours_replace_about_the_ratio():
@@ -100,6 +105,8 @@ def test_train_masks_freezes_the_model_and_stops_on_check():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="ln V"):
         N.train_masks(N.Config(bound=4.0), net, forget, neigh, 2, log=None)     # ln 20 = 3.0
+    with pytest.raises(ValueError, match="bound"):                              # bound=0 (from data) not passed
+        N.train_masks(N.Config(), net, forget, neigh, 2, log=None)
     with pytest.raises(ValueError, match="first_layer"):
         N.train_masks(N.Config(first_layer=3, bound=1.0), net, forget, neigh, 2, log=None)
 
@@ -124,14 +131,16 @@ def test_ascent_closes_gates_on_what_the_forget_set_needs():
     assert l1.item() > 1.5 * l0.item()
 
 
-def fake_extraction(forgotten=1.0, ppl=1.02, ga_ppl=1.5, sga_ppl=1.3, ta_ppl=1.2, sel=0.01, t_nm=1.0, t_ga=2.0):
-    rec = lambda f, p: {"forgotten": f, "ppl": p, "ma": 0.5, "ma_max": 0.6, "el": 0.0, "el_max": 0.0}
-    nm = dict(rec(forgotten, ppl), selected_frac=sel, selected=10, gated=1000, effective=12, time_s=t_nm,
+def fake_extraction(ma=0.5, ppl=1.02, ga_ppl=1.5, sga_ppl=1.3, ta_ppl=1.2, sel=0.01, t_nm=1.0, t_ga=2.0, r=0.03):
+    rec = lambda m, p: {"forgotten": 0.5, "ppl": p, "ma": m, "ma_max": 0.9, "el": 0.01, "el_max": 0.2}
+    nm = dict(rec(ma, ppl), selected_frac=sel, selected=10, gated=1000, effective=12, time_s=t_nm,
               iters=50, neighbour_time_s=0.1)
     return {"thresholds": {"ma": 0.7, "el": 0.05}, "original": {"ppl": 1.0},
-            "zero_all_eligible": {"ma_max": 0.3, "forgotten": 1.0},
-            "methods": {"neumuter": nm, "ga": dict(rec(1.0, ga_ppl), time_s=t_ga, steps=10),
-                        "sga": rec(1.0, sga_ppl), "ta": rec(1.0, ta_ppl)}}
+            "retrained": dict(rec(0.72, 1.0), forgotten=0.66),
+            "zero_all_eligible": {"ma": 0.3, "ma_max": 0.3, "forgotten": 1.0},
+            "localizability": {"r": r, "sweep": []},
+            "methods": {"neumuter": nm, "ga": dict(rec(0.6, ga_ppl), time_s=t_ga, steps=10),
+                        "sga": rec(0.6, sga_ppl), "ta": rec(0.6, ta_ppl)}}
 
 
 def verdicts(claims):
@@ -139,33 +148,77 @@ def verdicts(claims):
 
 
 def test_extraction_claims_holds_and_fails():
-    assert verdicts(N.extraction_claims(fake_extraction())) == ["holds"] * 4
-    bad = N.extraction_claims(fake_extraction(forgotten=0.9, ppl=1.3, sel=0.1, t_nm=3.0))
+    c = N.extraction_claims(fake_extraction())
+    assert verdicts(c) == ["holds"] * 4
+    # the means decide Eq. 17 (every method's per-sample fraction here is 0.5); the retrained model's own status
+    assert "per sample 0.50" in c[0]["detail"] and "Eq. 17 on the means not met, per sample 0.66" in c[0]["detail"]
+    bad = N.extraction_claims(fake_extraction(ma=0.71, ppl=1.3, sel=0.1, t_nm=3.0))
     assert verdicts(bad) == ["fails"] * 4
     assert "why it fails here" in bad[3]["detail"]
-    # within 5% but more than half of TA's rise (0.04 > 0.5 * 0.06): claim 2 fails on its second part only
+    # at the same forgetting but more than half of TA's rise (0.04 > 0.5 * 0.06): claim 2 fails on its comparison
     c2 = N.extraction_claims(fake_extraction(ppl=1.04, ta_ppl=1.06))[1]
     assert c2["verdict"] == "fails" and [ev.test_side(t) for t in c2["tests"]] == ["holds", "holds", "fails"]
-    assert c2["tests"][2]["threshold"] == pytest.approx(0.03) and c2["tests"][1]["threshold"] == 0.05
-    # a baseline that never reached the thresholds is left out of the comparison
+    assert c2["tests"][2]["threshold"] == pytest.approx(0.03)
+    # no 5% cap on NeuMuter's own rise: +40% holds when every baseline rose more than +80%
+    assert N.extraction_claims(fake_extraction(ppl=1.4, ga_ppl=2.0, sga_ppl=1.9, ta_ppl=1.81))[1]["verdict"] == "holds"
+    # a baseline whose mean MA stayed above the threshold is left out of the comparison
     ex = fake_extraction(ppl=1.04, ta_ppl=1.06)
-    ex["methods"]["ta"]["forgotten"] = 0.5
+    ex["methods"]["ta"]["ma"] = 0.75
     c2 = N.extraction_claims(ex)[1]
     assert c2["verdict"] == "holds" and "ta" in c2["detail"] and c2["tests"][2]["threshold"] == pytest.approx(0.15)
 
 
-def test_extraction_claim_2_not_testable_without_a_baseline_at_full_forgetting():
+def test_extraction_claim_2_not_testable_without_a_baseline_at_eq17():
     ex = fake_extraction(ppl=1.01)
     for k in ("ga", "sga", "ta"):
-        ex["methods"][k]["forgotten"] = 0.5
+        ex["methods"][k]["el"] = 0.06                       # mean EL above the threshold: not at Eq. 17
     c = N.extraction_claims(ex)
     assert verdicts(c) == ["holds", "not testable here", "holds", "holds"]
     assert c[1]["precondition"]["value"] == 0 and c[1]["precondition"]["met"] is False
     assert "precondition not met" in "\n".join(ev.claims_markdown(c))
 
 
+def test_localizability_rule_gates_claims_2_and_3():
+    # r at the cap is localizable; above it (or none, or unmeasured) claims 2 and 3 are not testable, value named
+    assert N.localizability(fake_extraction(r=0.1)) == {"what": N.localizability(fake_extraction())["what"],
+                                                        "value": 0.1, "met": True}
+    for r, shown in ((0.3, 0.3), (1.0, 1.0), (None, "none")):
+        c = N.extraction_claims(fake_extraction(r=r))
+        assert verdicts(c) == ["holds", "not testable here", "not testable here", "holds"]
+        assert c[1]["precondition"]["value"] == shown and c[2]["precondition"]["met"] is False
+        assert "localizable" in "\n".join(ev.claims_markdown(c))
+    ex = fake_extraction()
+    del ex["localizability"]                                # IG not run: unmeasured, so not testable
+    p = N.localizability(ex)
+    assert p["met"] is False and "unmeasured" in p["what"]
+    # over seeds: one seed not localizable makes the claim not testable
+    per = {0: N.extraction_claims(fake_extraction()), 1: N.extraction_claims(fake_extraction(r=0.3))}
+    assert verdicts(ev.over_seeds(per)) == ["holds", "not testable here", "not testable here", "holds"]
+
+
+def test_localizability_from_the_ig_sweep_is_the_smallest_ratio_meeting_eq17():
+    """run_baseline's IG branch on a tiny model: the sweep stops at the first ratio whose zeroing meets Eq. 17."""
+    net = tiny(V=20, L=3)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 20, (10,), generator=g).tolist() for _ in range(3)]
+    fb = N.lm_rows(seqs, 0)
+    cfg = N.Config(first_layer=1, ig_steps=2, ig_ratios=(0.1, 0.5, 1.0), el_n=4)
+    ma = {}
+    for r in cfg.ig_ratios:     # the MA each ratio's zeroing gives, to place a threshold between them
+        scores = N.integrated_gradients_scores(net, fb, steps=2, first_layer=1)
+        ma[r] = float(ev.memorization_accuracy(net, seqs, pad_id=0, mlp_mask=N.drop_top(scores, r)).mean())
+    for thr_ma, want in ((max(ma.values()) + 1e-6, 0.1), (-1.0, None)):
+        check = N.Checker(cfg, seqs, {"ma": thr_ma, "el": 1.0}, fb, 0)
+        sweep = []
+        _, _, _, r = N.run_baseline(cfg, "ig", net, None, None, fb, check, sweep)
+        got = min([s["ratio"] for s in sweep if s["stop"]], default=None)
+        assert got == want and [s["ratio"] for s in sweep] == ([0.1] if want else [0.1, 0.5, 1.0])
+    with pytest.raises(ValueError, match="ig_ratios"):
+        N.Config(ig_ratios=(0.5, 0.1))
+
+
 def test_extraction_claims_over_seeds_inconclusive_when_seeds_straddle():
-    good, bad = fake_extraction(), fake_extraction(forgotten=0.9, ppl=1.06, sel=0.05, t_nm=3.0)
+    good, bad = fake_extraction(), fake_extraction(ma=0.72, ppl=1.06, sel=0.05, t_nm=3.0)
     per = {0: N.extraction_claims(good), 1: N.extraction_claims(bad)}
     assert verdicts(per[0]) == ["holds"] * 4 and verdicts(per[1]) == ["fails"] * 4
     c = ev.over_seeds(per)
@@ -187,9 +240,14 @@ def test_tofu_claim_every_verdict():
     c = N.tofu_claim(fake_tofu(), 0.9)              # GA's 0.9 is below the utility bar (MU 0.45)
     assert c["verdict"] == "holds" and c["tests"][1]["value"] == 0.5 and c["tests"][1]["threshold"] == 0.3
     assert c["tests"][0]["threshold"] == pytest.approx(0.45) and c["precondition"]["met"] is True
+    assert c["tests"][2]["threshold"] == 1e-5 and c["tests"][2]["op"] == ">"
     assert N.tofu_claim(fake_tofu(ga=((0.6, 0.47),)), 0.9)["verdict"] == "fails"
     c = N.tofu_claim(fake_tofu(nm=((0.99, 0.2),)), 0.9)                          # never within the utility bar
     assert c["verdict"] == "fails" and ev.test_side(c["tests"][0]) == "fails" and c["tests"][1]["value"] == 0.0
+    # beating the baselines is not enough: NeuMuter must also beat the original model's forget quality
+    tf = fake_tofu(nm=((1e-5, 0.5),), ga=((1e-6, 0.47),))
+    c = N.tofu_claim(tf, 0.9)
+    assert c["verdict"] == "fails" and [ev.test_side(t) for t in c["tests"]] == ["holds", "holds", "fails"]
     # no baseline has a point at the utility bar: nothing to compare with (it held vacuously before)
     c = N.tofu_claim(fake_tofu(ga=((0.9, 0.2),)), 0.9)
     assert c["verdict"] == "not testable here"
@@ -199,6 +257,41 @@ def test_tofu_claim_every_verdict():
     assert ev.over_seeds(per)[0]["verdict"] == "inconclusive"
     per[2] = [N.tofu_claim(fake_tofu(ga=((0.9, 0.2),)), 0.9)]
     assert ev.over_seeds(per)[0]["verdict"] == "not testable here"
+
+
+def test_eq17_on_the_means_not_per_sample():
+    net = tiny(V=20, L=2)
+    own = [3, 7] + net.generate(torch.tensor([[3, 7]]), 12)[0].tolist()     # the model's own text: MA near 1
+    g = torch.Generator().manual_seed(1)
+    seqs = [own] + [torch.randint(3, 20, (14,), generator=g).tolist() for _ in range(3)]
+    cfg, val = N.Config(el_n=4), N.lm_rows(seqs, 0)
+    ma = ev.memorization_accuracy(net, seqs, pad_id=0)
+    assert float(ma.max()) > 0.9 and float(ma.mean()) < 0.5
+    thr = {"ma": 0.5, "el": 1.0}                    # the mean is below, one sample is not
+    rec = N.Checker(cfg, seqs, thr, val, 0)(net)
+    assert rec["stop"] is True and rec["forgotten"] == 0.75 and N.meets_eq17(rec, thr)
+    rec = N.Checker(cfg, seqs, {"ma": float(ma.mean()) - 1e-6, "el": 1.0}, val, 0)(net)
+    assert rec["stop"] is False and "el" not in rec
+    # slow reference: the means against the thresholds
+    el = ev.extraction_likelihood(net, seqs, 4)
+    for t in ({"ma": 0.5, "el": float(el.mean())}, {"ma": 0.5, "el": float(el.mean()) - 1e-6}):
+        rec = N.Checker(cfg, seqs, t, val, 0)(net)
+        assert rec["stop"] == (float(ma.mean()) <= t["ma"] and float(el.mean()) <= t["el"])
+
+
+def test_bound_from_data_is_the_mean_token_loss():
+    net = tiny(V=20, L=2)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 20, (n,), generator=g).tolist() for n in (9, 14, 5)]
+    rows = N.lm_rows(seqs, 0)
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for s in seqs:                               # slow reference: one sequence, one position at a time
+            for t in range(1, len(s)):
+                lp = torch.log_softmax(net(torch.tensor([s[:t]]))[0][0, -1].double(), -1)
+                tot -= float(lp[s[t]])
+                n += 1
+    assert N.data_bound(net, rows) == pytest.approx(tot / n, rel=1e-5)
 
 
 def test_checker_computes_el_only_when_ma_passes():
@@ -235,7 +328,7 @@ def test_checker_stop_only_skips_generation_exactly_when_the_el_bound_decides(mo
     calls = []
     real = ev.extraction_likelihood
     monkeypatch.setattr(ev, "extraction_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for thr_el, decided in ((float(lb.max()) / 2, True), (float(el.max()), False)):
+    for thr_el, decided in ((float(lb.mean()) * 0.99, True), (float(el.mean()), False)):
         thr = {"ma": 1.0, "el": thr_el}
         calls.clear()
         quick = N.Checker(cfg, seqs, thr, val, 0)(net, stop_only=True)
@@ -310,7 +403,7 @@ def test_paper_path_on_local_fakes(tmp_path):
     (tmp_path / "ext.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     metrics, _ = N.main(["--preset=smoke", "--experiment=extraction", f"--init_from={gpt}", f"--mlm_path={bert}",
                          f"--data_path={tmp_path / 'ext.jsonl'}", "--n_forget=3", "--n_unseen=3", "--n_val=4",
-                         "--methods=ga,ig", f"--out_dir={tmp_path / 'out'}"])
+                         "--methods=ga,ig", "--bound=3.0", f"--out_dir={tmp_path / 'out'}"])   # untrained: loss ~ ln V
     ex = metrics["seeds"]["0"]["extraction"]
     assert "retrained" not in ex and set(ex["methods"]) == {"neumuter", "ga", "ig"}
 
@@ -322,7 +415,7 @@ def test_real_path_fine_tunes_a_local_pretrained_model(tmp_path):
                     for w in re.findall(r"\w+|[^\w\s]", t)} | set(N.IDK.split()) | {"Question", "Answer", ":"})
     gpt = fake_hf_folder(tmp_path / "gpt", words)
     metrics, claims = N.main(["--preset=smoke", "--experiment=tofu", f"--init_from={gpt}", "--tofu_methods=ga,npo",
-                              f"--out_dir={tmp_path / 'out'}"])
+                              "--bound=3.0", f"--out_dir={tmp_path / 'out'}"])
     tf = metrics["seeds"]["0"]["tofu"][0]
     assert set(tf["curves"]) == {"neumuter", "ga", "npo"} and claims[0]["claim"].startswith("4 ")
 
