@@ -883,18 +883,19 @@ def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    seeds = list(cfg.seeds) or [cfg.seed]
-    runs, per_seed = [], []
-    for s in seeds:
-        c = replace(cfg, seed=s)
-        print(f"==== seed {s}")
-        m, cl = run_seed(c)
-        runs.append(m)
-        per_seed.append(cl)
-    claims = ev.over_seeds(dict(zip(seeds, per_seed)))
-    report(cfg, runs, claims, seeds)
-    return runs, claims
+    with T.out_dir_lock(cfg.out_dir):   # one run at a time writes here
+        seeds = list(cfg.seeds) or [cfg.seed]
+        runs, per_seed = [], []
+        for s in seeds:
+            c = replace(cfg, seed=s)
+            print(f"==== seed {s}")
+            m, cl = run_seed(c)
+            runs.append(m)
+            per_seed.append(cl)
+        claims = ev.over_seeds(dict(zip(seeds, per_seed)))
+        report(cfg, runs, claims, seeds)
+        return runs, claims
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

@@ -30,6 +30,7 @@ Where we deliberately differ from the authors' code, and why:
 """
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -1130,25 +1131,27 @@ def main(argv=None):
     seeds = list(cfg.seeds) or [cfg.seed]
     tuned_on = set(seeds) & set(P_TUNE_SEEDS)
     if tuned_on and cfg.p == P_TUNED and cfg.sweep != "p":
-        raise SystemExit(f"memsinks.py: seed(s) {sorted(tuned_on)} are where p = {P_TUNED} was tuned (P_TUNE_SEEDS); "
-                         "a report on them would score the tuning data: use other seeds")
+        print(f"error: seeds={tuple(seeds)} is not valid: seed(s) {sorted(tuned_on)} are where p = {P_TUNED} was "
+              "tuned (P_TUNE_SEEDS), and a report on them would score the tuning data: use other seeds", file=sys.stderr)
+        raise SystemExit(2)
     env = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    t0, c0 = time.time(), time.process_time()
-    runs = []
-    for s in seeds:        # the whole experiment per seed: data, initialization and every model
-        sub = replace(cfg, seed=s)
-        ts, cs = time.time(), time.process_time()
-        metrics, claims = run(sub)
-        metrics.update(seed=s, wall_time_s=time.time() - ts, cpu_time_s=time.process_time() - cs, env=env)
-        if len(seeds) > 1:
-            report(sub, [metrics], claims, os.path.join(out_folder(cfg), f"seed_{s}"), [s],
-                   metrics["wall_time_s"], metrics["cpu_time_s"])
-        runs.append((metrics, claims))
-    claims = runs[0][1] if len(seeds) == 1 else ev.over_seeds({s: c for s, (_, c) in zip(seeds, runs)})
-    metrics = report(cfg, [m for m, _ in runs], claims, out_folder(cfg), seeds, time.time() - t0,
-                     time.process_time() - c0)
-    return metrics, claims
+    with T.out_dir_lock(cfg.out_dir):   # one run at a time writes here
+        t0, c0 = time.time(), time.process_time()
+        runs = []
+        for s in seeds:        # the whole experiment per seed: data, initialization and every model
+            sub = replace(cfg, seed=s)
+            ts, cs = time.time(), time.process_time()
+            metrics, claims = run(sub)
+            metrics.update(seed=s, wall_time_s=time.time() - ts, cpu_time_s=time.process_time() - cs, env=env)
+            if len(seeds) > 1:
+                report(sub, [metrics], claims, os.path.join(out_folder(cfg), f"seed_{s}"), [s],
+                       metrics["wall_time_s"], metrics["cpu_time_s"])
+            runs.append((metrics, claims))
+        claims = runs[0][1] if len(seeds) == 1 else ev.over_seeds({s: c for s, (_, c) in zip(seeds, runs)})
+        metrics = report(cfg, [m for m, _ in runs], claims, out_folder(cfg), seeds, time.time() - t0,
+                         time.process_time() - c0)
+        return metrics, claims
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

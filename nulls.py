@@ -1325,30 +1325,31 @@ def main(argv=None):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     T.init_distributed(cfg.device)          # under torchrun: one process group for every model trained
-    try:
-        if cfg.sweep:
-            return run_sweep(cfg)
-        if not cfg.seeds:
-            metrics, claims = run(cfg)
-            if metrics is not None:         # rank 0 (or the only process) evaluates and writes
-                report(cfg, metrics, claims, seeds_note=f"one seed ({cfg.seed}); --seeds=0,1,2 reports every claim "
-                                                        "over three seeds. ")
-            return metrics, claims
-        per_metrics, per_claims = {}, {}
-        for k in cfg.seeds:                 # the whole experiment per seed: another world, other initial weights
-            c = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=os.path.join(cfg.out_dir, f"seed{k}"))
-            if T.is_main_process():
-                print(f"==== seed {k} ({len(per_metrics) + 1}/{len(cfg.seeds)})")
-            m, cl = run(c)
-            if m is not None:
-                per_metrics[k], per_claims[k] = m, cl
-                report(c, m, cl, seeds_note=f"seed {k} of {list(cfg.seeds)}. ")
-        if not per_metrics:
-            return None, None
-        return per_metrics, report_seeds(cfg, list(cfg.seeds), per_metrics, per_claims)
-    finally:
-        T.end_distributed()
+    with T.out_dir_lock(cfg.out_dir):   # one run at a time writes here
+        try:
+            if cfg.sweep:
+                return run_sweep(cfg)
+            if not cfg.seeds:
+                metrics, claims = run(cfg)
+                if metrics is not None:         # rank 0 (or the only process) evaluates and writes
+                    report(cfg, metrics, claims, seeds_note=f"one seed ({cfg.seed}); --seeds=0,1,2 reports every claim "
+                                                            "over three seeds. ")
+                return metrics, claims
+            per_metrics, per_claims = {}, {}
+            for k in cfg.seeds:                 # the whole experiment per seed: another world, other initial weights
+                c = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=os.path.join(cfg.out_dir, f"seed{k}"))
+                if T.is_main_process():
+                    print(f"==== seed {k} ({len(per_metrics) + 1}/{len(cfg.seeds)})")
+                m, cl = run(c)
+                if m is not None:
+                    per_metrics[k], per_claims[k] = m, cl
+                    report(c, m, cl, seeds_note=f"seed {k} of {list(cfg.seeds)}. ")
+            if not per_metrics:
+                return None, None
+            return per_metrics, report_seeds(cfg, list(cfg.seeds), per_metrics, per_claims)
+        finally:
+            T.end_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

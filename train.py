@@ -4,6 +4,7 @@ range checks, atomic checkpoints with exact resume, `run_key` (the one fingerpri
 finished checkpoint can be reused), the optimizer and learning-rate schedule, and the small training loop
 (data-parallel under torchrun).
 """
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 import difflib
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import re
+import socket
 import random
 import sys
 import tempfile
@@ -241,6 +243,76 @@ def _common_rules(cfg):
         problem = out_dir_problem(out_dir)
         if problem:
             raise ValueError(f"out_dir={out_dir!r} is not usable: {problem}")
+
+
+class OutDirInUse(RuntimeError):
+    """Another live run holds the output directory's lock."""
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """Hold out_dir/.lock for the length of a run, so two runs never write the same results.json and checkpoints
+    at once. The file names its holder (pid, host, command, start time); a lock whose process is gone (killed,
+    machine rebooted) is taken over. Under torchrun only rank 0 locks. Raises OutDirInUse naming the holder."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": " ".join(sys.argv),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    held = json.load(f)
+            except (OSError, ValueError):
+                held = {}
+            alive = held.get("host") == me["host"] and _pid_alive(held.get("pid"))
+            if alive or (held.get("host") not in (None, me["host"])):
+                raise OutDirInUse(f"out_dir {out_dir} is in use by another run (pid {held.get('pid')} on "
+                                  f"{held.get('host')}, started {held.get('started')}: {held.get('argv')}); wait "
+                                  f"for it or pass another --out_dir (delete {path} if that run is gone)") from None
+            os.remove(path)                                     # a stale lock: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cli(main):
+    """Run a script's main() from the command line: a damaged checkpoint or cache, or an out_dir another run
+    holds, ends as one line `error: ...` and exit status 1 (no traceback: the message says what to do); Ctrl-C
+    as one line saying that the same command resumes (checkpoints are written atomically)."""
+    try:
+        main()
+    except (CheckpointError, OutDirInUse) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def out_dir_problem(path):

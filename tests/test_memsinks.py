@@ -410,9 +410,10 @@ def test_dynamics_claims_hold_and_fail():
     assert V(ms.dynamics_claims([r("standard", 0.4, 0.2), r("memsinks", 1.0, 0.5)])) == ["fails", "fails"]
 
 
-def test_reported_seeds_exclude_the_seed_p_was_tuned_on(tmp_path):
-    with pytest.raises(SystemExit, match="tuned"):
+def test_reported_seeds_exclude_the_seed_p_was_tuned_on(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         ms.main(["--preset=smoke", f"--out_dir={tmp_path}", "--seeds=0,100"])
+    assert e.value.code == 2 and "tuned" in capsys.readouterr().err.strip().splitlines()[-1]
     assert ms.P_TUNED == ms.Config().p and not set(ms.P_TUNE_SEEDS) & set(ms.REPORTED_SEEDS)
 
 

@@ -532,3 +532,18 @@ def test_a_damaged_cache_json_is_named(tmp_path):
         TR.load_json(path)
     path.write_text('{"wall_s": 1.5}')
     assert TR.load_json(path) == {"wall_s": 1.5}
+
+
+def test_out_dir_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    import json as _json
+    out = tmp_path / "run"
+    with TR.out_dir_lock(str(out)):
+        held = _json.loads((out / ".lock").read_text())
+        assert held["pid"] == os.getpid()
+        with pytest.raises(TR.OutDirInUse, match=f"pid {os.getpid()}"):
+            with TR.out_dir_lock(str(out)):
+                pass
+    assert not (out / ".lock").exists()                             # released on exit
+    (out / ".lock").write_text(_json.dumps({"pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname()}))
+    with TR.out_dir_lock(str(out)):                                 # the holder is gone: taken over
+        assert _json.loads((out / ".lock").read_text())["pid"] == os.getpid()
