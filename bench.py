@@ -25,11 +25,13 @@ registered with @row and returning a Pair (A, B, work per call); import the pape
 A row that cannot run here raises Skip("why"); it is printed and kept in results.json as skipped. B may instead be
 a fixed rate (Pair(..., b=None, b_rate=peak_flops)), e.g. the GPU rows' model FLOPs utilization.
 """
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Optional
@@ -39,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig
-from train import parse_config, pick_device
+from train import check, parse_config, pick_device
 
 
 @dataclass
@@ -53,9 +55,16 @@ class Config:
     profile: bool = True     # a row whose target is not met (or inconclusive) is profiled: where A's time goes
     out_dir: str = "out/bench"
     seed: int = 0
+    max_rounds: int = 0      # > 0: at most this many rounds per row, overriding a row's min_rounds (smoke runs)
+
+    def __post_init__(self):
+        check(self, threads="[1, inf)", rounds="[1, inf)", warmup="[0, inf)", min_time="[0, inf)",
+              max_rounds="[0, inf)")
 
 
-PRESETS = {"smoke": dict(rounds=2, warmup=1, min_time=0.0)}
+# smoke: every row runs end to end in seconds; 2 rounds cannot support a 95% interval, so no row gets a verdict
+PRESETS = {"smoke": dict(rounds=2, warmup=1, min_time=0.0, profile=False, max_rounds=2)}
+CONFIDENCE = 0.95     # a row gets met / NOT met only when its rounds give the median's interval this coverage
 
 
 class Skip(Exception):
@@ -205,15 +214,37 @@ def run_row(r: Row, cfg, device):
     rounds = max(cfg.rounds, r.min_rounds)
     if r.max_rounds is not None:
         rounds = min(rounds, r.max_rounds)
+    if cfg.max_rounds:
+        rounds = min(rounds, cfg.max_rounds)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     res = measure(pair, r, rounds, cfg.warmup if r.warmup is None else r.warmup, cfg.min_time, sync=sync)
     if pair.check is not None:
         pair.check()
     res = dict(base, **res, **pair.extra)      # check() may add to extra (e.g. peak memory)
     res["verdict"] = verdict(r.target, *res["spread"])
+    if res["verdict"] is not None and res["spread_coverage"] < CONFIDENCE:
+        res["verdict"] = f"inconclusive: {rounds} rounds"    # the interval is min-max with < 95% coverage
     if cfg.profile and res["verdict"] in ("NOT met", "inconclusive: spread"):
         res["profile"] = profile_gap(pair, device)
     return res
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence what native code writes to stdout/stderr (torch.profiler's 'USDT: profiler_start' lines)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
 
 
 def profile_gap(pair, device, reps=3, top=6):
@@ -224,7 +255,7 @@ def profile_gap(pair, device, reps=3, top=6):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def per_op(fn):
-        with profile(activities=acts) as prof:
+        with _quiet(), profile(activities=acts) as prof:    # the profiler's own start/stop lines: not ours
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -832,7 +863,13 @@ def fmt_row(r):
     tgt = f"{r['target']}: {r['verdict']}" if r["target"] else "-"
     cpu = "" if r["cpu_ratio"] is None else f" cpu {r['cpu_ratio']:.3f}"
     return (f"{r['name']:<30} {r['a'] + ' ' + format(r['a_rate'], '.4g'):>30} {r['b'] + ' ' + format(r['b_rate'], '.4g'):>30}"
-            f" {r['ratio']:>7.3f}{sym} [{lo:.3f}, {hi:.3f}] (IQR {q1:.3f}-{q3:.3f}{cpu})  {tgt}")
+            f" {r['ratio']:>7.3f}{sym} [{lo:.3f}, {hi:.3f}]{_cov(r)} (IQR {q1:.3f}-{q3:.3f}{cpu})  {tgt}")
+
+
+def _cov(r):
+    """The interval's coverage when it is below the 95% the header promises (too few rounds)."""
+    c = r.get("spread_coverage", 1.0)
+    return "" if c >= CONFIDENCE else f" min-max, {100 * c:.0f}% coverage"
 
 
 def markdown(results, env):
@@ -851,7 +888,7 @@ def markdown(results, env):
         x = "x" if r["measure"] == "speed" else "x time"
         cpu = "" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.3f}"
         lines.append(f"| {r['name']} | {r['a']} | {r['b']} | {r['a_rate']:.4g} {r['unit']} | {r['b_rate']:.4g} | "
-                     f"{r['ratio']:.3f}{x} [{r['spread'][0]:.3f}, {r['spread'][1]:.3f}] | "
+                     f"{r['ratio']:.3f}{x} [{r['spread'][0]:.3f}, {r['spread'][1]:.3f}]{_cov(r)} | "
                      f"{r['iqr'][0]:.3f}-{r['iqr'][1]:.3f} | {r['rounds']} | {cpu} | "
                      f"{r['target'] or '-'} | {r['verdict'] or '-'} |")
     prof = [r for r in results if r.get("profile")]
@@ -864,15 +901,14 @@ def markdown(results, env):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
-    if cfg.threads < 1 or cfg.rounds < 1 or cfg.warmup < 0 or cfg.min_time < 0:
-        raise SystemExit(f"need threads >= 1, rounds >= 1, warmup >= 0, min_time >= 0; got threads={cfg.threads}, "
-                         f"rounds={cfg.rounds}, warmup={cfg.warmup}, min_time={cfg.min_time}")
     torch.set_num_threads(cfg.threads)
     device = torch.device(pick_device(cfg.device))
     wanted = [r for r in cfg.rows.split(",") if r]
     unknown = [r for r in wanted if r not in ROWS]
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; valid rows: {', '.join(ROWS)}")
+        print(f"error: rows={cfg.rows!r} is not valid: unknown rows {unknown}; valid rows: {', '.join(ROWS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
     env = machine(device)
     print(f"machine: {env['cpu']} ({env['cores']} cores), {env['platform']}, torch {env['torch']}, "
           f"{env['threads']} thread(s), device {env['device']}{' ' + env['gpu'] if env['gpu'] else ''}, "
@@ -905,8 +941,34 @@ def main(argv=None):
     os.replace(path + ".tmp", path)
     with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
         f.write("# bench.py\n\n" + markdown(results, env))
-    print(f"wrote {path} and results.md")
+    fig = plot(results, os.path.join(cfg.out_dir, "ratios.png"))
+    print(f"wrote {path}, results.md" + (f" and {fig}" if fig else ""))
     return results
+
+
+def plot(results, path):
+    """Each measured row's ratio with its interval (95% where the rounds allow it), the target as a tick."""
+    rows = [r for r in results if "skipped" not in r]
+    if not rows:
+        return None
+    import eval as ev                                   # matplotlib, headless, only when there is a figure
+    plt = ev.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    for i, r in enumerate(rows):
+        lo, hi = r["spread"]
+        ax.errorbar([r["ratio"]], [i], xerr=[[r["ratio"] - lo], [hi - r["ratio"]]], fmt="o", capsize=3,
+                    color="tab:blue" if r.get("spread_coverage", 1) >= CONFIDENCE else "tab:gray")
+        if r["target"]:
+            op, val = parse_target(r["target"])
+            ax.plot([val], [i], marker="|", markersize=14, color="tab:red")
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ratio A / anchor (speed: rate ratio; time rows: time ratio); red tick = target")
+    ax.set_title("bench.py: median ratio over the rounds, 95% interval (gray: too few rounds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -855,7 +855,7 @@ def report(cfg, runs, claims, seeds):
                  + " |")
     L += [""] + ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
-             f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
+             f"{sum(r['cpu_time_s'] for r in runs):.0f} s; load average at the end {ev.load_average()}")
     return ev.publish(cfg.out_dir, "compare.py: every method on forget10", cfg,
                       {"seeds": list(seeds), "runs": runs}, claims, L, lambda: plot(cfg, runs))
 

@@ -23,6 +23,7 @@ nothing matches; no 300-item cap in forget quality; EL generations never stop ea
 import copy
 import json
 import math
+import os
 import zlib
 from contextlib import contextmanager
 
@@ -1183,6 +1184,12 @@ def tune(grid, score, *, tuned_on, reported, what, minimize=True):
     best = (min if minimize else max)(range(len(grid)), key=lambda i: scores[i])
     return {"what": what, "value": grid[best], "grid": grid, "scores": scores, "tuned_on": list(tuned_on),
             "rule": "lowest" if minimize else "highest"}
+
+
+def load_average():
+    """The 1-minute load average as text ('n/a' where the OS has none): how busy the machine was, measured
+    rather than asserted, for the run-time lines of the reports."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def pyplot():

@@ -7,6 +7,7 @@ Pretrained checkpoints in and out, without `transformers` at run time:
 - save_hf(model, folder): a folder transformers loads (config.json + model.safetensors), for evaluation harnesses.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -663,10 +664,14 @@ def save_hf(model, folder, tokenizer=None):
     # safetensors refuses tensors sharing memory (qkv split views, tied weights): store independent copies
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in export_state_dict(model).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / "model.safetensors", 0o666 & ~umask)       # safetensors writes 0600; the usual permissions
     conf = hf_config(model.cfg, dtype)
     if tokenizer is not None:
-        conf |= dict(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                     **({"bos_token_id": tokenizer.bos_id} if tokenizer.bos_id is not None else {}))
+        # bos_token_id always written (null when the tokenizer has none): left out, transformers' GPT-2 config
+        # falls back to 50256, a token id beyond a smaller vocabulary
+        conf |= dict(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id)
         (folder / "tokenizer.json").write_text(tokenizer.tk.to_str())
         tc = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=tokenizer.token(tokenizer.eos_id),
                   pad_token=tokenizer.token(tokenizer.pad_id), clean_up_tokenization_spaces=False)

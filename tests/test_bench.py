@@ -135,10 +135,14 @@ def test_main_runs_a_row_end_to_end(tmp_path):
     assert saved["machine"]["threads"] == 1 and saved["machine"]["torch"] and saved["machine"]["cpu"]
     r = saved["rows"][0]
     assert r["rounds"] == 2 and r["ratio"] > 0 and len(r["spread"]) == 2 and r["anchor"] == "the same step"
-    assert r["verdict"] in ("met", "NOT met", "inconclusive: spread")
-    assert "| test_tiny_train | step | step again |" in (tmp_path / "results.md").read_text()
-    with pytest.raises(SystemExit):
+    assert r["verdict"] == "inconclusive: 2 rounds"        # min-max of 2 rounds covers the median only 50%
+    assert r["spread_coverage"] == pytest.approx(0.5)
+    md = (tmp_path / "results.md").read_text()
+    assert "| test_tiny_train | step | step again |" in md and "min-max, 50% coverage" in md
+    assert (tmp_path / "ratios.png").stat().st_size > 1000
+    with pytest.raises(SystemExit) as e:
         bench.main(["--rows=no_such_row", f"--out_dir={tmp_path}"])
+    assert e.value.code == 2
 
 
 def test_profile_gap_names_the_costlier_op():

@@ -103,3 +103,17 @@ def test_save_hf_tokenizer_round_trip(tmp_path):
     _, back = hf_io.load_pretrained(tmp_path)              # our loader reads the folder's tokenizer back
     assert back.encode(texts[1]) == tok.encode(texts[1]) and back.eos_id == 2 and back.pad_id == 0
     assert back.chat(q) == tok.chat(q)
+
+
+def test_save_hf_writes_bos_null_without_a_bos_and_usual_permissions(tmp_path):
+    import json
+    import os
+    tok = tiny_hf_tokenizer()
+    assert tok.bos_id is None                                             # the case: a tokenizer without BOS
+    m = M.GPT(M.ModelConfig(flavor="gpt2", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, d_ff=32))
+    hf_io.save_hf(m, tmp_path, tokenizer=tok)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert "bos_token_id" in conf and conf["bos_token_id"] == tok.bos_id    # never left to GPT-2's 50256
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
