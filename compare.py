@@ -81,7 +81,7 @@ class Config:
     mem_epochs: int = _MA.mem_epochs
     mem_lr: float = _MA.mem_lr
     mem_batch: int = _MA.mem_batch
-    ma_out_dir: str = _MA.out_dir
+    ma_out_dir: str = _MA.out_dir             # memadapt.py's models (shared with it); "" = <out_dir>/memadapt
     # NULLs / MemSinks: a pool of sinks added to every MLP of the base (the base's neurons are the backbone)
     n_pool: int = NU.Config.n_pool
     n_source: int = NU.Config.n_source        # NULLs: sinks on per source (overlap n_source / n_pool)
@@ -128,7 +128,7 @@ class Config:
 _SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)}}
 PRESETS = {
     # seconds, for the tests (a longer-trained base than memadapt.py's smoke: its ROUGE must be > 0 for Util_G)
-    "smoke": dict(_SMOKE_MA, pretrain_epochs=30, pretrain_batch=8, ma_out_dir="out/compare_smoke/memadapt",
+    "smoke": dict(_SMOKE_MA, pretrain_epochs=30, pretrain_batch=8, ma_out_dir="",
                   out_dir="out/compare_smoke", n_pool=32,
                   n_source=4, posthoc="ga,npo", lr_mults=(1.0,), neumuter_iters=4, neumuter_every=2,
                   relearn_steps=2, perturb_draws=1, eval_batch=64),
@@ -143,7 +143,8 @@ def ma_config(cfg):
     """memadapt.py's Config with this run's shared settings (and its out_dir: same checkpoints, same files)."""
     shared = {f.name for f in fields(MA.Config)} & {f.name for f in fields(Config)}
     kw = {k: getattr(cfg, k) for k in shared if k not in ("out_dir", "seeds", "lr_mults")}
-    return replace(MA.Config(), **kw, out_dir=cfg.ma_out_dir, baselines="", lr_mults=tuple(cfg.lr_mults))
+    return replace(MA.Config(), **kw, out_dir=cfg.ma_out_dir or os.path.join(cfg.out_dir, "memadapt"), baselines="",
+                   lr_mults=tuple(cfg.lr_mults))
 
 
 # -------------------------------------------------------------------------------------------------

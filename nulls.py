@@ -1222,7 +1222,7 @@ def plot(cfg, metrics):
                 v = [math.log10(max(r["verbatim/" + mode], 1e-12)) for r in metrics["per_fact"] if r["kind"] == kind]
                 ax.hist(v, bins=20, alpha=0.5, label=mode)
             ax.axvline(0, color="k", lw=0.8)
-            ax.set(title=f"{kind} facts", xlabel="log10 truth ratio")
+            ax.set(title=f"{kind} facts", xlabel="log10 truth ratio", ylabel="facts")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(cfg.out_dir, "fig3ab_truth_ratio.png"), dpi=120)

@@ -399,3 +399,9 @@ def test_real_path_on_a_tiny_local_llama(tmp_path):
                                      "npo_rand"}
     assert len(claims) == 2 * len(C.BY_CONSTRUCTION)
     assert runs[0]["cost"]["nulls_zeroed"]["params_touched"] > 0
+
+
+def test_smoke_keeps_memadapt_models_inside_out_dir(tmp_path):
+    cfg = T.parse_config(C.Config, ["--preset=smoke", f"--out_dir={tmp_path}"], C.PRESETS)
+    assert C.ma_config(cfg).out_dir == str(tmp_path / "memadapt")           # not ./out/... of the working dir
+    assert C.ma_config(C.Config()).out_dir == C.MA.Config().out_dir         # the default shares memadapt.py's
