@@ -3,8 +3,10 @@ Does Localization Inform Unlearning? (Lee, Hwang, Lim, Kim; EMNLP 2025, arXiv:25
 to the value vectors (columns of the MLP down projections) a localizer picks does not beat a random region, and
 even the region that holds the knowledge by construction (Oracle) does not beat a random one.
 
-  python locprobe.py                  # built-in world, CPU: Table 2 (NPO, WGA) x 5 seeds and Table 1
-  python locprobe.py --objectives=npo,wga,l2 --name=l2    # + Figure 1 (claim 3), reusing the finished runs
+  python locprobe.py                  # built-in world, CPU: Table 2 (NPO; L2 = Figure 1) x mask seeds 7, 19, 99
+                                      # and Table 1: claims 1-3
+  python locprobe.py --seeds=7,19,31,47,99 --objectives=npo,wga,l2 --name=five   # Table 2's five seeds, WGA too,
+                                      # reusing every finished run from the cache
   python locprobe.py --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest of the paper
   python locprobe.py --preset=smoke   # seconds;  --preset=paper: TOFU + a local Llama-3.1-8B-Instruct folder
 
@@ -13,15 +15,30 @@ forget set moving only V_tgt (checked: all else bit-identical). Oracle unlearns 
 disjoint random 10%, Random2 (our calibration arm) on a third. Table 1: NPO on the top 10% of each localizer
 (localize.py) vs Random. App. B: mixing (1 - a) theta_o + a theta_unlearned, a = 0..1 by 0.05, AUES = area under
 RS(FS), MU95 = log10 forget quality where utility falls to 95% of theta_o's. Every App. D p-value is printed
-beside the same test on Random vs Random2; the claims use seed-level permutation tests (exact up to 9 + 9
-seeds, Monte Carlo beyond).
+beside the same test on Random vs Random2.
+Learning rates (App. B: "unlearn until FS approaches 1.0 but does not reach it, solely by the learning rate"): one
+rule, fixed before any run (LR_RULE): the smallest lr of base x lr_grid (0.5x-8x) whose unlearned endpoint reaches
+FS >= 0.8 with RS >= 0.1 (and, Table 2, MU below 95% of theta_o's, so MU95 is a crossing), measured on mask seed
+tune_seed (101), which is never reported (eval.tune_first refuses otherwise). Table 2: one lr per objective
+(App. F), the rule on Oracle and Random of seed 101 together; Tables 1, 3: one lr per arm (Random on mask seed 101;
+each localizer with its sampling and batch-order seed 101 where the report uses seed 0).
+Claims compare AUES over the FS range the compared curves share (eval.aues_over; the paper's AUES, over each
+curve's own range, rewards reach) and MU95 only where it is a crossing (eval.mu95_checked); Oracle - Random is
+paired within a mask seed and judged by the 95% t interval over seeds (eval.over_seeds) against the calibration
+margin, the largest |Random - Random2| of any seed.
 Where we differ, on purpose:
 - Toy pretraining: theta_p's knowledge (pretraining-only people, city facts) is trained in the same run as the
   retain set (theta_r) or everything (theta_full), not in a stage of its own.
 - Model utility: harmonic mean of the answer probability on retain, real-author and world-fact questions (21
   models per sweep on a CPU); TOFU's nine numbers with --full_mu=true.
-- Claims: unpaired label permutations over seeds (with 5 seeds a paired sign-flip p cannot go below 1/16);
-  with fewer than 4 seeds even this p cannot reach 0.05, and claim 1 is `not testable here`.
+- Claims: paired t intervals over mask seeds against a Random-vs-Random2 margin, not App. D's per-alpha p-values
+  (printed; they flag the calibration pair as often as Oracle vs Random); fewer than 3 seeds: `not testable here`.
+- Default: mask seeds 7, 19, 99 (App. F's Table 1 seeds; Table 2 has five: --seeds) and NPO only (WGA, DPO, RMU
+  with --objectives), to fit 10 minutes on 2 CPU cores.
+- lrs: our rule on a held-out seed, not App. F's numbers (they are for an 8B model).
+- Figure 1 (L2): the Table 2 seeds with Random2 as the third arm, not Oracle 7 / Random 7, 11, 49; lr l2_lr = 1e-2,
+  not tuned (L2's target is theta_r, whose FS is ~0.54: FS >= 0.8 is not its aim), not 4e-4; no alpha term
+  (App. F's "alpha = 2" is not defined in the text).
 - App. A's losses as printed have no retain term; we add none. AdamW, weight decay 0.01 (App. F).
 """
 import copy
@@ -74,21 +91,23 @@ class Config:
     inject_retain_weight: float = 2.0
     inject_retain_batch: int = 64
     # unlearning (App. A, F): batch 16, AdamW, each objective's lr set so FS gets close to its ceiling
-    objectives: tuple = ("npo", "wga")   # of npo, wga, dpo (IdkDPO), rmu, l2 (Figure 1, claim 3): the rest run
+    objectives: tuple = ("npo", "l2")    # of npo, wga, dpo (IdkDPO), rmu, l2 (Figure 1, claim 3): the rest run
                                          # with --objectives=..., reusing every finished run from the cache
     unlearn_steps: int = 100
     unlearn_batch: int = 16
     unlearn_weight_decay: float = 0.01
-    npo_lr: float = 1.5e-3             # NPO 2e-3 / WGA 2e-3 collapsed Oracle's retain ES on a calibration seed
-    wga_lr: float = 1.25e-3
+    npo_lr: float = 1.5e-3             # base lrs: each objective's and arm's lr is picked from base x lr_grid
+    wga_lr: float = 1.25e-3            # by LR_RULE on mask seed tune_seed (never reported)
     dpo_lr: float = 1e-2
     rmu_lr: float = 3e-3
-    l2_lr: float = 1e-2
+    l2_lr: float = 1e-2                # Figure 1's L2: this lr for every arm, not tuned (its target is theta_r)
+    lr_grid: tuple = (0.5, 1.0, 2.0, 4.0, 8.0)   # multiples of the base lr, scanned in ascending order
+    tune_seed: int = 101               # the held-out mask seed the lrs are tuned on (must not be in seeds)
     beta: float = 0.5                  # NPO and DPO
     wga_alpha: float = 0.1
     rmu_layer: int = -1                # -1 = 2/3 of the depth (the paper: layer 21 of 32)
     rmu_c: float = 0.0                 # 0 = the mean residual norm at that layer on the forget set (c=2 is for 8B)
-    seeds: tuple = (7, 19, 31, 47, 99)  # mask seeds (App. F, Table 2)
+    seeds: tuple = (7, 19, 99)         # mask seeds (App. F: Table 1's; Table 2's five with --seeds=7,19,31,47,99)
     # Table 1 (localizers vs Random on theta_full, NPO) and Table 3 (5%, NPO; behind a flag)
     table1: bool = True
     localizers: tuple = ("activations", "memflex", "wagle")
@@ -122,6 +141,10 @@ class Config:
             raise ValueError("loc_ratio and table3_ratio must be in (0, 1/3]: three disjoint regions must fit")
         if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if self.tune_seed in self.seeds:
+            raise ValueError(f"tune_seed ({self.tune_seed}) must not be one of the reported seeds {self.seeds}")
+        if not self.lr_grid or any(not (m > 0) for m in self.lr_grid) or list(self.lr_grid) != sorted(set(self.lr_grid)):
+            raise ValueError(f"lr_grid must be distinct positive multipliers in ascending order, got {self.lr_grid}")
         if not 0 < self.mix_step <= 0.5 or abs(round(1 / self.mix_step) * self.mix_step - 1) > 1e-9:
             raise ValueError(f"mix_step must divide 1 and be in (0, 0.5], got {self.mix_step}")
         if self.data not in ("world", "tofu"):
@@ -136,7 +159,7 @@ LOCALIZERS = ("activations", "memflex", "wagle")
 PRESETS = {
     "smoke": dict(n_people=20, n_families=8, n_real=4, n_retain_eval=20, n_real_eval=20, n_layer=2, n_head=2, n_embd=32, d_ff=64,
                   epochs=2, inject_steps=3, inject_retain_batch=8, unlearn_steps=3, unlearn_batch=8,
-                  objectives=("npo", "l2"),
+                  objectives=("npo", "l2"), lr_grid=(1.0, 4.0),
                   seeds=(7, 19), mix_step=0.5, n_perm=200, n_boot=100, memflex_repeats=2,
                   wagle_hessian_samples=1, localize_retain=20, log_every=0, out_dir="out/locprobe_smoke"),
     # the paper on one GPU: TOFU forget10 and a local Llama-3.1-8B-Instruct (or OLMo2-7B-Instruct) folder, the
@@ -452,13 +475,110 @@ def l2_gap(model, target, rows):
         return float(B.l2_mlp_loss(model, target, rows))
 
 
-def unlearn(cfg, name, theta_o, theta_r, sets, selection, seed):
+def unlearn(cfg, name, theta_o, theta_r, sets, selection, seed, lr):
+    """theta_o unlearned with objective `name` at learning rate lr, only the value vectors of `selection` moving."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
     net = copy.deepcopy(theta_o)
-    obj, lr = make_objective(cfg, name, theta_o, theta_r, sets)
+    obj, _ = make_objective(cfg, name, theta_o, theta_r, sets)
     res = B.unlearn(net, obj, unlearning_batches(cfg, sets, seed), steps=cfg.unlearn_steps, lr=lr,
                     weight_decay=cfg.unlearn_weight_decay, region=loc.value_vector_region(net, selection),
                     eval_every=cfg.unlearn_steps)
     return net.eval(), res
+
+
+# -------------------------------------------------------------------------------------------------
+# Learning rates: one rule, fixed before any run, on a mask seed the report never uses
+# -------------------------------------------------------------------------------------------------
+
+TUNE_FS = 0.8     # App. B: unlearn "to an extent such that FS approaches 1.0 (but does not fully reach it)"
+TUNE_RS = 0.1     # ... "to avoid collapsing the model": retain ES at the endpoint stays above this
+TUNE_MU = 0.95    # Table 2: MU at the endpoint below 95% of theta_o's, so MU95 is a crossing, not a fallback
+LR_RULE = (f"the smallest lr of base x lr_grid whose endpoint (alpha = 1) has FS >= {TUNE_FS} and RS >= {TUNE_RS} "
+           f"on every arm tuned together (Table 2: Oracle and Random, also MU < {TUNE_MU} x MU(theta_o)), on mask seed "
+           "tune_seed; none in the grid: the largest lr keeping RS >= "
+           f"{TUNE_RS} on every such arm (reported as not reached)")
+
+
+def lr_rule_ok(points, mu_o=None):
+    """LR_RULE's test of one lr: points = endpoint records {fs, rs, mu} of the arms tuned together; mu_o =
+    MU(theta_o) when the MU condition applies (Table 2's objectives whose MU95 a claim reads)."""
+    if not points:
+        raise ValueError("lr_rule_ok needs the endpoint of at least one arm")
+    ok = all(p["fs"] >= TUNE_FS and p["rs"] >= TUNE_RS for p in points)
+    return bool(ok and (mu_o is None or all(p["mu"] < TUNE_MU * mu_o for p in points)))
+
+
+def pick_lr(grid, arms, *, tuned_on, reported, what, mu_o=None):
+    """LR_RULE over grid (ascending): arms = {label: lr -> endpoint record {fs, rs, mu}}. Returns eval.tune_first's
+    record with "lr" (the lr to run with) and, where no grid lr passed, "fallback" saying which lr was taken."""
+    def check(lr):
+        pts = {k: f(lr) for k, f in arms.items()}
+        return {"ok": lr_rule_ok(list(pts.values()), mu_o), "arms": pts}
+    t = ev.tune_first(grid, check, tuned_on=tuned_on, reported=reported, what=what)
+    t["rule"], t["mu_o"] = LR_RULE, mu_o
+    if t["reached"]:
+        t["lr"] = t["value"]
+    else:
+        keep = [r["value"] for r in t["tried"] if all(p["rs"] >= TUNE_RS for p in r["arms"].values())]
+        t["lr"] = max(keep) if keep else min(grid)
+        t["fallback"] = (f"no lr of the grid met the rule: the largest keeping RS >= {TUNE_RS}" if keep else
+                         f"no lr of the grid kept RS >= {TUNE_RS}: the smallest")
+    return t
+
+
+def endpoint(cfg, name, theta_o, theta_r, sets, selection, seed, lr, tok):
+    """FS, RS, MU of theta_o unlearned at lr (the point alpha = 1 of its sweep), for the lr rule."""
+    net, _ = unlearn(cfg, name, theta_o, theta_r, sets, selection, seed, lr)
+    e = evaluate(cfg, net, sets, None, tok)
+    return {"fs": e["fs"], "rs": e["rs"], "mu": e["mu"]}
+
+
+def tune_lrs_table2(cfg, theta_r, sets, tok, log):
+    """One lr per objective (App. F), LR_RULE on Oracle and Random of mask seed cfg.tune_seed; l2 keeps l2_lr."""
+    out = {}
+    s = cfg.tune_seed
+    tgt, rdm, _ = regions(theta_r, cfg.loc_ratio, s)
+    theta_o = inject(cfg, theta_r, sets, tgt, s, log)
+    mu_o = evaluate(cfg, theta_o, sets, None, tok)["mu"]
+    for name in cfg.objectives:
+        base = make_objective(cfg, name, theta_o, theta_r, sets)[1]
+        if name == "l2":
+            out[name] = {"what": "l2 lr", "lr": base, "reached": None, "rule": "fixed (l2_lr): L2's target is "
+                         "theta_r, not FS near 1", "tried": []}
+            continue
+
+        def run():
+            arms = {arm: (lambda lr, sel=sel: endpoint(cfg, name, theta_o, theta_r, sets, sel, s, lr, tok))
+                    for arm, sel in (("oracle", tgt), ("random", rdm))}
+            return pick_lr([base * m for m in cfg.lr_grid], arms, tuned_on=[s], reported=cfg.seeds,
+                           what=f"{name} lr (Table 2)", mu_o=mu_o if name != "l2" else None)
+        out[name] = cached(cfg, run_key(cfg, "tune2", name, s), run)
+        log(f"[lr] {name}: {out[name]['lr']:.3g} ({'reached' if out[name]['reached'] else out[name]['fallback']}; "
+            f"tried {[round(r['value'], 7) for r in out[name]['tried']]})")
+    return out
+
+
+def tune_lrs_table1(cfg, theta_full, sets, tok, ratio, log, tag="t1"):
+    """One NPO lr per Table 1 arm, LR_RULE: Random on mask seed cfg.tune_seed, each localizer with its sampling
+    and batch-order seed cfg.tune_seed (the report uses cfg.seed; Activations' selection does not depend on it)."""
+    out = {}
+    base = cfg.npo_lr
+    grid = [base * m for m in cfg.lr_grid]
+    s = cfg.tune_seed
+    for name in ("random",) + tuple(cfg.localizers):
+        def run():
+            if name == "random":
+                sel = loc.random_selection(theta_full, ratio, s)
+                tuned_on, reported = [s], cfg.seeds
+            else:
+                sel = localize(cfg, name, theta_full, sets, ratio, seed=s)[0]
+                tuned_on, reported = [f"{name} seed {s}"], [f"{name} seed {cfg.seed}"]
+            f = lambda lr: endpoint(cfg, "npo", theta_full, theta_full, sets, sel, s, lr, tok)
+            return pick_lr(grid, {name: f}, tuned_on=tuned_on, reported=reported, what=f"{name} lr ({tag})")
+        out[name] = cached(cfg, run_key(cfg, "tune" + tag, name, s, ratio), run)
+        log(f"[lr {tag}] {name}: {out[name]['lr']:.3g} ({'reached' if out[name]['reached'] else out[name]['fallback']})")
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -555,7 +675,8 @@ def sweep(cfg, theta_o, theta_u, sets, tr_retrained, tok=None):
     c = {k: [p[k] for p in pts] for k in keys}
     c["alpha"] = alphas(cfg)
     c["aues"] = ev.aues(c["fs"], c["rs"])
-    c["mu95"] = ev.mu95(c["mu"], c["log_fq"], c["mu"][0])
+    m = ev.mu95_checked(c["mu"], c["log_fq"], c["mu"][0])
+    c["mu95"], c["mu95_fallback"] = m["mu95"], m["fallback"]
     return c
 
 
@@ -565,9 +686,9 @@ def fs_range(c):
 
 
 def mu95_fallback(c, level=0.95):
-    """Whether a sweep's MU never falls to level x MU(theta_o) (its first point), so that eval.mu95 returns its
-    fallback (the log FQ of the lowest-utility point) rather than a crossing."""
-    return bool(min(c["mu"]) > level * c["mu"][0])
+    """Whether a sweep's MU95 is eval.mu95's fallback rather than a crossing of level x MU(theta_o) (its first
+    point): MU never falls that low, or (eval.mu95_checked) every point is below it."""
+    return ev.mu95_checked(c["mu"], c["log_fq"], c["mu"][0], level)["fallback"] is not None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -659,8 +780,9 @@ def run_key(cfg, *parts):
 
 
 def table2(cfg, theta_r, sets, tr_r, tok, log):
-    """Per seed: regions, theta_o, then every objective on Oracle, Random and Random2."""
-    out = {"seeds": {}, "exact": None}
+    """The lrs (LR_RULE on cfg.tune_seed), then per seed: regions, theta_o, every objective on Oracle, Random and
+    Random2 at its objective's lr."""
+    out = {"seeds": {}, "exact": None, "lr": tune_lrs_table2(cfg, theta_r, sets, tok, log)}
     t0 = time.time()
     total = len(cfg.seeds) * len(cfg.objectives) * 3
     done = 0
@@ -676,16 +798,19 @@ def table2(cfg, theta_r, sets, tr_r, tok, log):
         for name in cfg.objectives:
             rec["runs"][name] = {}
             for arm, sel in (("oracle", tgt), ("random", rdm), ("random2", rdm2)):
+                lr = out["lr"][name]["lr"]
+
                 def run():
-                    net, res = unlearn(cfg, name, theta_o, theta_r, sets, sel, s)
+                    net, res = unlearn(cfg, name, theta_o, theta_r, sets, sel, s, lr)
                     c = sweep(cfg, theta_o, net, sets, tr_r, tok)
                     c["l2_start"] = l2_gap(theta_o, theta_r, sets["forget_rows"])
                     c["l2_final"] = l2_gap(net, theta_r, sets["forget_rows"])
                     c["train_time_s"] = res.train_time
+                    c["lr"] = lr
                     if arm == "oracle":   # how far from the exact solution its region contains (= theta_r)
                         c["undo_distance"] = check_injection(theta_r, net, tgt) / dist
                     return c
-                rec["runs"][name][arm] = cached(cfg, run_key(cfg, "t2", s, name, arm), run)
+                rec["runs"][name][arm] = cached(cfg, run_key(cfg, "t2", s, name, arm, lr), run)
                 done += 1
                 el = time.time() - t0
                 log(f"[table 2] seed {s} {name} {arm}: AUES {rec['runs'][name][arm]['aues']:.3f} MU95 "
@@ -697,48 +822,78 @@ def table2(cfg, theta_r, sets, tr_r, tok, log):
 
 
 def table1(cfg, theta_full, sets, tr_r, tok, ratio, log, tag="t1"):
-    """NPO on the top `ratio` of each localizer vs Random (one per seed), all from theta_full."""
-    out = {"localizers": {}, "random": {}}
+    """NPO on the top `ratio` of each localizer vs Random (one per seed), all from theta_full, each arm at its own
+    lr (LR_RULE on the held-out seed cfg.tune_seed)."""
+    lrs = tune_lrs_table1(cfg, theta_full, sets, tok, ratio, log, tag)
+    out = {"localizers": {}, "random": {}, "lr": lrs}
     for name in cfg.localizers:
+        lr = lrs[name]["lr"]
+
         def run():
             sel, info = localize(cfg, name, theta_full, sets, ratio, seed=cfg.seed)
-            net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, sel, cfg.seed)
-            return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "info": info}
-        out["localizers"][name] = cached(cfg, run_key(cfg, tag, name, ratio), run)
+            net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, sel, cfg.seed, lr)
+            return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "info": info, "lr": lr}
+        out["localizers"][name] = cached(cfg, run_key(cfg, tag, name, ratio, lr), run)
         log(f"[{tag}] {name}: AUES {out['localizers'][name]['aues']:.3f}")
+    lr = lrs["random"]["lr"]
     for s in cfg.seeds:
         def run():
-            net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, loc.random_selection(theta_full, ratio, s), s)
-            return sweep(cfg, theta_full, net, sets, tr_r, tok)
-        out["random"][str(s)] = cached(cfg, run_key(cfg, tag, "random", s, ratio), run)
+            net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, loc.random_selection(theta_full, ratio, s), s,
+                             lr)
+            return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "lr": lr}
+        out["random"][str(s)] = cached(cfg, run_key(cfg, tag, "random", s, ratio, lr), run)
         log(f"[{tag}] random seed {s}: AUES {out['random'][str(s)]['aues']:.3f}")
     o = evaluate(cfg, theta_full, sets, tr_r, tok)
     out["original"] = {"fs": o["fs"], "rs": o["rs"], "mu": o["mu"], "log_fq": o["log_fq"]}
     return out
 
 
+ARMS = ("oracle", "random", "random2")
+
+
+def common_aues(curves):
+    """{label: curve} -> ({label: AUES over the FS range all of them span (eval.aues_over), or None when they do not
+    overlap}, [lo, hi]): the area that compares the trade-off rather than how far each run got."""
+    lo, hi = ev.common_fs_range([c["fs"] for c in curves.values()])
+    if hi < lo:
+        return {k: None for k in curves}, [lo, hi]
+    return {k: ev.aues_over(c["fs"], c["rs"], lo, hi) for k, c in curves.items()}, [lo, hi]
+
+
+def metric_summary(v):
+    """v = {arm: [value per seed]} -> means (ev.mean_std), Oracle - Random (signed, per seed), |Oracle - Random|,
+    |Random - Random2| (the calibration pair), and seed-level p-values (unpaired permutation, paired sign-flip)."""
+    d_or = [a - b for a, b in zip(v["oracle"], v["random"])]
+    d_rr = [a - b for a, b in zip(v["random"], v["random2"])]
+    a_or, a_rr = [abs(x) for x in d_or], [abs(x) for x in d_rr]
+    return {**{arm: ev.mean_std(x) for arm, x in v.items()}, "values": v,
+            "delta_per_seed": d_or, "delta": ev.mean_std(d_or),
+            "abs_delta": ev.mean_std(a_or), "abs_delta_calibration": ev.mean_std(a_rr),
+            "abs_delta_per_seed": a_or, "abs_delta_calibration_per_seed": a_rr,
+            "p_seed": permutation_test(v["oracle"], v["random"]),
+            "p_seed_calibration": permutation_test(v["random"], v["random2"]),
+            "p_sign_flip": sign_flip_test(v["oracle"], v["random"]),
+            "p_sign_flip_calibration": sign_flip_test(v["random"], v["random2"])}
+
+
 def summarize_table2(cfg, t2):
-    """Per objective and metric: means, |delta|, seed-level p (unpaired exact and paired sign-flip), the
-    calibration pair's, and the per-seed App. D p-values for Oracle-Random and Random-Random2."""
+    """Per objective: AUES (the paper's, each curve's own FS range), AUES over the range the seed's three curves
+    share, MU95 (and which sweeps fell back), each with means, paired deltas, the calibration pair's and seed-level
+    p-values; the per-seed App. D p-values for Oracle-Random and Random-Random2."""
     seeds = list(t2["seeds"])
     summ = {}
     for name in cfg.objectives:
         runs = [t2["seeds"][s]["runs"][name] for s in seeds]
-        row = {}
-        for metric in ("aues", "mu95"):
-            v = {arm: [r[arm][metric] for r in runs] for arm in ("oracle", "random", "random2")}
-            d_or = [abs(a - b) for a, b in zip(v["oracle"], v["random"])]
-            d_rr = [abs(a - b) for a, b in zip(v["random"], v["random2"])]
-            row[metric] = {**{arm: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
-                              for arm, x in v.items()}, "values": v,
-                           "abs_delta": (float(np.mean(d_or)), float(np.std(d_or, ddof=1)) if len(d_or) > 1 else 0.0),
-                           "abs_delta_calibration": (float(np.mean(d_rr)),
-                                                     float(np.std(d_rr, ddof=1)) if len(d_rr) > 1 else 0.0),
-                           "abs_delta_per_seed": d_or, "abs_delta_calibration_per_seed": d_rr,
-                           "p_seed": permutation_test(v["oracle"], v["random"]),
-                           "p_seed_calibration": permutation_test(v["random"], v["random2"]),
-                           "p_sign_flip": sign_flip_test(v["oracle"], v["random"]),
-                           "p_sign_flip_calibration": sign_flip_test(v["random"], v["random2"])}
+        row = {"seeds": [str(s) for s in seeds]}
+        common = [common_aues({arm: r[arm] for arm in ARMS}) for r in runs]
+        row["common_range"] = [rng for _, rng in common]
+        row["common_width"] = [max(0.0, rng[1] - rng[0]) for rng in row["common_range"]]
+        vals = {"aues": {arm: [r[arm]["aues"] for r in runs] for arm in ARMS},
+                "mu95": {arm: [r[arm]["mu95"] for r in runs] for arm in ARMS}}
+        if all(a[arm] is not None for a, _ in common for arm in ARMS):
+            vals["aues_common"] = {arm: [a[arm] for a, _ in common] for arm in ARMS}
+        for metric, v in vals.items():
+            row[metric] = metric_summary(v)
         per_seed = []
         for s, r in zip(seeds, runs):
             mu_o = r["oracle"]["mu"][0]
@@ -747,14 +902,11 @@ def summarize_table2(cfg, t2):
             per_seed.append({"seed": int(s), "p_aues": p_or[0], "p_mu95": p_or[1], "p_aues_calibration": p_rr[0],
                              "p_mu95_calibration": p_rr[1]})
         row["paper_tests"] = per_seed
-        # what the claims' preconditions measure: each sweep's FS range (AUES is 0 over a degenerate one) and
-        # whether its MU falls to 95% of theta_o's (else MU95 is eval.mu95's fallback)
-        row["fs_range"] = {arm: [fs_range(r[arm]) for r in runs] for arm in ("oracle", "random", "random2")}
-        row["mu95_fallback"] = {arm: [mu95_fallback(r[arm]) for r in runs] for arm in ("oracle", "random", "random2")}
-        row["seeds"] = [str(s) for s in seeds]
+        row["fs_range"] = {arm: [fs_range(r[arm]) for r in runs] for arm in ARMS}
+        row["fs_end"] = {arm: [r[arm]["fs"][-1] for r in runs] for arm in ARMS}
+        row["mu95_fallback"] = {arm: [mu95_fallback(r[arm]) for r in runs] for arm in ARMS}
         row["undo_distance"] = [r["oracle"].get("undo_distance") for r in runs]
-        row["l2_closed"] = {arm: [1 - r[arm]["l2_final"] / r[arm]["l2_start"] for r in runs]
-                            for arm in ("oracle", "random", "random2")}
+        row["l2_closed"] = {arm: [1 - r[arm]["l2_final"] / r[arm]["l2_start"] for r in runs] for arm in ARMS}
         summ[name] = row
     return summ
 
@@ -763,7 +915,8 @@ def summarize_table2(cfg, t2):
 # Claims (thresholds fixed here, before any run)
 # -------------------------------------------------------------------------------------------------
 
-P_SIGNIFICANT = 0.05      # claim 1: seed-level p must stay above this
+MIN_SEEDS = 3             # claims 1, 3: a t interval over at least this many mask seeds
+MIN_COMMON_FS = 0.1       # claims 1-3: the compared curves share at least this much FS range
 SPREAD_SDS = 2.0          # claim 2: a localizer "beats Random" if its AUES exceeds Random's mean by 2 seed sds
 L2_FACTOR = 0.5           # claim 3: V_rdm must close at least half as much of the L2 gap as V_tgt does
 
@@ -776,28 +929,24 @@ def min_attainable_p(n_a, n_b):
 
 
 def seeds_precondition(n_seeds):
-    """The seed-level test can reject at all: with n seeds per arm its smallest p must be <= P_SIGNIFICANT (n >= 4;
-    with 3 seeds it is 0.1, so "p > 0.05" would hold whatever the arms do)."""
-    p = min_attainable_p(n_seeds, n_seeds)
-    return ev.precondition(f"seeds enough for the seed-level permutation test to reach p <= {P_SIGNIFICANT} "
-                           f"(smallest attainable p = 2 / C(2n, n), n = {n_seeds} seeds)", p, p <= P_SIGNIFICANT)
+    """Enough mask seeds for a t interval of the paired differences over seeds (MIN_SEEDS)."""
+    return ev.precondition(f"at least {MIN_SEEDS} mask seeds (the paired t interval over seeds)", n_seeds,
+                           n_seeds >= MIN_SEEDS)
 
 
-def fs_range_precondition(ranges):
-    """Every sweep spans some FS range: AUES over a degenerate (zero) range is 0, so comparing it says nothing.
-    ranges: {label: FS range}."""
-    worst = min(ranges, key=ranges.get)
-    return ev.precondition(f"every sweep spans an FS range > 0 (AUES is 0 over a zero range; smallest: {worst})",
-                           ranges[worst], ranges[worst] > 0)
+def common_range_precondition(width, label):
+    """The compared curves share an FS range of at least MIN_COMMON_FS (AUES over less compares next to nothing)."""
+    return ev.precondition(f"the compared curves share an FS range >= {MIN_COMMON_FS} ({label})", width,
+                           width >= MIN_COMMON_FS)
 
 
 def mu95_precondition(fallbacks):
-    """MU falls to 95% of theta_o's in every sweep, so every MU95 is a crossing and not eval.mu95's fallback.
+    """MU95 is a crossing of 0.95 x MU(theta_o) in every sweep compared, not eval.mu95's fallback.
     fallbacks: {label: bool}."""
     bad = [k for k, v in fallbacks.items() if v]
-    return ev.precondition("MU falls to 0.95 x MU(theta_o) in every sweep (else MU95 is the fallback, the "
-                           f"most-unlearned model's log FQ); sweeps that fall back (bar: 0 of {len(fallbacks)})",
-                           {"n": len(bad), "which": bad}, not bad)
+    return ev.precondition("MU crosses 0.95 x MU(theta_o) in every sweep (else MU95 is a fallback, not a crossing); "
+                           f"sweeps that fall back (bar: 0 of {len(fallbacks)})", {"n": len(bad), "which": bad},
+                           not bad)
 
 
 def all_of(*pres):
@@ -812,76 +961,105 @@ def verdict_words(oks):
     return ", ".join("holds" if ok else "fails" for ok in oks)
 
 
+def _nums(xs, spec=".3f"):
+    return "/".join(format(x, spec) for x in xs)
+
+
 def claim_oracle_vs_random(summ, objectives):
-    """Claim 1, per objective and metric (AUES, MU95; two claims): the seed-level p > 0.05 and the mean |delta|
-    within the calibration pair's spread (<= the largest |Random - Random2| of any seed). Not testable here when
-    the seeds cannot reach p <= 0.05 at all, when a sweep spans no FS range (AUES), or when a sweep's MU never
-    falls to 95% of theta_o's (MU95 is then eval.mu95's fallback). The per-seed verdicts in the detail: that
-    seed's |delta| <= the spread."""
+    """Claim 1, per objective and metric (AUES over the common FS range, MU95; two claims), one-sided as worded:
+    Oracle - Random, paired within each mask seed, is <= the calibration margin (the largest |Random - Random2| of
+    any seed); the verdict is the 95% t interval of the margins over seeds (eval.over_seeds): holds when all of it
+    is on the holding side, fails when none, else inconclusive. Not testable here with fewer than MIN_SEEDS seeds,
+    a seed whose three curves share less than MIN_COMMON_FS of FS range (AUES), or any sweep whose MU95 is a
+    fallback (MU95)."""
     out = []
     for name in objectives:
         row = summ[name]
-        labels = [f"{s}/{arm}" for arm in ("oracle", "random", "random2") for s in row["seeds"]]
-        seeds_ok = seeds_precondition(len(row["seeds"]))
-        for metric, label in (("aues", "AUES"), ("mu95", "MU95")):
-            m = row[metric]
-            spread = max(m["abs_delta_calibration_per_seed"])
-            if metric == "aues":
-                pre = fs_range_precondition(dict(zip(labels, [x for arm in ("oracle", "random", "random2")
-                                                              for x in row["fs_range"][arm]])))
-            else:
-                pre = mu95_precondition(dict(zip(labels, [x for arm in ("oracle", "random", "random2")
-                                                          for x in row["mu95_fallback"][arm]])))
-            tests = [ev.condition("p_seed", m["p_seed"], ">", P_SIGNIFICANT),
-                     ev.condition("mean_abs_delta", m["abs_delta"][0], "<=", spread)]
-            out.append(ev.claim(
-                f"1 Oracle does not beat Random on {label} ({name})", tests,
-                f"p calibration (Random vs Random2) {m['p_seed_calibration']:.3f}; |delta| threshold = the largest "
-                f"per-seed |Random - Random2|; per seed |delta| <= it: "
-                f"{verdict_words(d <= spread for d in m['abs_delta_per_seed'])}",
-                precondition=all_of(seeds_ok, pre)))
+        n = len(row["seeds"])
+        for metric, label in (("aues_common", "AUES over the common FS range"), ("mu95", "MU95")):
+            title = f"1 Oracle does not beat Random on {label} ({name})"
+            m = row.get(metric)
+            if m is None:           # curves that share no FS range: nothing to compare
+                pre = common_range_precondition(0.0, "some seed's curves do not overlap")
+                out.append(ev.claim(title, [], "", precondition=pre))
+                continue
+            margin = max(m["abs_delta_calibration_per_seed"])
+            per_seed = {}
+            for i, s in enumerate(row["seeds"]):
+                if metric == "aues_common":
+                    pre = common_range_precondition(row["common_width"][i], f"seed {s}")
+                else:
+                    pre = mu95_precondition({f"{s}/{arm}": row["mu95_fallback"][arm][i] for arm in ARMS})
+                per_seed[s] = [ev.claim(title, [ev.condition("Oracle - Random", m["delta_per_seed"][i], "<=", margin)],
+                                        "", precondition=all_of(seeds_precondition(n), pre))]
+            c = ev.over_seeds(per_seed)[0]
+            c["detail"] = (f"margin = largest per-seed |Random - Random2| = {margin:.4g}; Oracle - Random per seed "
+                           f"{_nums(m['delta_per_seed'], '.4f')}; paired sign-flip p (two-sided) {m['p_sign_flip']:.3f} "
+                           f"(Random vs Random2 {m['p_sign_flip_calibration']:.3f})")
+            out.append(c)
     return out
 
 
+def table1_common(t1):
+    """Table 1's curves (Random per seed, each localizer) on the FS range all of them span: ({label: AUES}, range)."""
+    curves = {**{f"random {s}": c for s, c in t1["random"].items()}, **dict(t1["localizers"])}
+    return common_aues(curves)
+
+
 def claim_localizers(t1):
-    """Claim 2: no localizer's AUES exceeds Random's seed mean by more than SPREAD_SDS seed sds (one condition per
-    localizer). Not testable here with fewer than two Random seeds (no spread) or a sweep that spans no FS range."""
-    rnd = [r["aues"] for r in t1["random"].values()]
-    m, sd = float(np.mean(rnd)), float(np.std(rnd, ddof=1)) if len(rnd) > 1 else 0.0
-    margins = {n: r["aues"] - m for n, r in t1["localizers"].items()}
-    ranges = {**{f"random {s}": fs_range(c) for s, c in t1["random"].items()},
-              **{n: fs_range(c) for n, c in t1["localizers"].items()}}
+    """Claim 2: no localizer's AUES over the FS range every Table 1 curve spans exceeds Random's seed mean by more
+    than SPREAD_SDS seed sds (one condition per localizer). Not testable here with fewer than two Random seeds (no
+    spread) or a shared FS range under MIN_COMMON_FS."""
+    a, (lo, hi) = table1_common(t1)
+    width = max(0.0, hi - lo)
+    rnd = [a[f"random {s}"] for s in t1["random"]]
     pre = all_of(ev.precondition("at least 2 Random seeds (the seed spread needs two)", len(rnd), len(rnd) >= 2),
-                 fs_range_precondition(ranges))
+                 common_range_precondition(width, "every Table 1 curve"))
+    if not pre["met"]:
+        return ev.claim("2 No localizer beats Random on AUES over the common FS range by more than the seed spread",
+                        [], "", precondition=pre)
+    m, sd = ev.mean_std(rnd)
+    margins = {n: a[n] - m for n in t1["localizers"]}
     tests = [ev.condition(f"AUES {n} - mean Random", v, "<=", SPREAD_SDS * sd) for n, v in margins.items()]
-    beats = {n: sum(t1["localizers"][n]["aues"] > x for x in rnd) for n in margins}
-    return ev.claim("2 No localizer beats Random on AUES by more than the seed spread", tests,
-                    f"Random {m:.4f} +- {sd:.4f} (threshold {SPREAD_SDS:g} sd); above each Random seed's AUES: "
-                    + ", ".join(f"{k} {v} of {len(rnd)}" for k, v in beats.items()), precondition=pre)
+    beats = {n: sum(a[n] > x for x in rnd) for n in margins}
+    return ev.claim("2 No localizer beats Random on AUES over the common FS range by more than the seed spread", tests,
+                    f"FS range [{lo:.3f}, {hi:.3f}]; Random {m:.4f} +- {sd:.4f} (threshold {SPREAD_SDS:g} sd); "
+                    "paper's AUES (own range): Random " + _nums([c["aues"] for c in t1["random"].values()]) + ", "
+                    + ", ".join(f"{n} {c['aues']:.3f}" for n, c in t1["localizers"].items())
+                    + "; above each Random seed's AUES: " + ", ".join(f"{k} {v} of {len(rnd)}" for k, v in beats.items()),
+                    precondition=pre)
 
 
 def claim_l2(summ):
-    """Claim 3: with the L2 objective, V_rdm closes >= L2_FACTOR of the MLP-output gap V_tgt closes (mean over
-    seeds), and the FS-RS curves overlap: mean |AUES delta| <= the largest Random-Random2 |delta|. Not testable
-    here when V_tgt closes none of the gap (the ratio is then undefined) or a sweep spans no FS range."""
+    """Claim 3, per mask seed then over seeds (eval.over_seeds): with the L2 objective V_rdm closes >= L2_FACTOR of
+    the MLP-output gap V_tgt closes, and the FS-RS curves overlap: Oracle - Random AUES over the common FS range
+    within +- the calibration margin (the largest per-seed |Random - Random2|; two-sided: "about as well"). Not
+    testable here with fewer than MIN_SEEDS seeds, a seed where V_tgt closes none of the gap (the ratio is
+    undefined), or one whose curves share less than MIN_COMMON_FS of FS range."""
     row = summ["l2"]
     closed = row["l2_closed"]
-    o, r = float(np.mean(closed["oracle"])), float(np.mean(closed["random"]))
-    spread = max(row["aues"]["abs_delta_calibration_per_seed"])
-    labels = [f"{s}/{arm}" for arm in ("oracle", "random", "random2") for s in row["seeds"]]
-    pre = all_of(ev.precondition("V_tgt closes part of the L2 gap (mean share closed > 0; the ratio's denominator)",
-                                 o, o > 0),
-                 fs_range_precondition(dict(zip(labels, [x for arm in ("oracle", "random", "random2")
-                                                         for x in row["fs_range"][arm]]))))
-    tests = []
-    if o > 0:             # the measured values are shown even where a precondition fails
-        tests = [ev.condition("gap closed V_rdm / V_tgt", r / o, ">=", L2_FACTOR),
-                 ev.condition("mean_abs_dAUES", row["aues"]["abs_delta"][0], "<=", spread)]
-    per_seed = [b / a >= L2_FACTOR if a > 0 else False for b, a in zip(closed["random"], closed["oracle"])]
-    return ev.claim("3 The L2 objective reproduces theta_r's MLP outputs about as well from V_rdm as from V_tgt",
-                    tests, f"gap closed: V_tgt {o:.3f}, V_rdm {r:.3f}, V_rdm2 {np.mean(closed['random2']):.3f}; "
-                    f"|dAUES| threshold = the largest per-seed |Random - Random2|; per seed ratio >= {L2_FACTOR}: "
-                    f"{verdict_words(per_seed)}", precondition=pre)
+    n = len(row["seeds"])
+    title = "3 The L2 objective reproduces theta_r's MLP outputs about as well from V_rdm as from V_tgt"
+    m = row.get("aues_common")
+    margin = max(m["abs_delta_calibration_per_seed"]) if m else 0.0
+    per_seed = {}
+    for i, s in enumerate(row["seeds"]):
+        o, r = closed["oracle"][i], closed["random"][i]
+        pre = all_of(seeds_precondition(n),
+                     ev.precondition("V_tgt closes part of the L2 gap (share closed > 0; the ratio's denominator)",
+                                     o, o > 0),
+                     common_range_precondition(row["common_width"][i], f"seed {s}"))
+        tests = []
+        if pre["met"]:
+            tests = [ev.condition("gap closed V_rdm / V_tgt", r / o, ">=", L2_FACTOR),
+                     ev.condition("Oracle - Random AUES (common range)", m["delta_per_seed"][i], "within",
+                                  [-margin, margin])]
+        per_seed[s] = [ev.claim(title, tests, "", precondition=pre)]
+    c = ev.over_seeds(per_seed)[0]
+    c["detail"] = (f"gap closed per seed: V_tgt {_nums(closed['oracle'])}, V_rdm {_nums(closed['random'])}, "
+                   f"V_rdm2 {_nums(closed['random2'])}; AUES margin = largest per-seed |Random - Random2| = "
+                   f"{margin:.4g}" + (f"; Oracle - Random per seed {_nums(m['delta_per_seed'], '.4f')}" if m else ""))
+    return c
 
 
 def make_claims(cfg, summ, t1):
@@ -901,55 +1079,96 @@ def pm(x, spec=".3f"):
     return f"{x[0]:{spec}} +- {x[1]:{spec}}"
 
 
+def lr_line(label, t):
+    """One lr record as a line: the lr, whether the rule was met, the endpoints it measured."""
+    if not t.get("tried"):
+        return f"- {label}: {t['lr']:.3g} ({t['rule']})"
+    tried = "; ".join(f"{r['value']:.3g}: " + ", ".join(f"{a} FS {p['fs']:.2f} RS {p['rs']:.2f} MU {p['mu']:.3f}"
+                                                        for a, p in r["arms"].items()) for r in t["tried"])
+    how = "rule met" if t["reached"] else t["fallback"]
+    return f"- {label}: **{t['lr']:.3g}** ({how}; tuned on {t['tuned_on']}; tried {tried})"
+
+
 def table_lines(cfg, metrics):
     t2, summ = metrics["table2"], metrics["summary"]
-    L = [f"Table 2: Oracle vs Random over {len(cfg.seeds)} seeds (theta_o forget ES "
-         f"{np.mean([r['inject']['forget_es'] for r in t2['seeds'].values()]):.3f}, outside V_tgt bit-identical: "
-         f"{all(r['inject']['identical_outside_v_tgt'] for r in t2['seeds'].values())}; exact solution theta_r: "
-         f"FS {t2['exact']['fs']:.3f} RS {t2['exact']['rs']:.3f})", "",
-         "| objective | metric | Random | Oracle | abs delta | p seed (sign-flip) | Random2 | abs delta R-R2 | "
-         "p seed R-R2 (sign-flip) | App. D p O-R per seed | App. D p R-R2 per seed |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fs_es = [r['inject']['forget_es'] for r in t2['seeds'].values()]
+    L = [f"Learning rates ({LR_RULE}; grid x {list(cfg.lr_grid)}):", ""]
+    L += [lr_line(f"Table 2 {name}", t2["lr"][name]) for name in cfg.objectives]
+    for tag in ("table1", "table3"):
+        if metrics.get(tag):
+            L += [lr_line(f"{tag} {arm}", t) for arm, t in metrics[tag]["lr"].items()]
+    L += ["", f"Table 2: Oracle vs Random over mask seeds {list(cfg.seeds)} (theta_o forget ES {np.mean(fs_es):.3f}, "
+          f"outside V_tgt bit-identical: {all(r['inject']['identical_outside_v_tgt'] for r in t2['seeds'].values())}; "
+          f"exact solution theta_r: FS {t2['exact']['fs']:.3f} RS {t2['exact']['rs']:.3f}). AUES = the paper's (each "
+          "curve's own FS range); AUES common = over the FS range the seed's three curves share (the claims'); MU95 "
+          "marks (n fb) sweeps whose MU never crossed 95% (fallback values).", "",
+          "| objective | lr | metric | Random | Oracle | Oracle - Random | p seed (sign-flip) | Random2 | "
+          "abs delta R-R2 | p seed R-R2 (sign-flip) | App. D p O-R per seed | App. D p R-R2 per seed |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in cfg.objectives:
         row = summ[name]
-        for metric, spec in (("aues", ".3f"), ("mu95", ".2f")):
-            m = row[metric]
-            key = "p_aues" if metric == "aues" else "p_mu95"
-            po = " ".join(f"{p[key]:.2f}" for p in row["paper_tests"])
-            pr = " ".join(f"{p[key + '_calibration']:.2f}" for p in row["paper_tests"])
-            L.append(f"| {name} | {metric.upper()} | {pm(m['random'], spec)} | {pm(m['oracle'], spec)} | "
-                     f"{pm(m['abs_delta'], spec)} | {m['p_seed']:.3f} ({m['p_sign_flip']:.3f}) | "
+        for metric, spec in (("aues", ".3f"), ("aues_common", ".3f"), ("mu95", ".2f")):
+            m = row.get(metric)
+            if m is None:
+                continue
+            key = "p_mu95" if metric == "mu95" else "p_aues"
+            po = " ".join(f"{p[key]:.2f}" for p in row["paper_tests"]) if metric != "aues_common" else "-"
+            pr = " ".join(f"{p[key + '_calibration']:.2f}" for p in row["paper_tests"]) if metric != "aues_common" else "-"
+            fb = sum(sum(v) for v in row["mu95_fallback"].values()) if metric == "mu95" else 0
+            label = {"aues": "AUES", "aues_common": "AUES common", "mu95": "MU95"}[metric] + (f" ({fb} fb)" if fb else "")
+            L.append(f"| {name} | {t2['lr'][name]['lr']:.3g} | {label} | {pm(m['random'], spec)} | "
+                     f"{pm(m['oracle'], spec)} | {pm(m['delta'], spec)} | {m['p_seed']:.3f} ({m['p_sign_flip']:.3f}) | "
                      f"{pm(m['random2'], spec)} | {pm(m['abs_delta_calibration'], spec)} | "
                      f"{m['p_seed_calibration']:.3f} ({m['p_sign_flip_calibration']:.3f}) | {po} | {pr} |")
+    L += ["", "Per seed (Oracle / Random / Random2):", ""]
+    for name in cfg.objectives:
+        row = summ[name]
+        for i, s in enumerate(row["seeds"]):
+            vals = lambda metric, spec=".3f": _nums([row[metric]["values"][a][i] for a in ARMS], spec) \
+                if row.get(metric) else "-"
+            fb = [a for a in ARMS if row["mu95_fallback"][a][i]]
+            L.append(f"- {name} seed {s}: AUES {vals('aues')}; AUES common {vals('aues_common', '.4f')} on FS "
+                     f"[{row['common_range'][i][0]:.3f}, {row['common_range'][i][1]:.3f}]; MU95 {vals('mu95', '.2f')}"
+                     + (f" (fallback: {', '.join(fb)})" if fb else "") + f"; FS at alpha 1 "
+                     f"{_nums([row['fs_end'][a][i] for a in ARMS])}; L2 gap closed "
+                     f"{_nums([row['l2_closed'][a][i] for a in ARMS])}")
     L += ["", "Oracle against the exact solution its region contains (theta_r), and the L2 gap closed:", "",
           "| objective | undo distance (1 = theta_o, 0 = theta_r) | final FS / RS Oracle | L2 gap closed O / R / R2 | "
           "answer prob / value-token prob on forget at a=1 (Oracle) |", "| --- | --- | --- | --- | --- |"]
     for name in cfg.objectives:
         row = summ[name]
         runs = [t2["seeds"][s]["runs"][name] for s in t2["seeds"]]
-        ud = [u for u in row["undo_distance"] if u is not None]
-        vp = [r["oracle"]["value_prob_forget"][-1] for r in runs if r["oracle"]["value_prob_forget"][-1] is not None]
-        L.append(f"| {name} | {np.mean(ud):.3f} | {np.mean([r['oracle']['fs'][-1] for r in runs]):.3f} / "
-                 f"{np.mean([r['oracle']['rs'][-1] for r in runs]):.3f} | "
-                 + " / ".join(f"{np.mean(row['l2_closed'][a]):.3f}" for a in ("oracle", "random", "random2")) +
-                 f" | {np.mean([r['oracle']['prob_forget'][-1] for r in runs]):.3f} / "
-                 f"{np.mean(vp) if vp else float('nan'):.3f} |")
+        vp = [r["oracle"]["value_prob_forget"][-1] for r in runs]
+        L.append(f"| {name} | {ev.fmt_mean_std(row['undo_distance'])} | "
+                 f"{ev.fmt_mean_std([r['oracle']['fs'][-1] for r in runs])} / "
+                 f"{ev.fmt_mean_std([r['oracle']['rs'][-1] for r in runs])} | "
+                 + " / ".join(ev.fmt_mean_std(row['l2_closed'][a]) for a in ARMS) +
+                 f" | {ev.fmt_mean_std([r['oracle']['prob_forget'][-1] for r in runs])} / {ev.fmt_mean_std(vp)} |")
     inj = list(t2["seeds"].values())
-    L.append(f"\ntheta_o (before unlearning): answer prob on forget {np.mean([r['inject']['prob_forget'] for r in inj]):.3f},"
-             f" value-token prob {np.mean([r['inject']['value_prob_forget'] or float('nan') for r in inj]):.3f}")
+    L.append(f"\ntheta_o (before unlearning): answer prob on forget "
+             f"{ev.fmt_mean_std([r['inject']['prob_forget'] for r in inj])}, value-token prob "
+             f"{ev.fmt_mean_std([r['inject']['value_prob_forget'] for r in inj])}")
     for tag, title in (("table1", "Table 1: localizers vs Random (NPO, top 10%, theta_full)"),
                        ("table3", f"Table 3: WAGLE vs Random at {cfg.table3_ratio:.0%} (NPO)")):
         t = metrics.get(tag)
         if not t:
             continue
-        rnd = [r["aues"] for r in t["random"].values()]
-        rmu = [r["mu95"] for r in t["random"].values()]
-        L += ["", title, "", "| method | AUES | MU95 | value vectors per layer |", "| --- | --- | --- | --- |",
-              f"| Original | - | {t['original']['log_fq']:.2f} | - |",
-              f"| Random ({len(rnd)} seeds) | {np.mean(rnd):.3f} +- {np.std(rnd, ddof=1) if len(rnd) > 1 else 0:.3f} | "
-              f"{np.mean(rmu):.2f} +- {np.std(rmu, ddof=1) if len(rmu) > 1 else 0:.2f} | - |"]
+        a, (lo, hi) = table1_common(t)
+        rnd = list(t["random"].values())
+        L += ["", title + f"; AUES common: over FS [{lo:.3f}, {hi:.3f}], the range every curve spans", "",
+              "| method | lr | AUES | AUES common | MU95 | FS at alpha 1 | value vectors per layer |",
+              "| --- | --- | --- | --- | --- | --- | --- |",
+              f"| Original | - | - | - | {t['original']['log_fq']:.2f} | {t['original']['fs']:.3f} | - |",
+              f"| Random ({len(rnd)} seeds) | {t['lr']['random']['lr']:.3g} | "
+              f"{ev.fmt_mean_std([c['aues'] for c in rnd])} | "
+              f"{ev.fmt_mean_std([a[f'random {s}'] for s in t['random']], '.4f')} | "
+              f"{ev.fmt_mean_std([c['mu95'] for c in rnd], '.2f')} | {ev.fmt_mean_std([c['fs'][-1] for c in rnd])} | - |"]
         for n, r in t["localizers"].items():
-            L.append(f"| {n} | {r['aues']:.3f} | {r['mu95']:.2f} | {r['info']['per_layer']} |")
+            ac = "-" if a[n] is None else f"{a[n]:.4f}"
+            L.append(f"| {n} | {t['lr'][n]['lr']:.3g} | {r['aues']:.3f} | {ac} | {r['mu95']:.2f}"
+                     + (" (fb)" if r.get("mu95_fallback") else "") + f" | {r['fs'][-1]:.3f} | {r['info']['per_layer']} |")
+        L.append("Random per seed (" + ", ".join(t["random"]) + "): AUES " + _nums([c["aues"] for c in rnd])
+                 + "; AUES common " + _nums([float("nan") if a[f"random {s}"] is None else a[f"random {s}"] for s in t["random"]], ".4f"))
     return L
 
 
@@ -963,7 +1182,14 @@ def checks(metrics):
 def report(cfg, metrics, claims):
     lines = table_lines(cfg, metrics)
     ks = checks(metrics)
-    lines += [""] + ev.claims_markdown(claims, ks)
+    over = [c for c in claims if "verdict_per_seed" in c]      # claims 1, 3: over mask seeds; claim 2: one table
+    one = [c for c in claims if "verdict_per_seed" not in c]
+    if over:
+        lines += ["", "Claims over mask seeds (paired within a seed; verdict from the 95% t interval of the margins):",
+                  ""] + ev.claims_markdown(over)
+    if one:
+        lines += [""] + ev.claims_markdown(one)
+    lines += [""] + ev.claims_markdown([], ks)[2:]
     lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s "
                  f"({metrics['env']['threads']} torch threads, {metrics['env']['device']})")
     ev.publish(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics),

@@ -114,22 +114,66 @@ def test_seed_tests_sample_when_the_splits_are_too_many():
 
 
 # -------------------------------------------------------------------------------------------------
+# the lr rule, on constructed reach curves
+# -------------------------------------------------------------------------------------------------
+
+def reach_curve(fs_at, rs_at, mu_at=None, calls=None):
+    """An arm whose endpoint at lr is (fs_at[lr], rs_at[lr], mu_at[lr]): a constructed reach curve."""
+    def f(lr):
+        if calls is not None:
+            calls.append(lr)
+        return {"fs": fs_at[lr], "rs": rs_at[lr], "mu": (mu_at or {}).get(lr, 0.5)}
+    return f
+
+
+def test_lr_rule_picks_the_smallest_lr_that_reaches_without_collapse():
+    assert L.lr_rule_ok([{"fs": 0.8, "rs": 0.1, "mu": 0.9}]) and not L.lr_rule_ok([{"fs": 0.79, "rs": 0.9, "mu": 0}])
+    assert not L.lr_rule_ok([{"fs": 0.9, "rs": 0.09, "mu": 0}])
+    assert not L.lr_rule_ok([{"fs": 0.9, "rs": 0.5, "mu": 0.96}], mu_o=1.0)        # MU95 would fall back
+    assert L.lr_rule_ok([{"fs": 0.9, "rs": 0.5, "mu": 0.94}], mu_o=1.0)
+    grid = [1, 2, 4, 8]
+    calls = []
+    # Random needs lr 4 to reach FS 0.8; Oracle reaches at 2 and keeps RS: tuned together, 4 (the smallest for both)
+    arms = {"oracle": reach_curve({1: .6, 2: .85, 4: .95, 8: 1}, {1: .9, 2: .7, 4: .4, 8: .0}),
+            "random": reach_curve({1: .4, 2: .6, 4: .82, 8: .97}, {1: .9, 2: .8, 4: .6, 8: .3}, calls=calls)}
+    t = L.pick_lr(grid, arms, tuned_on=[101], reported=[7, 19, 99], what="npo lr")
+    assert t["lr"] == 4 and t["reached"] and calls == [1, 2, 4] and "fallback" not in t
+    assert t["tried"][-1]["arms"]["random"]["fs"] == 0.82
+    # Oracle collapses (RS 0.05) at the only lr where Random reaches: not reached, the largest lr keeping RS
+    arms["oracle"] = reach_curve({1: .6, 2: .85, 4: .95, 8: 1}, {1: .9, 2: .7, 4: .05, 8: .0})
+    t = L.pick_lr(grid, arms, tuned_on=[101], reported=[7], what="npo lr")
+    assert t["lr"] == 2 and not t["reached"] and "largest keeping RS" in t["fallback"]
+    arms = {"a": reach_curve({1: .9, 2: .9}, {1: .0, 2: .0})}
+    t = L.pick_lr([1, 2], arms, tuned_on=[101], reported=[7], what="x")
+    assert t["lr"] == 1 and "the smallest" in t["fallback"]
+    with pytest.raises(ValueError, match="report also uses"):
+        L.pick_lr([1], arms, tuned_on=[7], reported=[7, 19], what="x")
+    with pytest.raises(ValueError, match="tune_seed"):
+        L.Config(seeds=(7, 101))
+    with pytest.raises(ValueError, match="lr_grid"):
+        L.Config(lr_grid=(2.0, 1.0))
+
+
+# -------------------------------------------------------------------------------------------------
 # claims, both ways
 # -------------------------------------------------------------------------------------------------
 
-def fake_curve(aues, mu95, shift=0.0):
-    fs = [0.1 * i + shift for i in range(6)]
-    return {"fs": fs, "rs": [1 - 0.5 * f for f in fs], "mu": [0.9 - 0.05 * i for i in range(6)],
-            "log_fq": [-2 + 0.3 * i + shift for i in range(6)], "aues": aues, "mu95": mu95,
+def fake_curve(aues, mu95, reach=0.5):
+    """A sweep whose RS is flat at 2 x aues over FS [0, reach] (AUES over [0, 0.5] = aues) and whose MU falls
+    from 0.9 to 0.65 (a crossing of 0.95 x 0.9)."""
+    fs = [reach * i / 5 for i in range(6)]
+    return {"fs": fs, "rs": [2 * aues] * 6, "mu": [0.9 - 0.05 * i for i in range(6)],
+            "log_fq": [-2 + 0.3 * i for i in range(6)], "aues": L.ev.aues(fs, [2 * aues] * 6), "mu95": mu95,
             "l2_start": 10.0, "l2_final": 1.0, "undo_distance": 0.5}
 
 
 def fake_t2(oracle, random, random2, mu=(0.0, 0.0, 0.0), objectives=("npo",)):
-    """Table-2 results whose AUES per seed are the given lists (MU95 = AUES * 10 + offsets in mu)."""
+    """Table-2 results whose AUES (common range [0, 0.5]) per seed are the given lists (MU95 = AUES * 10 +
+    offsets in mu)."""
     seeds = {}
     for i, (o, r, r2) in enumerate(zip(oracle, random, random2)):
-        runs = {name: {"oracle": fake_curve(o, 10 * o + mu[0]), "random": fake_curve(r, 10 * r + mu[1], 0.01),
-                       "random2": fake_curve(r2, 10 * r2 + mu[2], 0.02)} for name in objectives}
+        runs = {name: {"oracle": fake_curve(o, 10 * o + mu[0]), "random": fake_curve(r, 10 * r + mu[1]),
+                       "random2": fake_curve(r2, 10 * r2 + mu[2])} for name in objectives}
         seeds[str(i)] = {"runs": runs}
     return {"seeds": seeds}
 
@@ -144,45 +188,54 @@ def verdicts(claims):
 
 
 RND = [0.50, 0.53, 0.47, 0.52, 0.49]
-RND2 = [0.52, 0.49, 0.50, 0.47, 0.51]
+RND2 = [0.52, 0.49, 0.50, 0.47, 0.51]       # |Random - Random2| per seed: .02 .04 .03 .05 .02 -> margin 0.05
 
 
 def test_claim_oracle_vs_random_every_verdict():
     same = summary(fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], RND, RND2))
     cs = L.claim_oracle_vs_random(same, ["npo"])
-    assert [c["claim"] for c in cs] == ["1 Oracle does not beat Random on AUES (npo)",
+    assert [c["claim"] for c in cs] == ["1 Oracle does not beat Random on AUES over the common FS range (npo)",
                                         "1 Oracle does not beat Random on MU95 (npo)"]
-    assert verdicts(cs) == ["holds", "holds"] and cs[0]["value"]["p_seed"] > 0.05
-    assert cs[0]["tests"][1]["threshold"] == pytest.approx(max(same["npo"]["aues"]["abs_delta_calibration_per_seed"]))
-    better = summary(fake_t2([0.70, 0.72, 0.69, 0.71, 0.73], RND, RND2))
-    cs = L.claim_oracle_vs_random(better, ["npo"])
-    assert verdicts(cs) == ["fails", "fails"] and cs[0]["value"]["p_seed"] < 0.05
-    # not significant, but |delta| far outside the calibration pair's spread (Random == Random2 here) -> fails
-    wide = summary(fake_t2([0.50, 0.60, 0.40, 0.55, 0.45], RND, RND))
-    cs = L.claim_oracle_vs_random(wide, ["npo"])
-    assert wide["npo"]["aues"]["p_seed"] > 0.05 and verdicts(cs) == ["fails", "fails"]
-    assert cs[0]["tests"][0]["value"] > 0.05 and cs[0]["tests"][1]["value"] > cs[0]["tests"][1]["threshold"]
+    assert verdicts(cs) == ["holds", "holds"]
+    t = cs[0]["tests"][0]
+    assert t["threshold"] == pytest.approx(0.05) and t["per_seed"] == pytest.approx([.01, -.03, .02, .01, -.01])
+    assert cs[1]["tests"][0]["threshold"] == pytest.approx(0.5)          # MU95 = 10 x AUES here
+    better = summary(fake_t2([r + 0.2 for r in RND], RND, RND2))
+    assert verdicts(L.claim_oracle_vs_random(better, ["npo"])) == ["fails", "fails"]
+    # one-sided as worded: Oracle far *worse* than Random does not beat it
+    worse = summary(fake_t2([r - 0.2 for r in RND], RND, RND2))
+    assert verdicts(L.claim_oracle_vs_random(worse, ["npo"])) == ["holds", "holds"]
+    # Oracle ahead by about the margin, seeds disagreeing: the interval straddles it
+    near = summary(fake_t2([r + d for r, d in zip(RND, [0.02, 0.08, 0.03, 0.07, 0.05])], RND, RND2))
+    cs = L.claim_oracle_vs_random(near, ["npo"])
+    assert verdicts(cs) == ["inconclusive", "inconclusive"]
+    lo, hi = cs[0]["tests"][0]["margin_ci"]
+    assert lo < 0 < hi
+    # the paired test, against a hand computation of the t interval of margin - (Oracle - Random)
+    m = np.array([0.05 - d for d in [0.02, 0.08, 0.03, 0.07, 0.05]])
+    h = 2.776445 * m.std(ddof=1) / math.sqrt(5)
+    assert (lo, hi) == (pytest.approx(m.mean() - h, abs=1e-5), pytest.approx(m.mean() + h, abs=1e-5))
 
 
 def test_claim_oracle_vs_random_not_testable_here():
-    # 3 seeds: the seed-level p cannot go below 2 / C(6, 3) = 0.1, so "p > 0.05" would hold whatever happens
-    better = summary(fake_t2([0.70, 0.72, 0.69], RND[:3], RND2[:3]))
-    cs = L.claim_oracle_vs_random(better, ["npo"])
+    cs = L.claim_oracle_vs_random(summary(fake_t2([0.70, 0.72], RND[:2], RND2[:2])), ["npo"])   # 2 seeds
     assert verdicts(cs) == ["not testable here"] * 2
-    assert cs[0]["precondition"]["value"] == pytest.approx(0.1) and "p <= 0.05" in cs[0]["precondition"]["what"]
-    assert L.min_attainable_p(4, 4) == pytest.approx(2 / 70) and L.seeds_precondition(4)["met"]
+    assert cs[0]["precondition_per_seed"]["0"]["value"] == 2
     # one sweep whose MU never falls to 95% of theta_o's: MU95 is the fallback there; AUES is still tested
     t2 = fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], RND, RND2)
     t2["seeds"]["3"]["runs"]["npo"]["oracle"]["mu"] = [0.9, 0.89, 0.88, 0.87, 0.86, 0.86]   # min 0.956 x theta_o
     cs = L.claim_oracle_vs_random(summary(t2), ["npo"])
     assert verdicts(cs) == ["holds", "not testable here"]
-    assert cs[1]["precondition"]["value"] == {"n": 1, "which": ["3/oracle"]}
+    assert cs[1]["precondition_per_seed"]["3"]["value"] == {"n": 1, "which": ["3/oracle"]}
     assert "not testable here" in "\n".join(L.ev.claims_markdown(cs))
-    # a sweep that spans no FS range: its AUES is 0, the AUES claim is not testable
+    # a seed whose curves share less than 0.1 of FS range: the AUES claim is not testable, MU95 still is
     t2 = fake_t2([0.51, 0.50, 0.49, 0.53, 0.48], RND, RND2)
-    t2["seeds"]["1"]["runs"]["npo"]["random2"]["fs"] = [0.2] * 6
-    cs = L.claim_oracle_vs_random(summary(t2), ["npo"])
-    assert verdicts(cs) == ["not testable here", "holds"] and cs[0]["precondition"]["value"] == 0.0
+    t2["seeds"]["1"]["runs"]["npo"]["random2"] = fake_curve(0.49, 4.9, reach=0.05)
+    s = summary(t2)
+    assert s["npo"]["common_range"][1] == pytest.approx([0.0, 0.05]) and s["npo"]["common_width"][0] == 0.5
+    cs = L.claim_oracle_vs_random(s, ["npo"])
+    assert verdicts(cs) == ["not testable here", "holds"]
+    assert cs[0]["precondition_per_seed"]["1"]["value"] == pytest.approx(0.05)
 
 
 def test_mu95_fallback_is_eval_mu95s_fallback():
@@ -193,34 +246,45 @@ def test_mu95_fallback_is_eval_mu95s_fallback():
     assert L.fs_range({"fs": [0.3, 0.1, 0.25]}) == pytest.approx(0.2)
 
 
-def test_summary_reports_calibration_arm_and_paper_tests():
-    s = summary(fake_t2([0.5] * 5, [0.5] * 5, [0.6] * 5))["npo"]
-    assert s["aues"]["abs_delta_calibration"][0] == pytest.approx(0.1)
+def test_summary_reports_common_range_paired_deltas_and_paper_tests():
+    t2 = fake_t2([0.5] * 5, [0.5] * 5, [0.6] * 5)
+    t2["seeds"]["0"]["runs"]["npo"]["oracle"] = fake_curve(0.5, 5.0, reach=1.0)   # Oracle reaches further on seed 0
+    s = summary(t2)["npo"]
+    assert s["aues"]["delta_per_seed"][0] == pytest.approx(0.5)                  # the paper's AUES: reach counts
+    assert s["aues_common"]["delta_per_seed"] == [pytest.approx(0.0)] * 5         # over [0, 0.5]: equal
+    assert s["aues_common"]["abs_delta_calibration"][0] == pytest.approx(0.1)
     assert len(s["paper_tests"]) == 5 and {"p_aues", "p_aues_calibration", "p_mu95", "p_mu95_calibration"} <= \
         set(s["paper_tests"][0])
     assert s["l2_closed"]["oracle"] == [pytest.approx(0.9)] * 5
-    assert s["fs_range"]["oracle"] == [pytest.approx(0.5)] * 5 and s["mu95_fallback"]["random"] == [False] * 5
+    assert s["fs_range"]["oracle"][1] == pytest.approx(0.5) and s["mu95_fallback"]["random"] == [False] * 5
 
 
-def t1_of(random_aues, localizers):
-    curve = lambda a: {"aues": a, "fs": [0.0, 0.2, 0.4]}
-    return {"random": {str(i): curve(v) for i, v in enumerate(random_aues)},
-            "localizers": {n: curve(v) for n, v in localizers.items()}}
+def t1_of(random, localizers):
+    """Table 1 results from (FS, RS) curves: random = [curve per seed], localizers = {name: curve}."""
+    curve = lambda c: {"fs": list(c[0]), "rs": list(c[1]), "aues": L.ev.aues(*c)}
+    return {"random": {str(i): curve(c) for i, c in enumerate(random)},
+            "localizers": {n: curve(c) for n, c in localizers.items()}}
+
+
+def flat(level, reach=0.4):
+    return [0.0, reach / 2, reach], [level] * 3
 
 
 def test_claim_localizers_every_verdict():
-    rnd = [0.50, 0.52, 0.48, 0.51, 0.49]
-    c = L.claim_localizers(t1_of(rnd, {"wagle": 0.51, "memflex": 0.40}))
+    rnd = [flat(v) for v in (0.50, 0.52, 0.48, 0.51, 0.49)]        # AUES over [0, 0.4]: 0.4 x level
+    c = L.claim_localizers(t1_of(rnd, {"wagle": flat(0.51), "memflex": flat(0.40)}))
     assert c["verdict"] == "holds" and len(c["tests"]) == 2
-    assert c["tests"][0]["threshold"] == pytest.approx(2 * float(np.std(rnd, ddof=1)))
-    c = L.claim_localizers(t1_of(rnd, {"wagle": 0.60}))
-    assert c["verdict"] == "fails" and c["value"]["AUES wagle - mean Random"] == pytest.approx(0.10)
-    c = L.claim_localizers(t1_of([0.50], {"wagle": 0.60}))           # one Random seed: no spread
+    assert c["tests"][0]["threshold"] == pytest.approx(2 * 0.4 * float(np.std([.5, .52, .48, .51, .49], ddof=1)))
+    c = L.claim_localizers(t1_of(rnd, {"wagle": flat(0.60)}))
+    assert c["verdict"] == "fails" and c["value"]["AUES wagle - mean Random"] == pytest.approx(0.4 * 0.10)
+    # the issue's case: a localizer that only reaches further (RS falling) wins the paper's AUES, not the common one
+    reach = ([0.0, 0.2, 0.4, 0.8], [0.5, 0.45, 0.4, 0.3])
+    c = L.claim_localizers(t1_of(rnd, {"wagle": reach}))
+    assert L.ev.aues(*reach) > 1.5 * L.ev.aues(*rnd[0]) and c["verdict"] == "holds"
+    c = L.claim_localizers(t1_of(rnd[:1], {"wagle": flat(0.60)}))     # one Random seed: no spread
     assert c["verdict"] == "not testable here" and c["precondition"]["value"] == 1
-    t1 = t1_of(rnd, {"wagle": 0.51})
-    t1["localizers"]["wagle"]["fs"] = [0.3, 0.3, 0.3]
-    c = L.claim_localizers(t1)
-    assert c["verdict"] == "not testable here" and "wagle" in c["precondition"]["what"]
+    c = L.claim_localizers(t1_of(rnd, {"wagle": flat(0.51, reach=0.05)}))
+    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == pytest.approx(0.05)
 
 
 def test_claim_l2_every_verdict():
@@ -229,14 +293,18 @@ def test_claim_l2_every_verdict():
         seed["runs"]["l2"]["random"]["l2_final"] = 4.0            # closes 60% vs Oracle's 90%
     c = L.claim_l2(summary(t2, ("l2",)))
     assert c["verdict"] == "holds" and c["value"]["gap closed V_rdm / V_tgt"] == pytest.approx(0.6 / 0.9)
-    for seed in t2["seeds"].values():
-        seed["runs"]["l2"]["random"]["l2_final"] = 8.0            # closes 20%
+    for i, seed in enumerate(t2["seeds"].values()):
+        seed["runs"]["l2"]["random"]["l2_final"] = 8.0 - 0.5 * i  # closes 20-40%: ratio < 0.5 on every seed
     c = L.claim_l2(summary(t2, ("l2",)))
-    assert c["verdict"] == "fails" and "fails" in c["detail"]
+    assert c["verdict"] == "fails" and c["verdict_per_seed"]["0"] == "fails"
+    for i, seed in enumerate(t2["seeds"].values()):               # ratios 0.22 .. 0.89 around 0.5
+        seed["runs"]["l2"]["random"]["l2_final"] = [8.0, 2.0, 6.5, 3.0, 5.0][i]
+    assert L.claim_l2(summary(t2, ("l2",)))["verdict"] == "inconclusive"
     for seed in t2["seeds"].values():
         seed["runs"]["l2"]["oracle"]["l2_final"] = 10.0           # V_tgt closes nothing: the ratio is undefined
     c = L.claim_l2(summary(t2, ("l2",)))
-    assert c["verdict"] == "not testable here" and c["tests"] == [] and c["precondition"]["value"] == 0.0
+    assert c["verdict"] == "not testable here" and c["tests"] == []
+    assert c["precondition_per_seed"]["0"]["value"] == 0.0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -312,6 +380,16 @@ def test_smoke_run_end_to_end_and_cache(tmp_path):
                 assert len(c["fs"]) == 3 and c["alpha"] == [0.0, 0.5, 1.0]
                 assert c["fs"][0] == pytest.approx(s["inject"]["fs"])       # alpha 0 is theta_o
     assert set(res["metrics"]["table1"]["localizers"]) == {"activations", "memflex", "wagle"}
+    # every arm's lr comes from the rule on the held-out seed 101 (the smoke world never reaches FS 0.8: flagged)
+    lr1, lr2 = res["metrics"]["table1"]["lr"], t2["lr"]
+    assert set(lr1) == {"random", "activations", "memflex", "wagle"} and set(lr2) == {"npo", "l2"}
+    assert lr2["npo"]["tuned_on"] == [101] and lr2["npo"]["lr"] in lr2["npo"]["grid"]
+    assert all(t["reached"] or t["fallback"] for t in list(lr1.values()) + [lr2["npo"]])
+    assert lr2["l2"]["lr"] == L.Config().l2_lr and lr2["l2"]["tried"] == []
+    for arm, t in lr1.items():
+        runs = res["metrics"]["table1"]["random"].values() if arm == "random" else \
+            [res["metrics"]["table1"]["localizers"][arm]]
+        assert all(c["lr"] == t["lr"] for c in runs)
     if L.ev.pyplot() is not None:
         assert os.path.exists(os.path.join(out, "fig1_l2_curves.png"))
     # a rerun reads every finished run from the cache and reports the same numbers
@@ -359,7 +437,7 @@ def test_paper_path_on_a_tiny_local_fake(tmp_path):
                                                                            "n_people", "n_families", "n_real")]
     metrics, claims = L.main(argv, log=lambda s: None)
     assert metrics["n_qa"]["forget"] == 20 and metrics["n_value_vectors"] == 3 * 40
-    assert [c["claim"] for c in claims] == ["1 Oracle does not beat Random on AUES (dpo)",
+    assert [c["claim"] for c in claims] == ["1 Oracle does not beat Random on AUES over the common FS range (dpo)",
                                             "1 Oracle does not beat Random on MU95 (dpo)"]
     c = metrics["table2"]["seeds"]["7"]["runs"]["dpo"]["oracle"]
     assert len(c["mu"]) == 3 and all(0 <= m <= 1 for m in c["mu"])
