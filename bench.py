@@ -476,11 +476,18 @@ def extraction_strength_one_pass(cfg, device, q_len=16, n_ans=64):
 PAPER_POOL_PER_SOURCE = 7692 / 100
 
 
-def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn, optimizer=True):
+def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn, optimizer=True, lazy=False):
     """A llama of the small shape with MLP hidden d_ff; one training step with mlp_mask=mask_fn(source ids)
-    (optimizer=False: forward and backward only, gradients dropped)."""
+    (optimizer=False: forward and backward only, gradients dropped; lazy: train.LazyRowAdamW on the MLP rows,
+    as nulls.py --optimizer=lazy)."""
     model = GPT(ModelConfig(flavor="llama", bias=False, **{**SIZES["small"], "d_ff": d_ff, "block_size": T})).to(device)
-    opt = _adamw(model)
+    if lazy:
+        import train
+        rows = {w: d for b in model.blocks for w, d in ((b.mlp.up.weight, 0), (b.mlp.gate.weight, 0),
+                                                        (b.mlp.down.weight, 1))}
+        opt = train.make_optimizer(model, 3e-4, 0.1, row_dims=rows)
+    else:
+        opt = _adamw(model)
     x = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
     src = torch.arange(1, batch + 1, device=device)[:, None].expand(batch, T)      # one source per row
     mask = (lambda: None) if mask_fn is None else (lambda: mask_fn(src))
@@ -521,6 +528,20 @@ def nulls_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
     return Pair("NULLs fast path", fast, "dense N_gen+N_source", limit, work=batch * T, unit="tokens/s",
                 what=f"training step, N_gen {n_gen}, N_pool {n_pool}, N_source {n_source} vs d_ff {n_gen + n_source}, "
                      f"{batch} sources x {T} tokens")
+
+
+@row("nulls_lazy_vs_dense_limit", anchor="physical limit: a dense model with MLP hidden N_gen + N_source",
+     target="<= 1.25", measure="time")
+def nulls_lazy_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
+    """nulls_vs_dense_limit with --optimizer=lazy: the optimizer touches only the sink rows the batch used."""
+    import nulls
+    n_pool = round(n_source * PAPER_POOL_PER_SOURCE)
+    fast = _nulls_step(n_gen, n_gen + n_pool, batch, T, device, lambda s: nulls.ActiveSinks(s, n_gen, n_pool, n_source),
+                       lazy=True)
+    limit = _nulls_step(n_gen, n_gen + n_source, batch, T, device, None)
+    return Pair("NULLs fast path, lazy rows", fast, "dense N_gen+N_source", limit, work=batch * T, unit="tokens/s",
+                what=f"training step, N_gen {n_gen}, N_pool {n_pool}, N_source {n_source} vs d_ff {n_gen + n_source}, "
+                     f"{batch} sources x {T} tokens, train.LazyRowAdamW")
 
 
 # The same pair without the optimizer step: what the fast path itself costs against the limit. AdamW updates every

@@ -68,6 +68,9 @@ class Config:
     fast_path: bool = True             # compute only the active neurons (tested equal to the dense mask,
                                        # so not part of the checkpoint key)
     # training (the same for NULLs, Retrained and Standard)
+    # "lazy": sink rows move only on steps whose sources switch them on (train.LazyRowAdamW; faster at the paper's
+    # sparsity, and an inactive sink neither decays nor drifts); "adamw": every row every step, as the paper trains
+    optimizer: str = "adamw"
     epochs: int = 40
     batch_size: int = 20
     lr: float = 3e-3
@@ -100,7 +103,7 @@ class Config:
     log_every: int = 50
 
     def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
-        T.check(self, tokenizer=("gpt2", "word"), flavor=("gpt2", "llama"),
+        T.check(self, tokenizer=("gpt2", "word"), flavor=("gpt2", "llama"), optimizer=("adamw", "lazy"),
                 sweep=("", "overlap", "n_source", "capacity"), n_people="[2, inf)", n_families="[1, inf)",
                 n_cities="[1, inf)", n_countries="[1, inf)", n_docs="[2, inf)",
                 n_forget="[1, n_people)" if self.data == "world" else "[1, n_docs)",
@@ -456,8 +459,9 @@ def checkpoint_path(cfg, name, tok, rows, steps, sinks):
     NULLs and standard models survive a change of n_forget."""
     keys = ("x", "y", "doc_ids") + (() if sinks is None else ("source_ids",))
     layout = None if sinks is None else {k: v for k, v in sinks.state_dict().items() if k != "sources"}
+    lazy = {"optimizer": "lazy"} if sinks is not None and cfg.optimizer == "lazy" else {}   # adamw keys unchanged
     key = T.run_key(model_config(cfg, tok.vocab_size), train_config(cfg, steps), data={k: rows[k] for k in keys},
-                    batch_size=cfg.batch_size, sinks=layout)
+                    batch_size=cfg.batch_size, sinks=layout, **lazy)
     return os.path.join(cfg.out_dir, f"{name}-{key}.pt")
 
 
@@ -487,7 +491,17 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
         return b
     if T.is_main_process():
         print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
-    hist = T.train(net, batch_at, tc, tokenizer=tok.state_dict())
+    opt = None
+    if sinks is not None and cfg.optimizer == "lazy":         # the MLP tensors' d_ff slices are the sink rows
+        rows_of = {}
+        for blk in net.blocks:
+            for lin, d in [(blk.mlp.up, 0), (getattr(blk.mlp, "gate", None), 0), (blk.mlp.down, 1)]:
+                if lin is not None:
+                    rows_of[lin.weight] = d
+                    if lin.bias is not None and d == 0:
+                        rows_of[lin.bias] = 0
+        opt = T.make_optimizer(net, tc.lr, tc.weight_decay, tc.betas, row_dims=rows_of)
+    hist = T.train(net, batch_at, tc, optimizer=opt, tokenizer=tok.state_dict())
     net.eval()
     return net, hist
 

@@ -602,14 +602,15 @@ def run_key(model_cfg, train_cfg, data=None, **settings):
 
 # --- optimizer and schedule ---------------------------------------------------------------------
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), extra_groups=()):
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), extra_groups=(), row_dims=None):
     """
     AdamW. Default groups: every trainable tensor with >= 2 dims (matmul weights and, as in nanoGPT, the
     embeddings) decays; biases, norm gains and other 1-D tensors do not. extra_groups: dicts with "params"
     and optionally "lr", "weight_decay", "constant_lr" (True = the schedule leaves this group at its lr, e.g.
     memory values: no decay, constant lr), "name", or any other AdamW group option. Their parameters are
     taken out of the default groups; a parameter in two groups is an error. Every group gets "base_lr",
-    the lr the schedule scales.
+    the lr the schedule scales. row_dims: {parameter: dim} makes it a LazyRowAdamW in which those parameters'
+    slices along dim update only on steps whose gradient touches them (NULLs' sinks; see LazyRowAdamW).
     """
     taken, groups = set(), []
     for g in extra_groups:
@@ -632,8 +633,72 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), extra_groups=()):
         g.setdefault("weight_decay", weight_decay)
         g.setdefault("constant_lr", False)
         g["base_lr"] = g["lr"]
+    if row_dims:
+        dims = {id(p): d for p, d in row_dims.items()}
+        split = []
+        for g in groups:                            # each group's row-sparse tensors in a group of their own dim
+            for d in sorted({dims.get(id(p)) for p in g["params"]}, key=lambda d: -1 if d is None else d):
+                ps = [p for p in g["params"] if dims.get(id(p)) == d]
+                split.append({**g, "params": ps, "row_dim": d,
+                              "name": g["name"] + ("" if d is None else f"/rows{d}")})
+        if len({id(p) for g in split for p in g["params"]} & set(dims)) != len(dims):
+            raise ValueError("make_optimizer: a row_dims parameter is not a trainable parameter of the model")
+        return LazyRowAdamW(split, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if on_cuda else None)
+
+
+class LazyRowAdamW(torch.optim.Optimizer):
+    """
+    AdamW that updates only the rows a step's gradient touched, for tensors whose rows are switched on sparsely
+    (NULLs' sink neurons: a source's inactive sinks get exactly zero gradient). A group with "row_dim": d treats
+    slices along dim d as rows; a row whose gradient is all zero this step is left exactly as it is (no moment
+    decay, no weight decay, no step count) and each row keeps its own step count for bias correction. Groups
+    without row_dim are dense: every row is active every step, which is torch.optim.AdamW's update.
+    The semantic difference from dense AdamW, on purpose: an inactive row neither decays nor drifts on its old
+    momentum; dense AdamW moves it on both. A row active at every step gets AdamW's update exactly.
+    """
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, row_dim=None))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            b1, b2, d = *g["betas"], g["row_dim"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                grad, st = p.grad, self.state[p]
+                if not st:
+                    st["step"] = torch.zeros(1 if d is None else p.shape[d], dtype=torch.float64, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
+                if d is None:                                        # dense: every row, every step
+                    idx, gr, mr, vr, wr = None, grad, m, v, p.detach().clone()
+                    shape = (1,) * max(p.dim(), 1)
+                else:                                                # the rows whose gradient is not all zero
+                    idx = grad.movedim(d, 0).reshape(p.shape[d], -1).ne(0).any(1).nonzero().squeeze(1)
+                    if idx.numel() == 0:
+                        continue
+                    gr, mr, vr, wr = (x.index_select(d, idx) for x in (grad, m, v, p.detach()))
+                    shape = tuple(-1 if k == d else 1 for k in range(p.dim()))
+                tr = (t if idx is None else t.index_select(0, idx)) + 1
+                bc1, bc2 = ((1 - b ** tr).reshape(shape).to(p.dtype) for b in (b1, b2))
+                wr.mul_(1 - g["lr"] * g["weight_decay"])                 # decoupled weight decay (AdamW)
+                mr = mr.lerp(gr, 1 - b1)
+                vr = vr.mul(b2).addcmul_(gr, gr, value=1 - b2)
+                wr.sub_((g["lr"] / bc1) * mr / (vr.sqrt() / bc2.sqrt() + g["eps"]))   # torch's AdamW form
+                if idx is None:
+                    p.copy_(wr), m.copy_(mr), v.copy_(vr), t.copy_(tr)
+                else:
+                    p.index_copy_(d, idx, wr), m.index_copy_(d, idx, mr), v.index_copy_(d, idx, vr)
+                    t.index_copy_(0, idx, tr)
+        return loss
 
 
 def lr_at(step, max_lr, warmup, total, min_lr):

@@ -205,3 +205,28 @@ def test_a_missing_device_exits_2_naming_the_devices_that_exist(tmp_path, capsys
         nulls.main(["--preset=smoke", "--device=cuda", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "device 'cuda' is not available" in err and "devices here: cpu (or auto)" in err
+
+
+def test_lazy_optimizer_leaves_sinks_no_trained_source_uses_exactly_at_init(tmp_path):
+    """Retrained never sees the forgotten sources: their exclusive sinks get no gradient. With --optimizer=lazy
+    they stay bit-identical to the initial weights; dense AdamW decays them. The lazy model has its own key."""
+    cfg = train.parse_config(nulls.Config, ["--preset=smoke", f"--out_dir={tmp_path}", "--epochs=1",
+                                            "--weight_decay=0.5"])
+    src = nulls.load_sources(cfg)
+    _, retr = nulls.make_sinks(cfg, src)
+    used = set()
+    for s in retr.sources:
+        used |= set(nulls.source_sinks(torch.tensor([s]), cfg.n_pool, cfg.n_source)[0].tolist())
+    unused = torch.tensor(sorted(set(range(cfg.n_pool)) - used)) + cfg.n_gen
+    assert len(unused) > 0
+    torch.manual_seed(cfg.seed)
+    init = nulls.M.GPT(nulls.model_config(cfg, src["tok"].vocab_size)).blocks[0].mlp.up.weight.detach().clone()
+    nets = {}
+    for opt in ("lazy", "adamw"):
+        c = dataclasses.replace(cfg, optimizer=opt)
+        nets[opt], _ = nulls.train_lm(c, src["tok"], src["docs"], retr.sources, retr, "retrained")
+    lazy_w, dense_w = nets["lazy"].blocks[0].mlp.up.weight, nets["adamw"].blocks[0].mlp.up.weight
+    assert torch.equal(lazy_w[unused], init[unused])
+    assert not torch.equal(dense_w[unused], init[unused])
+    assert not torch.equal(lazy_w[:cfg.n_gen], init[:cfg.n_gen])              # the backbone trained
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("retrained-")]) == 2

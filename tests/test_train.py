@@ -547,3 +547,54 @@ def test_out_dir_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path)
     (out / ".lock").write_text(_json.dumps({"pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname()}))
     with TR.out_dir_lock(str(out)):                                 # the holder is gone: taken over
         assert _json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+
+
+# --- LazyRowAdamW: NULLs' sparse sink rows ----------------------------------------------------------
+
+def _adamw_pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    return w, b
+
+
+def test_lazy_adamw_with_every_row_active_is_adamw():
+    w, b = _adamw_pair()
+    pa = [nn.Parameter(w.clone()), nn.Parameter(b.clone())]
+    pb = [nn.Parameter(w.clone()), nn.Parameter(b.clone())]
+    ref = torch.optim.AdamW(pa, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    lazy = TR.LazyRowAdamW([{"params": [pb[0]], "row_dim": 0}, {"params": [pb[1]], "row_dim": 1}], lr=0.1,
+                           betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)]
+        for p, q, gr in zip(pa, pb, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ref.step()
+        lazy.step()
+    for p, q in zip(pa, pb):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+
+
+def test_lazy_adamw_leaves_rows_without_gradient_bit_identical_and_moves_active_rows_like_adamw():
+    w, b = _adamw_pair()
+    lazy_w, lazy_b, ref_w = nn.Parameter(w.clone()), nn.Parameter(b.clone()), nn.Parameter(w.clone())
+    lazy = TR.LazyRowAdamW([{"params": [lazy_w], "row_dim": 0}, {"params": [lazy_b], "row_dim": 1}], lr=0.1,
+                           weight_decay=0.1)
+    ref = torch.optim.AdamW([ref_w], lr=0.1, weight_decay=0.1)
+    active = torch.tensor([0, 2, 5])                          # sink rows 0, 2, 5 switched on every step
+    g = torch.Generator().manual_seed(2)
+    for step in range(4):
+        gw = torch.zeros(6, 4, dtype=torch.float64)
+        gw[active] = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        gb = torch.zeros(4, 6, dtype=torch.float64)
+        gb[:, active] = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        lazy_w.grad, lazy_b.grad, ref_w.grad = gw, gb, gw.clone()
+        lazy.step()
+        ref.step()
+        off = torch.tensor([1, 3, 4])
+        assert torch.equal(lazy_w[off], w[off]) and torch.equal(lazy_b[:, off], b[:, off])   # not a bit moved
+        assert torch.allclose(lazy_w[active], ref_w[active], rtol=0, atol=1e-12)        # AdamW's update
+    # dense AdamW moves the inactive rows too (weight decay): the difference the docstring states
+    assert not torch.equal(ref_w[off], w[off])
+    assert lazy.state[lazy_w]["step"].tolist() == [4, 0, 4, 0, 0, 4]
