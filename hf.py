@@ -106,6 +106,10 @@ def _convert_gpt_neo(hf_sd, cfg):
     return out
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file that exists but cannot be read; the message names the file."""
+
+
 def read_hf_tensors(folder):
     """Every tensor of a local HF checkpoint as {name: tensor} on the CPU: model.safetensors, pytorch_model.bin,
     or either one sharded with its *.index.json. safetensors is preferred when the package is installed."""
@@ -133,8 +137,12 @@ def read_hf_tensors(folder):
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"checkpoint shard {f.name} listed in the index is missing from {folder}")
-        part = load_file(str(f), device="cpu") if ext == "safetensors" else \
-            torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            part = load_file(str(f), device="cpu") if ext == "safetensors" else \
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:          # SafetensorError / UnpicklingError / zip errors do not name the file
+            raise CheckpointFileError(f"cannot read checkpoint file {f}: it is damaged or not a {ext} file "
+                                      f"({type(e).__name__}: {str(e)[:200]})") from e
         if sd.keys() & part.keys():
             raise ValueError(f"tensors {sorted(sd.keys() & part.keys())[:5]} appear in more than one shard of {folder}")
         sd.update(part)

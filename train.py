@@ -302,12 +302,12 @@ def _pid_alive(pid):
 
 
 def cli(main):
-    """Run a script's main() from the command line: a damaged checkpoint or cache, or an out_dir another run
-    holds, ends as one line `error: ...` and exit status 1 (no traceback: the message says what to do); Ctrl-C
+    """Run a script's main() from the command line: a damaged checkpoint or cache, a missing input file, or an
+    out_dir another run holds, ends as one line `error: ...` and exit status 1 (no traceback: the message says what to do); Ctrl-C
     as one line saying that the same command resumes (checkpoints are written atomically)."""
     try:
         main()
-    except (CheckpointError, OutDirInUse) as e:
+    except (CheckpointError, OutDirInUse, FileNotFoundError) as e:   # their messages name the file and the fix
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

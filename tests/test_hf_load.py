@@ -4,6 +4,7 @@ to a folder the way the hub ships them, load with our loader, and require the sa
 transformers is a test-only dependency; no run-time module imports it.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -196,3 +197,10 @@ def test_missing_and_unexpected_tensors(tmp_path):
     torch.save({**sd, "model.layers.0.mlp.up_proj.weight": torch.zeros(40, 32)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="shape"):
         hf_io.load_hf(tmp_path)
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(hf_io.CheckpointFileError, match=re.escape(str(tmp_path / "model.safetensors"))):
+        hf_io.read_hf_tensors(tmp_path)
