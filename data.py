@@ -629,19 +629,21 @@ class World:
                 out[f.id] = "shared" if stated(f) else "unique"
         return out
 
-    def real_corpus(self, qa=True):
+    def real_corpus(self, qa_forms=4):
         """Pretraining text about the "real" people: every rendering of their articles (real_articles plus
-        real_rephrasings), one sentence per item, and with qa every QA form of each fact: (question or
-        paraphrased question) x (answer or paraphrased answer) in QA_TEMPLATE. Allen-Zhu & Li (Physics of
-        LMs 3.1): a model stores facts extractably only if pretraining states them in several phrasings."""
+        real_rephrasings), one sentence per item, then QA of each fact in QA_TEMPLATE: qa_forms 4 = every form,
+        (question or paraphrased question) x (answer or paraphrased answer); 1 = (question, answer); 0 = none.
+        Allen-Zhu & Li (Physics of LMs 3.1): a model stores facts extractably only if pretraining states them
+        in several phrasings."""
+        if qa_forms not in (0, 1, 4):
+            raise ValueError(f"qa_forms must be 0, 1 or 4, got {qa_forms!r}")
         out = []
         for pid, art in self.real_articles.items():
             for text in [art] + list(self.real_rephrasings.get(pid, ())):
                 out += [t for t in re.split(r"(?<=\.) ", text) if t]
-        if qa:
-            for f in self.real_facts:
-                out += [QA_TEMPLATE.format(question=q) + " " + a for q in (f.question, f.paraphrased_question)
-                        for a in (f.answer, f.paraphrased_answer)]
+        for f in self.real_facts if qa_forms else ():
+            forms = [(q, a) for q in (f.question, f.paraphrased_question) for a in (f.answer, f.paraphrased_answer)]
+            out += [QA_TEMPLATE.format(question=q) + " " + a for q, a in forms[:qa_forms]]
         return out
 
     def save_tofu(self, folder):

