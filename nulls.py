@@ -40,99 +40,6 @@ import train as T
 from memsinks import lcg_uniforms
 
 
-@dataclass
-class Config:
-    # data: "world" = the built-in fictional world (people are the sources); otherwise a hub name or local
-    # path of documents for data.load_text_dataset, one document = one source (e.g. "wikipedia")
-    data: str = "world"
-    n_people: int = 100
-    n_families: int = 40
-    n_cities: int = 10
-    n_countries: int = 4
-    n_docs: int = 2000                 # real data: number of documents (sources) to train on
-    text_field: str = "text"
-    tokenizer: str = "gpt2"            # real data: "gpt2" (BPE) or "word" (a word vocabulary built from the data)
-    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
-    n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
-    split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
-    # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
-    flavor: str = "llama"
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0
-    n_embd: int = 128
-    n_gen: int = 64
-    n_pool: int = 1024
-    n_source: int = 64
-    block_size: int = 160
-    fast_path: bool = True             # compute only the active neurons (tested equal to the dense mask,
-                                       # so not part of the checkpoint key)
-    # training (the same for NULLs, Retrained and Standard)
-    # "lazy": sink rows move only on steps whose sources switch them on (train.LazyRowAdamW; faster at the paper's
-    # sparsity, and an inactive sink neither decays nor drifts); "adamw": every row every step, as the paper trains
-    optimizer: str = "adamw"
-    epochs: int = 40
-    batch_size: int = 20
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 30
-    grad_clip: float = 1.0
-    # post-hoc baselines on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
-    unlearn_epochs: int = 5
-    unlearn_batch: int = 2
-    npo_beta: float = 0.5
-    npo_lr: float = 1e-3
-    ga_lr: float = 1e-3
-    relearn_steps: int = 20
-    relearn_lr: float = 1e-3
-    # evaluation: rows (of at most block_size tokens) per forward pass in every corpus-wide pass; related facts
-    # (other people's article-specific facts, claim 3) at most n_related, as the paper's 200 facts per category
-    eval_batch: int = 64
-    n_related: int = 200
-    # 0,1,2: run the whole experiment once per seed (out_dir/seed<k>) and report each claim as mean +- std with
-    # a verdict per seed and overall; empty = the one run of `seed`
-    seeds: tuple[int, ...] = ()
-    # sweeps behind a flag: "overlap" (Fig 8a), "n_source" (8b), "capacity" (8c); "" = none
-    sweep: str = ""
-    sweep_values: tuple = ()
-    device: str = "auto"
-    threads: int = 1                   # torch CPU threads per process (README tables: 1); 0 = torch's default
-    seed: int = 0
-    out_dir: str = "out/nulls"
-    log_every: int = 50
-
-    def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
-        T.check(self, tokenizer=("gpt2", "word"), flavor=("gpt2", "llama"), optimizer=("adamw", "lazy"),
-                sweep=("", "overlap", "n_source", "capacity"), n_people="[2, inf)", n_families="[1, inf)",
-                n_cities="[1, inf)", n_countries="[1, inf)", n_docs="[2, inf)",
-                n_forget="[1, n_people)" if self.data == "world" else "[1, n_docs)",
-                n_layer="[1, inf)", n_head="[1, inf)", n_kv_head="[0, n_head]", n_embd="[1, inf)", n_gen="[1, inf)",
-                n_pool="[1, inf)", n_source="[1, n_pool]", block_size="[2, inf)", epochs="[1, inf)",
-                batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]", weight_decay="[0, inf)",
-                warmup_steps="[0, inf)", grad_clip="[0, inf)", unlearn_epochs="[1, inf)", unlearn_batch="[1, inf)",
-                npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
-                relearn_lr="(0, inf)", log_every="[0, inf)", eval_batch="[1, inf)", n_related="[1, inf)",
-                seeds="[0, inf)", threads="[0, inf)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds!r} is not valid: seeds must be distinct")
-        T.pick_device(self.device)             # names the devices that exist if this one does not
-
-
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
-                  n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
-                  n_related=40, log_every=0),
-    # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
-    # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
-    "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
-                  n_kv_head=3, n_embd=576, n_gen=500, n_pool=7692, n_source=100, block_size=1024, epochs=3,
-                  batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=1000, npo_lr=1e-5, ga_lr=1e-5,
-                  relearn_lr=1e-5, unlearn_batch=8, eval_batch=8, log_every=100),
-}
-
-
 # -------------------------------------------------------------------------------------------------
 # The method: per-source sink masks (memsinks.py's generator) and the fast path over active neurons
 # -------------------------------------------------------------------------------------------------
@@ -316,6 +223,103 @@ def remove_permanently(model, sinks, source_id):
             if lin.bias is not None:
                 lin.bias[cols.to(lin.bias.device)] = 0
         mlp.down.weight[:, cols.to(mlp.down.weight.device)] = 0
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment's settings: the CPU default, presets for smoke tests and the paper's GPU run
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # data: "world" = the built-in fictional world (people are the sources); otherwise a hub name or local
+    # path of documents for data.load_text_dataset, one document = one source (e.g. "wikipedia")
+    data: str = "world"
+    n_people: int = 100
+    n_families: int = 40
+    n_cities: int = 10
+    n_countries: int = 4
+    n_docs: int = 2000                 # real data: number of documents (sources) to train on
+    text_field: str = "text"
+    tokenizer: str = "gpt2"            # real data: "gpt2" (BPE) or "word" (a word vocabulary built from the data)
+    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: tiktoken's own)
+    n_forget: int = 10                 # sources to forget (world: forget_order, one per family first)
+    split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
+    # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
+    flavor: str = "llama"
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0
+    n_embd: int = 128
+    n_gen: int = 64
+    n_pool: int = 1024
+    n_source: int = 64
+    block_size: int = 160
+    fast_path: bool = True             # compute only the active neurons (tested equal to the dense mask,
+                                       # so not part of the checkpoint key)
+    # training (the same for NULLs, Retrained and Standard)
+    # "lazy": sink rows move only on steps whose sources switch them on (train.LazyRowAdamW; faster at the paper's
+    # sparsity, and an inactive sink neither decays nor drifts); "adamw": every row every step, as the paper trains
+    optimizer: str = "adamw"
+    epochs: int = 40
+    batch_size: int = 20
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    # post-hoc baselines on the standard transformer (Figure 3c) and the relearning attack (Figure 7b)
+    unlearn_epochs: int = 5
+    unlearn_batch: int = 2
+    npo_beta: float = 0.5
+    npo_lr: float = 1e-3
+    ga_lr: float = 1e-3
+    relearn_steps: int = 20
+    relearn_lr: float = 1e-3
+    # evaluation: rows (of at most block_size tokens) per forward pass in every corpus-wide pass; related facts
+    # (other people's article-specific facts, claim 3) at most n_related, as the paper's 200 facts per category
+    eval_batch: int = 64
+    n_related: int = 200
+    # 0,1,2: run the whole experiment once per seed (out_dir/seed<k>) and report each claim as mean +- std with
+    # a verdict per seed and overall; empty = the one run of `seed`
+    seeds: tuple[int, ...] = ()
+    # sweeps behind a flag: "overlap" (Fig 8a), "n_source" (8b), "capacity" (8c); "" = none
+    sweep: str = ""
+    sweep_values: tuple = ()
+    device: str = "auto"
+    threads: int = 1                   # torch CPU threads per process (README tables: 1); 0 = torch's default
+    seed: int = 0
+    out_dir: str = "out/nulls"
+    log_every: int = 50
+
+    def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
+        T.check(self, tokenizer=("gpt2", "word"), flavor=("gpt2", "llama"), optimizer=("adamw", "lazy"),
+                sweep=("", "overlap", "n_source", "capacity"), n_people="[2, inf)", n_families="[1, inf)",
+                n_cities="[1, inf)", n_countries="[1, inf)", n_docs="[2, inf)",
+                n_forget="[1, n_people)" if self.data == "world" else "[1, n_docs)",
+                n_layer="[1, inf)", n_head="[1, inf)", n_kv_head="[0, n_head]", n_embd="[1, inf)", n_gen="[1, inf)",
+                n_pool="[1, inf)", n_source="[1, n_pool]", block_size="[2, inf)", epochs="[1, inf)",
+                batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]", weight_decay="[0, inf)",
+                warmup_steps="[0, inf)", grad_clip="[0, inf)", unlearn_epochs="[1, inf)", unlearn_batch="[1, inf)",
+                npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
+                relearn_lr="(0, inf)", log_every="[0, inf)", eval_batch="[1, inf)", n_related="[1, inf)",
+                seeds="[0, inf)", threads="[0, inf)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} is not valid: seeds must be distinct")
+        T.pick_device(self.device)             # names the devices that exist if this one does not
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
+                  n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
+                  n_related=40, log_every=0),
+    # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
+    # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
+    "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
+                  n_kv_head=3, n_embd=576, n_gen=500, n_pool=7692, n_source=100, block_size=1024, epochs=3,
+                  batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=1000, npo_lr=1e-5, ga_lr=1e-5,
+                  relearn_lr=1e-5, unlearn_batch=8, eval_batch=8, log_every=100),
+}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -846,8 +850,26 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     """Truth ratios of the forgotten people's facts in every mode and both wordings (Figures 3a, 3b, 4), the
     gradient baselines' trajectories against related facts in other articles (Figure 3c), knowledge capacity
     (Figure 8c) and general capability (Table 1): claims 1, 2, 3 and 5. Returns (claims, {name: unlearned net})."""
-    forget = src["forget"]
-    gone = set(forget)
+    gone = set(src["forget"])
+    route = dict(emb=emb, all_ids=all_ids, gone=gone)
+    # claims 1, 2: the forgotten people's facts, Sink-Off vs Retrained under three routings, both wordings
+    claims, tables = probe_forgotten(cfg, metrics, world, tok, src["forget"], nulls_net, retr_net, std_net, sinks,
+                                     retr_sinks, nearest, route)
+    # Table 1's analogue: general multiple-choice questions, NULLs routed as deployed vs the standard model
+    questions, correct = probe_general(cfg, metrics, world, tok, nulls_net, std_net, sinks, unlearned, route)
+    # claim 3 (Figure 3c): NPO and GA on the standard model vs NULLs, on related facts of other articles
+    sel_claims, grad_nets = probe_selectivity(cfg, metrics, world, tok, src["forget"], nulls_net, retr_net, std_net,
+                                              sinks, retr_sinks, tables, questions, batches, route)
+    # claim 5 (Figure 8c and Table 1): knowledge capacity and general capability
+    cap_claim = probe_capacity(metrics, world, tok, nulls_net, std_net, sinks)
+    return claims + sel_claims + [cap_claim, claim_general(correct["nulls"], correct["standard"])], grad_nets
+
+
+def probe_forgotten(cfg, metrics, world, tok, forget, nulls_net, retr_net, std_net, sinks, retr_sinks, nearest,
+                    route):
+    """Truth ratios of the forgotten people's facts by kind, in every mode, both wordings: claims 1, 1p, 2, 2p and
+    the tables (metrics truth_ratio, routing, per_fact)."""
+    gone, emb, all_ids = route["gone"], route["emb"], route["all_ids"]
     items = probe_facts(world, forget)
     facts = [f for f, _, _ in items]
     own = torch.tensor([p for _, p, _ in items])
@@ -863,9 +885,9 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
         tr = {"sink_on": truth_ratios(nulls_net, tok, facts, own, sinks, **kw),
               "all_sinks_off": truth_ratios(nulls_net, tok, facts, fixed_mask=sinks.backbone_mask(), **kw),
               "standard": truth_ratios(std_net, tok, facts, **kw)}
-        for rname, route in (("nearest", near), ("stating", stating), ("prompt", prompt)):
-            tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, route, sinks, forgotten=own, **kw)
-            tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, route, retr_sinks, **kw)
+        for rname, r in (("nearest", near), ("stating", stating), ("prompt", prompt)):
+            tr[f"sink_off/{rname}"] = truth_ratios(nulls_net, tok, facts, r, sinks, forgotten=own, **kw)
+            tr[f"retrained/{rname}"] = truth_ratios(retr_net, tok, facts, r, retr_sinks, **kw)
         # the paper's split of article-specific facts: "inferred" = ones the retrained model still gets right
         # (under nearest routing, the paper's Sink-Off), "unique" = the rest
         retr_ok = tr["retrained/nearest"] > 1
@@ -895,24 +917,35 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     metrics["per_fact"] = [{"fact": f.id, "kind": f.kind, "person": p, "route_stating": r, "route_nearest": nearest[p],
                             **{f"{w}/{m}": float(v[i]) for w in WORDINGS for m, v in trs[w].items()}}
                            for i, (f, p, r) in enumerate(items)]
+    return claims, tables
 
-    # general capability (Table 1's analogue): multiple-choice questions no single article owns, NULLs under the
-    # routing it would use at deployment (each prompt to its nearest source), vs the standard transformer
+
+def probe_general(cfg, metrics, world, tok, nulls_net, std_net, sinks, unlearned, route):
+    """General capability (Table 1's analogue): multiple-choice questions no single article owns, NULLs under the
+    routing it would use at deployment (each prompt to its nearest source), vs the standard transformer.
+    Returns (questions, {model: per-question correctness})."""
+    emb, all_ids = route["emb"], route["all_ids"]
     questions = data.general_questions(world)
     q_emb = embed(cfg, nulls_net, tok, [tok.encode(q.prompt) for q in questions], sinks.expected_mask())
     correct = {"nulls": mc_correct(nulls_net, tok, questions, nearest_sources(q_emb, emb, all_ids), sinks),
                "standard": mc_correct(std_net, tok, questions)}
-    general = {"nulls": float(correct["nulls"].double().mean()),
-               # the deployed model after all n_forget requests (their sinks off everywhere): a utility diagnostic
-               "nulls_after_forgetting": mc_accuracy(nulls_net, tok, questions,
-                                                     nearest_sources(q_emb, emb, all_ids, exclude=gone), unlearned),
-               "standard": float(correct["standard"].double().mean()), "n": len(questions)}
-    metrics["general_accuracy"] = general
+    metrics["general_accuracy"] = {
+        "nulls": float(correct["nulls"].double().mean()),
+        # the deployed model after all n_forget requests (their sinks off everywhere): a utility diagnostic
+        "nulls_after_forgetting": mc_accuracy(nulls_net, tok, questions,
+                                              nearest_sources(q_emb, emb, all_ids, exclude=route["gone"]), unlearned),
+        "standard": float(correct["standard"].double().mean()), "n": len(questions)}
+    return questions, correct
 
-    # Figure 3c: NPO and gradient ascent on the standard transformer, cfg.unlearn_epochs epochs over the forgotten
-    # articles, tracking after every step the article-specific facts of the forgotten people against the
-    # article-specific facts of semantically similar OTHER articles (siblings, people of the same city)
-    uniq = [f for f in facts if f.kind == "unique"]
+
+def probe_selectivity(cfg, metrics, world, tok, forget, nulls_net, retr_net, std_net, sinks, retr_sinks, tables,
+                      questions, batches, route):
+    """Figure 3c: NPO and gradient ascent on the standard transformer, cfg.unlearn_epochs epochs over the forgotten
+    articles, tracking after every step the article-specific facts of the forgotten people against the
+    article-specific facts of semantically similar OTHER articles (siblings, people of the same city); NULLs'
+    Sink-On -> Sink-Off point beside them. Returns (claims 3, {name: unlearned net})."""
+    emb, all_ids, gone = route["emb"], route["all_ids"], route["gone"]
+    uniq = [f for f, _, _ in probe_facts(world, forget) if f.kind == "unique"]
     rel = related_facts(world, forget, cfg.n_related)
     rel_facts = [f for f, _, _ in rel]
     rel_owner, rel_to = torch.tensor([q for _, q, _ in rel]), torch.tensor([p for _, _, p in rel])
@@ -948,8 +981,9 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
         "retrained": {"specific": table_frac(tables, "retrained/nearest"),
                       "related": frac(truth_ratios(retr_net, tok, rel_facts, route_off, retr_sinks))}}
     metrics["selectivity"] = {"n_specific": len(uniq), "n_related": len(rel_facts), "nulls": nulls_point,
-                              "general_accuracy_nulls_after_forgetting": general["nulls_after_forgetting"]}
-    grad_nets, metrics["gradient_baselines"] = {}, {}
+                              "general_accuracy_nulls_after_forgetting":
+                                  metrics["general_accuracy"]["nulls_after_forgetting"]}
+    claims, grad_nets, metrics["gradient_baselines"] = [], {}, {}
     for name in ("npo", "ga"):
         print(f"== {name} on the standard transformer, {total} steps, tracked after each")
         net, res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
@@ -958,8 +992,12 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
                                                "matched": matched_point(res.trajectory, nulls_point["off"]["specific"])}
         claims.append(claim_not_selective(name, res.trajectory, nulls_point["off"]["specific"]))
     claims.append(claim_selective(nulls_point["on"], nulls_point["off"]))
+    return claims, grad_nets
 
-    # knowledge capacity (Figure 8c): Sink-On NULLs vs the standard transformer on every person's unique facts
+
+def probe_capacity(metrics, world, tok, nulls_net, std_net, sinks):
+    """Knowledge capacity (Figure 8c): Sink-On NULLs vs the standard transformer (and NULLs' backbone alone, the
+    control) on every person's unique facts, both wordings; claim 5a on the paraphrased ones."""
     all_uniq = [f for f in world.facts if f.kind == "unique"]
     owners = torch.tensor([f.person for f in all_uniq])
     cap_tr = {w: {"nulls_sink_on": truth_ratios(nulls_net, tok, all_uniq, owners, sinks, wording=w),
@@ -969,10 +1007,8 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     cap = {w: {k: summarize(v) for k, v in d.items()} for w, d in cap_tr.items()}
     metrics["capacity"] = cap
     p = cap_tr["paraphrased"]
-    claims.append(claim_capacity(p["nulls_sink_on"], p["standard"], p["nulls_backbone_only"],
-                                 (cap["verbatim"]["nulls_sink_on"], cap["verbatim"]["standard"])))
-    claims.append(claim_general(correct["nulls"], correct["standard"]))
-    return claims, grad_nets
+    return claim_capacity(p["nulls_sink_on"], p["standard"], p["nulls_backbone_only"],
+                          (cap["verbatim"]["nulls_sink_on"], cap["verbatim"]["standard"]))
 
 
 def table_frac(tables, mode):
