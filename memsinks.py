@@ -44,120 +44,6 @@ import train as T
 from localize import batch_rows, drop_top, hard_concrete_scores, integrated_gradients_scores
 
 
-@dataclass
-class Config:
-    preset: str = ""
-    # data: TS-Repetition / TS-Canary (Section 3) built from the built-in stories, TinyStories, or a local file
-    setting: str = "repetition"        # repetition | canary
-    dataset: str = "stories"           # stories (built-in grammar, word tokens) | tinystories | a local path
-    text_field: str = "text"
-    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: $UNLEARNABLE_GPT2_RANKS / tiktoken)
-    n_rep: int = 64                    # repeated sequences ...
-    rep: int = 48                      # ... each seen this many times per epoch
-    n_single: int = 1600               # sequences seen once per epoch
-    n_val: int = 500                   # fresh validation sequences
-    canary_len: int = 10               # TS-Canary: random words appended to each repeated sequence
-    block_size: int = 128              # longer sequences are cut
-    pack: bool = False                 # pack sequences into rows (per-token ids and document attention)
-    # model: the same architecture and step budget for every model
-    flavor: str = "gpt2"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    d_ff: int = 512
-    # MemSinks
-    g: float = 0.7                     # fraction of shared (generalization) neurons per MLP
-    p: float = 0.1                     # probability that a sink neuron is on for a sequence (paper: 0.3; README)
-    ids: str = "hash"                  # hash of the tokens (Appendix I) | data: the sequences' numbering (Appendix G)
-    id_noise: float = 0.0              # d: chance that an occurrence of a repeated sequence gets a fresh id (Fig 5c)
-    drop_rescale: str = "authors"      # shared-neuron factor with sinks dropped: authors (g+p)/g | mass | none
-    # training
-    epochs: float = 1.5
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_points: int = 4               # evaluations per model for the learning curves (Figures 4a, 4b)
-    eval_batch_size: int = 250
-    # post-hoc localization on the standard model (Section 3, Appendix C)
-    drop_ratios: tuple = (0.01, 0.03, 0.1, 0.3)   # r: fraction of each layer's neurons dropped
-    posthoc_first_layer: int = 0       # Chang et al. skip layer 0 (1); we score every layer by default, as sinks are
-    hc_lambdas: tuple = (100.0, 500.0, 1000.0)   # Appendix C's lambda grid for GPT-2 medium (scaled: hc_grid)
-    hc_iters: tuple = (1000, 2000, 4000)         # Appendix C's iteration grid at lr 1e-2 (scaled: hc_grid)
-    hc_tune_n: int = 5                 # Appendix C tunes on 5 sequences: the first hc_tune_n repeated ones (or all)
-    hc_lr: float = 0.05
-    hc_beta: float = 0.33
-    hc_init: float = 0.9
-    hc_stop: float = 0.4
-    hc_batch: int = 32
-    ig_steps: int = 16                 # Appendix C
-    ig_positions: str = "all"          # all (whole layer on one path) | each (Chang et al., one position at a time)
-    # sweeps behind a flag, each trains several models: p (Fig 5a), size (5b), noise (5c), dynamics (Fig 7)
-    sweep: str = ""
-    sweep_values: tuple = ()           # default: p 0.1,0.3,0.5,0.7; size (n_embd) 64,128,192; noise 0,0.1,0.5
-    dyn_every: int = 20                # dynamics: the tracked sequence is seen every dyn_every steps (paper: 40,
-    dyn_steps: int = 1000              # in a far longer run; 50 presentations are needed to memorize it here)
-    seed: int = 0
-    seeds: tuple[int, ...] = ()        # e.g. 0,1,2: the whole experiment per seed, claims as mean ± std over them
-    device: str = "auto"
-    threads: int = 1                   # torch CPU threads (README tables: 1); 0 = torch's default
-    out_dir: str = "out/memsinks"
-    log_every: int = 50
-
-    def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
-        T.check(self, setting=("repetition", "canary"), flavor=("gpt2", "llama"), ids=("hash", "data"),
-                drop_rescale=("authors", "mass", "none"), ig_positions=("all", "each"),
-                sweep=("", "p", "size", "noise", "dynamics"), n_rep="[1, inf)", rep="[1, inf)",
-                n_single="[1, inf)", n_val="[1, inf)", canary_len="[1, inf)", block_size="[2, inf)",
-                n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)", d_ff="[2, inf)", g="(0, 1)", p="(0, 1]",
-                id_noise="[0, 1]", epochs="(0, inf)", batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]",
-                warmup_steps="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", eval_points="[1, inf)",
-                eval_batch_size="[1, inf)", drop_ratios="(0, 1]", posthoc_first_layer="[0, n_layer)",
-                hc_lambdas="[0, inf)", hc_iters="[1, inf)", hc_tune_n="[1, inf)", hc_lr="(0, inf)",
-                hc_beta="(0, inf)", hc_init="(0, 1)", hc_stop="[0, inf)", hc_batch="[1, inf)", ig_steps="[1, inf)",
-                dyn_every="[1, inf)",
-                dyn_steps="[1, inf)", seeds="[0, inf)", threads="[0, inf)", log_every="[0, inf)")
-        if self.sweep == "p":
-            T.check(self, sweep_values="(0, 1]")
-        split_neurons(self.d_ff, self.g)       # g must leave both shared and sink neurons in an MLP of d_ff
-        T.pick_device(self.device)             # names the devices that exist if this one does not
-
-
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(n_rep=4, rep=6, n_single=40, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64, epochs=1.0,
-                  batch_size=8, warmup_steps=2, eval_points=2, drop_ratios=(0.1, 0.3), hc_lambdas=(100.0, 1000.0),
-                  hc_iters=(10, 20), hc_tune_n=2, hc_batch=4,
-                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0),
-    # Section 3 / 5.1 on one GPU: TinyStories (100 stories x 128 + 20,000 once), GPT-2 BPE, a GPT-2-medium shape
-    # (24 layers, d 1024, MLP 4x, ~344M params), constant lr (Appendix B: min lr = max lr); Chang et al.'s post-hoc
-    # settings (layer 0 skipped, lambda and iterations from Appendix C's grids, drop ratios around theirs)
-    "paper": dict(dataset="tinystories", n_rep=100, rep=128, n_single=20000, n_val=1000, block_size=512,
-                  n_layer=24, n_head=16, n_embd=1024, d_ff=4096, epochs=2.5, batch_size=32, lr=6e-4, min_lr=6e-4,
-                  warmup_steps=100, eval_points=8, eval_batch_size=32, drop_ratios=(0.001, 0.005, 0.01, 0.05, 0.1),
-                  posthoc_first_layer=1, hc_lr=1e-2, hc_batch=8,
-                  log_every=100),
-}
-
-
-# p is tuned as Appendix G tunes it, by the validation loss with the sinks dropped (lowest wins), over P_GRID on
-# P_TUNE_SEEDS, which no report uses (main refuses them): `python memsinks.py --sweep=p --seed=100` reruns the
-# tuning and prints its pick. REPORTED_SEEDS are the seeds README's tables come from.
-P_GRID = (0.1, 0.3, 0.5, 0.7)
-P_TUNE_SEEDS = (100,)
-P_TUNED = 0.1
-REPORTED_SEEDS = (0, 1, 2)
-
-
-def p_provenance(cfg):
-    if cfg.p == P_TUNED:
-        return (f"tuned on held-out seed {', '.join(map(str, P_TUNE_SEEDS))} by the validation loss with the sinks "
-                f"dropped over p in {P_GRID}, Appendix G")
-    return "the paper's p" if cfg.p == 0.3 else "set by hand, not tuned on held-out data"
-
-
 # -------------------------------------------------------------------------------------------------
 # The method: sink masks from sequence ids (tensorized LCG), the sink layer, gradient masking
 # -------------------------------------------------------------------------------------------------
@@ -367,6 +253,125 @@ class GradientRoute:
         m = self.route.to(h.dtype)
         y = F.linear(h * m, mlp.down.weight, mlp.down.bias)
         return y + F.linear(h.detach() * (1 - m), mlp.down.weight.detach())
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment's settings: the CPU default, presets, and where p comes from
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    preset: str = ""
+    # data: TS-Repetition / TS-Canary (Section 3) built from the built-in stories, TinyStories, or a local file
+    setting: str = "repetition"        # repetition | canary
+    dataset: str = "stories"           # stories (built-in grammar, word tokens) | tinystories | a local path
+    text_field: str = "text"
+    gpt2_ranks: str = ""               # real data: a gpt2.tiktoken file (default: $UNLEARNABLE_GPT2_RANKS / tiktoken)
+    n_rep: int = 64                    # repeated sequences ...
+    rep: int = 48                      # ... each seen this many times per epoch
+    n_single: int = 1600               # sequences seen once per epoch
+    n_val: int = 500                   # fresh validation sequences
+    canary_len: int = 10               # TS-Canary: random words appended to each repeated sequence
+    block_size: int = 128              # longer sequences are cut
+    pack: bool = False                 # pack sequences into rows (per-token ids and document attention)
+    # model: the same architecture and step budget for every model
+    flavor: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 512
+    # MemSinks
+    g: float = 0.7                     # fraction of shared (generalization) neurons per MLP
+    p: float = 0.1                     # probability that a sink neuron is on for a sequence (paper: 0.3; README)
+    ids: str = "hash"                  # hash of the tokens (Appendix I) | data: the sequences' numbering (Appendix G)
+    id_noise: float = 0.0              # d: chance that an occurrence of a repeated sequence gets a fresh id (Fig 5c)
+    drop_rescale: str = "authors"      # shared-neuron factor with sinks dropped: authors (g+p)/g | mass | none
+    # training
+    epochs: float = 1.5
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_points: int = 4               # evaluations per model for the learning curves (Figures 4a, 4b)
+    eval_batch_size: int = 250
+    # post-hoc localization on the standard model (Section 3, Appendix C)
+    drop_ratios: tuple = (0.01, 0.03, 0.1, 0.3)   # r: fraction of each layer's neurons dropped
+    posthoc_first_layer: int = 0       # Chang et al. skip layer 0 (1); we score every layer by default, as sinks are
+    hc_lambdas: tuple = (100.0, 500.0, 1000.0)   # Appendix C's lambda grid for GPT-2 medium (scaled: hc_grid)
+    hc_iters: tuple = (1000, 2000, 4000)         # Appendix C's iteration grid at lr 1e-2 (scaled: hc_grid)
+    hc_tune_n: int = 5                 # Appendix C tunes on 5 sequences: the first hc_tune_n repeated ones (or all)
+    hc_lr: float = 0.05
+    hc_beta: float = 0.33
+    hc_init: float = 0.9
+    hc_stop: float = 0.4
+    hc_batch: int = 32
+    ig_steps: int = 16                 # Appendix C
+    ig_positions: str = "all"          # all (whole layer on one path) | each (Chang et al., one position at a time)
+    # sweeps behind a flag, each trains several models: p (Fig 5a), size (5b), noise (5c), dynamics (Fig 7)
+    sweep: str = ""
+    sweep_values: tuple = ()           # default: p 0.1,0.3,0.5,0.7; size (n_embd) 64,128,192; noise 0,0.1,0.5
+    dyn_every: int = 20                # dynamics: the tracked sequence is seen every dyn_every steps (paper: 40,
+    dyn_steps: int = 1000              # in a far longer run; 50 presentations are needed to memorize it here)
+    seed: int = 0
+    seeds: tuple[int, ...] = ()        # e.g. 0,1,2: the whole experiment per seed, claims as mean ± std over them
+    device: str = "auto"
+    threads: int = 1                   # torch CPU threads (README tables: 1); 0 = torch's default
+    out_dir: str = "out/memsinks"
+    log_every: int = 50
+
+    def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
+        T.check(self, setting=("repetition", "canary"), flavor=("gpt2", "llama"), ids=("hash", "data"),
+                drop_rescale=("authors", "mass", "none"), ig_positions=("all", "each"),
+                sweep=("", "p", "size", "noise", "dynamics"), n_rep="[1, inf)", rep="[1, inf)",
+                n_single="[1, inf)", n_val="[1, inf)", canary_len="[1, inf)", block_size="[2, inf)",
+                n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)", d_ff="[2, inf)", g="(0, 1)", p="(0, 1]",
+                id_noise="[0, 1]", epochs="(0, inf)", batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]",
+                warmup_steps="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", eval_points="[1, inf)",
+                eval_batch_size="[1, inf)", drop_ratios="(0, 1]", posthoc_first_layer="[0, n_layer)",
+                hc_lambdas="[0, inf)", hc_iters="[1, inf)", hc_tune_n="[1, inf)", hc_lr="(0, inf)",
+                hc_beta="(0, inf)", hc_init="(0, 1)", hc_stop="[0, inf)", hc_batch="[1, inf)", ig_steps="[1, inf)",
+                dyn_every="[1, inf)",
+                dyn_steps="[1, inf)", seeds="[0, inf)", threads="[0, inf)", log_every="[0, inf)")
+        if self.sweep == "p":
+            T.check(self, sweep_values="(0, 1]")
+        split_neurons(self.d_ff, self.g)       # g must leave both shared and sink neurons in an MLP of d_ff
+        T.pick_device(self.device)             # names the devices that exist if this one does not
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_rep=4, rep=6, n_single=40, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64, epochs=1.0,
+                  batch_size=8, warmup_steps=2, eval_points=2, drop_ratios=(0.1, 0.3), hc_lambdas=(100.0, 1000.0),
+                  hc_iters=(10, 20), hc_tune_n=2, hc_batch=4,
+                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0),
+    # Section 3 / 5.1 on one GPU: TinyStories (100 stories x 128 + 20,000 once), GPT-2 BPE, a GPT-2-medium shape
+    # (24 layers, d 1024, MLP 4x, ~344M params), constant lr (Appendix B: min lr = max lr); Chang et al.'s post-hoc
+    # settings (layer 0 skipped, lambda and iterations from Appendix C's grids, drop ratios around theirs)
+    "paper": dict(dataset="tinystories", n_rep=100, rep=128, n_single=20000, n_val=1000, block_size=512,
+                  n_layer=24, n_head=16, n_embd=1024, d_ff=4096, epochs=2.5, batch_size=32, lr=6e-4, min_lr=6e-4,
+                  warmup_steps=100, eval_points=8, eval_batch_size=32, drop_ratios=(0.001, 0.005, 0.01, 0.05, 0.1),
+                  posthoc_first_layer=1, hc_lr=1e-2, hc_batch=8,
+                  log_every=100),
+}
+
+
+# p is tuned as Appendix G tunes it, by the validation loss with the sinks dropped (lowest wins), over P_GRID on
+# P_TUNE_SEEDS, which no report uses (main refuses them): `python memsinks.py --sweep=p --seed=100` reruns the
+# tuning and prints its pick. REPORTED_SEEDS are the seeds README's tables come from.
+P_GRID = (0.1, 0.3, 0.5, 0.7)
+P_TUNE_SEEDS = (100,)
+P_TUNED = 0.1
+REPORTED_SEEDS = (0, 1, 2)
+
+
+def p_provenance(cfg):
+    if cfg.p == P_TUNED:
+        return (f"tuned on held-out seed {', '.join(map(str, P_TUNE_SEEDS))} by the validation loss with the sinks "
+                f"dropped over p in {P_GRID}, Appendix G")
+    return "the paper's p" if cfg.p == 0.3 else "set by hand, not tuned on held-out data"
+
 
 
 # -------------------------------------------------------------------------------------------------
