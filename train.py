@@ -848,24 +848,8 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
     reproducible; with cfg.resume a run continues from cfg.ckpt_path bit-identically (on CPU).
     """
     tc = as_train_config(cfg)
-    if tc.lr <= 0 or tc.max_steps <= 0 or not 0 <= tc.warmup_steps <= tc.max_steps:
-        raise ValueError(f"need lr > 0, max_steps > 0 and 0 <= warmup_steps <= max_steps, got lr={tc.lr}, "
-                         f"max_steps={tc.max_steps}, warmup_steps={tc.warmup_steps}")
-    is_iter = hasattr(batches, "__next__")
-    if not is_iter and not callable(batches):
-        raise TypeError("batches must be a callable step -> dict or an iterator of dicts")
-    if tc.ckpt_path and is_iter and not hasattr(batches, "state_dict"):
-        raise TypeError("checkpoints of a run fed by an iterator need its state_dict()/load_state_dict() to "
-                        "resume exactly; give the iterator those, or pass a callable step -> batch")
-    # data-parallel when launched by torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = pick_device(tc.device)
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    is_iter = _check_loop_inputs(tc, batches)
+    world, rank, device, own_group = _join_ranks(tc)     # data-parallel when launched by torchrun
     say = log if (rank == 0 and log is not None) else (lambda *a, **k: None)
 
     model = model.to(device)
@@ -878,22 +862,7 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
         g.setdefault("base_lr", g["lr"])
     params = [p for g in opt.param_groups for p in g["params"]]
     min_ratio = (tc.lr / 10 if tc.min_lr is None else tc.min_lr) / tc.lr
-    history, start = {"loss": [], "lr": [], "eval": []}, 0
-    if tc.resume and tc.ckpt_path and os.path.exists(tc.ckpt_path):
-        ck = load_checkpoint(tc.ckpt_path, device)
-        extra = ck.get("extra") or {}
-        if ck.get("optimizer") is None or (is_iter and extra.get("data") is None):
-            raise ValueError(f"{tc.ckpt_path} lacks the optimizer or data state an exact resume needs "
-                             "(was it written by train()?)")
-        raw.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start, history = ck["step"], extra.get("history", history)
-        if is_iter:
-            batches.load_state_dict(extra["data"])
-        set_rng_state(ck["rng"])
-        say(f"resumed from {tc.ckpt_path} at step {start}")
-    elif tc.resume:
-        say(f"no checkpoint at {tc.ckpt_path}: starting from step 0")
+    start, history = _resume(tc, raw, opt, batches if is_iter else None, device, say)
     net = DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None) \
         if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
@@ -924,28 +893,7 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
         tokens += batch["x"].numel()
         local = _shard(batch, B, rank, world, device)
         with autocast:
-            if loss_fn is not None:
-                loss = loss_fn(net, local)
-                report = loss.detach() / world
-            else:
-                unknown = set(local) - {"x", "y", *_MODEL_KWARGS, *_METADATA}
-                if unknown:
-                    raise ValueError(f"batch keys {sorted(unknown)} are not model inputs: pass a loss_fn that uses them")
-                kw = {k: local[k] for k in _MODEL_KWARGS if k in local}
-                kw = {k: v(local) if isinstance(v, (types.FunctionType, functools.partial)) else v
-                      for k, v in kw.items()}                   # built from this rank's rows (see batches)
-                if world == 1:
-                    _, loss = net(local["x"], local["y"], **kw)
-                    report = loss.detach()
-                else:
-                    # DDP averages gradients over ranks, but shards can count different numbers of targets
-                    # (-100s). Sum this shard's losses over the global count, times world: the average over
-                    # ranks is then exactly the gradient of the global-batch mean.
-                    logits, _ = net(local["x"], **kw)
-                    n_all = (batch["y"] != -100).sum().clamp(min=1).to(device)
-                    total = F.cross_entropy(logits.float().flatten(0, 1), local["y"].flatten(), ignore_index=-100,
-                                            reduction="sum")
-                    loss, report = total * world / n_all, total.detach() / n_all
+            loss, report = _batch_loss(net, batch, local, loss_fn, world, device)
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -967,13 +915,7 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
                 f"{_human(tps)} tok/s | eta {_hms(eta)}")
             t_log, tok_log = now, tokens
         if eval_fn is not None and rank == 0 and ((tc.eval_every and done % tc.eval_every == 0) or last):
-            raw.eval()
-            res = {k: _plain(v) for k, v in eval_fn(raw, done).items()}
-            net.train()
-            opt.zero_grad(set_to_none=True)            # in case the eval computed gradients
-            history["eval"].append({"step": done, **res})
-            say(f"eval step {done} | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in res.items()))
+            history["eval"].append(_evaluate(eval_fn, raw, net, opt, done, say))
         if tc.ckpt_path and ((tc.ckpt_every and done % tc.ckpt_every == 0) or last):
             flush()
             if rank == 0:
@@ -988,3 +930,87 @@ def train(model, batches, cfg, *, optimizer=None, extra_groups=(), loss_fn=None,
         dist.barrier()    # no rank tears down while another still talks to rank 0's store
         dist.destroy_process_group()
     return history
+
+
+def _evaluate(eval_fn, raw, net, opt, done, say):
+    """eval_fn on the unwrapped model in eval mode, back to training after it; the record for history["eval"]."""
+    raw.eval()
+    res = {k: _plain(v) for k, v in eval_fn(raw, done).items()}
+    net.train()
+    opt.zero_grad(set_to_none=True)            # in case the eval computed gradients
+    say(f"eval step {done} | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in res.items()))
+    return {"step": done, **res}
+
+
+def _check_loop_inputs(tc, batches):
+    """Refuse settings and data sources the loop cannot run or resume exactly; True when batches is an iterator."""
+    if tc.lr <= 0 or tc.max_steps <= 0 or not 0 <= tc.warmup_steps <= tc.max_steps:
+        raise ValueError(f"need lr > 0, max_steps > 0 and 0 <= warmup_steps <= max_steps, got lr={tc.lr}, "
+                         f"max_steps={tc.max_steps}, warmup_steps={tc.warmup_steps}")
+    is_iter = hasattr(batches, "__next__")
+    if not is_iter and not callable(batches):
+        raise TypeError("batches must be a callable step -> dict or an iterator of dicts")
+    if tc.ckpt_path and is_iter and not hasattr(batches, "state_dict"):
+        raise TypeError("checkpoints of a run fed by an iterator need its state_dict()/load_state_dict() to "
+                        "resume exactly; give the iterator those, or pass a callable step -> batch")
+    return is_iter
+
+
+def _join_ranks(tc):
+    """(world, rank, device, own_group): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; a process
+    group is created here unless the script already made one (then the script also ends it)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(tc.device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return world, rank, device, own_group
+
+
+def _resume(tc, raw, opt, iterator, device, say):
+    """(start step, history): from tc.ckpt_path when resuming and it exists (model, optimizer, the data iterator's
+    position, every RNG: the run continues bit-identically), else step 0 and an empty history."""
+    history = {"loss": [], "lr": [], "eval": []}
+    if not (tc.resume and tc.ckpt_path and os.path.exists(tc.ckpt_path)):
+        if tc.resume:
+            say(f"no checkpoint at {tc.ckpt_path}: starting from step 0")
+        return 0, history
+    ck = load_checkpoint(tc.ckpt_path, device)
+    extra = ck.get("extra") or {}
+    if ck.get("optimizer") is None or (iterator is not None and extra.get("data") is None):
+        raise ValueError(f"{tc.ckpt_path} lacks the optimizer or data state an exact resume needs "
+                         "(was it written by train()?)")
+    raw.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if iterator is not None:
+        iterator.load_state_dict(extra["data"])
+    set_rng_state(ck["rng"])
+    say(f"resumed from {tc.ckpt_path} at step {ck['step']}")
+    return ck["step"], extra.get("history", history)
+
+
+def _batch_loss(net, batch, local, loss_fn, world, device):
+    """(loss to backpropagate, the global batch's loss to report) for this rank's rows `local` of `batch`."""
+    if loss_fn is not None:
+        loss = loss_fn(net, local)
+        return loss, loss.detach() / world
+    unknown = set(local) - {"x", "y", *_MODEL_KWARGS, *_METADATA}
+    if unknown:
+        raise ValueError(f"batch keys {sorted(unknown)} are not model inputs: pass a loss_fn that uses them")
+    kw = {k: local[k] for k in _MODEL_KWARGS if k in local}
+    kw = {k: v(local) if isinstance(v, (types.FunctionType, functools.partial)) else v
+          for k, v in kw.items()}                   # built from this rank's rows (see batches)
+    if world == 1:
+        _, loss = net(local["x"], local["y"], **kw)
+        return loss, loss.detach()
+    # DDP averages gradients over ranks, but shards can count different numbers of targets (-100s). Sum this
+    # shard's losses over the global count, times world: the average over ranks is then exactly the gradient of
+    # the global-batch mean.
+    logits, _ = net(local["x"], **kw)
+    n_all = (batch["y"] != -100).sum().clamp(min=1).to(device)
+    total = F.cross_entropy(logits.float().flatten(0, 1), local["y"].flatten(), ignore_index=-100, reduction="sum")
+    return total * world / n_all, total.detach() / n_all
