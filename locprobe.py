@@ -554,7 +554,7 @@ def tune_lrs_table2(cfg, theta_r, sets, tok, log):
             arms = {arm: (lambda lr, sel=sel: endpoint(cfg, name, theta_o, theta_r, sets, sel, s, lr, tok))
                     for arm, sel in (("oracle", tgt), ("random", rdm))}
             return pick_lr([base * m for m in cfg.lr_grid], arms, tuned_on=[s], reported=cfg.seeds,
-                           what=f"{name} lr (Table 2)", mu_o=mu_o if name != "l2" else None)
+                           what=f"{name} lr (Table 2)", mu_o=mu_o)
         out[name] = cached(cfg, run_key(cfg, "tune2", name, s), run)
         log(f"[lr] {name}: {out[name]['lr']:.3g} ({'reached' if out[name]['reached'] else out[name]['fallback']}; "
             f"tried {[round(r['value'], 7) for r in out[name]['tried']]})")
@@ -887,6 +887,9 @@ def summarize_table2(cfg, t2):
     for name in cfg.objectives:
         runs = [t2["seeds"][s]["runs"][name] for s in seeds]
         row = {"seeds": [str(s) for s in seeds]}
+        t = t2.get("lr", {}).get(name)
+        if t is not None:
+            row["lr"] = {"lr": t["lr"], "reached": t["reached"]}
         common = [common_aues({arm: r[arm] for arm in ARMS}) for r in runs]
         row["common_range"] = [rng for _, rng in common]
         row["common_width"] = [max(0.0, rng[1] - rng[0]) for rng in row["common_range"]]
@@ -995,7 +998,10 @@ def claim_oracle_vs_random(summ, objectives):
                 per_seed[s] = [ev.claim(title, [ev.condition("Oracle - Random", m["delta_per_seed"][i], "<=", margin)],
                                         "", precondition=all_of(seeds_precondition(n), pre))]
             c = ev.over_seeds(per_seed)[0]
-            c["detail"] = (f"margin = largest per-seed |Random - Random2| = {margin:.4g}; Oracle - Random per seed "
+            lr = row.get("lr")
+            c["detail"] = ((f"lr {lr['lr']:.3g} (" + ("rule met" if lr["reached"] else "rule NOT met on the tuning seed")
+                            + "); " if lr else "") +
+                           f"margin = largest per-seed |Random - Random2| = {margin:.4g}; Oracle - Random per seed "
                            f"{_nums(m['delta_per_seed'], '.4f')}; paired sign-flip p (two-sided) {m['p_sign_flip']:.3f} "
                            f"(Random vs Random2 {m['p_sign_flip_calibration']:.3f})")
             out.append(c)

@@ -200,8 +200,10 @@ def test_claim_oracle_vs_random_every_verdict():
     t = cs[0]["tests"][0]
     assert t["threshold"] == pytest.approx(0.05) and t["per_seed"] == pytest.approx([.01, -.03, .02, .01, -.01])
     assert cs[1]["tests"][0]["threshold"] == pytest.approx(0.5)          # MU95 = 10 x AUES here
-    better = summary(fake_t2([r + 0.2 for r in RND], RND, RND2))
-    assert verdicts(L.claim_oracle_vs_random(better, ["npo"])) == ["fails", "fails"]
+    better = fake_t2([r + 0.2 for r in RND], RND, RND2)
+    better["lr"] = {"npo": {"lr": 0.006, "reached": False}}          # the lr record reaches the claim's detail
+    cs = L.claim_oracle_vs_random(summary(better), ["npo"])
+    assert verdicts(cs) == ["fails", "fails"] and "lr 0.006 (rule NOT met" in cs[0]["detail"]
     # one-sided as worded: Oracle far *worse* than Random does not beat it
     worse = summary(fake_t2([r - 0.2 for r in RND], RND, RND2))
     assert verdicts(L.claim_oracle_vs_random(worse, ["npo"])) == ["holds", "holds"]
