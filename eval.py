@@ -855,13 +855,7 @@ def tune_first(grid, check, *, tuned_on, reported, what):
     ascending order this is "the smallest value that meets the rule"; the scan stops there. Returns {"what",
     "value" (None when no value passes: the caller must say so), "reached", "grid", "tried": [{"value", ...check's
     record}], "tuned_on", "rule": "first"}."""
-    overlap = set(map(str, tuned_on)) & set(map(str, reported))
-    if overlap:
-        raise ValueError(f"{what} would be tuned on {sorted(overlap)}, which the report also uses: tune on held-out "
-                         "data or seeds")
-    grid = list(grid)
-    if not grid:
-        raise ValueError(f"{what}: empty grid")
+    grid = _held_out(grid, tuned_on, reported, what)
     tried = []
     for g in grid:
         rec = dict(check(g))
@@ -1168,11 +1162,8 @@ def publish(out_dir, title, config, metrics, claims, lines, plot=None, checks=()
 # Tuning on what the report never uses
 # -------------------------------------------------------------------------------------------------
 
-def tune(grid, score, *, tuned_on, reported, what, minimize=True):
-    """Pick the value of `grid` with the best score(value), where score is measured on `tuned_on` (held-out seeds,
-    a held-out forget request or a held-out half of each source's probes: any collection of ids) and the report
-    uses `reported`; the two must not share an id. Returns {"what", "value", "grid", "scores", "tuned_on"}, the
-    record a report prints ("what was tuned, on what, over which grid"). Ties go to the first grid value."""
+def _held_out(grid, tuned_on, reported, what):
+    """The grid as a list, after refusing a tuning set that shares an id with what the report uses."""
     overlap = set(map(str, tuned_on)) & set(map(str, reported))
     if overlap:
         raise ValueError(f"{what} would be tuned on {sorted(overlap)}, which the report also uses: tune on held-out "
@@ -1180,6 +1171,15 @@ def tune(grid, score, *, tuned_on, reported, what, minimize=True):
     grid = list(grid)
     if not grid:
         raise ValueError(f"{what}: empty grid")
+    return grid
+
+
+def tune(grid, score, *, tuned_on, reported, what, minimize=True):
+    """Pick the value of `grid` with the best score(value), where score is measured on `tuned_on` (held-out seeds,
+    a held-out forget request or a held-out half of each source's probes: any collection of ids) and the report
+    uses `reported`; the two must not share an id. Returns {"what", "value", "grid", "scores", "tuned_on"}, the
+    record a report prints ("what was tuned, on what, over which grid"). Ties go to the first grid value."""
+    grid = _held_out(grid, tuned_on, reported, what)
     scores = [float(score(g)) for g in grid]
     best = (min if minimize else max)(range(len(grid)), key=lambda i: scores[i])
     return {"what": what, "value": grid[best], "grid": grid, "scores": scores, "tuned_on": list(tuned_on),
