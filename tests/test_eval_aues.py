@@ -32,7 +32,7 @@ def test_aues_over_hand_made_curves():
 
 
 def test_common_range_compares_like_with_like():
-    # the case: Random reaches FS 0.3 with RS near 1, a localizer FS 0.8 with RS falling. Over each
+    # Random reaches FS 0.3 with RS near 1, a localizer FS 0.8 with RS falling. Over each
     # curve's own range the localizer "wins" by reach; over the shared range [0, 0.3] Random is higher.
     rnd = ([0.0, 0.1, 0.2, 0.3], [1.0, 0.98, 0.96, 0.95])
     locz = ([0.0, 0.2, 0.4, 0.8], [1.0, 0.9, 0.7, 0.3])

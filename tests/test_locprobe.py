@@ -279,7 +279,7 @@ def test_claim_localizers_every_verdict():
     assert c["tests"][0]["threshold"] == pytest.approx(2 * 0.4 * float(np.std([.5, .52, .48, .51, .49], ddof=1)))
     c = L.claim_localizers(t1_of(rnd, {"wagle": flat(0.60)}))
     assert c["verdict"] == "fails" and c["value"]["AUES wagle - mean Random"] == pytest.approx(0.4 * 0.10)
-    # the case: a localizer that only reaches further (RS falling) wins the paper's AUES, not the common one
+    # a localizer that only reaches further (RS falling) wins the paper's AUES, not the common one
     reach = ([0.0, 0.2, 0.4, 0.8], [0.5, 0.45, 0.4, 0.3])
     c = L.claim_localizers(t1_of(rnd, {"wagle": reach}))
     assert L.ev.aues(*reach) > 1.5 * L.ev.aues(*rnd[0]) and c["verdict"] == "holds"
