@@ -33,7 +33,7 @@ Where we differ, on purpose:
   models per sweep on a CPU); TOFU's nine numbers with --full_mu=true.
 - Claims: paired t intervals over mask seeds against a Random-vs-Random2 margin, not App. D's per-alpha p-values
   (printed; they flag the calibration pair as often as Oracle vs Random); fewer than 3 seeds: `not testable here`.
-- Default: mask seeds 7, 19, 99 (App. F's Table 1 seeds; Table 2 has five: --seeds) and NPO only (WGA, DPO, RMU
+- Default: mask seeds 7, 19, 99 (App. F's Table 1 seeds; Table 2 has five: --seeds), NPO and L2 only (WGA, DPO, RMU
   with --objectives), to fit 10 minutes on 2 CPU cores.
 - lrs: our rule on a held-out seed, not App. F's numbers (they are for an 8B model).
 - Figure 1 (L2): the Table 2 seeds with Random2 as the third arm, not Oracle 7 / Random 7, 11, 49; lr l2_lr = 1e-2,
