@@ -1212,7 +1212,8 @@ def report(cfg, runs, claims, seeds, checks=()):
     if r0.get("upper_bound"):
         ub = [r["upper_bound"] for r in runs]
         L += [f"Learnability (claim 2's precondition): the unmasked adapter (no gradient mask, every entry "
-              f"trainable; {r0['times']['memadapt_unmasked']['entries_trainable']} entries read) reaches Util_R "
+              f"trainable: the {' / '.join(str(r['times']['memadapt_unmasked']['entries_trainable']) for r in runs)} "
+              f"entries the training rows read) reaches Util_R "
               f"{ev.fmt_mean_std([u['util_r'] for u in ub], '.3f')} (per seed "
               f"{' / '.join(format(u['util_r'], '.3f') for u in ub)}), Util_G {ev.fmt_mean_std([u['util_g'] for u in ub])}; "
               f"the masked MemAdapt FT {ev.fmt_mean_std([r['table1']['memadapt_ft']['util_r'] for r in runs], '.3f')}", ""]
