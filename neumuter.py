@@ -286,11 +286,14 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
     """Train the gates (base weights frozen). forget: rows dict (x, y) of the forget samples; neigh: rows dict of
     their neighbours, sample i's K neighbours at rows i*K..i*K+K-1. Every iteration takes the next mask_batch forget
     samples of a shuffled pass and one random neighbour of each (the authors' code: one sample and one neighbour). Every eval_every iterations the muted model (Eq. 14) goes to check(masks) -> dict;
-    the run stops when it says rec["stop"]. bound: the ascent bound in nats (None: cfg.bound, which must then be
-    set; run_extraction / run_tofu pass the one measured on the data, data_bound).
+    the run stops when it says rec["stop"]. bound: the ascent bound in nats; None takes cfg.bound, and with
+    cfg.bound = 0 (from the data) a caller that measured no unseen-data loss gets the original model's mean loss on
+    the neighbour rows, the unseen text train_masks has (run_extraction / run_tofu pass theirs). Every history
+    record holds the bound used.
     Returns (log_alpha, history, seconds spent in the iterations)."""
     iters, eval_every = iters or cfg.iters, eval_every or cfg.eval_every
-    bound = cfg.bound if bound is None else bound
+    if bound is None:
+        bound = cfg.bound or data_bound(net, neigh)
     L, d_ff = net.cfg.n_layer, net.cfg.d_ff
     if not 0 <= cfg.first_layer < L:
         raise ValueError(f"first_layer must be in [0, {L - 1}], got {cfg.first_layer}")
@@ -321,7 +324,7 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
         spent += time.perf_counter() - t_it
         if it % eval_every == 0 or it == iters:
             sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
-            rec = {"iter": it, "L_f": lf.item(), "kl": kl.item(), "selected": int(sel.sum()),
+            rec = {"iter": it, "L_f": lf.item(), "kl": kl.item(), "bound": bound, "selected": int(sel.sum()),
                    "effective": effective_neurons(log_alpha), "time_s": spent}
             if check is not None:
                 rec.update(check(gated_masks(cfg, mute_masks(log_alpha, sel))))

@@ -105,8 +105,9 @@ def test_train_masks_freezes_the_model_and_stops_on_check():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="ln V"):
         N.train_masks(N.Config(bound=4.0), net, forget, neigh, 2, log=None)     # ln 20 = 3.0
-    with pytest.raises(ValueError, match="bound"):                              # bound=0 (from data) not passed
-        N.train_masks(N.Config(), net, forget, neigh, 2, log=None)
+    assert [h["bound"] for h in hist] == [2.5, 2.5]
+    with pytest.raises(ValueError, match="bound"):
+        N.train_masks(N.Config(), net, forget, neigh, 2, log=None, bound=0.0)
     with pytest.raises(ValueError, match="first_layer"):
         N.train_masks(N.Config(first_layer=3, bound=1.0), net, forget, neigh, 2, log=None)
 
@@ -129,6 +130,9 @@ def test_ascent_closes_gates_on_what_the_forget_set_needs():
     _, l0 = net(forget["x"], forget["y"])
     _, l1 = net(forget["x"], forget["y"], mlp_mask=masks)
     assert l1.item() > 1.5 * l0.item()
+    # bound=0 and none passed in: the original model's mean loss on the neighbour rows (here the forget rows)
+    _, hist, _ = N.train_masks(N.Config(first_layer=1, iters=2, eval_every=2), net, forget, forget, 1, None, log=None)
+    assert hist[0]["bound"] == pytest.approx(N.data_bound(net, forget)) and 0 < hist[0]["bound"] < math.log(20)
 
 
 def fake_extraction(ma=0.5, ppl=1.02, ga_ppl=1.5, sga_ppl=1.3, ta_ppl=1.2, sel=0.01, t_nm=1.0, t_ga=2.0, r=0.03):
