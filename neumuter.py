@@ -135,14 +135,37 @@ class Config:
     out_dir: str = "out/neumuter"
     log_every: int = 100
 
-    def __post_init__(self):
+    def __post_init__(self):        # every field checked at parse time, before any model trains
         T.check(self, experiment=("both", "extraction", "tofu"), threshold=("energy", "fixed"), threads="[0, inf)",
                 workers="[1, inf)", mu_keep="(0, 1]", bound="[0, inf)", lam="[0, inf)", eta="[0, inf)",
-                tofu_first_layer="[0, inf)", tofu_mask_epochs="(0, inf)", tofu_mask_batch="[1, inf)",
-                tofu_mask_evals="[1, inf)", mask_batch="[1, inf)")
+                tofu_first_layer="[0, n_layer)", tofu_mask_epochs="(0, inf)", tofu_mask_batch="[1, inf)",
+                tofu_mask_evals="[1, inf)", mask_batch="[1, inf)",
+                # a forget set no larger than the once-seen stories: the paper's setting (32 among many)
+                n_forget="[1, n_single]", rep="[1, inf)", n_single="[1, inf)", n_unseen="[1, inf)", n_val="[1, inf)",
+                max_len="[2, inf)", block_size="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
+                d_ff="[1, inf)", epochs="(0, inf)", batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]",
+                warmup_steps="[0, inf)", weight_decay="[0, inf)", first_layer="[0, n_layer)", iters="[1, inf)",
+                eval_every="[1, inf)", mask_lr="(0, inf)", beta="(0, inf)", mask_init="(0, 1]", descend="[0, inf)",
+                K="[1, inf)", replace_ratio="(0, 1]", energy="(0, 1)", fixed_threshold="(0, 1)",
+                base_steps="[1, inf)", base_eval_every="[1, inf)", ga_lr="(0, inf)", sga_lr="(0, inf)",
+                ta_lr="(0, inf)", ta_tau="(0, inf)", di_lr="(0, inf)", di_beta="(0, inf)", ig_steps="[1, inf)",
+                el_n="[1, inf)", tofu_people="[4, inf)", tofu_epochs="[1, inf)", tofu_lr="(0, inf)",
+                tofu_steps="[1, inf)", tofu_eval_every="[1, inf)", tofu_retain_eval="[1, inf)",
+                eta_ref_neurons="[1, inf)", log_every="[0, inf)")
         r = list(self.ig_ratios)
         if not r or r != sorted(r) or not all(0 < x <= 1 for x in r):
             raise ValueError(f"ig_ratios must be ascending fractions in (0, 1], got {self.ig_ratios!r}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed, e.g. --seeds=0,1,2")
+        for field, given, known in (("methods", self.methods, ("ga", "sga", "ta", "di", "ig")),
+                                    ("tofu_methods", self.tofu_methods, tuple(sorted(B.DEFAULTS))),
+                                    ("tofu_splits", self.tofu_splits, D.TOFU_SPLITS)):
+            bad = [m for m in given if m not in known]
+            if bad:
+                raise ValueError(f"{field}={tuple(given)!r} is not valid: {bad} not in {', '.join(known)}")
+        if self.data_path and not self.init_from:
+            raise ValueError(f"data_path={self.data_path!r} needs init_from: a model that has seen those sequences "
+                             "(a local Hugging Face folder, or smollm2)")
 
 
 PRESETS = {
@@ -1070,42 +1093,49 @@ def run_job(cfg, seed, experiment, split, prefix=""):
 
 def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
-    if not cfg.seeds:
-        raise ValueError("seeds must name at least one seed, e.g. --seeds=0,1,2")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    if cfg.init_from == "smollm2":
-        import hf
-        cfg = replace(cfg, init_from=hf.smollm2_path())
-    t0, c0 = time.time(), time.process_time()
-    jobs = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
-            (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
-    n = min(cfg.workers, len(jobs))
-    if n > 1:   # spawn, not fork: safe with CUDA and with torch's thread pools; each worker logs with a prefix
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = [f.result() for f in [pool.submit(run_job, cfg, *j, f"[{j[1]} seed {j[0]}] ") for j in jobs]]
-    else:
-        done = [run_job(cfg, *j) for j in jobs]
-    runs, per_seed, job_cpu = {}, {}, 0.0
-    for (seed, exp, split), (out, cpu) in zip(jobs, done):
-        run, claims = runs.setdefault(str(seed), {}), per_seed.setdefault(seed, [])
-        job_cpu += cpu if n > 1 else 0.0
-        if exp == "extraction":
-            run["extraction"] = out
-            claims += extraction_claims(out)
+    with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if cfg.init_from == "smollm2":
+            import hf
+            cfg = replace(cfg, init_from=hf.smollm2_path())
+        t0, c0 = time.time(), time.process_time()
+        jobs = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
+                (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
+        n = min(cfg.workers, len(jobs))
+        if n > 1:   # spawn, not fork: safe with CUDA and with torch's thread pools; each worker logs with a prefix
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                with T.stop_on_sigterm():          # SIGTERM like Ctrl-C: both reach the workers, not only this process
+                    done = [f.result() for f in [pool.submit(run_job, cfg, *j, f"[{j[1]} seed {j[0]}] ") for j in jobs]]
+            except BaseException:
+                for proc in multiprocessing.active_children():     # stop the workers now; their caches resume a rerun
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
         else:
-            run.setdefault("tofu", []).append(out)
-            claims.append(tofu_claim(out, cfg.mu_keep))
-    claims = ev.over_seeds(per_seed)
-    metrics = {"seeds": runs, "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0 + job_cpu,
-               "env": {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
-                       "workers": n, "torch": torch.__version__,
-                       "note": "machine shared with other jobs: compare CPU times"}}
-    report(cfg, metrics, claims)
-    return metrics, claims
+            done = [run_job(cfg, *j) for j in jobs]
+        runs, per_seed, job_cpu = {}, {}, 0.0
+        for (seed, exp, split), (out, cpu) in zip(jobs, done):
+            run, claims = runs.setdefault(str(seed), {}), per_seed.setdefault(seed, [])
+            job_cpu += cpu if n > 1 else 0.0
+            if exp == "extraction":
+                run["extraction"] = out
+                claims += extraction_claims(out)
+            else:
+                run.setdefault("tofu", []).append(out)
+                claims.append(tofu_claim(out, cfg.mu_keep))
+        claims = ev.over_seeds(per_seed)
+        metrics = {"seeds": runs, "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0 + job_cpu,
+                   "env": {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
+                           "workers": n, "torch": torch.__version__,
+                           "load_average_end": ev.load_average()}}
+        report(cfg, metrics, claims)
+        return metrics, claims
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import random
 import sys
@@ -313,6 +314,23 @@ def cli(main):
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within the block, SIGTERM (kill, a job scheduler's stop) raises KeyboardInterrupt as Ctrl-C does, so the
+    same cleanup runs (worker processes stopped, no half-written files: checkpoints are atomic)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:                      # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def out_dir_problem(path):
