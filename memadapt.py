@@ -123,8 +123,24 @@ class Config:
     out_dir: str = "out/memadapt"
     log_every: int = 200
 
-    def __post_init__(self):
-        T.check(self, threads="[0, inf)")
+    def __post_init__(self):        # every field checked at parse time, before any model trains
+        if self.data == "tofu" and not (self.tofu_path and self.init_from):
+            raise ValueError("data='tofu' needs tofu_path (a local folder with TOFU's files: offline, no download) and "
+                             "init_from (the pretrained model whose tokenizer TOFU's text goes through)")
+        T.check(self, threads="[0, inf)", data=("world", "tofu"), forget=("forget01", "forget05", "forget10"),
+                flavor=("gpt2", "llama"), sweep=("", "entries", "size"), tofu_qa_per_author="[1, inf)",
+                n_people="[4, inf)", n_families="[1, inf)", n_cities="[1, inf)", n_countries="[1, inf)",
+                n_holdout="[0, inf)", n_real="[0, inf)", n_copy="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)",
+                n_embd="[1, inf)", block_size="[2, inf)", pretrain_epochs="[0, inf)", pretrain_lr="(0, inf)",
+                pretrain_batch="[1, inf)", ft_epochs="[1, inf)", ft_lr="(0, inf)", ft_batch="[1, inf)",
+                layer="[0, inf)" if self.init_from else "[0, n_layer)",    # a checkpoint brings its own depth
+                mem_sqrt="[2, inf)", topk="[1, inf)", k_dim="[2, inf)", entries="[1, inf)",
+                mem_lr="(0, inf)", mem_epochs="[1, inf)", mem_batch="[1, inf)", unlearn_steps="[1, inf)",
+                unlearn_batch="[1, inf)", lr_mults="(0, inf)", eval_batch="[1, inf)", eval_n="[0, inf)",
+                log_every="[0, inf)")
+        bad = [b for b in self.baselines.split(",") if b and b not in baselines.DEFAULTS]
+        if bad:
+            raise ValueError(f"baselines={self.baselines!r} is not valid: {bad} not in {sorted(baselines.DEFAULTS)}")
         if self.forget_kind not in data.FORGET_KINDS:
             raise ValueError(f"forget_kind must be one of {data.FORGET_KINDS}, got {self.forget_kind!r}")
         if not isinstance(self.real_phrasings, int) or self.real_phrasings < 1:
