@@ -1112,34 +1112,52 @@ def prepare(cfg):
 
 
 def run_seed(cfg):
+    """One seed end to end: the models, the block-list, the post-hoc baselines, iterative unlearning, Table 1 and
+    the claims. Returns (metrics, claims, sanity checks)."""
     t_start, c_start = time.time(), time.process_time()
+    # train (or load) the base, Finetuned, Retrained and MemAdapt FT (and the unmasked adapter: claim 2's bound)
     D, base, ft, ret, retain, times = prepare(cfg)
     tok, sets, forget = D["tok"], D["sets"], D["forget"]
     ma, mem, times["memadapt_ft"] = memadapt_ft(cfg, base, tok, sets["full"])
     E = lambda net, split=None: evaluate(cfg, net, tok, sets, split)
     print("== evaluating base, Finetuned, Retrained, MemAdapt FT")
     raw = {"base": E(base), "finetuned": E(ft), "retrained": E(ret), "memadapt_ft": E(ma)}
-    upper = None
     if cfg.upper_bound:
         ub, times["memadapt_unmasked"] = unmasked_ft(cfg, base, tok, sets["full"])
         raw["memadapt_unmasked"] = E(ub)
         del ub
+    # unlearn by the block-list (timed; the values must not move), then evaluate MemAdapt
     share_before = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
     values_before = mem.values.detach().clone()
     block_s, block_cpu, block_max = block_sources(mem, forget)
     raw["memadapt"] = E(ma)
     share_after = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
     untouched = bool(torch.equal(values_before, mem.values.detach()))
-
-    # post-hoc baselines on Finetuned, lr sweep, chosen by HM(model utility, Mem.)
-    forget_recs = sets[cfg.forget]
-    forget_b, retain_b = unlearn_batches(cfg, tok, forget_recs, retain)
     row = lambda n: table_row(n, raw["base"], raw["finetuned"], raw["retrained"])
+    # the post-hoc baselines on Finetuned, and iterative unlearning on MemAdapt
+    sweep, best = posthoc_baselines(cfg, ft, tok, sets, retain, E, row)
+    iterative = iterative_unlearning(mem, ma, sets, forget, E, row)
+    # Table 1, the forget set by fact kind and role, and what claims 1 and 2 rest on
+    table = {"finetuned": row(raw["finetuned"]), "memadapt_ft": row(raw["memadapt_ft"]),
+             "retrained": row(raw["retrained"]), "memadapt": row(raw["memadapt"])}
+    table.update({name: {k: v for k, v in b.items() if k != "raw"} for name, b in best.items()})
+    upper = row(raw["memadapt_unmasked"]) if "memadapt_unmasked" in raw else None
+    metrics = seed_metrics(cfg, raw, table, best, sweep, iterative, times, sets, forget, upper, mem,
+                           dict(block_s=block_s, block_cpu_s=block_cpu, block_max_s=block_max,
+                                values_untouched_by_block=untouched, routing_before=share_before,
+                                routing_after=share_after))
+    claims, checks = seed_claims(cfg, raw, table, best, upper, metrics)
+    metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t_start, time.process_time() - c_start
+    return metrics, claims, checks
+
+
+def posthoc_baselines(cfg, ft, tok, sets, retain, E, row):
+    """Each post-hoc baseline on Finetuned over the lr sweep; the chosen run by HM(model utility, Mem.).
+    Returns ({name: every run}, {name: the chosen run})."""
+    forget_b, retain_b = unlearn_batches(cfg, tok, sets[cfg.forget], retain)
     sweep, best = {}, {}
     names = [b for b in cfg.baselines.split(",") if b]
     for i, name in enumerate(names):
-        if name not in baselines.DEFAULTS:
-            raise ValueError(f"unknown baseline {name!r}; valid: {sorted(baselines.DEFAULTS)}")
         for mult in cfg.lr_mults:
             lr = baselines.DEFAULTS[name]["lr"] * mult
             net, t = run_baseline(cfg, ft, name, lr, forget_b, retain_b)
@@ -1149,8 +1167,12 @@ def run_seed(cfg):
             print(f"  {name} lr {lr:.1e}: Util_R {r['util_r']:.3f} Mem {r['mem']:.3f} Priv {r['priv']:.3f} "
                   f"Agg {r['agg']:.3f} ({t['train_s']:.1f} s)  [{i + 1}/{len(names)}]")
         best[name] = max(sweep[name], key=lambda r: r["select"])
+    return sweep, best
 
-    # iterative unlearning on a fresh copy of MemAdapt FT: forget01, then forget05, then forget10
+
+def iterative_unlearning(mem, ma, sets, forget, E, row):
+    """forget01, then forget05, then forget10 added to the block-list of MemAdapt FT: per step the block time,
+    whether the values stayed bit-identical, utility and forgetting. Leaves exactly `forget` blocked."""
     mem.unblock(forget)
     iterative = []
     for split in ("forget01", "forget05", "forget10"):
@@ -1164,10 +1186,11 @@ def run_seed(cfg):
                           "forget_es": n["forget"]["es"]})
     mem.unblock(sorted({r["person"] for r in sets["full"]}))
     mem.block(forget)
+    return iterative
 
-    table = {"finetuned": row(raw["finetuned"]), "memadapt_ft": row(raw["memadapt_ft"]),
-             "retrained": row(raw["retrained"]), "memadapt": row(raw["memadapt"])}
-    table.update({name: {k: v for k, v in b.items() if k != "raw"} for name, b in best.items()})
+
+def seed_metrics(cfg, raw, table, best, sweep, iterative, times, sets, forget, upper, mem, block):
+    """One seed's metrics dict (what results.json keeps)."""
     kind_keys = ("unique_prob", "entailed_prob", "unique_es", "entailed_es")
     kinds = {m: {k: raw[m]["forget"].get(k) for k in kind_keys}
              for m in ("base", "finetuned", "retrained", "memadapt_ft", "memadapt")}
@@ -1175,30 +1198,32 @@ def run_seed(cfg):
     roles = {}
     for r in sets[cfg.forget]:
         roles[r.get("role", "unique")] = roles.get(r.get("role", "unique"), 0) + 1
-    if "memadapt_unmasked" in raw:
-        upper = row(raw["memadapt_unmasked"])
     # extractability of the base: does full fine-tuning on new people's QA carry to the paraphrased answers?
     # TOFU's truth ratio on the retain set (paraphrased vs perturbed answers; utility form max(0, 1 - R))
     extract = {m: {"retain_tr": raw[m]["retain"]["tr"], "retain_prob": raw[m]["retain"]["prob"]}
                for m in ("base", "finetuned", "memadapt_ft") + (("memadapt_unmasked",) if upper else ())}
-    bl_times = {name: b["train_s"] for name, b in best.items()}
-    metrics = {"seed": cfg.seed, "table1": table, "raw": raw, "kinds": kinds, "times": times,
-               "block_s": block_s, "block_cpu_s": block_cpu, "block_max_s": block_max,
-               "values_untouched_by_block": untouched,
-               "baseline_times": bl_times, "baseline_sweep": {k: [{x: y for x, y in r.items() if x != "raw"}
-                                                                 for r in v] for k, v in sweep.items()},
-               "iterative": iterative, "routing_before": share_before, "routing_after": share_after,
-               "n_rows_stored": mem.values.shape[0] - 1, "N": mem.N, "forget_sources": forget,
-               "forget_kind": cfg.forget_kind if cfg.data == "world" else "tofu", "forget_roles": roles,
-               "upper_bound": upper, "extractability": extract}
+    return {"seed": cfg.seed, "table1": table, "raw": raw, "kinds": kinds, "times": times,
+            "block_s": block["block_s"], "block_cpu_s": block["block_cpu_s"], "block_max_s": block["block_max_s"],
+            "values_untouched_by_block": block["values_untouched_by_block"],
+            "baseline_times": {name: b["train_s"] for name, b in best.items()},
+            "baseline_sweep": {k: [{x: y for x, y in r.items() if x != "raw"} for r in v] for k, v in sweep.items()},
+            "iterative": iterative, "routing_before": block["routing_before"], "routing_after": block["routing_after"],
+            "n_rows_stored": mem.values.shape[0] - 1, "N": mem.N, "forget_sources": forget,
+            "forget_kind": cfg.forget_kind if cfg.data == "world" else "tofu", "forget_roles": roles,
+            "upper_bound": upper, "extractability": extract}
+
+
+def seed_claims(cfg, raw, table, best, upper, metrics):
+    """Claims 1-4 of one seed with the measured pieces behind them, and the two sanity checks."""
+    share_before, share_after = metrics["routing_before"], metrics["routing_after"]
     detail = (f"retain tokens' softmax mass on own / other sources' / zero entries: before "
               f"{share_before['own']:.3f} / {share_before['other']:.3f} / {share_before['zero']:.3f}, after "
               f"{share_after['own']:.3f} / {share_after['other']:.3f} / {share_after['zero']:.3f}")
     # the measured pieces behind claims 1 and 2 (what to look at when they fail)
     parts = lambda m: "/".join(f"{raw[m]['retain'][k]:.3f}" for k in ("prob", "rouge", "tr"))
     auc = lambda m: f"{raw[m]['mia_auc']['loss']:.3f}"
-    d1 = (f"{cfg.forget} requests {metrics['forget_kind']} (fact roles by the retain set {roles}); LOSS-attack "
-          f"AUC forget vs holdout: MemAdapt {auc('memadapt')}, Retrained {auc('retrained')}, base "
+    d1 = (f"{cfg.forget} requests {metrics['forget_kind']} (fact roles by the retain set {metrics['forget_roles']}); "
+          f"LOSS-attack AUC forget vs holdout: MemAdapt {auc('memadapt')}, Retrained {auc('retrained')}, base "
           f"{auc('base')}, Finetuned {auc('finetuned')}")
     d2 = (f"Util_R MemAdapt FT {table['memadapt_ft']['util_r']:.3f}, unmasked upper bound "
           f"{fmt(upper and upper['util_r'], '.3f')}; retain Prob/ROUGE/truth-ratio: MemAdapt FT "
@@ -1208,11 +1233,11 @@ def run_seed(cfg):
               claim_learning(table["memadapt_ft"]["util_r"], upper and upper["util_r"], d2),
               claim_no_cost(table["memadapt"]["util_r"], table["memadapt_ft"]["util_r"], detail),
               claim_agg(table["memadapt"]["agg"], {k: table[k]["agg"] for k in best})]
-    checks = [check_speed(block_s, bl_times, f"median of 21 timings; max {block_max * 1e3:.2f} ms, CPU "
-                                             f"{block_cpu * 1e3:.3f} ms"),
-              check_identity(times["memadapt_ft"]["step0_max_abs_diff"])]
-    metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t_start, time.process_time() - c_start
-    return metrics, claims, checks
+    block_s, block_max, block_cpu = metrics["block_s"], metrics["block_max_s"], metrics["block_cpu_s"]
+    checks = [check_speed(block_s, metrics["baseline_times"], f"median of 21 timings; max {block_max * 1e3:.2f} ms, "
+                                                              f"CPU {block_cpu * 1e3:.3f} ms"),
+              check_identity(metrics["times"]["memadapt_ft"]["step0_max_abs_diff"])]
+    return claims, checks
 
 
 # -------------------------------------------------------------------------------------------------
