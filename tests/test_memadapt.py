@@ -1,5 +1,6 @@
 """memadapt.py: product keys, reads, gradient masks, TF-IDF assignment, block-lists, row-lazy Adam, claims, smoke."""
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -10,6 +11,7 @@ import torch
 
 import eval as ev
 import memadapt as MA
+import train as T
 import model as M
 
 
@@ -543,3 +545,35 @@ def test_bench_blocks_store_only_assigned_rows():
     assert big[2] - small[2] == (64 * 64 - 16 * 16) * 8                 # only the int64 index map grows with N
     for kind in ("single", "two_pass", "plain"):
         assert MA.read_step(kind, *MA.read_case(6, 3, 4, 10)).shape == (10, 4)
+
+
+def test_baseline_lrs_are_tuned_on_a_held_out_request_never_the_reported_one():
+    cfg = T.parse_config(MA.Config, ["--preset=smoke"], MA.PRESETS)
+    D = MA.load_data(cfg)
+    sets, forget = D["sets"], D["forget"]
+    tune = {r["person"] for r in sets["tune"]}
+    assert len(tune) == len(forget) and not tune & set(forget)
+    assert not tune & {r["person"] for r in sets["retain_perturbed"]}        # utility is scored there
+    # posthoc_baselines scores every lr of the sweep on "tune" only; the reported split is evaluated once, at the pick
+    seen = []
+
+    def E(net, split=None):
+        seen.append(split)
+        return {"split": split}
+    picks = iter([0.2, 0.9, 0.5])                   # the 1x lr wins on the tuning request
+
+    def row(n):
+        return {k: 0.0 for k in ("util_r", "util_g", "priv", "agg")} | {"mu": 0.5, "mem": 0.5,
+                                                                        "select": next(picks, 0.0)}
+    orig = MA.run_baseline
+    MA.run_baseline = lambda cfg, ft, name, lr, fb, rb: (None, {"train_s": 0.0, "lr_used": lr})
+    try:
+        c = dataclasses.replace(cfg, baselines="npo", lr_mults=(0.3, 1.0, 3.0))
+        sweep, best = MA.posthoc_baselines(c, None, D["tok"], sets, sets["retain90"], E, row)
+    finally:
+        MA.run_baseline = orig
+    assert seen == ["tune", "tune", "tune", None]
+    assert best["npo"]["lr"] == pytest.approx(MA.baselines.DEFAULTS["npo"]["lr"] * 1.0)
+    assert [x["lr"] for x in sweep["npo"]] == pytest.approx([MA.baselines.DEFAULTS["npo"]["lr"] * m for m in (0.3, 1, 3)])
+    with pytest.raises(ValueError, match="held-out forget request"):
+        MA.tuning_request({"retain_perturbed": [], "full": [{"person": 1}, {"person": 2}]}, [1, 2])
