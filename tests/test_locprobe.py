@@ -463,3 +463,14 @@ def test_every_objective_builds_and_rmu_c_is_the_residual_norm():
         obj, lr = L.make_objective(cfg, name, net, net, sets)
         loss = obj(net, forget=batch)
         assert torch.isfinite(loss) and lr == getattr(cfg, name + "_lr")
+
+
+def test_real_presets_are_valid_and_tune_on_a_held_out_seed():
+    """--preset=real (the CPU-sized run in docs/locprobe.md) and real_gpu build valid configs whose lr tuning seed
+    is not reported; real is the shrunk one: Table 2 only, NPO only, three reported seeds."""
+    for name in ("real", "real_gpu"):
+        cfg = L.Config(**L.PRESETS[name])
+        assert cfg.init_from == "smollm2" and cfg.tune_seed not in cfg.seeds and len(cfg.seeds) == 3
+    cfg = L.Config(**L.PRESETS["real"])
+    assert cfg.objectives == ("npo",) and cfg.table1 is False and cfg.threads == 1
+    assert cfg.lr_grid == (0.5, 2.0, 8.0) and L.alphas(cfg) == [0.0, 0.5, 1.0]
