@@ -131,7 +131,12 @@ class Config:
     name: str = ""                     # results go to out_dir/name (a run with other objectives beside the default)
     log_every: int = 200
 
-    def __post_init__(self):
+    def __post_init__(self):        # ranges checked at parse time, before any model trains
+        T.check(self, epochs="[1, inf)", batch_size="[1, inf)", lr="(0, inf)", weight_decay="[0, inf)",
+                inject_steps="[1, inf)", inject_lr="(0, inf)", unlearn_steps="[1, inf)", unlearn_batch="[1, inf)",
+                npo_lr="(0, inf)", wga_lr="(0, inf)", dpo_lr="(0, inf)", rmu_lr="(0, inf)", l2_lr="(0, inf)",
+                beta="(0, inf)", mix_step="(0, 1]", n_perm="[1, inf)", n_boot="[1, inf)", eval_batch="[1, inf)",
+                threads="[0, inf)", log_every="[0, inf)")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives:
             raise ValueError(f"objectives: unknown {bad}; valid: {', '.join(OBJECTIVES)}")
@@ -1264,35 +1269,36 @@ def plot(cfg, metrics):
 
 def main(argv=None, log=print):
     cfg = T.parse_config(Config, argv, PRESETS)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    t0, c0 = time.time(), time.process_time()
-    toks = [] if cfg.init_from else [make_tokenizer(cfg)]
-    theta_p = base_model(cfg, toks)
-    tok = toks[0]
-    sets = make_sets(cfg, tok)
-    log(f"locprobe: {sets['n']} QA; model {theta_p.num_params() / 1e6:.2f}M params, "
-        f"{theta_p.cfg.n_layer * theta_p.cfg.d_ff} value vectors; seeds {cfg.seeds}; objectives {cfg.objectives}")
-    theta_r = train_full(cfg, copy.deepcopy(theta_p), sets["retain_train_rows"], "theta_r", log)
-    tr_r = ev.truth_ratio_tofu(*option_lps(theta_r, sets["ev"]["forget"], cfg.eval_batch))
-    metrics = {"n_qa": sets["n"], "n_value_vectors": theta_p.cfg.n_layer * theta_p.cfg.d_ff,
-               "value_spans_found": {k: sets["ev"][k].get("n_value") for k in ("forget", "retain")}}
-    metrics["table2"] = table2(cfg, theta_r, sets, tr_r, tok, log)
-    metrics["summary"] = summarize_table2(cfg, metrics["table2"])
-    t1 = None
-    if cfg.table1 or cfg.table3:
-        theta_full = train_full(cfg, copy.deepcopy(theta_p), sets["full_train_rows"], "theta_full", log)
-        if cfg.table1:
-            t1 = metrics["table1"] = table1(cfg, theta_full, sets, tr_r, tok, cfg.loc_ratio, log)
-        if cfg.table3:
-            metrics["table3"] = table1(replace(cfg, localizers=("wagle",)), theta_full, sets, tr_r, tok,
-                                       cfg.table3_ratio, log, tag="t3")
-    claims = make_claims(cfg, metrics["summary"], t1)
-    metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0
-    metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    report(cfg, metrics, claims)
-    return metrics, claims
+    with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        t0, c0 = time.time(), time.process_time()
+        toks = [] if cfg.init_from else [make_tokenizer(cfg)]
+        theta_p = base_model(cfg, toks)
+        tok = toks[0]
+        sets = make_sets(cfg, tok)
+        log(f"locprobe: {sets['n']} QA; model {theta_p.num_params() / 1e6:.2f}M params, "
+            f"{theta_p.cfg.n_layer * theta_p.cfg.d_ff} value vectors; seeds {cfg.seeds}; objectives {cfg.objectives}")
+        theta_r = train_full(cfg, copy.deepcopy(theta_p), sets["retain_train_rows"], "theta_r", log)
+        tr_r = ev.truth_ratio_tofu(*option_lps(theta_r, sets["ev"]["forget"], cfg.eval_batch))
+        metrics = {"n_qa": sets["n"], "n_value_vectors": theta_p.cfg.n_layer * theta_p.cfg.d_ff,
+                   "value_spans_found": {k: sets["ev"][k].get("n_value") for k in ("forget", "retain")}}
+        metrics["table2"] = table2(cfg, theta_r, sets, tr_r, tok, log)
+        metrics["summary"] = summarize_table2(cfg, metrics["table2"])
+        t1 = None
+        if cfg.table1 or cfg.table3:
+            theta_full = train_full(cfg, copy.deepcopy(theta_p), sets["full_train_rows"], "theta_full", log)
+            if cfg.table1:
+                t1 = metrics["table1"] = table1(cfg, theta_full, sets, tr_r, tok, cfg.loc_ratio, log)
+            if cfg.table3:
+                metrics["table3"] = table1(replace(cfg, localizers=("wagle",)), theta_full, sets, tr_r, tok,
+                                           cfg.table3_ratio, log, tag="t3")
+        claims = make_claims(cfg, metrics["summary"], t1)
+        metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0
+        metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        report(cfg, metrics, claims)
+        return metrics, claims
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)
