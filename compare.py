@@ -124,8 +124,6 @@ class Config:
         bad = [b for b in self.posthoc.split(",") if b and b not in baselines.DEFAULTS]
         if bad:
             raise ValueError(f"posthoc={self.posthoc!r} is not valid: {bad} not in {sorted(baselines.DEFAULTS)}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds!r} is not valid: seeds must be distinct")
 
 
 _SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)}}

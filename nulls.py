@@ -303,8 +303,6 @@ class Config:
                 npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
                 relearn_lr="(0, inf)", log_every="[0, inf)", eval_batch="[1, inf)", n_related="[1, inf)",
                 seeds="[0, inf)", threads="[0, inf)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds!r} is not valid: seeds must be distinct")
         T.pick_device(self.device)             # names the devices that exist if this one does not
 
 

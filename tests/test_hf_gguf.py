@@ -11,11 +11,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-gguf = pytest.importorskip("gguf")
+import accelerate  # noqa: F401  (requirements-test.txt: transformers needs it to load a GGUF file)
+import gguf
+import jinja2
+
 import hf as hf_io
 
 hf_logging.set_verbosity_error()
-pytest.importorskip("accelerate")          # transformers needs it to load a GGUF file
 
 TEXTS = ["The river flows past the old mill, and the miller's children play on its banks.",
          "Question: Where was she born?\nAnswer: She was born in a small town by the sea.",
@@ -186,7 +188,6 @@ def test_gguf_tokenizer_equals_transformers(tmp_path, bpe):
 
 
 def test_chatml_equals_jinja_render(tmp_path, bpe):
-    jinja2 = pytest.importorskip("jinja2")
     tokens, merges = bpe
     write_gguf(tmp_path / "tiny.gguf", tiny_llama(len(tokens), True), tokens, merges, Q.F32)
     tok = hf_io.gguf_tokenizer(hf_io.read_gguf(tmp_path / "tiny.gguf")[0])

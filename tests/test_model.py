@@ -174,8 +174,7 @@ def test_native_gqa_equals_repeated_kv_heads(kw, monkeypatch):
     """torch >= 2.5's enable_gqa path against the repeat_interleave copy (SDPA_GQA = False): forward with and
     without document ids, every gradient, and KV-cached generation (left padding: document ids and a mask)."""
     import model as M
-    if not M.SDPA_GQA:
-        pytest.skip("torch < 2.5 has no enable_gqa: the repeat path is the only one")
+    assert M.SDPA_GQA, "requirements.txt's torch >= 2.6 has SDPA's enable_gqa: the native path must be on"
     m = make("llama", **kw)
     idx, doc = randint((2, 13)), torch.tensor([[0] * 6 + [1] * 7, [3] * 13])
     prompts = [randint((n,), seed=n).tolist() for n in (2, 7, 4)]
