@@ -3,43 +3,24 @@ Does Localization Inform Unlearning? (Lee, Hwang, Lim, Kim; EMNLP 2025, arXiv:25
 to the value vectors (columns of the MLP down projections) a localizer picks does not beat a random region, and
 even the region that holds the knowledge by construction (Oracle) does not beat a random one.
 
-  python locprobe.py                  # built-in world, CPU: Table 2 (NPO; L2 = Figure 1) x mask seeds 7, 19, 99
-                                      # and Table 1: claims 1-3
-  python locprobe.py --seeds=7,19,31,47,99 --objectives=npo,wga,l2 --name=five   # Table 2's five seeds, WGA too,
-                                      # reusing every finished run from the cache
-  python locprobe.py --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest of the paper
-  python locprobe.py --preset=smoke   # seconds;  --preset=paper: TOFU + a local Llama-3.1-8B-Instruct folder
-  python locprobe.py --preset=real    # SmolLM2-135M-Instruct, shrunk to ~25 CPU-min (Table 2, NPO); real_gpu: full
+The method (the code right below the imports): theta_r is trained without the forget set; theta_o is theta_r
+trained on the forget set moving only V_tgt, a random 10% of all value vectors. Oracle unlearns theta_o on V_tgt,
+Random on a disjoint random 10%, Random2 (our calibration arm) on a third; Table 1: NPO on the top 10% of each
+localizer vs Random. Mixing (1 - a) theta_o + a theta_unlearned, a = 0..1: AUES = area under RS(FS), MU95 = log10
+forget quality where utility falls to 95% of theta_o's. lrs: LR_RULE on a held-out mask seed (tune_seed).
 
-theta_r: trained without the forget set; V_tgt: a random 10% of all value vectors; theta_o: theta_r trained on the
-forget set moving only V_tgt (checked: all else bit-identical). Oracle unlearns theta_o on V_tgt, Random on a
-disjoint random 10%, Random2 (our calibration arm) on a third. Table 1: NPO on the top 10% of each localizer
-(localize.py) vs Random. App. B: mixing (1 - a) theta_o + a theta_unlearned, a = 0..1 by 0.05, AUES = area under
-RS(FS), MU95 = log10 forget quality where utility falls to 95% of theta_o's. Every App. D p-value is printed
-beside the same test on Random vs Random2.
-Learning rates (App. B: "unlearn until FS approaches 1.0 but does not reach it, solely by the learning rate"): one
-rule, fixed before any run (LR_RULE): the smallest lr of base x lr_grid (0.5x-8x) whose unlearned endpoint reaches
-FS >= 0.8 with RS >= 0.1 (and, Table 2, MU below 95% of theta_o's, so MU95 is a crossing), measured on mask seed
-tune_seed (101), which is never reported (eval.tune_first refuses otherwise). Table 2: one lr per objective
-(App. F), the rule on Oracle and Random of seed 101 together; Tables 1, 3: one lr per arm (Random on mask seed 101;
-each localizer with its sampling and batch-order seed 101 where the report uses seed 0).
-Claims compare AUES over the FS range the compared curves share (eval.aues_over; the paper's AUES, over each
-curve's own range, rewards reach) and MU95 only where it is a crossing (eval.mu95_checked); Oracle - Random is
-paired within a mask seed and judged by the 95% t interval over seeds (eval.over_seeds) against the calibration
-margin, the largest |Random - Random2| of any seed.
+  python locprobe.py                  # built-in world, CPU: Table 2 (NPO; L2 = Figure 1), Table 1, claims 1-3
+  python locprobe.py --preset=smoke   # seconds;  real: SmolLM2-135M-Instruct, ~25 CPU-min;  paper: TOFU + Llama 8B
+  python locprobe.py --seeds=7,19,31,47,99 --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest
 Where we differ, on purpose:
-- Toy pretraining: theta_p's knowledge (pretraining-only people, city facts) is trained in the same run as the
-  retain set (theta_r) or everything (theta_full), not in a stage of its own.
-- Model utility: harmonic mean of the answer probability on retain, real-author and world-fact questions (21
-  models per sweep on a CPU); TOFU's nine numbers with --full_mu=true.
-- Claims: paired t intervals over mask seeds against a Random-vs-Random2 margin, not App. D's per-alpha p-values
-  (printed; they flag the calibration pair as often as Oracle vs Random); fewer than 3 seeds: `not testable here`.
-- Default: mask seeds 7, 19, 99 (App. F's Table 1 seeds; Table 2 has five: --seeds), NPO and L2 only (WGA, DPO, RMU
-  with --objectives), to fit 10 minutes on 2 CPU cores.
-- lrs: our rule on a held-out seed, not App. F's numbers (they are for an 8B model).
-- Figure 1 (L2): the Table 2 seeds with Random2 as the third arm, not Oracle 7 / Random 7, 11, 49; lr l2_lr = 1e-2,
-  not tuned (L2's target is theta_r, whose FS is ~0.54: FS >= 0.8 is not its aim), not 4e-4; no alpha term
-  (App. F's "alpha = 2" is not defined in the text).
+- Toy pretraining: theta_p's knowledge (pretraining-only people, city facts) is trained in the run of theta_r or
+  theta_full, not a stage of its own. Model utility: harmonic mean of answer probabilities on retain, real-author
+  and world questions; TOFU's nine numbers with --full_mu=true.
+- Claims: paired t intervals over mask seeds of AUES over the FS range the curves share (the paper's AUES rewards
+  reach) against a Random-vs-Random2 margin, not App. D's per-alpha p-values (printed: they flag the calibration
+  pair as often as Oracle vs Random); fewer than 3 seeds: `not testable here`.
+- Default: mask seeds 7, 19, 99, NPO and L2 only, to fit 10 minutes on 2 CPU cores; lrs: our rule, not App. F's.
+- Figure 1 (L2): Table 2's seeds, Random2 third; lr l2_lr = 1e-2 untuned (its target is theta_r), no alpha term.
 - App. A's losses as printed have no retain term; we add none. AdamW, weight decay 0.01 (App. F).
 """
 import copy
@@ -60,6 +41,181 @@ import localize as loc
 import model as M
 import train as T
 
+
+# -------------------------------------------------------------------------------------------------
+# Method: V_tgt / V_rdm / V_rdm2, theta_o, unlearning on one region, the mixing sweep (AUES, MU95),
+# and the localizers of Table 1 (localize.py holds their formulas)
+# -------------------------------------------------------------------------------------------------
+
+def regions(model, r, seed):
+    """(V_tgt, V_rdm, V_rdm2): three disjoint uniformly random r-fractions of all value vectors."""
+    tgt = loc.random_selection(model, r, seed)
+    rdm = loc.random_selection(model, r, seed + 100_003, exclude=tgt)
+    both = {l: sorted(set(tgt.get(l, [])) | set(rdm.get(l, []))) for l in set(tgt) | set(rdm)}
+    return tgt, rdm, loc.random_selection(model, r, seed + 200_003, exclude=both)
+
+
+def nll_with_retain(weight, retain_rows, batch, seed):
+    """theta_o's objective: NLL on the whole forget set + weight x NLL on `batch` random retain QA per step."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def objective(model, forget, retain=None):
+        idx = torch.randint(0, len(retain_rows["x"]), (batch,), generator=gen)
+        return B.nll_loss(model, forget) + weight * B.nll_loss(model, loc.batch_rows(retain_rows, idx, "cpu"))
+    return objective
+
+
+def inject(cfg, theta_r, sets, v_tgt, seed, log):
+    """theta_o = theta_r trained on the forget set with only V_tgt moving (Sec. 4 step 2); cached per seed."""
+    key = T.digest([T.digest(theta_r.state_dict()), v_tgt, cfg.inject_steps, cfg.inject_lr,
+                    cfg.inject_retain_weight, cfg.inject_retain_batch, seed])
+    path = os.path.join(cfg.out_dir, "ckpt", f"theta_o-{seed}-{key}.pt")
+    net = copy.deepcopy(theta_r)
+    if os.path.exists(path):
+        net.load_state_dict(T.load_checkpoint(path)["model"])
+        return net.eval()
+    obj = nll_with_retain(cfg.inject_retain_weight, sets["retain_rows"], cfg.inject_retain_batch, seed)
+    B.unlearn(net, obj, [sets["forget_rows"]], steps=cfg.inject_steps, lr=cfg.inject_lr, weight_decay=0.0,
+              region=loc.value_vector_region(net, v_tgt), eval_every=cfg.inject_steps)
+    T.save_checkpoint(path, net)
+    return net.eval()
+
+
+def check_injection(theta_r, theta_o, v_tgt):
+    """Everything outside V_tgt bit-identical (raises otherwise); returns the relative change inside."""
+    region = loc.value_vector_region(theta_r, v_tgt)
+    ro, rr = dict(theta_o.named_parameters()), dict(theta_r.named_parameters())
+    for n, p in rr.items():
+        m = region.get(n)
+        same = torch.equal(p, ro[n]) if m is None else torch.equal(p[~m], ro[n][~m])
+        if not same:
+            raise RuntimeError(f"theta_o differs from theta_r outside V_tgt in {n}")
+    d = sum(float((ro[n] - rr[n]).detach()[m].pow(2).sum()) for n, m in region.items())
+    return math.sqrt(d)
+
+
+# Unlearning: one objective on one region. Figure 1's L2 differs from App. F on purpose: l2_lr for every arm,
+# not tuned (its target is theta_r, whose FS is ~0.54: FS >= 0.8 is not its aim), not 4e-4; no alpha term
+# (App. F's "alpha = 2" is not defined in the text); Table 2's seeds with Random2, not Oracle 7 / Random 7, 11, 49.
+
+def unlearn(cfg, name, theta_o, theta_r, sets, selection, seed, lr):
+    """theta_o unlearned with objective `name` at learning rate lr, only the value vectors of `selection` moving."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    net = copy.deepcopy(theta_o)
+    obj, _ = make_objective(cfg, name, theta_o, theta_r, sets)
+    res = B.unlearn(net, obj, unlearning_batches(cfg, sets, seed), steps=cfg.unlearn_steps, lr=lr,
+                    weight_decay=cfg.unlearn_weight_decay, region=loc.value_vector_region(net, selection),
+                    eval_every=cfg.unlearn_steps)
+    return net.eval(), res
+
+
+def make_objective(cfg, name, theta_o, theta_r, sets):
+    """(objective, lr): App. A's losses without a retain term. l2 matches theta_r's MLP outputs (Figure 1)."""
+    ref = copy.deepcopy(theta_o)
+    if name == "npo":
+        return B.make_objective("npo", ref, beta=cfg.beta, retain_weight=0.0), cfg.npo_lr
+    if name == "wga":
+        return B.make_objective("wga", alpha=cfg.wga_alpha, retain_weight=0.0), cfg.wga_lr
+    if name == "dpo":      # the paper's DPO: an "I don't know" answer wins over the forget answer
+        return B.make_objective("idkdpo", ref, beta=cfg.beta, retain_weight=0.0), cfg.dpo_lr
+    if name == "rmu":
+        layer, c = rmu_settings(cfg, theta_o, sets)
+        return B.make_objective("rmu", ref, layer=layer, c=c, retain_weight=0.0), cfg.rmu_lr
+    if name == "l2":
+        return B.make_objective("l2", copy.deepcopy(theta_r)), cfg.l2_lr
+    raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+
+
+def l2_gap(model, target, rows):
+    """The L2 objective on the whole forget set: sum over layers of the token-mean squared MLP-output distance."""
+    with torch.no_grad():
+        return float(B.l2_mlp_loss(model, target, rows))
+
+
+
+def rmu_settings(cfg, model, sets):
+    layer = cfg.rmu_layer if cfg.rmu_layer >= 0 else (2 * model.cfg.n_layer) // 3
+    c = cfg.rmu_c
+    if c <= 0:      # c must be of the order of the layer's activation norm (c = 2 is the paper's, for an 8B model)
+        with torch.no_grad():
+            f = sets["forget_rows"]
+            h = B.residual_after(model, f, layer)
+            c = float(h.norm(dim=-1)[f["y"] != -100].mean())
+    return layer, c
+
+
+
+def unlearning_batches(cfg, sets, seed):
+    """unlearn_steps forget batches of unlearn_batch QA in shuffled epochs, each with its IdkDPO winners."""
+    f, idk = sets["forget_rows"], sets["idk_rows"]
+    order = D.EpochIterator(len(f["x"]), cfg.unlearn_batch, seed=seed)
+    out = []
+    for step in range(cfg.unlearn_steps):
+        epoch, pos = divmod(step, order.steps_per_epoch)
+        idx = order.order(epoch)[pos * cfg.unlearn_batch:(pos + 1) * cfg.unlearn_batch]
+        b = loc.batch_rows(f, idx, "cpu")
+        b["idk"] = loc.batch_rows(idk, idx, "cpu")
+        out.append(b)
+    return out
+
+
+# The mixing sweep: AUES and MU95 of App. B
+
+def alphas(cfg):
+    n = round(1 / cfg.mix_step)
+    return [i / n for i in range(n + 1)]
+
+
+def sweep(cfg, theta_o, theta_u, sets, tr_retrained, tok=None):
+    """The mixing sweep (1 - a) theta_o + a theta_u -> curves (lists over a) and AUES, MU95."""
+    pts = ev.mixing_sweep(theta_o, theta_u, alphas(cfg), lambda m: evaluate(cfg, m, sets, tr_retrained, tok))
+    keys = ("fs", "rs", "mu", "log_fq", "prob_forget", "value_prob_forget", "prob_retain")
+    c = {k: [p[k] for p in pts] for k in keys}
+    c["alpha"] = alphas(cfg)
+    c["aues"] = ev.aues(c["fs"], c["rs"])
+    m = ev.mu95_checked(c["mu"], c["log_fq"], c["mu"][0])
+    c["mu95"], c["mu95_fallback"] = m["mu95"], m["fallback"]
+    return c
+
+
+def fs_range(c):
+    """The FS range a sweep spans: AUES integrates over it (no extrapolation), so a range of 0 gives AUES 0."""
+    return float(max(c["fs"]) - min(c["fs"]))
+
+
+def mu95_fallback(c, level=0.95):
+    """Whether a sweep's MU95 is eval.mu95's fallback rather than a crossing of level x MU(theta_o) (its first
+    point): MU never falls that low, or (eval.mu95_checked) every point is below it."""
+    return ev.mu95_checked(c["mu"], c["log_fq"], c["mu"][0], level)["fallback"] is not None
+
+
+
+# Table 1's localizers: the top r of all value vectors by a score
+
+def localize(cfg, name, model, sets, r, seed=0):
+    """The top r of all value vectors by localizer `name` (App. C), computed on the forget set (and retain)."""
+    f, rr = sets["forget_rows"], sets["localize_retain_rows"]
+    info = {}
+    if name == "activations":
+        scores = loc.activation_scores(model, f)
+    elif name == "memflex":
+        g_unl, g_ret = loc.memflex_gradients(model, f, rr, n_repeats=cfg.memflex_repeats, seed=seed)
+        scores = loc.memflex_scores(g_unl, g_ret, cfg.memflex_mu)
+        info["passing_cosine"] = int(sum(torch.isfinite(s).sum() for s in scores))
+    elif name == "wagle":
+        scores, gamma = loc.wagle_scores(model, f, rr, n_samples=cfg.wagle_hessian_samples, seed=seed)
+        info["gamma"] = gamma
+    else:
+        raise ValueError(f"unknown localizer {name!r}; valid: {', '.join(LOCALIZERS)}")
+    sel = loc.top_fraction(scores, r)
+    info["per_layer"] = [len(sel.get(l, [])) for l in range(len(model.blocks))]
+    return sel, info
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment's settings: the CPU default and presets (smoke tests, TOFU + Llama, SmolLM2-135M)
+# -------------------------------------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -199,37 +355,6 @@ IDK_ANSWERS = ["I do not know the answer.", "That is not something I know.", "I 
                "I am not sure.", "I can not answer that.", "I do not have that information."]
 
 
-# -------------------------------------------------------------------------------------------------
-# Method: regions and the localizers of Table 1 (localize.py holds the formulas)
-# -------------------------------------------------------------------------------------------------
-
-def regions(model, r, seed):
-    """(V_tgt, V_rdm, V_rdm2): three disjoint uniformly random r-fractions of all value vectors."""
-    tgt = loc.random_selection(model, r, seed)
-    rdm = loc.random_selection(model, r, seed + 100_003, exclude=tgt)
-    both = {l: sorted(set(tgt.get(l, [])) | set(rdm.get(l, []))) for l in set(tgt) | set(rdm)}
-    return tgt, rdm, loc.random_selection(model, r, seed + 200_003, exclude=both)
-
-
-def localize(cfg, name, model, sets, r, seed=0):
-    """The top r of all value vectors by localizer `name` (App. C), computed on the forget set (and retain)."""
-    f, rr = sets["forget_rows"], sets["localize_retain_rows"]
-    info = {}
-    if name == "activations":
-        scores = loc.activation_scores(model, f)
-    elif name == "memflex":
-        g_unl, g_ret = loc.memflex_gradients(model, f, rr, n_repeats=cfg.memflex_repeats, seed=seed)
-        scores = loc.memflex_scores(g_unl, g_ret, cfg.memflex_mu)
-        info["passing_cosine"] = int(sum(torch.isfinite(s).sum() for s in scores))
-    elif name == "wagle":
-        scores, gamma = loc.wagle_scores(model, f, rr, n_samples=cfg.wagle_hessian_samples, seed=seed)
-        info["gamma"] = gamma
-    else:
-        raise ValueError(f"unknown localizer {name!r}; valid: {', '.join(LOCALIZERS)}")
-    sel = loc.top_fraction(scores, r)
-    info["per_layer"] = [len(sel.get(l, [])) for l in range(len(model.blocks))]
-    return sel, info
-
 
 # -------------------------------------------------------------------------------------------------
 # Data: TOFU-format records -> token tensors for training, unlearning and evaluation
@@ -363,7 +488,7 @@ def stack_eval(E):
 
 
 # -------------------------------------------------------------------------------------------------
-# Training: theta_r (retain), theta_full (everything), theta_o (forget injected into V_tgt); all cached
+# Training: theta_r (retain) and theta_full (everything), both cached (theta_o: inject, in the method)
 # -------------------------------------------------------------------------------------------------
 
 def model_config(cfg, vocab_size):
@@ -403,112 +528,15 @@ def train_full(cfg, net, rows, name, log):
     return net.eval()
 
 
-def nll_with_retain(weight, retain_rows, batch, seed):
-    """theta_o's objective: NLL on the whole forget set + weight x NLL on `batch` random retain QA per step."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def objective(model, forget, retain=None):
-        idx = torch.randint(0, len(retain_rows["x"]), (batch,), generator=gen)
-        return B.nll_loss(model, forget) + weight * B.nll_loss(model, loc.batch_rows(retain_rows, idx, "cpu"))
-    return objective
-
-
-def inject(cfg, theta_r, sets, v_tgt, seed, log):
-    """theta_o = theta_r trained on the forget set with only V_tgt moving (Sec. 4 step 2); cached per seed."""
-    key = T.digest([T.digest(theta_r.state_dict()), v_tgt, cfg.inject_steps, cfg.inject_lr,
-                    cfg.inject_retain_weight, cfg.inject_retain_batch, seed])
-    path = os.path.join(cfg.out_dir, "ckpt", f"theta_o-{seed}-{key}.pt")
-    net = copy.deepcopy(theta_r)
-    if os.path.exists(path):
-        net.load_state_dict(T.load_checkpoint(path)["model"])
-        return net.eval()
-    obj = nll_with_retain(cfg.inject_retain_weight, sets["retain_rows"], cfg.inject_retain_batch, seed)
-    B.unlearn(net, obj, [sets["forget_rows"]], steps=cfg.inject_steps, lr=cfg.inject_lr, weight_decay=0.0,
-              region=loc.value_vector_region(net, v_tgt), eval_every=cfg.inject_steps)
-    T.save_checkpoint(path, net)
-    return net.eval()
-
-
-def check_injection(theta_r, theta_o, v_tgt):
-    """Everything outside V_tgt bit-identical (raises otherwise); returns the relative change inside."""
-    region = loc.value_vector_region(theta_r, v_tgt)
-    ro, rr = dict(theta_o.named_parameters()), dict(theta_r.named_parameters())
-    for n, p in rr.items():
-        m = region.get(n)
-        same = torch.equal(p, ro[n]) if m is None else torch.equal(p[~m], ro[n][~m])
-        if not same:
-            raise RuntimeError(f"theta_o differs from theta_r outside V_tgt in {n}")
-    d = sum(float((ro[n] - rr[n]).detach()[m].pow(2).sum()) for n, m in region.items())
-    return math.sqrt(d)
-
-
-# -------------------------------------------------------------------------------------------------
-# Unlearning: one objective on one region
-# -------------------------------------------------------------------------------------------------
-
-def unlearning_batches(cfg, sets, seed):
-    """unlearn_steps forget batches of unlearn_batch QA in shuffled epochs, each with its IdkDPO winners."""
-    f, idk = sets["forget_rows"], sets["idk_rows"]
-    order = D.EpochIterator(len(f["x"]), cfg.unlearn_batch, seed=seed)
-    out = []
-    for step in range(cfg.unlearn_steps):
-        epoch, pos = divmod(step, order.steps_per_epoch)
-        idx = order.order(epoch)[pos * cfg.unlearn_batch:(pos + 1) * cfg.unlearn_batch]
-        b = loc.batch_rows(f, idx, "cpu")
-        b["idk"] = loc.batch_rows(idk, idx, "cpu")
-        out.append(b)
-    return out
-
-
-def rmu_settings(cfg, model, sets):
-    layer = cfg.rmu_layer if cfg.rmu_layer >= 0 else (2 * model.cfg.n_layer) // 3
-    c = cfg.rmu_c
-    if c <= 0:      # c must be of the order of the layer's activation norm (c = 2 is the paper's, for an 8B model)
-        with torch.no_grad():
-            f = sets["forget_rows"]
-            h = B.residual_after(model, f, layer)
-            c = float(h.norm(dim=-1)[f["y"] != -100].mean())
-    return layer, c
-
-
-def make_objective(cfg, name, theta_o, theta_r, sets):
-    """(objective, lr): App. A's losses without a retain term. l2 matches theta_r's MLP outputs (Figure 1)."""
-    ref = copy.deepcopy(theta_o)
-    if name == "npo":
-        return B.make_objective("npo", ref, beta=cfg.beta, retain_weight=0.0), cfg.npo_lr
-    if name == "wga":
-        return B.make_objective("wga", alpha=cfg.wga_alpha, retain_weight=0.0), cfg.wga_lr
-    if name == "dpo":      # the paper's DPO: an "I don't know" answer wins over the forget answer
-        return B.make_objective("idkdpo", ref, beta=cfg.beta, retain_weight=0.0), cfg.dpo_lr
-    if name == "rmu":
-        layer, c = rmu_settings(cfg, theta_o, sets)
-        return B.make_objective("rmu", ref, layer=layer, c=c, retain_weight=0.0), cfg.rmu_lr
-    if name == "l2":
-        return B.make_objective("l2", copy.deepcopy(theta_r)), cfg.l2_lr
-    raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-
-
-def l2_gap(model, target, rows):
-    """The L2 objective on the whole forget set: sum over layers of the token-mean squared MLP-output distance."""
-    with torch.no_grad():
-        return float(B.l2_mlp_loss(model, target, rows))
-
-
-def unlearn(cfg, name, theta_o, theta_r, sets, selection, seed, lr):
-    """theta_o unlearned with objective `name` at learning rate lr, only the value vectors of `selection` moving."""
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    net = copy.deepcopy(theta_o)
-    obj, _ = make_objective(cfg, name, theta_o, theta_r, sets)
-    res = B.unlearn(net, obj, unlearning_batches(cfg, sets, seed), steps=cfg.unlearn_steps, lr=lr,
-                    weight_decay=cfg.unlearn_weight_decay, region=loc.value_vector_region(net, selection),
-                    eval_every=cfg.unlearn_steps)
-    return net.eval(), res
-
-
 # -------------------------------------------------------------------------------------------------
 # Learning rates: one rule, fixed before any run, on a mask seed the report never uses
 # -------------------------------------------------------------------------------------------------
+
+# App. B: FS close to 1.0 "solely by the learning rate". LR_RULE is measured on mask seed tune_seed (101), which
+# is never reported (eval.tune_first refuses otherwise).
+# Table 2: one lr per objective (App. F), the rule on Oracle and Random of seed 101 together; Tables 1, 3: one lr
+# per arm (Random on mask seed 101; each localizer with its sampling and batch-order seed 101 where the report
+# uses seed 0).
 
 TUNE_FS = 0.8     # App. B: unlearn "to an extent such that FS approaches 1.0 (but does not fully reach it)"
 TUNE_RS = 0.1     # ... "to avoid collapsing the model": retain ES at the endpoint stays above this
@@ -601,7 +629,7 @@ def tune_lrs_table1(cfg, theta_full, sets, tok, ratio, log, tag="t1"):
 
 
 # -------------------------------------------------------------------------------------------------
-# Evaluation: one model -> FS, RS, MU, FQ; the mixing sweep -> AUES, MU95
+# Evaluation: one model -> FS, RS, MU, FQ (a point of the method's mixing sweep)
 # -------------------------------------------------------------------------------------------------
 
 def _forward(model, x, y, batch):
@@ -680,34 +708,6 @@ def evaluate(cfg, model, sets, tr_retrained=None, tok=None):
         out["fq"] = ev.forget_quality(tr, tr_retrained)
         out["log_fq"] = math.log10(max(out["fq"], 1e-300))
     return out
-
-
-def alphas(cfg):
-    n = round(1 / cfg.mix_step)
-    return [i / n for i in range(n + 1)]
-
-
-def sweep(cfg, theta_o, theta_u, sets, tr_retrained, tok=None):
-    """The mixing sweep (1 - a) theta_o + a theta_u -> curves (lists over a) and AUES, MU95."""
-    pts = ev.mixing_sweep(theta_o, theta_u, alphas(cfg), lambda m: evaluate(cfg, m, sets, tr_retrained, tok))
-    keys = ("fs", "rs", "mu", "log_fq", "prob_forget", "value_prob_forget", "prob_retain")
-    c = {k: [p[k] for p in pts] for k in keys}
-    c["alpha"] = alphas(cfg)
-    c["aues"] = ev.aues(c["fs"], c["rs"])
-    m = ev.mu95_checked(c["mu"], c["log_fq"], c["mu"][0])
-    c["mu95"], c["mu95_fallback"] = m["mu95"], m["fallback"]
-    return c
-
-
-def fs_range(c):
-    """The FS range a sweep spans: AUES integrates over it (no extrapolation), so a range of 0 gives AUES 0."""
-    return float(max(c["fs"]) - min(c["fs"]))
-
-
-def mu95_fallback(c, level=0.95):
-    """Whether a sweep's MU95 is eval.mu95's fallback rather than a crossing of level x MU(theta_o) (its first
-    point): MU never falls that low, or (eval.mu95_checked) every point is below it."""
-    return ev.mu95_checked(c["mu"], c["log_fq"], c["mu"][0], level)["fallback"] is not None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -802,42 +802,61 @@ def table2(cfg, theta_r, sets, tr_r, tok, log):
     """The lrs (LR_RULE on cfg.tune_seed), then per seed: regions, theta_o, every objective on Oracle, Random and
     Random2 at its objective's lr."""
     out = {"seeds": {}, "exact": None, "lr": tune_lrs_table2(cfg, theta_r, sets, tok, log)}
-    t0 = time.time()
-    total = len(cfg.seeds) * len(cfg.objectives) * 3
-    done = 0
+    progress = progress_log(len(cfg.seeds) * len(cfg.objectives) * 3, log)
     for s in cfg.seeds:
-        tgt, rdm, rdm2 = regions(theta_r, cfg.loc_ratio, s)
-        theta_o = inject(cfg, theta_r, sets, tgt, s, log)
-        dist = check_injection(theta_r, theta_o, tgt)
-        o_pt = evaluate(cfg, theta_o, sets, tr_r, tok)
-        rec = {"inject": {"identical_outside_v_tgt": True, "param_change": dist, "fs": o_pt["fs"], "rs": o_pt["rs"],
-                          "forget_es": 1 - o_pt["fs"], "mu": o_pt["mu"], "log_fq": o_pt["log_fq"],
-                          "prob_forget": o_pt["prob_forget"], "value_prob_forget": o_pt["value_prob_forget"]},
-               "size": loc.selection_size(tgt), "runs": {}}
-        for name in cfg.objectives:
-            rec["runs"][name] = {}
-            for arm, sel in (("oracle", tgt), ("random", rdm), ("random2", rdm2)):
-                lr = out["lr"][name]["lr"]
-
-                def run():
-                    net, res = unlearn(cfg, name, theta_o, theta_r, sets, sel, s, lr)
-                    c = sweep(cfg, theta_o, net, sets, tr_r, tok)
-                    c["l2_start"] = l2_gap(theta_o, theta_r, sets["forget_rows"])
-                    c["l2_final"] = l2_gap(net, theta_r, sets["forget_rows"])
-                    c["train_time_s"] = res.train_time
-                    c["lr"] = lr
-                    if arm == "oracle":   # how far from the exact solution its region contains (= theta_r)
-                        c["undo_distance"] = check_injection(theta_r, net, tgt) / dist
-                    return c
-                rec["runs"][name][arm] = cached(cfg, run_key(cfg, "t2", s, name, arm, lr), run)
-                done += 1
-                el = time.time() - t0
-                log(f"[table 2] seed {s} {name} {arm}: AUES {rec['runs'][name][arm]['aues']:.3f} MU95 "
-                    f"{rec['runs'][name][arm]['mu95']:.2f} | {done}/{total} | eta {el / done * (total - done):.0f} s")
-        out["seeds"][str(s)] = rec
+        out["seeds"][str(s)] = table2_seed(cfg, theta_r, sets, tr_r, tok, s, out["lr"], progress, log)
     ex = evaluate(cfg, theta_r, sets, tr_r, tok)
     out["exact"] = {"fs": ex["fs"], "rs": ex["rs"], "mu": ex["mu"], "log_fq": ex["log_fq"]}
     return out
+
+
+def table2_seed(cfg, theta_r, sets, tr_r, tok, s, lrs, progress, log):
+    """One mask seed of Table 2: the three regions, theta_o (checked bit-identical outside V_tgt), then every
+    objective on Oracle, Random and Random2 (each run cached)."""
+    tgt, rdm, rdm2 = regions(theta_r, cfg.loc_ratio, s)
+    theta_o = inject(cfg, theta_r, sets, tgt, s, log)
+    dist = check_injection(theta_r, theta_o, tgt)
+    o_pt = evaluate(cfg, theta_o, sets, tr_r, tok)
+    rec = {"inject": {"identical_outside_v_tgt": True, "param_change": dist, "fs": o_pt["fs"], "rs": o_pt["rs"],
+                      "forget_es": 1 - o_pt["fs"], "mu": o_pt["mu"], "log_fq": o_pt["log_fq"],
+                      "prob_forget": o_pt["prob_forget"], "value_prob_forget": o_pt["value_prob_forget"]},
+           "size": loc.selection_size(tgt), "runs": {}}
+    for name in cfg.objectives:
+        rec["runs"][name] = {}
+        for arm, sel in (("oracle", tgt), ("random", rdm), ("random2", rdm2)):
+            lr = lrs[name]["lr"]
+            undo = (tgt, dist) if arm == "oracle" else None
+            c = rec["runs"][name][arm] = cached(cfg, run_key(cfg, "t2", s, name, arm, lr), lambda: table2_run(
+                cfg, name, theta_o, theta_r, sets, sel, s, lr, tr_r, tok, undo))
+            progress(f"[table 2] seed {s} {name} {arm}: AUES {c['aues']:.3f} MU95 {c['mu95']:.2f}")
+    return rec
+
+
+def table2_run(cfg, name, theta_o, theta_r, sets, sel, seed, lr, tr_r, tok, undo=None):
+    """theta_o unlearned with objective `name` on region sel -> its mixing-sweep curves, the L2 gap before and
+    after, and (undo = (V_tgt, |theta_o - theta_r| inside it): Oracle) how far from the exact solution its region
+    contains (= theta_r): 1 = theta_o, 0 = theta_r."""
+    net, res = unlearn(cfg, name, theta_o, theta_r, sets, sel, seed, lr)
+    c = sweep(cfg, theta_o, net, sets, tr_r, tok)
+    c["l2_start"] = l2_gap(theta_o, theta_r, sets["forget_rows"])
+    c["l2_final"] = l2_gap(net, theta_r, sets["forget_rows"])
+    c["train_time_s"] = res.train_time
+    c["lr"] = lr
+    if undo is not None:
+        v_tgt, dist = undo
+        c["undo_distance"] = check_injection(theta_r, net, v_tgt) / dist
+    return c
+
+
+def progress_log(total, log):
+    """say(line): log(line) with the count of runs done of `total` and the estimated time left."""
+    t0, done = time.time(), [0]
+
+    def say(line):
+        done[0] += 1
+        el = time.time() - t0
+        log(f"{line} | {done[0]}/{total} | eta {el / done[0] * (total - done[0]):.0f} s")
+    return say
 
 
 def table1(cfg, theta_full, sets, tr_r, tok, ratio, log, tag="t1"):
@@ -936,6 +955,11 @@ def summarize_table2(cfg, t2):
 # -------------------------------------------------------------------------------------------------
 # Claims (thresholds fixed here, before any run)
 # -------------------------------------------------------------------------------------------------
+
+# Claims compare AUES over the FS range the compared curves share (eval.aues_over; the paper's AUES, over each
+# curve's own range, rewards reach) and MU95 only where it is a crossing (eval.mu95_checked); Oracle - Random is
+# paired within a mask seed and judged by the 95% t interval over seeds (eval.over_seeds) against the calibration
+# margin, the largest |Random - Random2| of any seed.
 
 MIN_SEEDS = 3             # claims 1, 3: a t interval over at least this many mask seeds
 MIN_COMMON_FS = 0.1       # claims 1-3: the compared curves share at least this much FS range
@@ -1264,7 +1288,7 @@ def plot(cfg, metrics):
 
 
 # -------------------------------------------------------------------------------------------------
-# main
+# main: run() is the experiment as a story of stages
 # -------------------------------------------------------------------------------------------------
 
 def main(argv=None, log=print):
@@ -1272,32 +1296,50 @@ def main(argv=None, log=print):
     with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        t0, c0 = time.time(), time.process_time()
-        toks = [] if cfg.init_from else [make_tokenizer(cfg)]
-        theta_p = base_model(cfg, toks)
-        tok = toks[0]
-        sets = make_sets(cfg, tok)
-        log(f"locprobe: {sets['n']} QA; model {theta_p.num_params() / 1e6:.2f}M params, "
-            f"{theta_p.cfg.n_layer * theta_p.cfg.d_ff} value vectors; seeds {cfg.seeds}; objectives {cfg.objectives}")
-        theta_r = train_full(cfg, copy.deepcopy(theta_p), sets["retain_train_rows"], "theta_r", log)
-        tr_r = ev.truth_ratio_tofu(*option_lps(theta_r, sets["ev"]["forget"], cfg.eval_batch))
-        metrics = {"n_qa": sets["n"], "n_value_vectors": theta_p.cfg.n_layer * theta_p.cfg.d_ff,
-                   "value_spans_found": {k: sets["ev"][k].get("n_value") for k in ("forget", "retain")}}
-        metrics["table2"] = table2(cfg, theta_r, sets, tr_r, tok, log)
-        metrics["summary"] = summarize_table2(cfg, metrics["table2"])
-        t1 = None
-        if cfg.table1 or cfg.table3:
-            theta_full = train_full(cfg, copy.deepcopy(theta_p), sets["full_train_rows"], "theta_full", log)
-            if cfg.table1:
-                t1 = metrics["table1"] = table1(cfg, theta_full, sets, tr_r, tok, cfg.loc_ratio, log)
-            if cfg.table3:
-                metrics["table3"] = table1(replace(cfg, localizers=("wagle",)), theta_full, sets, tr_r, tok,
-                                           cfg.table3_ratio, log, tag="t3")
-        claims = make_claims(cfg, metrics["summary"], t1)
-        metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0
-        metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
-        report(cfg, metrics, claims)
-        return metrics, claims
+        return run(cfg, log)
+
+
+def run(cfg, log=print):
+    """The experiment, stage by stage; returns (metrics, claims) and writes the report to results_dir(cfg)."""
+    t0, c0 = time.time(), time.process_time()
+    # theta_p and the data: a fresh seeded model (or a checkpoint and its tokenizer), the QA as token rows
+    toks = [] if cfg.init_from else [make_tokenizer(cfg)]
+    theta_p = base_model(cfg, toks)
+    tok = toks[0]
+    sets = make_sets(cfg, tok)
+    log(f"locprobe: {sets['n']} QA; model {theta_p.num_params() / 1e6:.2f}M params, "
+        f"{theta_p.cfg.n_layer * theta_p.cfg.d_ff} value vectors; seeds {cfg.seeds}; objectives {cfg.objectives}")
+    # theta_r: trained without the forget set; its forget truth ratios are forget quality's reference
+    theta_r = train_full(cfg, copy.deepcopy(theta_p), sets["retain_train_rows"], "theta_r", log)
+    tr_r = ev.truth_ratio_tofu(*option_lps(theta_r, sets["ev"]["forget"], cfg.eval_batch))
+    metrics = {"n_qa": sets["n"], "n_value_vectors": theta_p.cfg.n_layer * theta_p.cfg.d_ff,
+               "value_spans_found": {k: sets["ev"][k].get("n_value") for k in ("forget", "retain")}}
+    # Table 2 (and Figure 1): Oracle vs Random vs Random2 per mask seed and objective, summarized over seeds
+    metrics["table2"] = table2(cfg, theta_r, sets, tr_r, tok, log)
+    metrics["summary"] = summarize_table2(cfg, metrics["table2"])
+    # Tables 1 and 3: NPO on each localizer's top region vs Random, from theta_full
+    t1 = tables_1_3(cfg, theta_p, sets, tr_r, tok, metrics, log)
+    # the claims, on thresholds fixed before any run
+    claims = make_claims(cfg, metrics["summary"], t1)
+    # the report: tables, claims, checks, figures
+    metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0
+    metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    report(cfg, metrics, claims)
+    return metrics, claims
+
+
+def tables_1_3(cfg, theta_p, sets, tr_r, tok, metrics, log):
+    """Tables 1 and 3 (as cfg asks) into metrics, from theta_full (trained only when one of them runs); returns
+    Table 1 or None."""
+    if not (cfg.table1 or cfg.table3):
+        return None
+    theta_full = train_full(cfg, copy.deepcopy(theta_p), sets["full_train_rows"], "theta_full", log)
+    if cfg.table1:
+        metrics["table1"] = table1(cfg, theta_full, sets, tr_r, tok, cfg.loc_ratio, log)
+    if cfg.table3:
+        metrics["table3"] = table1(replace(cfg, localizers=("wagle",)), theta_full, sets, tr_r, tok,
+                                   cfg.table3_ratio, log, tag="t3")
+    return metrics.get("table1")
 
 
 if __name__ == "__main__":
