@@ -707,15 +707,52 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
     default) or whole families ("independent"). real_phrasings >= 1: renderings of each real person's article
     (the extra ones in world.real_rephrasings). Both opt-in: the defaults build the same world as before.
     """
+    n_groups = {"train": n_people, "holdout": n_holdout, "real": n_real}
+    fam_counts = {"train": n_families, "holdout": n_holdout // 2, "real": n_real // 2}
+    max_size = _check_world_sizes(n_groups, fam_counts, n_cities, n_countries, n_perturbed, forget_kind,
+                                  real_phrasings)
+    rng = random.Random(seed)       # one generator, drawn from in this order: the stages below must keep it
+    # the map: countries, and cities with a river, a founding year and a country each
+    countries, cities = _world_cities(rng, n_countries, n_cities)
+    # the people: families sharing a surname, parents and a birth city; each living in another country
+    people = _world_families(rng, [c.name for c in cities], n_groups, fam_counts)
+    _world_residences(rng, people, cities)
+    persons = [Person(**p) for p in people]
+    # the articles (their own generator), recording for every fact the articles that state it
+    statements = {}   # fact id -> {source id: cloze}
+    by_id = {p.id: p for p in persons}
+    render = lambda p, arng: _world_article(p, arng, by_id, cities, statements)
+    articles = {"train": {}, "holdout": {}, "real": {}}
+    arng = random.Random(f"{seed}/articles")
+    for p in persons:
+        articles[p.group][p.id] = render(p, arng)
+    # facts with their QA, perturbed answers and kinds
+    facts = _world_facts(rng, persons, cities, countries, statements, n_perturbed)
+    # the order forget splits take the training people in
+    train_people = [p for p in persons if p.group == "train"]
+    forget_order = _world_forget_order(rng, train_people, max_size, forget_kind)
+    # extra renderings of the real people's articles, from their own generators (nothing above changes)
+    rephrasings = {p.id: [render(p, random.Random(f"{seed}/real/{p.id}/{i}")) for i in range(1, real_phrasings)]
+                   for p in persons if p.group == "real" and real_phrasings > 1}
+
+    return World(seed=seed, countries=countries, cities=cities, people=train_people,
+                 holdout_people=[p for p in persons if p.group == "holdout"],
+                 real_people=[p for p in persons if p.group == "real"],
+                 articles=articles["train"], holdout_articles=articles["holdout"], real_articles=articles["real"],
+                 facts=facts["train"], holdout_facts=facts["holdout"], real_facts=facts["real"],
+                 forget_order=forget_order, forget_kind=forget_kind, real_rephrasings=rephrasings)
+
+
+def _check_world_sizes(n_groups, fam_counts, n_cities, n_countries, n_perturbed, forget_kind, real_phrasings):
+    """make_world's arguments checked, each failure a clear ValueError; returns the largest family size."""
     if forget_kind not in FORGET_KINDS:
         raise ValueError(f"forget_kind must be one of {FORGET_KINDS}, got {forget_kind!r}")
     if not isinstance(real_phrasings, int) or real_phrasings < 1:
         raise ValueError(f"real_phrasings must be an int >= 1, got {real_phrasings!r}")
-    rng = random.Random(seed)
-    n_groups = {"train": n_people, "holdout": n_holdout, "real": n_real}
+    n_people, n_families = n_groups["train"], fam_counts["train"]
     if n_people < 2 or n_families < 1 or n_people < 2 * n_families:
         raise ValueError(f"need at least 2 people per family: n_people={n_people}, n_families={n_families}")
-    if n_holdout == 1 or n_real == 1:
+    if n_groups["holdout"] == 1 or n_groups["real"] == 1:
         raise ValueError("held-out and real people come in families of at least 2: use 0 or >= 2")
     if n_countries > len(COUNTRIES) or not n_countries <= n_cities <= len(CITIES):
         raise ValueError(f"need n_countries <= {len(COUNTRIES)} and n_countries <= n_cities <= {len(CITIES)}")
@@ -723,7 +760,6 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
         raise ValueError("every city needs a family born there: n_cities <= n_families")
     if n_perturbed < 3 or n_countries < 4:
         raise ValueError("every fact needs >= 3 wrong answers: n_perturbed >= 3 and n_countries >= 4")
-    fam_counts = {"train": n_families, "holdout": n_holdout // 2, "real": n_real // 2}
     if sum(fam_counts.values()) > len(SURNAMES):
         raise ValueError(f"{sum(fam_counts.values())} families but only {len(SURNAMES)} surnames")
     max_size = max(-(-n_groups[g] // fam_counts[g]) for g in n_groups if n_groups[g])
@@ -732,19 +768,25 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
     n_titles = 2 * sum(n_groups.values())
     if n_titles > len(BOOK_ADJ) * len(BOOK_NOUN):
         raise ValueError(f"{n_titles} book titles needed, only {len(BOOK_ADJ) * len(BOOK_NOUN)} exist")
+    return max_size
 
+
+def _world_cities(rng, n_countries, n_cities):
+    """(countries, [City]): every country gets at least one city."""
     countries = rng.sample(COUNTRIES, n_countries)
     city_names = rng.sample(CITIES, n_cities)
     rivers = rng.sample(RIVERS, n_cities)
     founded = rng.sample(FOUNDED_YEARS, n_cities)
-    # every country gets at least one city
     city_country = [countries[i % n_countries] for i in range(n_cities)]
     rng.shuffle(city_country)
-    cities = [City(c, k, r, y) for c, k, r, y in zip(city_names, city_country, rivers, founded)]
-    country_of = {c.name: c.country for c in cities}
+    return countries, [City(c, k, r, y) for c, k, r, y in zip(city_names, city_country, rivers, founded)]
 
+
+def _world_families(rng, city_names, n_groups, fam_counts):
+    """Every person as a dict (residence None), family by family: train, held-out, then real people."""
     surnames = rng.sample(SURNAMES, sum(fam_counts.values()))
-    titles = rng.sample([f"{a} {b}" for a in BOOK_ADJ for b in BOOK_NOUN], n_titles)
+    titles = rng.sample([f"{a} {b}" for a in BOOK_ADJ for b in BOOK_NOUN], 2 * sum(n_groups.values()))
+    n_cities = len(city_names)
     people, next_id, fam_id = [], 1, 0
     for group in ("train", "holdout", "real"):
         n, nf = n_groups[group], fam_counts[group]
@@ -773,10 +815,14 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
                                    father=father, mother=mother, siblings=tuple(i for i in ids if i != pid)))
             next_id += size
             fam_id += 1
+    return people
 
-    # residence: a city in another country than the birth city (so the home country never appears in the
-    # person's own article); every city first gets two train residents, so "<city>, a city in <country>" is a
-    # shared fact of the training corpus
+
+def _world_residences(rng, people, cities):
+    """Set each person's residence: a city in another country than the birth city (so the home country never
+    appears in the person's own article); every city first gets two train residents, so "<city>, a city in
+    <country>" is a shared fact of the training corpus."""
+    country_of = {c.name: c.country for c in cities}
     train = [p for p in people if p["group"] == "train"]
     order = list(range(len(train)))
     rng.shuffle(order)
@@ -790,63 +836,58 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
     for p in people:
         if p["residence"] is None:
             p["residence"] = rng.choice([c.name for c in cities if c.country != country_of[p["birth_city"]]])
-    persons = [Person(**p) for p in people]
+
+
+def _world_article(p, arng, by_id, cities, statements):
+    """One rendering of p's article: templates, sibling order, fillers and sentence order drawn from arng. Records
+    in statements (fact id -> {source id: cloze}) the cloze text of every fact it states, the first one kept."""
+    country_of = {c.name: c.country for c in cities}
+    sibs = [by_id[s] for s in p.siblings]
+    arng.shuffle(sibs)
+    kids = [p] + sibs            # the article's person first: their cloze prompts start with their name
+    sents = []
+
+    def sentence(templates, slots, facts):
+        text, starts = _render(arng.choice(templates), slots)
+        for fact_id, value_slot, subject_slot in facts:
+            lo = starts[subject_slot] if subject_slot else 0
+            statements.setdefault(fact_id, {}).setdefault(p.id, text[lo:starts[value_slot]].rstrip())
+        sents.append(text)
+
+    fam_facts = [(f"p{k.id}.{a}", s, None) for k in kids for a, s in
+                 (("father", "father"), ("mother", "mother"), ("birth_city", "city"))]
+    sentence(T_FAMILY, dict(children=_name_list([k.name for k in kids]), city=p.birth_city, father=p.father,
+                            mother=p.mother), fam_facts)
+    sentence(T_BIRTH, dict(name=p.name, year=p.birth_year), [(f"p{p.id}.birth_year", "year", None)])
+    sentence(T_OCCUPATION, dict(name=p.name, occupation=p.occupation),
+             [(f"p{p.id}.occupation", "occupation", None)])
+    sentence(T_BOOKS, dict(name=p.name, book1=p.books[0], book2=p.books[1]),
+             [(f"p{p.id}.book1", "book1", None), (f"p{p.id}.book2", "book2", None)])
+    sentence(T_AWARD, dict(name=p.name, award=p.award), [(f"p{p.id}.award", "award", None)])
+    sentence(T_RESIDENCE, dict(name=p.name, res=p.residence, res_country=country_of[p.residence]),
+             [(f"p{p.id}.residence", "res", None), (f"c.{p.residence}.country", "res_country", "res")])
+    bc = next(c for c in cities if c.name == p.birth_city)
+    sentence(T_CITY, dict(city=bc.name, river=bc.river, founded=bc.founded),
+             [(f"c.{bc.name}.river", "river", "city"), (f"c.{bc.name}.founded", "founded", "city")])
+    pron, poss = ("she", "her") if p.gender == "f" else ("he", "his")
+    fill = [_render(t, dict(pron=pron, Pron=pron.capitalize(), poss=poss, Poss=poss.capitalize()))[0]
+            for t in arng.sample(FILLERS, N_FILLERS)]
+    # the family or the birth sentence opens the article; the rest in a varied order
+    first = arng.randrange(2)
+    rest = [s for i, s in enumerate(sents) if i != first] + fill
+    arng.shuffle(rest)
+    return " ".join([sents[first]] + rest)
+
+
+def _world_facts(rng, persons, cities, countries, statements, n_perturbed):
+    """{group: [Fact]}: every person's facts (the inferred home country last), then the city facts (train)."""
     by_id = {p.id: p for p in persons}
-
-    # articles, recording for every (fact id) the articles that state it and the cloze text of each statement
-    statements = {}   # fact id -> {source id: cloze}
-
-    def state(fact_id, sid, text, starts, value_slot, subject_slot=None):
-        lo = starts[subject_slot] if subject_slot else 0
-        statements.setdefault(fact_id, {}).setdefault(sid, text[lo:starts[value_slot]].rstrip())
-
-    def render_article(p, arng):
-        """One rendering of p's article: templates, sibling order, fillers and sentence order drawn from arng."""
-        sibs = [by_id[s] for s in p.siblings]
-        arng.shuffle(sibs)
-        kids = [p] + sibs            # the article's person first: their cloze prompts start with their name
-        sents = []
-
-        def sentence(templates, slots, facts):
-            text, starts = _render(arng.choice(templates), slots)
-            for fact_id, value_slot, subject_slot in facts:
-                state(fact_id, p.id, text, starts, value_slot, subject_slot)
-            sents.append(text)
-
-        fam_facts = [(f"p{k.id}.{a}", s, None) for k in kids for a, s in
-                     (("father", "father"), ("mother", "mother"), ("birth_city", "city"))]
-        sentence(T_FAMILY, dict(children=_name_list([k.name for k in kids]), city=p.birth_city, father=p.father,
-                                mother=p.mother), fam_facts)
-        sentence(T_BIRTH, dict(name=p.name, year=p.birth_year), [(f"p{p.id}.birth_year", "year", None)])
-        sentence(T_OCCUPATION, dict(name=p.name, occupation=p.occupation),
-                 [(f"p{p.id}.occupation", "occupation", None)])
-        sentence(T_BOOKS, dict(name=p.name, book1=p.books[0], book2=p.books[1]),
-                 [(f"p{p.id}.book1", "book1", None), (f"p{p.id}.book2", "book2", None)])
-        sentence(T_AWARD, dict(name=p.name, award=p.award), [(f"p{p.id}.award", "award", None)])
-        sentence(T_RESIDENCE, dict(name=p.name, res=p.residence, res_country=country_of[p.residence]),
-                 [(f"p{p.id}.residence", "res", None), (f"c.{p.residence}.country", "res_country", "res")])
-        bc = next(c for c in cities if c.name == p.birth_city)
-        sentence(T_CITY, dict(city=bc.name, river=bc.river, founded=bc.founded),
-                 [(f"c.{bc.name}.river", "river", "city"), (f"c.{bc.name}.founded", "founded", "city")])
-        pron, poss = ("she", "her") if p.gender == "f" else ("he", "his")
-        fill = [_render(t, dict(pron=pron, Pron=pron.capitalize(), poss=poss, Poss=poss.capitalize()))[0]
-                for t in arng.sample(FILLERS, N_FILLERS)]
-        # the family or the birth sentence opens the article; the rest in a varied order
-        first = arng.randrange(2)
-        rest = [s for i, s in enumerate(sents) if i != first] + fill
-        arng.shuffle(rest)
-        return " ".join([sents[first]] + rest)
-
-    articles = {"train": {}, "holdout": {}, "real": {}}
-    arng = random.Random(f"{seed}/articles")
-    for p in persons:
-        articles[p.group][p.id] = render_article(p, arng)
-
-    # facts with their QA, perturbed answers and kinds
+    country_of = {c.name: c.country for c in cities}
+    city_names = [c.name for c in cities]
     pools = {"birth_year": [str(y) for y in BIRTH_YEARS], "occupation": OCCUPATIONS, "award": AWARDS,
              "book1": [t for p in persons for t in p.books], "residence": city_names,
              "birth_city": city_names, "country": countries, "city.country": countries,
-             "city.river": rivers, "city.founded": [str(y) for y in FOUNDED_YEARS]}
+             "city.river": [c.river for c in cities], "city.founded": [str(y) for y in FOUNDED_YEARS]}
     pools["book2"] = pools["book1"]
 
     def wrong(attr, value):
@@ -893,9 +934,12 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
             cloze = _render(CLOZE_CITY_COUNTRY, dict(city=c.name))[0] if attr == "country" else None
             facts["train"].append(make_fact(f"c.{c.name}.{attr}", 0, c.name, f"city.{attr}", v,
                                             dict(city=c.name), "city", cloze=cloze))
+    return facts
 
-    # forget sets take one person per family (in a seeded order) before any second sibling
-    train_people = [p for p in persons if p.group == "train"]
+
+def _world_forget_order(rng, train_people, max_size, forget_kind):
+    """The training people's ids in the order forget splits take them: one person per family (in a seeded order)
+    before any second sibling ("entangled"), or whole families in the same seeded family order ("independent")."""
     fams = {}
     for p in train_people:
         fams.setdefault(p.family, []).append(p.id)
@@ -906,16 +950,7 @@ def make_world(seed=0, n_people=100, n_families=40, n_cities=10, n_countries=4, 
     forget_order = [fams[f][r] for r in range(max_size) for f in fam_order if r < len(fams[f])]
     if forget_kind == "independent":     # the same seeded family order, whole families
         forget_order = [pid for f in fam_order for pid in fams[f]]
-    # extra renderings of the real people's articles, from their own generators (nothing above changes)
-    rephrasings = {p.id: [render_article(p, random.Random(f"{seed}/real/{p.id}/{i}")) for i in range(1, real_phrasings)]
-                   for p in persons if p.group == "real" and real_phrasings > 1}
-
-    return World(seed=seed, countries=countries, cities=cities, people=train_people,
-                 holdout_people=[p for p in persons if p.group == "holdout"],
-                 real_people=[p for p in persons if p.group == "real"],
-                 articles=articles["train"], holdout_articles=articles["holdout"], real_articles=articles["real"],
-                 facts=facts["train"], holdout_facts=facts["holdout"], real_facts=facts["real"],
-                 forget_order=forget_order, forget_kind=forget_kind, real_rephrasings=rephrasings)
+    return forget_order
 
 
 @dataclass(frozen=True)
