@@ -608,14 +608,19 @@ class World:
         return self.forget_order[:end]
 
     def forget_fact_roles(self, split):
-        """{fact id: role} for every fact of the people a forget split removes, by what the retained people's
-        articles (everyone trained on but not in the split) say about it: "shared" (a retained article states
-        it), "inferable" (an inferred fact whose every premise a retained article states), "unique" (neither:
-        only the forgotten people's own data holds it). Under forget_kind "independent" every role is unique."""
+        """{fact id: role} for every fact of the people a forget split removes (fact_roles of its people)."""
         base = split[:-len("_perturbed")] if split.endswith("_perturbed") else split
         if not re.fullmatch(r"forget\d\d", base) or base not in TOFU_SPLITS:
             raise ValueError(f"split must be one of forget01, forget05, forget10, got {split!r}")
-        gone = {r["person"] for r in self.tofu_split(base)}
+        return self.fact_roles({r["person"] for r in self.tofu_split(base)})
+
+    def fact_roles(self, gone):
+        """{fact id: role} for every fact of the people in `gone` (any forget request), by what the retained
+        people's articles (everyone trained on but not in `gone`) say about it: "shared" (a retained article
+        states it), "inferable" (an inferred fact whose every premise a retained article states), "unique"
+        (neither: only the forgotten people's own data holds it). Under forget_kind "independent" every role of
+        a forget split is unique."""
+        gone = set(gone)
         kept = {p.id for p in self.people} - gone
         by_id = {f.id: f for f in self.facts}
         stated = lambda f: bool(set(f.source_ids) & kept)

@@ -639,7 +639,7 @@ def load_data(cfg, tok=None):
     forget = sorted({r["person"] for r in sets[cfg.forget]})
     order = world.forget_order if cfg.data == "world" else None
     sets["tune"] = [r for r in sets["full"] if r["person"] in set(tuning_request(sets, forget, order))]
-    return dict(tok=tok, sets=sets, forget=forget, pretrain=texts)
+    return dict(tok=tok, sets=sets, forget=forget, pretrain=texts, world=world if cfg.data == "world" else None)
 
 
 def tuning_request(sets, forget, order=None):
