@@ -420,53 +420,19 @@ def unlearn(model, objective, forget_batches, retain_batches=None, *, epochs=Non
     entries whose gradient is zero. region=None trains every parameter that currently requires grad.
     AdamW decays only matrices (dim >= 2), as nanoGPT. Returns an UnlearnResult.
     """
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs or steps")
-    if isinstance(forget_batches, dict):
-        forget_batches = [forget_batches]
-    forget_batches = list(forget_batches)
-    if not forget_batches:
-        raise ValueError("no forget batches")
-    if retain_batches is not None:
-        retain_batches = [retain_batches] if isinstance(retain_batches, dict) else list(retain_batches)
-        if not retain_batches:
-            raise ValueError("retain_batches is empty; pass None for no retain set")
-    total = steps if steps is not None else epochs * len(forget_batches)
-    if total < 0 or eval_every < 1:
-        raise ValueError("steps/epochs must be >= 0 and eval_every >= 1")
-
+    forget_batches, retain_batches, total = _unlearn_schedule(forget_batches, retain_batches, epochs, steps,
+                                                              eval_every)
     t_start = time.perf_counter()
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    if region is None:
-        entries = [(n, p, None) for n, p in model.named_parameters() if p.requires_grad]
-        if not entries:
-            raise ValueError("no trainable parameters")
-    else:
-        entries = resolve_region(model, region)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, p, _ in entries:
-        p.requires_grad_(True)
-    params = [p for _, p, _ in entries]
-    # full copies of the partially-frozen parameters; only their masked-out entries are ever read back
-    frozen = [(p, m, p.detach().clone()) for _, p, m in entries if m is not None]
-
-    if optimizer == "adamw":
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
-    dev = params[0].device
-    use_amp = amp and dev.type == "cuda"
+    # what moves: the region's parameters (requires_grad), with saved copies of the masked ones
+    params, frozen = _train_only(model, region)
+    opt, sched = _unlearn_optimizer(params, optimizer, lr, weight_decay, betas, momentum, warmup_steps)
+    use_amp = amp and params[0].device.type == "cuda"
 
     trajectory, losses, train_time, stopped, since = [], [], 0.0, False, []
 
-    def checkpoint(step):
+    def checkpoint(step):       # metrics and the stop check, in eval mode without gradients
         model.eval()
         with torch.no_grad():
             rec = {"step": step, "loss": sum(since) / len(since) if since else None}
@@ -485,22 +451,7 @@ def unlearn(model, objective, forget_batches, retain_batches=None, *, epochs=Non
             model.train()
             fb = forget_batches[step % len(forget_batches)]
             rb = retain_batches[step % len(retain_batches)] if retain_batches else None
-            with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
-                loss = objective(model, forget=fb, retain=rb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"objective is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p, m, _ in frozen:
-                if p.grad is not None:
-                    p.grad.mul_(m)
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p, m, orig in frozen:
-                    p.copy_(torch.where(m, p, orig))
+            loss = _unlearn_step(model, objective, fb, rb, opt, sched, params, frozen, grad_clip, use_amp, step)
             step += 1
             losses.append(loss.item())
             since.append(losses[-1])
@@ -512,6 +463,81 @@ def unlearn(model, objective, forget_batches, retain_batches=None, *, epochs=Non
             p.requires_grad_(f)
         model.train(was_training)
     return UnlearnResult(trajectory, losses, step, stopped, time.perf_counter() - t_start, train_time)
+
+
+def _unlearn_schedule(forget_batches, retain_batches, epochs, steps, eval_every):
+    """unlearn's batches as lists (a single dict is one batch) and its number of steps; bad arguments raise."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+    if isinstance(forget_batches, dict):
+        forget_batches = [forget_batches]
+    forget_batches = list(forget_batches)
+    if not forget_batches:
+        raise ValueError("no forget batches")
+    if retain_batches is not None:
+        retain_batches = [retain_batches] if isinstance(retain_batches, dict) else list(retain_batches)
+        if not retain_batches:
+            raise ValueError("retain_batches is empty; pass None for no retain set")
+    total = steps if steps is not None else epochs * len(forget_batches)
+    if total < 0 or eval_every < 1:
+        raise ValueError("steps/epochs must be >= 0 and eval_every >= 1")
+    return forget_batches, retain_batches, total
+
+
+def _train_only(model, region):
+    """Set requires_grad on the region's parameters only (every trainable one when region is None); returns
+    (params, frozen): frozen = (parameter, mask, full copy) of each partially-frozen parameter, of which only the
+    masked-out entries are ever read back."""
+    if region is None:
+        entries = [(n, p, None) for n, p in model.named_parameters() if p.requires_grad]
+        if not entries:
+            raise ValueError("no trainable parameters")
+    else:
+        entries = resolve_region(model, region)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p, _ in entries:
+        p.requires_grad_(True)
+    params = [p for _, p, _ in entries]
+    frozen = [(p, m, p.detach().clone()) for _, p, m in entries if m is not None]
+    return params, frozen
+
+
+def _unlearn_optimizer(params, optimizer, lr, weight_decay, betas, momentum, warmup_steps):
+    """(optimizer, linear-warmup scheduler): AdamW decays matrices only (dim >= 2), as nanoGPT; or SGD."""
+    if optimizer == "adamw":
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    return opt, sched
+
+
+def _unlearn_step(model, objective, fb, rb, opt, sched, params, frozen, grad_clip, use_amp, step):
+    """One optimizer step on objective(model, forget=fb, retain=rb); the masked-out entries of the frozen
+    parameters get no gradient and their saved values back (weight decay and momentum move them otherwise).
+    Returns the loss (a tensor)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+        loss = objective(model, forget=fb, retain=rb)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"objective is {loss.item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p, m, _ in frozen:
+        if p.grad is not None:
+            p.grad.mul_(m)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for p, m, orig in frozen:
+            p.copy_(torch.where(m, p, orig))
+    return loss
 
 
 # -------------------------------------------------------------------------------------------------
