@@ -695,16 +695,69 @@ def neumuter_iteration_vs_ga_step(cfg, device, batch=32, T=96):
 
 
 # --- Memory Adapters ---------------------------------------------------------------------------------
+# memadapt.py's memory read and training step on random problems (the rows below; tests/test_bench.py)
+
+def read_case(n_tokens, k, d, n_rows, seed=0):
+    """A random read problem: (rows, values, w, mask, g) with n_tokens bags of k rows of a
+    (n_rows, d) table, half the (token, entry) pairs trainable, and an output gradient g."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, n_rows, (n_tokens, k), generator=gen)
+    values = torch.randn(n_rows, d, generator=gen).requires_grad_(True)
+    w = torch.softmax(torch.randn(n_tokens, k, generator=gen), -1)
+    mask = torch.rand(n_tokens, k, generator=gen) < 0.5
+    return rows, values, w, mask, torch.randn(n_tokens, d, generator=gen)
+
+
+def read_step(kind, rows, values, w, mask, g):
+    """One forward + backward of a read: "single" (masked, one pass), "two_pass" (the paper's), "plain"."""
+    import memadapt as MA
+    values.grad = None
+    if kind == "single":
+        out = MA.masked_read(rows, values, w, mask)
+    elif kind == "two_pass":
+        out = MA.masked_read_two_pass(rows, values, w, mask)
+    elif kind == "plain":
+        out = MA.read(rows, values, w)
+    else:
+        raise ValueError(f"kind must be single, two_pass or plain, got {kind!r}")
+    out.backward(g)
+    return values.grad
+
+
+def train_step_case(n_sub, k=8, entries=64, sources=60, d=128, B=16, T=24, seed=0, device="cpu"):
+    """A memory of n_sub^2 entries with `entries` rows assigned to each of `sources` sources, and a closure
+    that runs one gradient-masked training step (forward, backward, RowAdam) on a random batch. Returns
+    (mem, step, stored bytes: the value table + Adam moments + index map)."""
+    import memadapt as MA
+    torch.manual_seed(seed)
+    mem = MA.ProductKeyMemory(d, d, n_sub, k, 64)
+    gen = torch.Generator().manual_seed(seed)
+    ents = torch.randperm(n_sub * n_sub, generator=gen)[:sources * entries]
+    mem.assign(ents, torch.arange(1, sources + 1).repeat_interleave(entries))
+    mem.to(device).train()
+    mem.values.requires_grad_(True)
+    opt = MA.RowAdam([mem.values], lr=1e-2)
+    x = torch.randn(B, T, d, generator=gen).to(device)
+    ctx = MA.MemCtx(source=torch.randint(1, sources + 1, (B,), generator=gen).to(device))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        mem(x, ctx).square().mean().backward()
+        opt.step()
+    step()      # Adam state allocated
+    nbytes = 3 * mem.values.numel() * mem.values.element_size() + mem.row_of.numel() * mem.row_of.element_size()
+    return mem, step, nbytes
+
+
 @row("memadapt_masked_read", anchor="the unmasked read (one embedding-bag, plain backward)", target="<= 1.2",
      measure="time")
 def memadapt_masked_read(cfg, device, tokens=16 * 24, k=8, d=128, n_rows=6401):
     """Sequence-level gradient-masked memory read (single pass: one embedding-bag forward, masked custom
     backward), forward + backward, vs the same read without a mask (memadapt.py's default shape)."""
-    import memadapt
-    case = [t.to(device) for t in memadapt.read_case(tokens, k, d, n_rows)]
+    case = [t.to(device) for t in read_case(tokens, k, d, n_rows)]
     case[1] = case[1].detach().requires_grad_(True)
-    return Pair("single-pass masked", lambda: memadapt.read_step("single", *case),
-                "unmasked", lambda: memadapt.read_step("plain", *case), work=tokens, unit="tokens/s",
+    return Pair("single-pass masked", lambda: read_step("single", *case),
+                "unmasked", lambda: read_step("plain", *case), work=tokens, unit="tokens/s",
                 what=f"{tokens} tokens x k {k}, value dim {d}, {n_rows} stored rows")
 
 
@@ -713,15 +766,14 @@ def memadapt_masked_read(cfg, device, tokens=16 * 24, k=8, d=128, n_rows=6401):
 def memadapt_single_vs_two_pass(cfg, device, tokens=16 * 24, k=8, d=128, n_rows=6401):
     """The single-pass masked read against the paper's two-pass version (a masked-score pass for gradients plus
     a no-grad pass for the output): equal output and gradients (tests), one embedding-bag forward fewer."""
-    import memadapt
-    case = [t.to(device) for t in memadapt.read_case(tokens, k, d, n_rows)]
+    case = [t.to(device) for t in read_case(tokens, k, d, n_rows)]
     case[1] = case[1].detach().requires_grad_(True)
 
     def same():
-        a = memadapt.read_step("single", *case).clone()
-        assert torch.allclose(a, memadapt.read_step("two_pass", *case), atol=1e-5), "single-pass grad != two-pass"
-    return Pair("single-pass masked", lambda: memadapt.read_step("single", *case),
-                "two-pass masked", lambda: memadapt.read_step("two_pass", *case), work=tokens, unit="tokens/s",
+        a = read_step("single", *case).clone()
+        assert torch.allclose(a, read_step("two_pass", *case), atol=1e-5), "single-pass grad != two-pass"
+    return Pair("single-pass masked", lambda: read_step("single", *case),
+                "two-pass masked", lambda: read_step("two_pass", *case), work=tokens, unit="tokens/s",
                 what=f"{tokens} tokens x k {k}, value dim {d}", check=same)
 
 
@@ -731,8 +783,7 @@ def memadapt_step_vs_memory_size(cfg, device):
     """Gradient-masked training step of the memory (60 sources x 64 entries, k 8, value dim 128, batch 16 x 24)
     at N = 1024^2 vs N = 64^2: only assigned rows are stored, so time and memory follow the assigned entries.
     Stored bytes (values + Adam moments + index map) at 64^2, 256^2, 1024^2 go to the row's extra."""
-    import memadapt
-    cases = {n: memadapt.train_step_case(n, device=device) for n in (64, 256, 1024)}
+    cases = {n: train_step_case(n, device=device) for n in (64, 256, 1024)}
     extra = {f"stored_MB_N{n}^2": round(c[2] / 1e6, 2) for n, c in cases.items()}
     return Pair("N = 1024^2", cases[1024][1], "N = 64^2", cases[64][1], work=16 * 24, unit="tokens/s",
                 what="memory training step, 3,840 assigned rows (fit in N = 64^2)", extra=extra)

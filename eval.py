@@ -998,6 +998,11 @@ def t_interval(xs, level=0.95):
     return mu, sd, mu - h, mu + h
 
 
+def fmt(x, spec=".3f"):
+    """x formatted with spec; '-' for None (a quantity this run did not measure)."""
+    return "-" if x is None else format(x, spec)
+
+
 def mean_std(values):
     """(mean, sample std with n - 1; 0 for one value) of the finite numbers among values (None, NaN and non-numbers
     are skipped: a seed that did not measure a quantity); (None, None) when there are none. The one over-seeds

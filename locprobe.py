@@ -24,7 +24,6 @@ Where we differ, on purpose:
 - App. A's losses as printed have no retain term; we add none. AdamW, weight decay 0.01 (App. F).
 """
 import copy
-import json
 import math
 import os
 import time
@@ -521,10 +520,10 @@ def train_full(cfg, net, rows, name, log):
     tc = T.TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=min(20, steps), max_steps=steps,
                        log_every=cfg.log_every, device=cfg.device, seed=cfg.seed)
     key = T.run_key(net.cfg, tc, rows, batch_size=cfg.batch_size, init=T.digest(net.state_dict()))
-    tc.ckpt_path, tc.resume = os.path.join(cfg.out_dir, "ckpt", f"{name}-{key}.pt"), True
+    tc.ckpt_path = T.ckpt_path(cfg.out_dir, name, key)
     say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
     say(f"{N} QA, {steps} steps")
-    T.train(net, batch_at, tc, log=say)
+    T.train_cached(net, batch_at, tc, key, log=say)
     return net.eval()
 
 
@@ -600,7 +599,7 @@ def tune_lrs_table2(cfg, theta_r, sets, tok, log):
                     for arm, sel in (("oracle", tgt), ("random", rdm))}
             return pick_lr([base * m for m in cfg.lr_grid], arms, tuned_on=[s], reported=cfg.seeds,
                            what=f"{name} lr (Table 2)", mu_o=mu_o)
-        out[name] = cached(cfg, run_key(cfg, "tune2", name, s), run)
+        out[name] = T.cached(cfg.out_dir, run_key(cfg, "tune2", name, s), run)
         log(f"[lr] {name}: {out[name]['lr']:.3g} ({'reached' if out[name]['reached'] else out[name]['fallback']}; "
             f"tried {[round(r['value'], 7) for r in out[name]['tried']]})")
     return out
@@ -623,7 +622,7 @@ def tune_lrs_table1(cfg, theta_full, sets, tok, ratio, log, tag="t1"):
                 tuned_on, reported = [f"{name} seed {s}"], [f"{name} seed {cfg.seed}"]
             f = lambda lr: endpoint(cfg, "npo", theta_full, theta_full, sets, sel, s, lr, tok)
             return pick_lr(grid, {name: f}, tuned_on=tuned_on, reported=reported, what=f"{name} lr ({tag})")
-        out[name] = cached(cfg, run_key(cfg, "tune" + tag, name, s, ratio), run)
+        out[name] = T.cached(cfg.out_dir, run_key(cfg, "tune" + tag, name, s, ratio), run)
         log(f"[lr {tag}] {name}: {out[name]['lr']:.3g} ({'reached' if out[name]['reached'] else out[name]['fallback']})")
     return out
 
@@ -776,20 +775,6 @@ def pair_tests(cfg, c1, c2, mu_o):
 # The experiments
 # -------------------------------------------------------------------------------------------------
 
-def cached(cfg, key, fn):
-    """fn() -> json-able dict, stored under out_dir/cache/<key>.json so an interrupted run resumes."""
-    path = os.path.join(cfg.out_dir, "cache", f"{key}.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            return json.load(fh)
-    out = fn()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(out, fh, default=float)
-    os.replace(path + ".tmp", path)
-    return out
-
-
 _EVAL_ONLY = ("preset", "name", "objectives", "seeds", "table1", "localizers", "table3", "n_perm", "n_boot", "eval_batch",
               "device", "threads", "out_dir", "log_every")
 
@@ -826,8 +811,8 @@ def table2_seed(cfg, theta_r, sets, tr_r, tok, s, lrs, progress, log):
         for arm, sel in (("oracle", tgt), ("random", rdm), ("random2", rdm2)):
             lr = lrs[name]["lr"]
             undo = (tgt, dist) if arm == "oracle" else None
-            c = rec["runs"][name][arm] = cached(cfg, run_key(cfg, "t2", s, name, arm, lr), lambda: table2_run(
-                cfg, name, theta_o, theta_r, sets, sel, s, lr, tr_r, tok, undo))
+            c = rec["runs"][name][arm] = T.cached(cfg.out_dir, run_key(cfg, "t2", s, name, arm, lr), lambda: (
+                table2_run(cfg, name, theta_o, theta_r, sets, sel, s, lr, tr_r, tok, undo)))
             progress(f"[table 2] seed {s} {name} {arm}: AUES {c['aues']:.3f} MU95 {c['mu95']:.2f}")
     return rec
 
@@ -871,7 +856,7 @@ def table1(cfg, theta_full, sets, tr_r, tok, ratio, log, tag="t1"):
             sel, info = localize(cfg, name, theta_full, sets, ratio, seed=cfg.seed)
             net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, sel, cfg.seed, lr)
             return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "info": info, "lr": lr}
-        out["localizers"][name] = cached(cfg, run_key(cfg, tag, name, ratio, lr), run)
+        out["localizers"][name] = T.cached(cfg.out_dir, run_key(cfg, tag, name, ratio, lr), run)
         log(f"[{tag}] {name}: AUES {out['localizers'][name]['aues']:.3f}")
     lr = lrs["random"]["lr"]
     for s in cfg.seeds:
@@ -879,7 +864,7 @@ def table1(cfg, theta_full, sets, tr_r, tok, ratio, log, tag="t1"):
             net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, loc.random_selection(theta_full, ratio, s), s,
                              lr)
             return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "lr": lr}
-        out["random"][str(s)] = cached(cfg, run_key(cfg, tag, "random", s, ratio, lr), run)
+        out["random"][str(s)] = T.cached(cfg.out_dir, run_key(cfg, tag, "random", s, ratio, lr), run)
         log(f"[{tag}] random seed {s}: AUES {out['random'][str(s)]['aues']:.3f}")
     o = evaluate(cfg, theta_full, sets, tr_r, tok)
     out["original"] = {"fs": o["fs"], "rs": o["rs"], "mu": o["mu"], "log_fq": o["log_fq"]}

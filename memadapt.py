@@ -254,56 +254,6 @@ def attach_memory(net, cfg, masked="single"):
     return mem
 
 
-def read_case(n_tokens, k, d, n_rows, seed=0):
-    """A random read problem for bench.py: (rows, values, w, mask, g) with n_tokens bags of k rows of a
-    (n_rows, d) table, half the (token, entry) pairs trainable, and an output gradient g."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randint(0, n_rows, (n_tokens, k), generator=gen)
-    values = torch.randn(n_rows, d, generator=gen).requires_grad_(True)
-    w = torch.softmax(torch.randn(n_tokens, k, generator=gen), -1)
-    mask = torch.rand(n_tokens, k, generator=gen) < 0.5
-    return rows, values, w, mask, torch.randn(n_tokens, d, generator=gen)
-
-
-def read_step(kind, rows, values, w, mask, g):
-    """One forward + backward of a read: "single" (masked, one pass), "two_pass" (the paper's), "plain"."""
-    values.grad = None
-    if kind == "single":
-        out = masked_read(rows, values, w, mask)
-    elif kind == "two_pass":
-        out = masked_read_two_pass(rows, values, w, mask)
-    elif kind == "plain":
-        out = read(rows, values, w)
-    else:
-        raise ValueError(f"kind must be single, two_pass or plain, got {kind!r}")
-    out.backward(g)
-    return values.grad
-
-
-def train_step_case(n_sub, k=8, entries=64, sources=60, d=128, B=16, T=24, seed=0, device="cpu"):
-    """A memory of n_sub^2 entries with `entries` rows assigned to each of `sources` sources, and a closure
-    that runs one gradient-masked training step (forward, backward, RowAdam) on a random batch. Returns
-    (mem, step, stored bytes: the value table + Adam moments + index map)."""
-    torch.manual_seed(seed)
-    mem = ProductKeyMemory(d, d, n_sub, k, 64)
-    gen = torch.Generator().manual_seed(seed)
-    ents = torch.randperm(n_sub * n_sub, generator=gen)[:sources * entries]
-    mem.assign(ents, torch.arange(1, sources + 1).repeat_interleave(entries))
-    mem.to(device).train()
-    mem.values.requires_grad_(True)
-    opt = RowAdam([mem.values], lr=1e-2)
-    x = torch.randn(B, T, d, generator=gen).to(device)
-    ctx = MemCtx(source=torch.randint(1, sources + 1, (B,), generator=gen).to(device))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        mem(x, ctx).square().mean().backward()
-        opt.step()
-    step()      # Adam state allocated
-    nbytes = 3 * mem.values.numel() * mem.values.element_size() + mem.row_of.numel() * mem.row_of.element_size()
-    return mem, step, nbytes
-
-
 # -------------------------------------------------------------------------------------------------
 # Entry assignment: TF-IDF over each source's accesses, greedy, no entry shared
 # -------------------------------------------------------------------------------------------------
@@ -683,23 +633,10 @@ def qa_rows(tok, recs, block_size):
 
 def ckpt_path(cfg, name, key):
     """out_dir/ckpt/<name>-<key>.pt, key = the train.run_key of what the model's training receives (fit)."""
-    return os.path.join(cfg.out_dir, "ckpt", f"{name}-{key}.pt")
+    return T.ckpt_path(cfg.out_dir, name, key)
 
 
-def check_run_key(path, key):
-    """A cached model at `path` (named by `key`) must hold that key (save it as the file's "run_key", or as its
-    config's for train() checkpoints): a file renamed or copied in from another run is an error, never a stale
-    model silently reused. Reads only the key (a memory-mapped, weights-only load)."""
-    if not os.path.exists(path):
-        return
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        ck = T.load_checkpoint(path)             # says whether the file is damaged and what to do about it
-    got = ck.get("run_key", (ck.get("config") or {}).get("run_key"))
-    if got != key:
-        raise ValueError(f"{path} holds a model trained for run key {got}, not for {key} (what this run's "
-                         f"training receives): delete the file to train it again")
+check_run_key = T.check_run_key      # (compare.py checks its own cached models with it)
 
 
 BASE_FIELDS = ("data", "n_people", "n_families", "n_cities", "n_countries", "n_holdout", "n_real", "n_copy",
@@ -733,21 +670,9 @@ def fit(cfg, net, rows, *, epochs, lr, batch, name, fields, optimizer=None, ctx=
                     ctx=ctx, init=T.digest(net.state_dict()), settings={k: getattr(cfg, k) for k in fields},
                     optimizer=None if optimizer is None else [type(optimizer).__name__, optimizer.defaults])
     tc = replace(tc, ckpt_path=ckpt_path(cfg, name, key))
-    check_run_key(tc.ckpt_path, key)
-    t0, c0 = time.time(), time.process_time()
-    hist = T.train(net, batch_at, dict(asdict(tc), run_key=key), optimizer=optimizer,   # the key goes into the file
-                   log=print if cfg.log_every else None)
-    net.eval()
-    info = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "steps": steps,
-            "final_loss": hist["loss"][-1] if hist["loss"] else None, "cached": False}
     # Table 2 reports training time: a model reused from the cache reports the run that trained it
-    side = tc.ckpt_path + ".time.json"
-    if hist["start_step"] == 0:
-        with open(side, "w") as f:
-            json.dump(info, f)
-    elif hist["start_step"] >= steps and os.path.exists(side):
-        with open(side) as f:
-            info = dict(json.load(f), cached=True)
+    hist, info = T.train_cached(net, batch_at, tc, key, optimizer=optimizer, log=print if cfg.log_every else None)
+    net.eval()
     return info
 
 
@@ -1252,7 +1177,7 @@ def seed_claims(cfg, raw, table, best, upper, metrics):
           f"LOSS-attack AUC forget vs holdout: MemAdapt {auc('memadapt')}, Retrained {auc('retrained')}, base "
           f"{auc('base')}, Finetuned {auc('finetuned')}")
     d2 = (f"Util_R MemAdapt FT {table['memadapt_ft']['util_r']:.3f}, unmasked upper bound "
-          f"{fmt(upper and upper['util_r'], '.3f')}; retain Prob/ROUGE/truth-ratio: MemAdapt FT "
+          f"{ev.fmt(upper and upper['util_r'], '.3f')}; retain Prob/ROUGE/truth-ratio: MemAdapt FT "
           f"{parts('memadapt_ft')}, Finetuned {parts('finetuned')}, base {parts('base')}")
     claims = [claim_mem_priv(table["memadapt"]["mem"], table["retrained"]["mem"], table["memadapt"]["priv"],
                              {k: table[k]["priv"] for k in best}, d1),
@@ -1269,9 +1194,6 @@ def seed_claims(cfg, raw, table, best, upper, metrics):
 # -------------------------------------------------------------------------------------------------
 # Report
 # -------------------------------------------------------------------------------------------------
-
-def fmt(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
 
 
 def report(cfg, runs, claims, seeds, checks=()):
@@ -1298,7 +1220,7 @@ def report(cfg, runs, claims, seeds, checks=()):
     for m in rows:
         cells = [ev.fmt_mean_std([r["table1"][m][k] for r in runs]) for k in ("util_r", "util_g", "mem", "priv", "agg")]
         lr = runs[0]["table1"][m].get("lr")
-        L.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(lr, '.1e') if lr else ''} |")
+        L.append(f"| {m} | " + " | ".join(cells) + f" | {ev.fmt(lr, '.1e') if lr else ''} |")
     L += ["", "Forget-set facts by what the retain set says about them: mean answer probability and ES (unique = "
           "only the forgotten people's data holds it; entailed = a retained person's article states it or its "
           "premises; '-' = no such fact in this request)", "",
@@ -1420,8 +1342,7 @@ def main(argv=None):
         seeds = list(cfg.seeds) or [cfg.seed]
         runs, per_seed, per_seed_checks = [], [], []
         for s in seeds:
-            c = copy.copy(cfg)
-            c.seed = s
+            c = T.seed_config(cfg, s)
             print(f"==== seed {s}")
             m, cl, ck = run_seed(c)
             runs.append(m)

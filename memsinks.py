@@ -521,11 +521,11 @@ EVAL_KEYS = {"standard": ("x", "y", "doc_ids", "canary_y"), "memsinks": ("x", "y
              "gradmask": ("x", "y", "doc_ids", "canary_y")}       # ... and what its evaluation modes use
 
 
-def checkpoint_path(cfg, sets, name, kind, rows, steps, every=None):
-    """out_dir/ckpt/<name>-<train.run_key>.pt, keyed on what this model's training receives: the model and loop
-    settings, the rows it reads (ids only for MemSinks, repeated flags only where used), the batch size, its
-    kind's mask settings, and, because the checkpoint holds the learning curve, the sets and the sink setting
-    it is evaluated on. So a sweep over p reuses the standard model, and post-hoc settings retrain nothing."""
+def train_key(cfg, sets, kind, rows, steps, every=None):
+    """The train.run_key a model is cached by, of what its training receives: the model and loop settings, the
+    rows it reads (ids only for MemSinks, repeated flags only where used), the batch size, its kind's mask
+    settings, and, because the checkpoint holds the learning curve, the sets and the sink setting it is
+    evaluated on. So a sweep over p reuses the standard model, and post-hoc settings retrain nothing."""
     keys = TRAIN_KEYS[kind] + (("repeated",) if kind == "memsinks" and cfg.id_noise > 0 else ())
     mask = {"standard": {}, "gradmask": {"g": cfg.g},
             "memsinks": {"g": cfg.g, "p": cfg.p, "id_noise": cfg.id_noise, "drop_rescale": cfg.drop_rescale}}[kind]
@@ -534,7 +534,7 @@ def checkpoint_path(cfg, sets, name, kind, rows, steps, every=None):
                           "curve": {n: {k: r[k] for k in EVAL_KEYS[kind] if k in r}
                                     for n, r in (("val", sets.val), ("rep", sets.rep))}},
                     kind=kind, batch_size=cfg.batch_size, **mask)
-    return os.path.join(cfg.out_dir, "ckpt", f"{name}-{key}.pt")
+    return key
 
 
 def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None, log=print):
@@ -565,11 +565,11 @@ def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None,
     if eval_fn is None:
         def eval_fn(model, step):  # the curve in the primary modes, every mode on the full sets at the end
             return evaluate(cfg, model, kind, sets, None if step == steps else PRIMARY[kind])
-    tc = replace(train_config(cfg, steps), ckpt_path=checkpoint_path(cfg, sets, name, kind, rows, steps, every),
-                 resume=True)
+    key = train_key(cfg, sets, kind, rows, steps, every)
+    tc = replace(train_config(cfg, steps), ckpt_path=T.ckpt_path(cfg.out_dir, name, key))
     say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
     say(f"{kind}, {len(rows['x'])} rows, {steps} steps, {net.num_params() / 1e6:.2f}M params on {dev}")
-    hist = T.train(net, batch_at, tc, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
+    hist, _ = T.train_cached(net, batch_at, tc, key, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
     net.eval()
     return net, hist
 
@@ -960,14 +960,11 @@ def dynamics_claims(rows):
 # Report: the printed table, results.json / results.md, plots
 # -------------------------------------------------------------------------------------------------
 
-def fmt(x, spec=".4f"):
-    return "-" if x is None else format(x, spec)
-
 
 def agg(values, spec=".4f"):
     """One seed's number, or mean ± std over the seeds."""
     if len(values) == 1:
-        return fmt(values[0], spec)
+        return ev.fmt(values[0], spec)
     return ev.fmt_mean_std(values, spec)
 
 
@@ -1144,7 +1141,7 @@ def main(argv=None):
         t0, c0 = time.time(), time.process_time()
         runs = []
         for s in seeds:        # the whole experiment per seed: data, initialization and every model
-            sub = replace(cfg, seed=s)
+            sub = T.seed_config(cfg, s)
             ts, cs = time.time(), time.process_time()
             metrics, claims = run(sub)
             metrics.update(seed=s, wall_time_s=time.time() - ts, cpu_time_s=time.process_time() - cs, env=env)

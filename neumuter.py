@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -443,18 +443,6 @@ def qa_tokens(tok, recs):
 # Training the models to unlearn from (cached by a fingerprint of the settings that shape them)
 # -------------------------------------------------------------------------------------------------
 
-def check_run_key(path, key):
-    """A cached model at `path` must hold the run key it is named by (train() stores it in the file's config): a
-    file renamed or copied in from another run is an error, never a stale model silently reused."""
-    if not os.path.exists(path):
-        return
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    got = ck.get("run_key", (ck.get("config") or {}).get("run_key"))
-    if got != key:
-        raise ValueError(f"{path} holds a model trained for run key {got}, not for {key} (what this run's training "
-                         f"receives): delete the file to train it again")
-
-
 def train_lm(cfg, name, rows, vocab_size, epochs, seed, lr=None, log=print, init=None):
     """A fresh GPT (or a copy of `init`, fine-tuned) trained on rows for `epochs`, resumed / reused from
     out_dir/ckpt when the settings match."""
@@ -475,9 +463,8 @@ def train_lm(cfg, name, rows, vocab_size, epochs, seed, lr=None, log=print, init
     # the cache key digests what training receives: architecture, loop settings, the rows, the starting weights
     key = T.run_key(net.cfg, tc, data={"x": rows["x"], "y": rows["y"]}, name=name, batch=cfg.batch_size,
                     epochs=epochs, init=T.digest(net.state_dict()))
-    tc = replace(tc, ckpt_path=os.path.join(cfg.out_dir, "ckpt", f"{name}-{key}.pt"))
-    check_run_key(tc.ckpt_path, key)
-    T.train(net, batch_at, dict(asdict(tc), run_key=key), log=(lambda s: log(f"[{name}] {s}")) if log else None)
+    tc = replace(tc, ckpt_path=T.ckpt_path(cfg.out_dir, name, key))
+    T.train_cached(net, batch_at, tc, key, log=(lambda s: log(f"[{name}] {s}")) if log else None)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -1091,7 +1078,7 @@ def run_job(cfg, seed, experiment, split, prefix=""):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     log = (lambda s: print("\n".join(prefix + line for line in str(s).split("\n")), flush=True)) if prefix else print
-    c0, scfg = time.process_time(), replace(cfg, seed=seed)
+    c0, scfg = time.process_time(), T.seed_config(cfg, seed)
     out = run_extraction(scfg, seed, log) if experiment == "extraction" else run_tofu(scfg, seed, split, log)
     return out, time.process_time() - c0
 

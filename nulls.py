@@ -454,27 +454,28 @@ def train_config(cfg, steps):
                          seed=cfg.seed, ckpt_every=max(50, steps // 4))
 
 
-def checkpoint_path(cfg, name, tok, rows, steps, sinks):
-    """out_dir/<name>-<train.run_key>.pt, keyed on what training receives: the model and loop settings, the rows
-    (with source ids only where sink masks use them), the batch size and the sink layout. Everything after
-    training (unlearning, probing, the baselines, relearning, --fast_path) reuses the finished model, and the
-    NULLs and standard models survive a change of n_forget."""
+def train_key(cfg, tok, rows, steps, sinks):
+    """The train.run_key a model is cached by (out_dir/<name>-<key>.pt), of what training receives: the model and
+    loop settings, the rows (with source ids only where sink masks use them), the batch size and the sink layout.
+    Everything after training (unlearning, probing, the baselines, relearning, --fast_path) reuses the finished
+    model, and the NULLs and standard models survive a change of n_forget."""
     keys = ("x", "y", "doc_ids") + (() if sinks is None else ("source_ids",))
     layout = None if sinks is None else {k: v for k, v in sinks.state_dict().items() if k != "sources"}
     lazy = {"optimizer": "lazy"} if sinks is not None and cfg.optimizer == "lazy" else {}   # adamw keys unchanged
     key = T.run_key(model_config(cfg, tok.vocab_size), train_config(cfg, steps), data={k: rows[k] for k in keys},
                     batch_size=cfg.batch_size, sinks=layout, **lazy)
-    return os.path.join(cfg.out_dir, f"{name}-{key}.pt")
+    return key
 
 
 def lm_run(cfg, tok, docs, source_ids, sinks, name):
-    """What training one model hands the loop: (rows, the epoch order, the TrainConfig with its checkpoint)."""
+    """What training one model hands the loop: (rows, the epoch order, the TrainConfig with its checkpoint
+    out_dir/<name>-<key>.pt, the key)."""
     rows = lm_rows(cfg, tok, docs, source_ids)
     order = data.EpochIterator(len(rows["x"]), cfg.batch_size, seed=cfg.seed)
     steps = cfg.epochs * order.steps_per_epoch
-    tc = dataclasses.replace(train_config(cfg, steps), resume=True,
-                             ckpt_path=checkpoint_path(cfg, name, tok, rows, steps, sinks))
-    return rows, order, tc
+    key = train_key(cfg, tok, rows, steps, sinks)
+    tc = dataclasses.replace(train_config(cfg, steps), ckpt_path=os.path.join(cfg.out_dir, f"{name}-{key}.pt"))
+    return rows, order, tc, key
 
 
 def train_lm(cfg, tok, docs, source_ids, sinks, name):
@@ -483,7 +484,7 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
     torchrun the ranks split every batch (data-parallel)."""
     torch.manual_seed(cfg.seed)
     net = M.GPT(model_config(cfg, tok.vocab_size))
-    rows, order, tc = lm_run(cfg, tok, docs, source_ids, sinks, name)
+    rows, order, tc, key = lm_run(cfg, tok, docs, source_ids, sinks, name)
     steps = tc.max_steps
 
     def batch_at(step):
@@ -503,7 +504,7 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
                     if lin.bias is not None and d == 0:
                         rows_of[lin.bias] = 0
         opt = T.make_optimizer(net, tc.lr, tc.weight_decay, tc.betas, row_dims=rows_of)
-    hist = T.train(net, batch_at, tc, optimizer=opt, tokenizer=tok.state_dict())
+    hist, _ = T.train_cached(net, batch_at, tc, key, optimizer=opt, tokenizer=tok.state_dict())
     net.eval()
     return net, hist
 
@@ -1144,10 +1145,12 @@ def claim_capacity(nulls_on, std, control, verbatim=None):
     cannot separate the models. verbatim: (nulls, standard) summarize() of the verbatim prompts, reported."""
     g = lambda v: float(torch.as_tensor(v, dtype=torch.float64).log().mean().exp())
     ratio, ctrl = g(nulls_on) / g(std), g(control) / g(std)
-    detail = f"paraphrased cloze: geomean TR NULLs {fmt(g(nulls_on))}, standard {fmt(g(std))}, backbone only {fmt(g(control))}"
+    detail = (f"paraphrased cloze: geomean TR NULLs {ev.fmt(g(nulls_on), '.3g')}, standard {ev.fmt(g(std), '.3g')}, "
+              f"backbone only {ev.fmt(g(control), '.3g')}")
     if verbatim is not None:
         detail += (f"; verbatim cloze (reported): frac TR>1 {verbatim[0]['frac_gt1']:.2f} vs "
-                   f"{verbatim[1]['frac_gt1']:.2f}, geomean {fmt(verbatim[0]['geomean'])} vs {fmt(verbatim[1]['geomean'])}")
+                   f"{verbatim[1]['frac_gt1']:.2f}, geomean {ev.fmt(verbatim[0]['geomean'], '.3g')} vs "
+                   f"{ev.fmt(verbatim[1]['geomean'], '.3g')}")
     return ev.claim("5 knowledge capacity: Sink-On NULLs vs a standard transformer (same params) on every article's "
                     "unique facts, paraphrased cloze: geomean TR ratio >= 0.5",
                     [ev.condition("geomean_ratio", ratio, ">=", 0.5)], detail,
@@ -1177,9 +1180,6 @@ def claim_general(correct_nulls, correct_std):
 # Report: the printed tables, results.json / results.md, plots
 # -------------------------------------------------------------------------------------------------
 
-def fmt(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
-
 
 def report(cfg, metrics, claims, seeds_note=""):
     lines = []
@@ -1189,7 +1189,7 @@ def report(cfg, metrics, claims, seeds_note=""):
                   "(nearest routing)", "",
                   "| mode | unique | shared | inferred | unique* | inferred* |", "| --- | --- | --- | --- | --- | --- |"]
         for mode, row in table.items():
-            cells = [f"{fmt(row[c]['geomean'])} / {fmt(row[c]['frac_gt1'], '.2f')} (n={row[c]['n']})" for c in
+            cells = [f"{ev.fmt(row[c]['geomean'], '.3g')} / {ev.fmt(row[c]['frac_gt1'], '.2f')} (n={row[c]['n']})" for c in
                      ("unique", "shared", "inferred", "unique*", "inferred*")]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -1214,16 +1214,17 @@ def report(cfg, metrics, claims, seeds_note=""):
         for k, name in (("on", "NULLs Sink-On"), ("off", "NULLs Sink-Off"), ("retrained", "Retrained")):
             p = sel["nulls"][k]
             acc = ga["nulls"] if k == "on" else ga["nulls_after_forgetting"] if k == "off" else None
-            lines.append(f"| {name} | - | {p['specific']:.2f} | {p['related']:.2f} | {fmt(acc, '.2f')} |")
+            lines.append(f"| {name} | - | {p['specific']:.2f} | {p['related']:.2f} | {ev.fmt(acc, '.2f')} |")
         cap = metrics["capacity"]
         lines += ["", f"General capability: multiple-choice accuracy on {ga['n']} general questions: NULLs (deployment "
                   f"routing) {ga['nulls']:.3f}, after forgetting all {len(metrics['forget'])} sources "
                   f"{ga['nulls_after_forgetting']:.3f}, standard {ga['standard']:.3f}",
                   "Knowledge capacity (every person's unique facts, geomean TR / frac TR>1): " +
-                  "; ".join(f"{w}: NULLs Sink-On {fmt(c['nulls_sink_on']['geomean'])} / {c['nulls_sink_on']['frac_gt1']:.2f}, "
-                            f"standard {fmt(c['standard']['geomean'])} / {c['standard']['frac_gt1']:.2f}, backbone "
-                            f"only {fmt(c['nulls_backbone_only']['geomean'])} / {c['nulls_backbone_only']['frac_gt1']:.2f}"
-                            for w, c in cap.items()), ""]
+                  "; ".join(f"{w}: NULLs Sink-On {ev.fmt(c['nulls_sink_on']['geomean'], '.3g')} / "
+                            f"{c['nulls_sink_on']['frac_gt1']:.2f}, standard {ev.fmt(c['standard']['geomean'], '.3g')} / "
+                            f"{c['standard']['frac_gt1']:.2f}, backbone only "
+                            f"{ev.fmt(c['nulls_backbone_only']['geomean'], '.3g')} / "
+                            f"{c['nulls_backbone_only']['frac_gt1']:.2f}" for w, c in cap.items()), ""]
     fl, vl = metrics["forget_loss"], metrics["val_loss"]
     rl = metrics["relearning"]
     lines += ["Loss on the forgotten sources: " + ", ".join(f"{k} {v:.3f}" for k, v in fl.items()),
@@ -1355,7 +1356,7 @@ def run_sweep(cfg):
         if res is None:                # a rank > 0 of a torchrun launch: it only helped train
             continue
         rows.append({"value": v, "n_pool": point.n_pool, "n_source": point.n_source, "n_embd": point.n_embd, **res})
-        print(f"{cfg.sweep}={v}: " + ", ".join(f"{k} {fmt(r['geomean'])} / {fmt(r['frac_gt1'], '.2f')}"
+        print(f"{cfg.sweep}={v}: " + ", ".join(f"{k} {ev.fmt(r['geomean'], '.3g')} / {ev.fmt(r['frac_gt1'], '.2f')}"
                                               for k, r in res.items()))
     if not T.is_main_process():
         return None
@@ -1385,7 +1386,7 @@ def main(argv=None):
                 return metrics, claims
             per_metrics, per_claims = {}, {}
             for k in cfg.seeds:                 # the whole experiment per seed: another world, other initial weights
-                c = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=os.path.join(cfg.out_dir, f"seed{k}"))
+                c = T.seed_config(cfg, k, seeds=(), out_dir=os.path.join(cfg.out_dir, f"seed{k}"))
                 if T.is_main_process():
                     print(f"==== seed {k} ({len(per_metrics) + 1}/{len(cfg.seeds)})")
                 m, cl = run(c)

@@ -618,6 +618,70 @@ def run_key(model_cfg, train_cfg, data=None, **settings):
                    "data": digest(data), "settings": settings})
 
 
+# --- caches named by run_key: trained models and finished results ------------------------------
+
+def ckpt_path(out_dir, name, key):
+    """out_dir/ckpt/<name>-<key>.pt: where a model trained by train_cached is kept, key = its run_key."""
+    return os.path.join(out_dir, "ckpt", f"{name}-{key}.pt")
+
+
+def check_run_key(path, key):
+    """A cached model at `path` (named by `key`) must hold that key (as the file's "run_key", or as its config's
+    for train() checkpoints): a file renamed or copied in from another run is an error, never a stale model
+    silently reused. A file that records no key (written before keys were stored) is taken at its name. Reads
+    only the key (a memory-mapped, weights-only load)."""
+    if not os.path.exists(path):
+        return
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        ck = load_checkpoint(path)               # says whether the file is damaged and what to do about it
+    got = ck.get("run_key", (ck.get("config") or {}).get("run_key"))
+    if got is not None and got != key:
+        raise ValueError(f"{path} holds a model trained for run key {got}, not for {key} (what this run's "
+                         f"training receives): delete the file to train it again")
+
+
+def train_cached(model, batches, cfg, key, **train_kw):
+    """train() cached at cfg.ckpt_path, a file named by `key` (the run_key of what the training receives) that
+    stores it: a file of another run there is an error (check_run_key), a finished one is reused, an interrupted
+    one resumes. The side file <ckpt>.time.json records the run that trained the model, so a reuse reports that
+    run's time. Returns (history, {wall_s, cpu_s, steps, final_loss, cached})."""
+    tc = dataclasses.replace(as_train_config(cfg), resume=True)
+    check_run_key(tc.ckpt_path, key)
+    t0, c0 = time.time(), time.process_time()
+    hist = train(model, batches, dict(dataclasses.asdict(tc), run_key=key), **train_kw)   # the key goes into the file
+    info = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "steps": tc.max_steps,
+            "final_loss": hist["loss"][-1] if hist["loss"] else None, "cached": False}
+    side = tc.ckpt_path + ".time.json"
+    if hist["start_step"] == 0 and is_main_process():
+        with open(side, "w") as f:
+            json.dump(info, f)
+    elif hist["start_step"] >= tc.max_steps and os.path.exists(side):
+        info = dict(load_json(side), cached=True)
+    return hist, info
+
+
+def seed_config(cfg, seed, **changes):
+    """The Config of one seed of an over-seeds run (every script builds them here): cfg with seed=seed and any other
+    changes (its own out_dir, ...), checked again by the Config's __post_init__."""
+    return dataclasses.replace(cfg, seed=seed, **changes)
+
+
+def cached(out_dir, key, fn):
+    """fn() -> a json-able dict, stored under out_dir/cache/<key>.json (written atomically), so a rerun or an
+    interrupted run reads it back instead of calling fn again."""
+    path = os.path.join(out_dir, "cache", f"{key}.json")
+    if os.path.exists(path):
+        return load_json(path)
+    out = fn()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(out, fh, default=float)
+    os.replace(path + ".tmp", path)
+    return out
+
+
 # --- optimizer and schedule ---------------------------------------------------------------------
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), extra_groups=(), row_dims=None):

@@ -204,3 +204,12 @@ def test_nanogpt_anchor_is_the_same_gpt2():
     x = torch.randint(0, 32, (3, 8))
     (lo, loss_o), (lr, loss_r) = ours(x, x), ref(x, x)
     assert torch.allclose(lo, lr, atol=1e-5) and torch.allclose(loss_o, loss_r, atol=1e-6)
+
+
+def test_bench_blocks_store_only_assigned_rows():
+    small = bench.train_step_case(16, k=4, entries=4, sources=10, d=8, B=2, T=3)
+    big = bench.train_step_case(64, k=4, entries=4, sources=10, d=8, B=2, T=3)
+    assert small[0].values.shape == big[0].values.shape == (41, 8)    # 10 x 4 rows + the zero row, whatever N
+    assert big[2] - small[2] == (64 * 64 - 16 * 16) * 8                 # only the int64 index map grows with N
+    for kind in ("single", "two_pass", "plain"):
+        assert bench.read_step(kind, *bench.read_case(6, 3, 4, 10)).shape == (10, 4)

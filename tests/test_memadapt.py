@@ -469,7 +469,7 @@ def test_checkpoints_follow_the_data_not_only_the_config(tmp_path, monkeypatch):
         assert T.load_checkpoint(f)["config"]["run_key"] == os.path.basename(f).rsplit("-", 1)[1][:-3]
     shutil.copy(files[0], files[1])                      # a file under another model's name
     with pytest.raises(ValueError, match="delete the file"):
-        MA.check_run_key(files[1], os.path.basename(files[1]).rsplit("-", 1)[1][:-3])
+        T.check_run_key(files[1], os.path.basename(files[1]).rsplit("-", 1)[1][:-3])
 
 
 def test_smoke_run_writes_every_claim_and_table(tmp_path):
@@ -536,15 +536,6 @@ def test_sweep_entries_smoke(tmp_path):
     assert [r["entries"] for r in rows] == [4, 8]
     assert all({"util_r", "util_g", "own_access_share"} <= set(r) for r in rows)
     assert (tmp_path / "sweep_entries.json").exists()
-
-
-def test_bench_blocks_store_only_assigned_rows():
-    small = MA.train_step_case(16, k=4, entries=4, sources=10, d=8, B=2, T=3)
-    big = MA.train_step_case(64, k=4, entries=4, sources=10, d=8, B=2, T=3)
-    assert small[0].values.shape == big[0].values.shape == (41, 8)    # 10 x 4 rows + the zero row, whatever N
-    assert big[2] - small[2] == (64 * 64 - 16 * 16) * 8                 # only the int64 index map grows with N
-    for kind in ("single", "two_pass", "plain"):
-        assert MA.read_step(kind, *MA.read_case(6, 3, 4, 10)).shape == (10, 4)
 
 
 def test_baseline_lrs_are_tuned_on_a_held_out_request_never_the_reported_one():

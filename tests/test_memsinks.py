@@ -473,7 +473,7 @@ def test_smoke_run_end_to_end(tmp_path):
     # a rerun that changes only post-hoc settings reuses the five finished models (train.run_key), untouched,
     # and reports the same numbers
     ckpts = {f: os.stat(os.path.join(out, "ckpt", f)).st_mtime_ns for f in os.listdir(os.path.join(out, "ckpt"))}
-    assert len(ckpts) == 5
+    assert len([f for f in ckpts if f.endswith(".pt")]) == 5       # (each with its .time.json side file)
     metrics2, _ = ms.main(["--preset=smoke", f"--out_dir={out}", "--threads=1", "--drop_ratios=0.1", "--hc_iters=15"])
     assert {f: os.stat(os.path.join(out, "ckpt", f)).st_mtime_ns for f in os.listdir(os.path.join(out, "ckpt"))} == ckpts
     assert metrics2["models"]["memsinks"]["final"] == metrics["models"]["memsinks"]["final"]
@@ -496,7 +496,7 @@ def _ckpt_names(cfg):
     """{kind: checkpoint file name} of the main run's standard, MemSinks and gradient-masked models."""
     sets = ms.make_sets(cfg)
     S = ms.steps_for(cfg, len(sets.train["x"]))
-    return {k: os.path.basename(ms.checkpoint_path(cfg, sets, k, k, sets.train, S)) for k in ms.KINDS}
+    return {k: f"{k}-{ms.train_key(cfg, sets, k, sets.train, S)}.pt" for k in ms.KINDS}
 
 
 def test_checkpoints_are_keyed_on_what_training_sees():

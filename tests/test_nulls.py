@@ -229,4 +229,4 @@ def test_lazy_optimizer_leaves_sinks_no_trained_source_uses_exactly_at_init(tmp_
     assert torch.equal(lazy_w[unused], init[unused])
     assert not torch.equal(dense_w[unused], init[unused])
     assert not torch.equal(lazy_w[:cfg.n_gen], init[:cfg.n_gen])              # the backbone trained
-    assert len([f for f in os.listdir(tmp_path) if f.startswith("retrained-")]) == 2
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("retrained-") and f.endswith(".pt")]) == 2

@@ -505,6 +505,31 @@ def test_finished_checkpoint_is_reused_only_when_training_is_the_same(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (p1, p3))
 
 
+def test_train_cached_reuses_reports_and_checks_its_key(tmp_path):
+    """train_cached: the key goes into the file, a reuse trains nothing and reports the run that trained the model
+    (its .time.json side file), a file under another key's name is refused, a file without a key is taken."""
+    key = TR.run_key(tiny().cfg, cfg(max_steps=4), SEQS)
+    tc = cfg(max_steps=4, ckpt_path=TR.ckpt_path(str(tmp_path), "m", key))
+    assert tc.ckpt_path == str(tmp_path / "ckpt" / f"m-{key}.pt")
+    h1, info1 = TR.train_cached(tiny(), batches, tc, key, log=None)
+    h2, info2 = TR.train_cached(tiny(), batches, tc, key, log=None)
+    assert h1["start_step"] == 0 and h2["start_step"] == 4 and not info1["cached"] and info2["cached"]
+    assert info2 == dict(info1, cached=True) and info1["steps"] == 4 and info1["final_loss"] == h1["loss"][-1]
+    assert load_checkpoint(tc.ckpt_path)["config"]["run_key"] == key
+    with pytest.raises(ValueError, match="delete the file"):
+        TR.check_run_key(tc.ckpt_path, "0" * 16)
+    save_checkpoint(str(tmp_path / "old.pt"), tiny())          # written before keys were stored: taken
+    TR.check_run_key(str(tmp_path / "old.pt"), key)
+    TR.check_run_key(str(tmp_path / "absent.pt"), key)
+
+
+def test_cached_json_is_computed_once(tmp_path):
+    calls = []
+    fn = lambda: calls.append(1) or {"x": 1.5}
+    assert TR.cached(str(tmp_path), "k", fn) == TR.cached(str(tmp_path), "k", fn) == {"x": 1.5}
+    assert calls == [1] and os.listdir(tmp_path / "cache") == ["k.json"]
+
+
 def test_a_model_kwarg_given_as_a_function_is_built_from_the_local_batch():
     seen = []
 
