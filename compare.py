@@ -496,21 +496,11 @@ def train_sinks(cfg, mcfg, base, tok, recs, kind):
     key = T.run_key(net.cfg, tc, data=rows, kind=kind, sinks=keep, on=layout.on(sources), batch=mcfg.ft_batch,
                     init=T.digest(net.state_dict()),
                     settings={k: getattr(mcfg, k) for k in MA.FT_FIELDS if k not in ("forget", "forget_kind")})
-    path = os.path.join(cfg.out_dir, "ckpt", f"{kind}-{key}.pt")
-    tc = replace(tc, ckpt_path=path)
+    tc = replace(tc, ckpt_path=T.ckpt_path(cfg.out_dir, kind, key))
     print(f"== {kind}: base widened by {cfg.n_pool} sinks per MLP ({net.num_params() / 1e6:.2f}M params), "
           f"{steps} steps on {len(recs)} QA")
-    MA.check_run_key(path, key)
-    t0, c0 = time.time(), time.process_time()
-    hist = T.train(net, batch_at, dict(asdict(tc), run_key=key), log=print if cfg.log_every else None)
+    _, info = T.train_cached(net, batch_at, tc, key, log=print if cfg.log_every else None)
     net.eval().requires_grad_(False)
-    info = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "steps": steps, "cached": False}
-    side = path + ".time.json"
-    if hist["start_step"] == 0:
-        with open(side, "w") as f:
-            json.dump(info, f)
-    elif os.path.exists(side):          # reused from the cache: report the run that trained it
-        info = dict(T.load_json(side), cached=True)
     return net, layout, info
 
 
@@ -743,7 +733,7 @@ def posthoc_row(cfg, S, R, name, score):
                     settings={k: getattr(cfg, k) for k in ("unlearn_batch", "region_ratio", "mask_batch")})
     path = os.path.join(cfg.out_dir, "cache", f"{R.kind}-{name}-{key}.pt")
     if os.path.exists(path):
-        MA.check_run_key(path, key)
+        T.check_run_key(path, key)
         ck = T.load_checkpoint(path)                # CRC-checked: a damaged cache is named, never reused
         net = copy.deepcopy(S["ft"])
         net.load_state_dict(ck["state"])
@@ -1015,10 +1005,6 @@ LABEL = {"retrained": "Retrained (target)", "retrained_b": "Retrained, 2nd seed 
          "npo_rand": "NPO, random 10% value vectors"}
 
 
-def cell(vals, spec=".3f"):
-    return ev.fmt_mean_std([v for v in vals if v is not None], spec) if any(v is not None for v in vals) else "-"
-
-
 def request_table(cfg, kind, runs):
     Ms = [r["requests"][kind] for r in runs]
     rows = list(Ms[0]["scores"])
@@ -1029,14 +1015,14 @@ def request_table(cfg, kind, runs):
          "Agg. (OpenUnlearning) | relearn gap | int" + str(min(cfg.quant_bits)) + " gap | unlearn CPU s | "
          "params touched |", "| --- " * 12 + "|"]
     for n in rows:
-        s = [cell([M["scores"][n].get(g) for M in Ms]) for g in GROUPS]
-        ou = cell([M["openunlearning"].get(n, {}).get("agg") for M in Ms])
-        gaps = [cell([attack_gap(M, n, a) if n in M["attacks"] and M["attacks"][n] else None for M in Ms])
+        s = [ev.fmt_mean_std([M["scores"][n].get(g) for M in Ms]) for g in GROUPS]
+        ou = ev.fmt_mean_std([M["openunlearning"].get(n, {}).get("agg") for M in Ms])
+        gaps = [ev.fmt_mean_std([attack_gap(M, n, a) if n in M["attacks"] and M["attacks"][n] else None for M in Ms])
                 for a in ("relearn", "quant")]
-        c = [cell([M["cost"].get(n, {}).get(k) for M in Ms], f) for k, f in (("unlearn_cpu_s", ".2g"),
+        c = [ev.fmt_mean_std([M["cost"].get(n, {}).get(k) for M in Ms], f) for k, f in (("unlearn_cpu_s", ".2g"),
                                                                                  ("params_touched", ".3g"))]
-        L.append(f"| {LABEL.get(n, n)} | " + " | ".join(s + [cell([M['d'][n] for M in Ms]),
-                                                           cell([M['d_std'][n] for M in Ms]), ou] + gaps + c) + " |")
+        L.append(f"| {LABEL.get(n, n)} | " + " | ".join(s + [ev.fmt_mean_std([M['d'][n] for M in Ms]),
+                                                           ev.fmt_mean_std([M['d_std'][n] for M in Ms]), ou] + gaps + c) + " |")
     L += ["", f"Relearning: {max(cfg.relearn_at)} AdamW steps at lr {lrmax} on half of each forgotten person's QA; gap = "
           "recall of the other half's unique facts minus Retrained's after the same attack (curves at every lr in "
           "results.json and relearn.png). Quantization gap: recall of every unique forgotten fact minus Retrained's, "
@@ -1048,7 +1034,7 @@ def request_table(cfg, kind, runs):
               "| row | " + " | ".join(f"after {i + 1}" for i in range(parts)) + " |", "| --- " * (parts + 1) + "|"]
         for n in Ms[0]["sequential"]:
             L.append(f"| {LABEL.get(n, n)} | " + " | ".join(
-                cell([M["sequential"][n][i]["d"] for M in Ms]) for i in range(parts)) + " |")
+                ev.fmt_mean_std([M["sequential"][n][i]["d"] for M in Ms]) for i in range(parts)) + " |")
     return L
 
 
