@@ -401,8 +401,9 @@ class Config:
     mask_epochs: float = NM.Config.tofu_mask_epochs    # NeuMuter: passes over the forget QA (paper: E = 100)
     mask_batch: int = NM.Config.tofu_mask_batch
     # attacks: relearning on half of each forgotten person's QA, recall of the other half's unique facts after
-    # each step count of relearn_at, at each lr (lrs chosen not to hurt Retrained: checked); weight quantization
-    relearn_lrs: tuple = (1e-4, 3e-4)
+    # each step count of relearn_at, at each lr (attack_lr: the largest that does not hurt Retrained); weight
+    # quantization at each bit width
+    relearn_lrs: tuple = (1e-5, 3e-5, 1e-4)   # ascending; the claims use the largest that does not hurt Retrained
     relearn_at: tuple = (1, 2, 4, 8)
     quant_bits: tuple = (8, 4)
     sequential: int = 4                       # the first request served as this many requests in a row; 0 = off
@@ -434,8 +435,10 @@ class Config:
         if bad or not names:
             raise ValueError(f"posthoc={self.posthoc!r} is not valid: {bad or 'empty'}; known: "
                              f"{', '.join(sorted(baselines.DEFAULTS) + list(POSTHOC_NAMES))}")
-        if list(self.relearn_at) != sorted(set(self.relearn_at)) or not self.relearn_at:
-            raise ValueError(f"relearn_at={self.relearn_at} is not valid: distinct step counts in ascending order")
+        for name in ("relearn_at", "relearn_lrs"):
+            v = list(getattr(self, name))
+            if not v or v != sorted(set(v)):
+                raise ValueError(f"{name}={','.join(map(str, v))} is not valid: distinct values in ascending order")
 
 
 _SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)}}
@@ -939,31 +942,45 @@ def claim_beats_finetuned(kind, m, M):
 RETRAINED_HARM = 0.02      # the attack may lower Retrained's retain recall by at most this (its lrs "do not hurt")
 
 
+def retrained_drops(M):
+    """{lr: how much the relearning attack (all its steps) lowers Retrained's recall of the retained people}."""
+    r = M["attacks"]["retrained"]
+    return {lr: r["retain_before"] - v["retain"][-1] for lr, v in r["relearn"].items()}
+
+
+def attack_lr(M):
+    """The relearning lr the claims use: the largest of the grid whose attack lowers Retrained's retain recall by
+    at most RETRAINED_HARM (an attack that damages what a model knows measures damage, not recovery). Decided on
+    Retrained's numbers alone, never on a method's; None when every lr hurts."""
+    ok = [lr for lr, d in retrained_drops(M).items() if d <= RETRAINED_HARM]
+    return max(ok, key=float) if ok else None
+
+
 def attack_gap(M, n, attack):
-    """Recall of forgotten facts after the attack minus Retrained's after the same attack: relearning at the
-    largest lr and step count, or quantization at the fewest bits."""
+    """Recall of forgotten facts after the attack minus Retrained's after the same attack: relearning at
+    attack_lr after all its steps (None without one), or quantization at the fewest bits."""
     a, r = M["attacks"][n], M["attacks"]["retrained"]
     if attack == "relearn":
-        lr = max(a["relearn"], key=float)
-        return a["relearn"][lr]["held"][-1] - r["relearn"][lr]["held"][-1]
+        lr = attack_lr(M)
+        return None if lr is None else a["relearn"][lr]["held"][-1] - r["relearn"][lr]["held"][-1]
     b = min(a["quant"], key=int)
     return a["quant"][b]["unique"] - r["quant"][b]["unique"]
 
 
 def claim_attack(kind, m, M, posthoc, attack):
     """Forgotten facts of row m come back less under the attack than those of the closest post-hoc row. Relearning
-    needs lrs that do not hurt Retrained (its retain recall falls by at most RETRAINED_HARM)."""
+    needs an lr that does not hurt Retrained (attack_lr)."""
     best = closest_posthoc(M, posthoc)
     pre = None
     if attack == "relearn":
-        r = M["attacks"]["retrained"]
-        lr = max(r["relearn"], key=float)
-        drop = r["retain_before"] - r["relearn"][lr]["retain"][-1]
-        pre = ev.precondition(f"Retrained's retain recall drop under the attack <= {RETRAINED_HARM}", drop,
-                              drop <= RETRAINED_HARM)
-    return ev.claim(f"{kind}: {m} recall gap after {attack} < the closest post-hoc row's",
-                    [ev.condition("gap", attack_gap(M, m, attack), "<", attack_gap(M, best, attack))],
-                    f"closest post-hoc row: {best}", precondition=pre)
+        drops = retrained_drops(M)
+        pre = ev.precondition(f"an attack lr lowers Retrained's retain recall by <= {RETRAINED_HARM} (drop per lr)",
+                              drops, attack_lr(M) is not None)
+    tests = [] if pre is not None and not pre["met"] else [
+        ev.condition("gap", attack_gap(M, m, attack), "<", attack_gap(M, best, attack))]
+    detail = f"closest post-hoc row: {best}" + (f", lr {attack_lr(M)}" if attack == "relearn" and tests else "")
+    return ev.claim(f"{kind}: {m} recall gap after {attack} < the closest post-hoc row's", tests, detail,
+                    precondition=pre)
 
 
 def seed_claims(cfg, per_kind):
@@ -1008,7 +1025,6 @@ LABEL = {"retrained": "Retrained (target)", "retrained_b": "Retrained, 2nd seed 
 def request_table(cfg, kind, runs):
     Ms = [r["requests"][kind] for r in runs]
     rows = list(Ms[0]["scores"])
-    lrmax = f"{max(cfg.relearn_lrs):g}"
     L = [f"### {kind} request: {len(Ms[0]['forget_sources'])} people; facts per group: " +
          ", ".join(f"{g} {n}" for g, n in Ms[0]["roles"].items()), "",
          "| row | forget unique | forget shared/inferable | retain | general | D | D vs standard Retrained | "
@@ -1023,10 +1039,15 @@ def request_table(cfg, kind, runs):
                                                                                  ("params_touched", ".3g"))]
         L.append(f"| {LABEL.get(n, n)} | " + " | ".join(s + [ev.fmt_mean_std([M['d'][n] for M in Ms]),
                                                            ev.fmt_mean_std([M['d_std'][n] for M in Ms]), ou] + gaps + c) + " |")
-    L += ["", f"Relearning: {max(cfg.relearn_at)} AdamW steps at lr {lrmax} on half of each forgotten person's QA; gap = "
-          "recall of the other half's unique facts minus Retrained's after the same attack (curves at every lr in "
-          "results.json and relearn.png). Quantization gap: recall of every unique forgotten fact minus Retrained's, "
-          "both quantized.", "", "Picked on the held-out request (lowest D there): " + "; ".join(
+    L += ["", f"Relearning (threat model: an attacker fine-tunes the deployed weights): {max(cfg.relearn_at)} AdamW "
+          "steps on half of each forgotten person's QA at the largest lr of " + ", ".join(f"{x:g}" for x in
+          cfg.relearn_lrs) + f" that lowers Retrained's retain recall by <= {RETRAINED_HARM} (per seed: " +
+          ", ".join(str(attack_lr(M)) for M in Ms) + "); gap = recall of the other half's unique facts minus "
+          "Retrained's after the same attack (curves in results.json and relearn.png). Sink-Off and the block-list "
+          "leave the forgotten weights in place: an attacker with the weights can also switch them back on. "
+          f"Quantization (threat model: whoever serves the model quantizes it): int{min(cfg.quant_bits)} gap = "
+          "recall of every unique forgotten fact minus Retrained's, both quantized.", "",
+          "Picked on the held-out request (lowest D there): " + "; ".join(
               f"{n} {', '.join(format(M['tuning'][n]['value'], '.3g') for M in Ms)}" for n in Ms[0]["tuning"])]
     if Ms[0]["sequential"]:
         parts = len(next(iter(Ms[0]["sequential"].values())))
@@ -1083,18 +1104,21 @@ def plot(cfg, runs):
         Ms = [r["requests"][kind] for r in runs]
         if not Ms[0]["attacks"].get("retrained"):
             continue
-        lr = f"{max(cfg.relearn_lrs):g}"
+        Ms = [M for M in Ms if attack_lr(M) is not None]
+        if not Ms:
+            continue
         for n in Ms[0]["attacks"]:
             if not Ms[0]["attacks"][n] or n == "retrained":
                 continue
-            pts = [[M["attacks"][n]["relearn"][lr]["held"][j] - M["attacks"]["retrained"]["relearn"][lr]["held"][j]
-                    for M in Ms] for j in range(len(cfg.relearn_at))]
+            gap = lambda M, j: (M["attacks"][n]["relearn"][attack_lr(M)]["held"][j] -
+                                M["attacks"]["retrained"]["relearn"][attack_lr(M)]["held"][j])
+            pts = [[gap(M, j) for M in Ms] for j in range(len(cfg.relearn_at))]
             ms = [ev.mean_std(p) for p in pts]
             ax.errorbar(list(cfg.relearn_at), [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", ms=4,
                         capsize=2, label=LABEL.get(n, n))
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set(xlabel=f"relearning steps (AdamW, lr {lr})", ylabel="held-out unique facts: recall - Retrained's",
-               title=f"{kind} request")
+        ax.set(xlabel="relearning steps (AdamW at attack_lr: " + ", ".join(attack_lr(M) for M in Ms) + ")",
+               ylabel="held-out unique facts: recall - Retrained's", title=f"{kind} request ({len(Ms)} seeds)")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "relearn.png"), dpi=120)

@@ -363,7 +363,13 @@ def test_claim_attack_every_verdict():
     assert C.claim_attack("independent", "memadapt", M, ["npo"], "relearn")["verdict"] == "fails"
     hurt = _M({"memadapt": 0.05, "npo": 0.08}, {"memadapt": 0.01, "npo": 0.2}, drop=0.05)
     c = C.claim_attack("independent", "memadapt", hurt, ["npo"], "relearn")
-    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == pytest.approx(0.05)
+    assert c["verdict"] == "not testable here" and c["precondition"]["value"] == {"0.001": pytest.approx(0.05)}
+    assert C.attack_gap(hurt, "memadapt", "relearn") is None
+    # the claims' lr: the largest that keeps Retrained's drop <= RETRAINED_HARM, from Retrained's numbers alone
+    r = M["attacks"]["retrained"]
+    r["relearn"]["0.01"] = {"held": [0.0, 0.0], "retain": [0.4, 0.3]}          # hurts Retrained by 0.2
+    r["relearn"]["0.0001"] = {"held": [0.0, 0.0], "retain": [0.5, 0.5]}
+    assert C.attack_lr(M) == "0.001"
     assert C.claim_attack("independent", "memadapt", hurt, ["npo"], "quant")["verdict"] == "holds"
 
 
@@ -397,6 +403,8 @@ def test_config_range_errors_name_the_field():
         C.Config(forget_kinds=("entangled", "entangled"))
     with pytest.raises(ValueError, match="relearn_at"):
         C.Config(relearn_at=(4, 2))
+    with pytest.raises(ValueError, match="relearn_lrs"):
+        C.Config(relearn_lrs=(1e-4, 1e-5))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
