@@ -1075,12 +1075,19 @@ def report(cfg, runs, claims, seeds):
 
 def plot(cfg, runs):
     """scatter.png: per request, each row's gap to its target on forgotten unique facts (x) and on retained
-    people's facts (y), mean ± std over seeds, a legend instead of labels on the points; relearn.png: recall gap
-    after relearning at the largest lr against the attack's steps."""
+    people's facts (y), mean ± std over seeds, a legend instead of labels on the points (references hollow,
+    by-construction rows squares, post-hoc rows circles); relearn.png: recall gap after relearning at attack_lr
+    against the attack's steps."""
     plt = ev.pyplot()
     kinds = list(cfg.forget_kinds)
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds) + 3, 5), squeeze=False)
-    markers = "os^vDP*XhH<>p8d"
+    colors = plt.get_cmap("tab20").colors
+
+    def style(i, n):     # references hollow and large (a method on top of one stays visible), a colour per row
+        if n in REFERENCES:
+            return dict(fmt="o*sDv^<>"[REFERENCES.index(n) % 8], ms=11, mfc="none", mew=1.5, color="black" if
+                        n in ("retrained", "finetuned") else "grey")
+        return dict(fmt="s" if n in METHODS_BC else "o", ms=7, color=colors[i % len(colors)])
     for ax, kind in zip(axes[0], kinds):
         Ms = [r["requests"][kind] for r in runs]
         rows = [n for n in Ms[0]["scores"] if n not in ("retrained_b", "nulls_retrained", "memsinks_retrained")]
@@ -1089,8 +1096,7 @@ def plot(cfg, runs):
             xs = [M["scores"][n]["forget_unique"] - M["scores"][tgt]["forget_unique"] for M in Ms]
             ys = [M["scores"][n]["retain"] - M["scores"]["finetuned"]["retain"] for M in Ms]
             (mx, sx), (my, sy) = ev.mean_std(xs), ev.mean_std(ys)
-            ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[i % len(markers)], ms=7, capsize=3,
-                        label=LABEL.get(n, n))
+            ax.errorbar(mx, my, xerr=sx, yerr=sy, capsize=3, label=LABEL.get(n, n), **style(i, n))
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set(xlabel="forgotten unique facts: recall - target's (0 = Retrained)",
@@ -1119,7 +1125,10 @@ def plot(cfg, runs):
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(xlabel="relearning steps (AdamW at attack_lr: " + ", ".join(attack_lr(M) for M in Ms) + ")",
                ylabel="held-out unique facts: recall - Retrained's", title=f"{kind} request ({len(Ms)} seeds)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:                                   # no request had an attack lr that spares Retrained: say so
+        fig.text(0.5, 0.5, "no relearning lr spared Retrained (attack_lr): nothing to plot", ha="center")
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "relearn.png"), dpi=120)
     plt.close("all")
@@ -1155,12 +1164,12 @@ def combine(cfg):
         got = {k: v for k, v in res["config"].items() if k not in RUN_ONLY}
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         if diff:
-            raise ValueError(f"combine: {d} ran another config ({', '.join(f'{k}={got.get(k)!r}' for k in diff)}; "
+            raise T.InputError(f"combine: {d} ran another config ({', '.join(f'{k}={got.get(k)!r}' for k in diff)}; "
                              f"this one: {', '.join(f'{k}={want.get(k)!r}' for k in diff)})")
         runs += res["metrics"]["runs"]
     seeds = [r["seed"] for r in runs]
     if not runs or len(set(seeds)) != len(seeds):
-        raise ValueError(f"combine: the folders hold seeds {seeds}; need at least one run and distinct seeds")
+        raise T.InputError(f"combine: the folders hold seeds {seeds}; need at least one run and distinct seeds")
     return runs
 
 

@@ -250,6 +250,11 @@ class OutDirInUse(RuntimeError):
     """Another live run holds the output directory's lock."""
 
 
+class InputError(ValueError):
+    """An input file that exists but does not fit this run (e.g. results of another config): the message names
+    the file and what is wrong."""
+
+
 @contextlib.contextmanager
 def out_dir_lock(out_dir):
     """Hold out_dir/.lock for the length of a run, so two runs never write the same results.json and checkpoints
@@ -308,7 +313,7 @@ def cli(main):
     as one line saying that the same command resumes (checkpoints are written atomically)."""
     try:
         main()
-    except (CheckpointError, OutDirInUse, FileNotFoundError) as e:   # their messages name the file and the fix
+    except (CheckpointError, OutDirInUse, InputError, FileNotFoundError) as e:   # messages name the file and fix
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
