@@ -961,13 +961,6 @@ def dynamics_claims(rows):
 # -------------------------------------------------------------------------------------------------
 
 
-def agg(values, spec=".4f"):
-    """One seed's number, or mean ± std over the seeds."""
-    if len(values) == 1:
-        return ev.fmt(values[0], spec)
-    return ev.fmt_mean_std(values, spec)
-
-
 LABELS = {"standard": "standard (with repetition)", "dedup_epochs": "deduplicated, same epochs",
           "dedup_steps": "deduplicated + fresh stories, same steps", "memsinks": "MemSinks", "gradmask": "gradient masking"}
 MODE_LABELS = {"plain": "-", "dropped": "sinks dropped", "expected": "sinks at expected value p",
@@ -984,8 +977,8 @@ def table_lines(cfg, runs):
     for name, m0 in runs[0]["models"].items():
         for mode in [k[:-4] for k in m0["final"] if k.endswith("/val")]:
             label = "memorization neurons dropped" if name == "gradmask" and mode == "dropped" else MODE_LABELS[mode]
-            get = lambda key: agg([m["models"][name]["final"][key] for m in runs])
-            cl = agg([closure(m["models"][name]["final"][mode + "/rep"], s) for m, s in zip(runs, std)], ".2f")
+            get = lambda key: ev.fmt_mean_std([m["models"][name]["final"][key] for m in runs], ".4f")
+            cl = ev.fmt_mean_std([closure(m["models"][name]["final"][mode + "/rep"], s) for m, s in zip(runs, std)], ".2f")
             lines.append(f"| {LABELS[name]} | {m0['steps']} | {label} | {get(mode + '/val')} | {get(mode + '/rep')} | "
                          f"{cl} |" + (f" {get(mode + '/canary')} |" if canary else ""))
     tun = [m["posthoc"]["hc_tuning"] for m in runs]
@@ -1001,7 +994,7 @@ def table_lines(cfg, runs):
                    for c in chosen)
         stopped = sum(ts[i]["stopped"] for ts in tun)
         lines.append(f"| {t['lambda_paper']:g} | {t['lambda']:.3g} | {t['iterations_paper']} | {t['cap']} | "
-                     f"{stopped} of {len(runs)} | {agg([ts[i]['val_after_drop'] for ts in tun])} | "
+                     f"{stopped} of {len(runs)} | {ev.fmt_mean_std([ts[i]['val_after_drop'] for ts in tun], '.4f')} | "
                      f"{pick} of {len(runs)} |")
     if all(t["stopped"] for ts in tun for t in ts):
         lines.append("\nThe iteration caps never bound: every run ended on the penalty (open fraction below hc_stop) "
@@ -1011,12 +1004,12 @@ def table_lines(cfg, runs):
               "| method | r | val loss | repeated loss | forgetting | degradation |", "| --- | --- | --- | --- | --- | --- |"]
     for meth in ("hard_concrete", "integrated_gradients"):
         for i, p in enumerate(runs[0]["posthoc"][meth]):
-            get = lambda key: agg([m["posthoc"][meth][i][key] for m in runs])
+            get = lambda key: ev.fmt_mean_std([m["posthoc"][meth][i][key] for m in runs], ".4f")
             lines.append(f"| {meth} | {p['r']} | {get('val')} | {get('rep')} | {get('forgetting')} | "
                          f"{get('degradation')} |")
     for name in runs[0]["tradeoff"]:
         mode = "dropped" if name == "memsinks" else "plain"
-        get = lambda f: agg([f(m) for m in runs])
+        get = lambda f: ev.fmt_mean_std([f(m) for m in runs], ".4f")
         lines.append(f"| {LABELS[name]} | - | {get(lambda m: m['models'][name]['final'][mode + '/val'])} | "
                      f"{get(lambda m: m['models'][name]['final'][mode + '/rep'])} | "
                      f"{get(lambda m: m['tradeoff'][name]['forgetting'])} | "
@@ -1029,7 +1022,7 @@ def sweep_lines(cfg, runs):
     keys = [k for k in rows[0][0] if k != "trace"]
     lines = [f"Sweep {cfg.sweep}", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for i, r in enumerate(rows[0]):
-        lines.append("| " + " | ".join(agg([rs[i][k] for rs in rows], ".4g") if isinstance(r[k], float) else str(r[k])
+        lines.append("| " + " | ".join(ev.fmt_mean_std([rs[i][k] for rs in rows], ".4g") if isinstance(r[k], float) else str(r[k])
                                        for k in keys) + " |")
     return lines
 
