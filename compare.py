@@ -1120,7 +1120,9 @@ def plot(cfg, runs):
                                 M["attacks"]["retrained"]["relearn"][attack_lr(M)]["held"][j])
             pts = [[gap(M, j) for M in Ms] for j in range(len(cfg.relearn_at))]
             ms = [ev.mean_std(p) for p in pts]
-            ax.errorbar(list(cfg.relearn_at), [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", ms=4,
+            st = style(list(Ms[0]["attacks"]).index(n), n)
+            ax.errorbar(list(cfg.relearn_at), [m for m, _ in ms], yerr=[s for _, s in ms], marker=st["fmt"],
+                        ms=5, mfc=st.get("mfc"), color=st["color"], ls="--" if n in REFERENCES else "-",
                         capsize=2, label=LABEL.get(n, n))
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(xlabel="relearning steps (AdamW at attack_lr: " + ", ".join(attack_lr(M) for M in Ms) + ")",
