@@ -689,7 +689,9 @@ def neumuter_iteration_vs_ga_step(cfg, device, batch=32, T=96):
         ga_opt.zero_grad(set_to_none=True)
         loss.backward()
         ga_opt.step()
-    return Pair("NeuMuter iteration", lambda: neumuter.mask_step(ncfg, net, log_alpha, opt, fb, nb, gen, log_alpha.numel()),
+    bound = neumuter.data_bound(net, nb)         # the ascent bound from the data, as neumuter.py measures it
+    return Pair("NeuMuter iteration",
+                lambda: neumuter.mask_step(ncfg, net, log_alpha, opt, fb, nb, gen, log_alpha.numel(), bound),
                 "GA step", ga_step, work=batch * T, unit="forget tokens/s",
                 what=f"{batch} forget + {batch} neighbour rows of {T} tokens, {ncfg.n_layer}-layer d={ncfg.n_embd} GPT")
 

@@ -213,3 +213,17 @@ def test_bench_blocks_store_only_assigned_rows():
     assert big[2] - small[2] == (64 * 64 - 16 * 16) * 8                 # only the int64 index map grows with N
     for kind in ("single", "two_pass", "plain"):
         assert bench.read_step(kind, *bench.read_case(6, 3, 4, 10)).shape == (10, 4)
+
+
+def test_every_cpu_row_builds_a_pair_that_runs_once():
+    """Each registered row's pair is built and each side called once (a row whose callee changed signature, as
+    neumuter.mask_step's did, fails here rather than in a bench run). Rows that need a GPU or a download skip."""
+    import torch
+    cfg = bench.Config()
+    for name, r in bench.ROWS.items():
+        try:
+            pair = r.fn(cfg, torch.device("cpu"))
+        except bench.Skip:
+            continue
+        pair.a()
+        pair.b()
