@@ -803,7 +803,7 @@ def mu95_bootstrap_test(mu_a, fq_a, mu_b, fq_b, mu_original, *, n_boot=10000, le
 
 
 # AUES over a range the compared curves share, MU95 that says when it is not a crossing, and an lr picked by a
-# reach rule on held-out seeds (locprobe.py, issue 22)
+# reach rule on held-out seeds (locprobe.py)
 
 def common_fs_range(curves):
     """(lo, hi): the FS range every curve spans, lo = the largest of the curves' smallest FS, hi = the smallest of

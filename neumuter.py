@@ -882,7 +882,7 @@ PPL_RISE_SHARE = 0.5       # claim 2: NeuMuter's PPL rise at most half of GA's, 
                            # of GA's, SGA's, TA's rises is TA's +68% on 2.7B, so the paper's margin exceeds 2x
                            # everywhere). No cap on NeuMuter's own rise: the paper's claim is the comparison
 SELECTED_MAX = 0.03        # claim 3: "a few percent" of the gated FFN neurons (paper, Conclusion: "merely 1%")
-LOCALIZABLE_MAX = 0.10     # precondition of claims 2 and 3, fixed before any run (issue 23): memorization counts as
+LOCALIZABLE_MAX = 0.10     # precondition of claims 2 and 3, fixed before any run: memorization counts as
                            # localized when zeroing at most 10% of the gated neurons (integrated-gradients ranking,
                            # per layer) meets Eq. 17; a method that mutes ~1% of neurons needs at least that
 
