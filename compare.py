@@ -517,10 +517,10 @@ def prompt_marker(tok):
     return full[len(full) - min(2, n):] if n > 0 else []
 
 
-def deploy(net, layout, tok, recs):
+def deploy(net, layout, tok, recs, routed=None):
     """The sink model as deployed. NULLs: routed, the router knowing every training source's prompts (their mean
-    embedding); MemSinks: every sink dropped."""
-    if layout.kind == "memsinks":
+    embedding); MemSinks: every sink dropped (routed=True: its own sinks on by the same routing, Sink-On)."""
+    if not (layout.kind == "nulls" if routed is None else routed):
         return SinksOff(net, layout)
     r = Routed(net, copy.deepcopy(layout), prompt_marker(tok), tok.pad_id)
     qs, _ = MA.encode_qa(tok, recs)
@@ -566,7 +566,6 @@ class Request:
         self.kind, self.mcfg = kind, ma_config(cfg, kind)
         D = S["D"] if kind == S["mcfg"].forget_kind else MA.load_data(self.mcfg, S["tok"] if cfg.init_from else None)
         self.world, self.sets = D["world"], eval_sets(cfg, D["sets"])
-        self.full_sets = D["sets"]
         tok, base, full = S["tok"], S["base"], D["sets"]["full"]
         self.forget_ids = D["forget"]
         self.forget = D["sets"][self.mcfg.forget]                      # roles set by memadapt.load_data
@@ -637,15 +636,20 @@ def region_for(cfg, ft, tok, name, recs):
     return loc.value_vector_region(ft, sel), time.process_time() - c0
 
 
+def objective(name):
+    """The baselines.DEFAULTS objective of a post-hoc row (npo_loc / npo_rand: NPO on a region)."""
+    return name if name in baselines.DEFAULTS else "npo"
+
+
 def run_posthoc(cfg, mcfg, start, tok, name, lr, forget_recs, retain_recs, steps):
     """One objective (baselines.DEFAULTS hyperparameters, the reference model = `start`) on a copy of `start`."""
-    hp = dict(baselines.DEFAULTS[name if name in baselines.DEFAULTS else "npo"]["hp"])
+    hp = dict(baselines.DEFAULTS[objective(name)]["hp"])
     if "layer" in hp:
         hp["layer"] = min(hp["layer"], start.cfg.n_layer - 1)
     region, t_loc = region_for(cfg, start, tok, name, forget_recs)
     forget_b, retain_b = MA.unlearn_batches(mcfg, tok, forget_recs, retain_recs)
     net = copy.deepcopy(start).requires_grad_(True)
-    obj = baselines.make_objective(name if name in baselines.DEFAULTS else "npo", copy.deepcopy(start), **hp)
+    obj = baselines.make_objective(objective(name), copy.deepcopy(start), **hp)
     c0 = time.process_time()
     baselines.unlearn(net, obj, forget_b, retain_b, steps=steps, lr=lr, eval_every=10 ** 9, region=region)
     return net.eval().requires_grad_(False), time.process_time() - c0 + t_loc
@@ -696,7 +700,7 @@ def grid_of(cfg, name):
     G = len(cfg.lr_mults)
     if name == "neumuter":
         return [cfg.mask_epochs * (j + 1) / G for j in range(G)]
-    return [baselines.DEFAULTS[name if name in baselines.DEFAULTS else "npo"]["lr"] * m for m in cfg.lr_mults]
+    return [baselines.DEFAULTS[objective(name)]["lr"] * m for m in cfg.lr_mults]
 
 
 def unlearn_with(cfg, S, R, name, value, start, forget_recs, retain_recs, steps=None):
@@ -859,12 +863,7 @@ def run_request(cfg, S, kind):
     # the references: Retrained (two seeds), Finetuned, each sink architecture's Retrained and NULLs Sink-On
     nets = {"retrained": R.retrained, "retrained_b": R.retrained_b, "finetuned": S["ft"],
             "nulls_sinkon": deploy(S["nulls"], S["nulls_layout"], tok, full),
-            "memsinks_sinkon": Routed(S["memsinks"], copy.deepcopy(S["memsinks_layout"]), prompt_marker(tok),
-                                      tok.pad_id)}
-    by = {}
-    for rec, q in zip(full, MA.encode_qa(tok, full)[0]):
-        by.setdefault(rec["person"], []).append(tuple(q))
-    nets["memsinks_sinkon"].fit_router(by)
+            "memsinks_sinkon": deploy(S["memsinks"], S["memsinks_layout"], tok, full, routed=True)}
     before_block = score(S["ma"], R.groups)
     for k in ("nulls", "memsinks"):
         net, lay, R.times[k + "_retrained"] = train_sinks(cfg, R.mcfg, S["base"], tok, R.retain, k)
