@@ -1014,13 +1014,19 @@ def mean_std(values):
     return mu, (math.sqrt(math.fsum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+def fmt_pm(pair, spec=".3f"):
+    """A (mean, std) pair already computed (mean_std's result) as 'mean ± std'; '-' when the mean is None."""
+    mu, sd = pair
+    return "-" if mu is None else f"{mu:{spec}} ± {sd:{spec}}"
+
+
 def fmt_mean_std(values, spec=".3f"):
     """'mean ± std' of mean_std(values) ('mean' alone for one value, '-' for none), each formatted with spec."""
     xs = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     mu, sd = mean_std(xs)
     if mu is None:
         return "-"
-    return format(mu, spec) + (f" ± {sd:{spec}}" if len(xs) > 1 else "")
+    return fmt_pm((mu, sd), spec) if len(xs) > 1 else format(mu, spec)
 
 
 def over_seeds(per_seed):

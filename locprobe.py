@@ -1110,10 +1110,6 @@ def make_claims(cfg, summ, t1):
 # Report
 # -------------------------------------------------------------------------------------------------
 
-def pm(x, spec=".3f"):
-    return f"{x[0]:{spec}} +- {x[1]:{spec}}"
-
-
 def lr_line(label, t):
     """One lr record as a line: the lr, whether the rule was met, the endpoints it measured."""
     if not t.get("tried"):
@@ -1151,9 +1147,9 @@ def table_lines(cfg, metrics):
             pr = " ".join(f"{p[key + '_calibration']:.2f}" for p in row["paper_tests"]) if metric != "aues_common" else "-"
             fb = sum(sum(v) for v in row["mu95_fallback"].values()) if metric == "mu95" else 0
             label = {"aues": "AUES", "aues_common": "AUES common", "mu95": "MU95"}[metric] + (f" ({fb} fb)" if fb else "")
-            L.append(f"| {name} | {t2['lr'][name]['lr']:.3g} | {label} | {pm(m['random'], spec)} | "
-                     f"{pm(m['oracle'], spec)} | {pm(m['delta'], spec)} | {m['p_seed']:.3f} ({m['p_sign_flip']:.3f}) | "
-                     f"{pm(m['random2'], spec)} | {pm(m['abs_delta_calibration'], spec)} | "
+            L.append(f"| {name} | {t2['lr'][name]['lr']:.3g} | {label} | {ev.fmt_pm(m['random'], spec)} | "
+                     f"{ev.fmt_pm(m['oracle'], spec)} | {ev.fmt_pm(m['delta'], spec)} | {m['p_seed']:.3f} ({m['p_sign_flip']:.3f}) | "
+                     f"{ev.fmt_pm(m['random2'], spec)} | {ev.fmt_pm(m['abs_delta_calibration'], spec)} | "
                      f"{m['p_seed_calibration']:.3f} ({m['p_sign_flip_calibration']:.3f}) | {po} | {pr} |")
     L += ["", "Per seed (Oracle / Random / Random2):", ""]
     for name in cfg.objectives:

@@ -158,6 +158,10 @@ def test_mean_std_matches_statistics_and_skips_missing():
     assert ev.fmt_mean_std([1.0, 3.0], ".2f") == "2.00 ± 1.41"
     assert ev.fmt_mean_std([1.0, None], ".2f") == "1.00"
     assert ev.fmt_mean_std([], ".2f") == "-"
+    # a pair computed earlier (locprobe keeps mean_std's result in results.json) prints the same way
+    assert ev.fmt_pm(ev.mean_std([1.0, 3.0]), ".2f") == "2.00 ± 1.41"
+    assert ev.fmt_pm((4.0, 0.0), ".1f") == "4.0 ± 0.0"
+    assert ev.fmt_pm((None, None)) == "-"
 
 
 def test_claims_table_escapes_bars_so_every_row_has_five_cells():
