@@ -125,9 +125,18 @@ def test_main_runs_a_row_end_to_end(tmp_path):
         m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, d_ff=32, vocab_size=32, block_size=8))
         x = bench.torch.randint(0, 32, (2, 8))
         step = bench._train_step(m, bench._adamw(m), x, x, device)
-        return bench.Pair("step", step, "step again", step, work=x.numel(), unit="tokens/s", what="tiny")
+
+        def counted():
+            calls.append(1)
+            step()
+        return bench.Pair("step", counted, "step again", counted, work=x.numel(), unit="tokens/s", what="tiny")
+    calls = []
     try:
-        out = bench.main(["--preset=smoke", "--rows=test_tiny_train", f"--out_dir={tmp_path}"])
+        out = bench.main(["--preset=smoke", "--rows=test_tiny_train", f"--out_dir={tmp_path / 'smoke'}"])
+        # smoke: one call of each side, no warm-up, and no verdict from one round
+        assert len(calls) == 2 and out[0]["rounds"] == 1 and out[0]["verdict"] == "inconclusive: 1 round"
+        out = bench.main(["--preset=smoke", "--rounds=2", "--max_rounds=2", "--rows=test_tiny_train",
+                          f"--out_dir={tmp_path}"])
     finally:
         del bench.ROWS["test_tiny_train"]
     assert [r["name"] for r in out] == ["test_tiny_train"]
