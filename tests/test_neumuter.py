@@ -412,8 +412,30 @@ def test_paper_path_on_local_fakes(tmp_path):
     assert "retrained" not in ex and set(ex["methods"]) == {"neumuter", "ga", "ig"}
 
 
+def test_real_extraction_fine_tunes_both_models_from_the_pretrained_weights(tmp_path):
+    """--preset=real's code path (extraction, no data_path) on a tiny local fake: the built-in stories in the
+    checkpoint's own tokenizer, the original and the retrained model both fine-tuned from its weights (so the
+    retrained model's Eq. 17 status is reported and the neighbours come from it: no --mlm_path needed)."""
+    import hf
+    words = sorted({w for w in D.stories_words() if w.isalpha()})
+    gpt = fake_hf_folder(tmp_path / "gpt", words)
+    base, tok = hf.load_pretrained(str(gpt))
+    cfg = N.Config(**{**N.PRESETS["smoke"], "experiment": "extraction", "init_from": str(gpt),
+                      "out_dir": str(tmp_path / "out")})
+    orig, ref, d = N.load_or_train_extraction(cfg, 0, log=None)
+    assert d.tok.vocab_size == tok.vocab_size and d.forget[0] == tok.encode(
+        D.ts_repetition(cfg.n_forget, cfg.rep, cfg.n_single, 0, n_val=cfg.n_unseen + cfg.n_val).repeated_texts[0]
+    )[:cfg.max_len]
+    moved = lambda m: any(not torch.equal(a, b) for a, b in zip(m.state_dict().values(), base.state_dict().values()))
+    assert orig.cfg == base.cfg and ref.cfg == base.cfg and moved(orig) and moved(ref)
+    metrics, _ = N.main(["--preset=smoke", "--experiment=extraction", f"--init_from={gpt}", "--methods=ga",
+                         f"--out_dir={tmp_path / 'out'}"])
+    ex = metrics["seeds"]["0"]["extraction"]
+    assert "eq17" in ex["retrained"] and set(ex["methods"]) == {"neumuter", "ga"}
+
+
 def test_real_path_fine_tunes_a_local_pretrained_model(tmp_path):
-    """--preset=real's code path (TOFU from a pretrained checkpoint) on a tiny local fake."""
+    """--preset=real_tofu's code path (TOFU from a pretrained checkpoint) on a tiny local fake."""
     import re
     words = sorted({w for t in D.make_world(0, n_people=12, n_families=4, n_cities=4, n_countries=4, n_holdout=2).texts()
                     for w in re.findall(r"\w+|[^\w\s]", t)} | set(N.IDK.split()) | {"Question", "Answer", ":"})
@@ -431,3 +453,33 @@ def test_bad_settings_exit_2_naming_the_field(capsys):
             N.main([arg])
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_sigterm_to_the_parent_stops_the_workers(tmp_path):
+    """SIGTERM (a scheduler's stop) reaches the worker processes, not only the parent: within seconds the parent exits
+    130 with the resume hint and no worker is left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "neumuter.py", "--preset=smoke", "--workers=2", "--seeds=0,1",
+                          f"--out_dir={tmp_path}"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    children = lambda: [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+    t0 = time.time()
+    while len(children()) < 2 and time.time() - t0 < 60 and p.poll() is None:   # both workers started
+        time.sleep(0.2)
+    kids = children()
+    assert p.poll() is None and len(kids) >= 2, "the run ended before its workers could be stopped"
+    time.sleep(2)                                  # the workers are inside their jobs now
+    p.send_signal(signal.SIGTERM)
+    t1 = time.time()
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and "run the same command again to resume" in err
+    assert time.time() - t1 < 15
+    time.sleep(1)
+    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers still running after the parent stopped: {alive}"
