@@ -395,6 +395,8 @@ class Config:
     posthoc: str = "ga,graddiff,npo,simnpo,rmu,undial,idkdpo,neumuter"
     lr_mults: tuple = (0.1, 0.3, 1.0, 3.0, 10.0)   # each row's grid: lr = DEFAULTS lr x these (NeuMuter: as many
                                                    # mask-epoch counts, mask_epochs x 1/G ... G/G)
+    grid_extend: int = 2     # an lr row whose held-out pick is an end of its grid scores up to this many more lrs
+                             # past that end, one grid step at a time (eval.tune); NeuMuter's top is the paper's E
     unlearn_steps: int = _MA.unlearn_steps
     unlearn_batch: int = _MA.unlearn_batch
     region_ratio: float = 0.1
@@ -423,7 +425,7 @@ class Config:
         T.check(self, n_people="[4, inf)", n_layer="[1, inf)", n_embd="[1, inf)", ft_epochs="[1, inf)",
                 ft_lr="(0, inf)", n_pool="[1, inf)", n_source="[1, n_pool]", p="(0, 1]", lr_mults="(0, inf)",
                 unlearn_steps="[1, inf)", unlearn_batch="[1, inf)", region_ratio="(0, 1]", mask_epochs="(0, inf)",
-                mask_batch="[1, inf)", relearn_lrs="(0, inf)", relearn_at="[1, inf)", quant_bits="[2, 16]",
+                mask_batch="[1, inf)", grid_extend="[0, inf)", relearn_lrs="(0, inf)", relearn_at="[1, inf)", quant_bits="[2, 16]",
                 sequential="[0, inf)", seeds="[0, inf)", eval_n="[0, inf)", eval_batch="[1, inf)",
                 threads="[0, inf)")
         bad = [k for k in self.forget_kinds if k not in data.FORGET_KINDS]
@@ -724,9 +726,11 @@ def tune_row(cfg, S, R, name, score):
         ds = dict(zip(grid, cands))
     pick = ev.tune(grid, lambda v: ds[v] if v in ds else d(unlearn_with(cfg, S, R, name, v, S["ft"], R.tune,
                                                                         R.tune_retain)[0]),
-                   tuned_on=R.tune_ids, reported=R.forget_ids, what=f"{name} {'mask epochs' if name == 'neumuter' else 'lr'}")
+                   tuned_on=R.tune_ids, reported=R.forget_ids, what=f"{name} {'mask epochs' if name == 'neumuter' else 'lr'}",
+                   extend=0 if name == "neumuter" else cfg.grid_extend)
     net, cpu = unlearn_with(cfg, S, R, name, pick["value"], S["ft"], R.forget, R.retain)
-    return net, {"value": pick["value"], "grid": pick["grid"], "tune_d": pick["scores"], "cpu_s": cpu}
+    return net, {"value": pick["value"], "grid": pick["grid"], "tune_d": pick["scores"], "extended": pick["extended"],
+                 "cpu_s": cpu}
 
 
 def posthoc_row(cfg, S, R, name, score):
@@ -736,7 +740,7 @@ def posthoc_row(cfg, S, R, name, score):
                     data=T.digest({"forget": R.forget, "tune": R.tune, "retain": R.retain, "sets": R.sets}),
                     init=T.digest(S["ft"].state_dict()), base=T.digest(S["base"].state_dict()),
                     tune_ret=T.digest(R.retrained_tune.state_dict()), ret=T.digest(R.retrained.state_dict()),
-                    row=name, hp=baselines.DEFAULTS.get(name), grid=grid_of(cfg, name),
+                    row=name, hp=baselines.DEFAULTS.get(name), grid=grid_of(cfg, name), extend=0 if name == "neumuter" else cfg.grid_extend,
                     settings={k: getattr(cfg, k) for k in ("unlearn_batch", "region_ratio", "mask_batch")})
     path = os.path.join(cfg.out_dir, "cache", f"{R.kind}-{name}-{key}.pt")
     if os.path.exists(path):

@@ -1185,16 +1185,33 @@ def _held_out(grid, tuned_on, reported, what):
     return grid
 
 
-def tune(grid, score, *, tuned_on, reported, what, minimize=True):
+def tune(grid, score, *, tuned_on, reported, what, minimize=True, extend=0):
     """Pick the value of `grid` with the best score(value), where score is measured on `tuned_on` (held-out seeds,
     a held-out forget request or a held-out half of each source's probes: any collection of ids) and the report
-    uses `reported`; the two must not share an id. Returns {"what", "value", "grid", "scores", "tuned_on"}, the
-    record a report prints ("what was tuned, on what, over which grid"). Ties go to the first grid value."""
+    uses `reported`; the two must not share an id. Returns {"what", "value", "grid", "scores", "tuned_on",
+    "extended"}, the record a report prints ("what was tuned, on what, over which grid"). Ties go to the first
+    grid value. extend > 0 (a grid of positive numbers in ascending order, e.g. lrs): while the best value is an
+    end of the grid, one more value is scored past that end, in the grid's own geometric step there (the end
+    value squared over its neighbour), at most `extend` values in all: a best value at an edge says the optimum
+    may lie beyond it (a grid of one value has no step: it is used as given). The rule is fixed before any score
+    is seen and sees only the held-out data."""
     grid = _held_out(grid, tuned_on, reported, what)
     scores = [float(score(g)) for g in grid]
-    best = (min if minimize else max)(range(len(grid)), key=lambda i: scores[i])
+    pick = lambda: (min if minimize else max)(range(len(grid)), key=lambda i: scores[i])
+    if extend and (grid[0] <= 0 or any(not a < b for a, b in zip(grid, grid[1:]))):
+        raise ValueError(f"{what}: extend needs an ascending grid of positive values, got {grid}")
+    n_ext = 0
+    while n_ext < extend and len(grid) > 1 and pick() in (0, len(grid) - 1):    # one value: no step to take
+        if pick() == 0:
+            grid.insert(0, grid[0] ** 2 / grid[1])
+            scores.insert(0, float(score(grid[0])))
+        else:
+            grid.append(grid[-1] ** 2 / grid[-2])
+            scores.append(float(score(grid[-1])))
+        n_ext += 1
+    best = pick()
     return {"what": what, "value": grid[best], "grid": grid, "scores": scores, "tuned_on": list(tuned_on),
-            "rule": "lowest" if minimize else "highest"}
+            "rule": "lowest" if minimize else "highest", "extended": n_ext}
 
 
 def load_average():

@@ -234,6 +234,15 @@ def test_tuning_runs_only_on_the_held_out_request(monkeypatch):
     assert [s[2] for s in seen] == [["tune-retain"]] * 3 + [["retain"]]
     with pytest.raises(ValueError, match="report also uses"):
         C.tune_row(cfg, {"ft": "ft"}, _R([1, 2], [2, 5]), "ga", score)
+    # a pick at the grid's low end scores grid_extend more lrs below it, still on the held-out request only
+    seen.clear()
+    low = C.baselines.DEFAULTS["ga"]["lr"] * 0.1 / 50          # below the grid: D falls toward it
+    score = lambda net, groups: ({"retain": 0.0} if isinstance(net, str) or net == "ft" else
+                                 {"retain": abs(net["lr"] - low)})
+    net, rec = C.tune_row(cfg, {"ft": "ft"}, _R([1, 2], [3, 4]), "ga", score)
+    lr0 = C.baselines.DEFAULTS["ga"]["lr"] * 0.1
+    assert rec["extended"] == cfg.grid_extend == 2 and rec["grid"][:2] == pytest.approx([lr0 / 100, lr0 / 10])
+    assert rec["value"] == pytest.approx(lr0 / 100) and [s[1] for s in seen] == [["held-out"]] * 5 + [["reported"]]
 
 
 def test_every_row_gets_a_grid_of_the_same_size():

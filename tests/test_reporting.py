@@ -135,6 +135,25 @@ def test_tune_refuses_reported_data_and_picks_the_best():
         ev.tune([0.1], lambda p: p, tuned_on=[0, 100], reported=[0, 1, 2], what="p")
 
 
+def test_tune_extends_past_an_edge_pick_in_the_grids_geometric_step():
+    import math
+    seen = []
+    loss = lambda lr: (math.log10(lr) + 5.2) ** 2          # optimum at lr = 10^-5.2, below the grid's 1e-4
+    score = lambda lr: seen.append(lr) or loss(lr)
+    pick = ev.tune([1e-4, 1e-3, 1e-2], score, tuned_on=["h"], reported=["r"], what="lr", extend=3)
+    # 1e-4 is the grid's best: 1e-5 is scored (1e-4 squared over 1e-3), then 1e-5 is best: 1e-6; 1e-5 stays best
+    assert pick["grid"] == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2]) and pick["extended"] == 2
+    assert pick["value"] == pytest.approx(1e-5) and seen == pytest.approx([1e-4, 1e-3, 1e-2, 1e-5, 1e-6])
+    assert pick["scores"] == pytest.approx([loss(v) for v in pick["grid"]])
+    # at most `extend` values, and upward as well
+    up = ev.tune([1, 2], lambda v: -v, tuned_on=["h"], reported=["r"], what="x", extend=2)
+    assert up["grid"] == [1, 2, 4, 8] and up["value"] == 8 and up["extended"] == 2
+    inner = ev.tune([1, 2, 4], lambda v: (v - 2) ** 2, tuned_on=["h"], reported=["r"], what="x", extend=5)
+    assert inner["grid"] == [1, 2, 4] and inner["extended"] == 0           # an inner best extends nothing
+    with pytest.raises(ValueError, match="ascending grid"):
+        ev.tune([3, 1], lambda v: v, tuned_on=["h"], reported=["r"], what="x", extend=1)
+
+
 def test_publish_prints_writes_then_plots(tmp_path, capsys):
     out = tmp_path / "out"
     seen = []
