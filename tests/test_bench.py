@@ -226,9 +226,10 @@ def test_bench_blocks_store_only_assigned_rows():
 
 def test_every_cpu_row_builds_a_pair_that_runs_once():
     """Each registered row's pair is built and each side called once (a row whose callee changed signature, as
-    neumuter.mask_step's did, fails here rather than in a bench run). Rows that need a GPU or a download skip."""
+    neumuter.mask_step's did, fails here rather than in a bench run). Rows that need a GPU or a download skip;
+    quick=True, as --preset=smoke: rows whose reference side takes seconds run on fewer items."""
     import torch
-    cfg = bench.Config()
+    cfg = bench.Config(quick=True)
     for name, r in bench.ROWS.items():
         try:
             pair = r.fn(cfg, torch.device("cpu"))
@@ -236,3 +237,36 @@ def test_every_cpu_row_builds_a_pair_that_runs_once():
             continue
         pair.a()
         pair.b()
+
+
+def test_tofu_suites_agree_on_a_tiny_llama():
+    """The tofu_eval_vs_transformers row's two sides on a tiny random Llama (transformers' LlamaForCausalLM and
+    model.GPT holding its weights) and the built-in world's word tokenizer: the same Prob, truth ratios, Min-K%
+    scores and AUC, ES and ROUGE-L per item. Batches of 4 over 6 items: padding and a partial last batch on both
+    sides. Three answers are made to exercise ES: the model's own greedy continuation (ES 1), the same with one
+    token changed (a trailing run only) and a 1-token continuation."""
+    pytest.importorskip("transformers")
+    import torch
+    import data as D
+    tok = D.world_tokenizer()
+    torch.manual_seed(0)
+    shape = dict(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, d_ff=64, block_size=64)
+    theirs, ours = bench.llama_twins(shape, initializer_range=0.2)   # peaked logits: no argmax near-ties
+    w = D.make_world(0, n_people=20, n_families=8, n_cities=8, n_countries=4, n_holdout=2)
+    forget = w.tofu_split("forget10")[:6]
+    holdout = [r for r in w.tofu_split("retain90") if r["person"] not in {f["person"] for f in forget}][:6]
+    items = bench.tofu_items(tok, forget, holdout)
+    own = [row.tolist() for row in ours.generate(items["q"][:3], 6)]
+    own[1][2] = (own[1][2] + 1) % tok.vocab_size
+    items["a"][:3] = [own[0], own[1], own[2][:1]]
+    a = bench.ours_tofu_suite(ours, items, tok, max_new_tokens=8, batch_size=4)
+    b = bench.hf_tofu_suite(theirs, items, tok, max_new_tokens=8, batch_size=4)
+    agree = bench.tofu_agreement(a, b)
+    bench.check_tofu_agreement(agree)
+    assert agree["rouge_agree"] == agree["gens_agree"] == 1.0
+    assert a["es"][0] == b["es"][0] == 1.0 and a["es"][2] == b["es"][2] == 1.0
+    assert 0 < b["es"][1] < 1 and a["es"][1] == pytest.approx(b["es"][1], abs=1e-12)
+    assert a["rouge"][0] == b["rouge"][0] > 0
+    assert min(agree[k] for k in ("prob_max_rel", "tr_max_rel", "min_k_max_rel")) >= 0
+    assert max(agree["prob_max_rel"], agree["tr_max_rel"], agree["min_k_max_rel"]) < 1e-5   # small vocab: tight
+    assert 0 <= a["auc"] <= 1 and len(a["min_k_holdout"]) == 6 and len(a["prob"]) == len(b["tr"]) == 6
