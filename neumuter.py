@@ -8,6 +8,7 @@ learned gate values (Eq. 14), everything else is untouched.
     python neumuter.py                      # both experiments on the built-in data, side by side in two processes
     python neumuter.py --experiment=extraction --seeds=0,1,2
     python neumuter.py --preset=smoke       # seconds
+    python neumuter.py --preset=real --seeds=0    # extraction on SmolLM2-135M fine-tuned to emit 8 stories
     python neumuter.py --preset=paper --init_from=gpt-neo-125M/ --data_path=lm_extraction_32_0.csv --mlm_path=bert/
 
 Extraction (Table 2, Figure 4, Table 9): stories with 32 repeated "extraction" stories; NeuMuter against GA, SGA,
@@ -769,7 +770,7 @@ def tofu_models(cfg, seed, split, log=print):
     w = D.make_world(seed, n_people=cfg.tofu_people, n_families=fam, n_cities=min(10, fam), n_countries=min(4, fam),
                      n_holdout=2)
     base, tok = None, tofu_tokenizer()
-    if cfg.init_from:              # --preset=real: fine-tune a pretrained model (its own tokenizer) on the world's QA
+    if cfg.init_from:              # --preset=real_tofu: fine-tune a pretrained model (its own tokenizer) on the QA
         import hf
         base, tok = hf.load_pretrained(cfg.init_from)
     world, forget = w.tofu_split("world_facts"), w.tofu_split(split)
