@@ -251,7 +251,7 @@ def test_general_questions_belong_to_no_single_article(world):
         D.general_questions(world, n_choices=6)
 
 
-# ---- forget-request kinds, fact roles, the multi-phrasing pretraining corpus (opt-in; issue 24) ----
+# ---- forget-request kinds, fact roles, the multi-phrasing pretraining corpus (opt-in) ----
 
 def _digest(w):
     import hashlib
