@@ -554,6 +554,7 @@ def _ou_min_k(hf_model, questions, answers, pad_id, batch_size, k=0.4):
 def _ou_generate(hf_model, questions, tok, max_new_tokens, batch_size):
     """OU's generation for ROUGE: left padding with an attention mask, greedy, pad_token_id = eos; the new tokens
     cut at the first EOS and decoded."""
+    import eval as ev
     eos, gens = tok.eos_id, []
     for i in range(0, len(questions), batch_size):
         qs = questions[i:i + batch_size]
@@ -562,7 +563,7 @@ def _ou_generate(hf_model, questions, tok, max_new_tokens, batch_size):
         mask = torch.tensor([[0] * (L - len(q)) + [1] * len(q) for q in qs], device=hf_model.device)
         out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                 use_cache=True, eos_token_id=eos, pad_token_id=eos)[:, L:]
-        gens += [tok.decode(row[:row.index(eos)] if eos in row else row) for row in out.tolist()]
+        gens += [tok.decode(ev._cut_at(row, eos)) for row in out.tolist()]
     return gens
 
 
@@ -574,8 +575,7 @@ def hf_tofu_suite(hf_model, items, tok, *, max_new_tokens, batch_size=32):
     import eval as ev
     q, a, pad = items["q"], items["a"], tok.pad_id
     gens = _ou_generate(hf_model, q, tok, max_new_tokens, batch_size)
-    cut = lambda row: row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-    refs = [tok.decode(cut(list(x))) for x in a]
+    refs = [tok.decode(ev._cut_at(list(x), tok.eos_id)) for x in a]
     f = _ou_min_k(hf_model, q, a, pad, batch_size)
     h = _ou_min_k(hf_model, items["hq"], items["ha"], pad, batch_size)
     prob = [math.exp(-x) for x in _ou_avg_nll(hf_model, q, a, pad, batch_size)]

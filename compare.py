@@ -425,7 +425,8 @@ class Config:
         T.check(self, n_people="[4, inf)", n_layer="[1, inf)", n_embd="[1, inf)", ft_epochs="[1, inf)",
                 ft_lr="(0, inf)", n_pool="[1, inf)", n_source="[1, n_pool]", p="(0, 1]", lr_mults="(0, inf)",
                 unlearn_steps="[1, inf)", unlearn_batch="[1, inf)", region_ratio="(0, 1]", mask_epochs="(0, inf)",
-                mask_batch="[1, inf)", grid_extend="[0, inf)", relearn_lrs="(0, inf)", relearn_at="[1, inf)", quant_bits="[2, 16]",
+                mask_batch="[1, inf)", grid_extend="[0, inf)", relearn_lrs="(0, inf)", relearn_at="[1, inf)",
+                quant_bits="[2, 16]",
                 sequential="[0, inf)", seeds="[0, inf)", eval_n="[0, inf)", eval_batch="[1, inf)",
                 threads="[0, inf)")
         bad = [k for k in self.forget_kinds if k not in data.FORGET_KINDS]
@@ -705,6 +706,11 @@ def grid_of(cfg, name):
     return [baselines.DEFAULTS[objective(name)]["lr"] * m for m in cfg.lr_mults]
 
 
+def extend_of(cfg, name):
+    """How many values past an end pick eval.tune may add to the row's grid: NeuMuter's top is the paper's E."""
+    return 0 if name == "neumuter" else cfg.grid_extend
+
+
 def unlearn_with(cfg, S, R, name, value, start, forget_recs, retain_recs, steps=None):
     """Row `name` at grid value `value` on a forget request. Returns (model, CPU seconds)."""
     if name == "neumuter":
@@ -727,7 +733,7 @@ def tune_row(cfg, S, R, name, score):
     pick = ev.tune(grid, lambda v: ds[v] if v in ds else d(unlearn_with(cfg, S, R, name, v, S["ft"], R.tune,
                                                                         R.tune_retain)[0]),
                    tuned_on=R.tune_ids, reported=R.forget_ids, what=f"{name} {'mask epochs' if name == 'neumuter' else 'lr'}",
-                   extend=0 if name == "neumuter" else cfg.grid_extend)
+                   extend=extend_of(cfg, name))
     net, cpu = unlearn_with(cfg, S, R, name, pick["value"], S["ft"], R.forget, R.retain)
     return net, {"value": pick["value"], "grid": pick["grid"], "tune_d": pick["scores"], "extended": pick["extended"],
                  "cpu_s": cpu}
@@ -740,7 +746,8 @@ def posthoc_row(cfg, S, R, name, score):
                     data=T.digest({"forget": R.forget, "tune": R.tune, "retain": R.retain, "sets": R.sets}),
                     init=T.digest(S["ft"].state_dict()), base=T.digest(S["base"].state_dict()),
                     tune_ret=T.digest(R.retrained_tune.state_dict()), ret=T.digest(R.retrained.state_dict()),
-                    row=name, hp=baselines.DEFAULTS.get(name), grid=grid_of(cfg, name), extend=0 if name == "neumuter" else cfg.grid_extend,
+                    row=name, hp=baselines.DEFAULTS.get(name), grid=grid_of(cfg, name),
+                    extend=extend_of(cfg, name),
                     settings={k: getattr(cfg, k) for k in ("unlearn_batch", "region_ratio", "mask_batch")})
     path = os.path.join(cfg.out_dir, "cache", f"{R.kind}-{name}-{key}.pt")
     if os.path.exists(path):

@@ -1200,16 +1200,12 @@ def tune(grid, score, *, tuned_on, reported, what, minimize=True, extend=0):
     pick = lambda: (min if minimize else max)(range(len(grid)), key=lambda i: scores[i])
     if extend and (grid[0] <= 0 or any(not a < b for a, b in zip(grid, grid[1:]))):
         raise ValueError(f"{what}: extend needs an ascending grid of positive values, got {grid}")
-    n_ext = 0
-    while n_ext < extend and len(grid) > 1 and pick() in (0, len(grid) - 1):    # one value: no step to take
-        if pick() == 0:
-            grid.insert(0, grid[0] ** 2 / grid[1])
-            scores.insert(0, float(score(grid[0])))
-        else:
-            grid.append(grid[-1] ** 2 / grid[-2])
-            scores.append(float(score(grid[-1])))
-        n_ext += 1
-    best = pick()
+    n_ext, best = 0, pick()
+    while n_ext < extend and len(grid) > 1 and best in (0, len(grid) - 1):    # one value: no step to take
+        i, v = (0, grid[0] ** 2 / grid[1]) if best == 0 else (len(grid), grid[-1] ** 2 / grid[-2])
+        grid.insert(i, v)
+        scores.insert(i, float(score(v)))
+        n_ext, best = n_ext + 1, pick()
     return {"what": what, "value": grid[best], "grid": grid, "scores": scores, "tuned_on": list(tuned_on),
             "rule": "lowest" if minimize else "highest", "extended": n_ext}
 

@@ -373,11 +373,11 @@ PRESETS = {
     "real": dict(experiment="extraction", init_from="smollm2", n_forget=8, rep=12, n_single=36, n_unseen=8, n_val=16,
                  max_len=48, batch_size=8, epochs=2.0, lr=1e-4, min_lr=1e-5, warmup_steps=3, iters=200, eval_every=25,
                  base_steps=40, base_eval_every=2, ga_lr=5e-5, sga_lr=5e-5, ta_lr=5e-5, di_lr=5e-5, log_every=5),
-    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the world's QA
-    # (original) and on the retain QA (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
+    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the world's QA (original) and on the retain QA
+    # (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
     "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_mask_epochs=2.4,
-                 tofu_mask_batch=4, tofu_mask_evals=3,
-                 tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60, batch_size=16, log_every=10),
+                      tofu_mask_batch=4, tofu_mask_evals=3, tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60,
+                      batch_size=16, log_every=10),
 }
 
 
