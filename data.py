@@ -679,6 +679,18 @@ class World:
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
+def tuning_request(pool, forget, scored=()):
+    """A held-out forget request to tune a baseline's knobs on (eval.tune): as many people as `forget`, taken in
+    `pool`'s order (a world's forget_order: the people a next request of this kind would take), none of them in
+    `forget` and none in `scored` (the people whose data utility is measured on)."""
+    gone, scored = set(forget), set(scored)
+    out = [p for p in pool if p not in gone and p not in scored][:len(forget)]
+    if len(out) < len(forget):
+        raise ValueError(f"no held-out forget request of {len(forget)} people for tuning: only {len(out)} people are "
+                         "neither forgotten nor scored for utility")
+    return out
+
+
 def _render(template, slots):
     """Fill a template; also return the character offset where each slot's value starts."""
     out, pos, starts = "", 0, {}

@@ -26,7 +26,7 @@ Where we differ from the paper (each on purpose or forced by a CPU budget):
 - k = 8 entries read per token and query dim 64 (the paper does not give them).
 - TF-IDF counts accesses at answer positions only (the paper: "the values it accesses", positions unsaid).
 - post-hoc baselines: 50 steps, lr from 0.3x / 1x / 3x baselines.DEFAULTS by HM(model utility, Mem.) measured
-  on a held-out forget request of as many people (tuning_request), never the reported one (the paper does not
+  on a held-out forget request of as many people (data.tuning_request), never the reported one (the paper does not
   say how it tuned them).
 - claim 2 carries a precondition the paper does not state: the unmasked adapter (our addition) must reach
   Util_R >= 0.9 on this base, else the claim is not testable here.
@@ -588,22 +588,10 @@ def load_data(cfg, tok=None):
         raise ValueError(f"forget must be forget01, forget05 or forget10, got {cfg.forget!r}")
     forget = sorted({r["person"] for r in sets[cfg.forget]})
     order = world.forget_order if cfg.data == "world" else None
-    sets["tune"] = [r for r in sets["full"] if r["person"] in set(tuning_request(sets, forget, order))]
+    pool = order if order is not None else list(dict.fromkeys(r["person"] for r in sets["full"]))  # TOFU: in order
+    held = data.tuning_request(pool, forget, {r["person"] for r in sets["retain_perturbed"]})
+    sets["tune"] = [r for r in sets["full"] if r["person"] in set(held)]
     return dict(tok=tok, sets=sets, forget=forget, pretrain=texts, world=world if cfg.data == "world" else None)
-
-
-def tuning_request(sets, forget, order=None):
-    """A held-out forget request the baselines' lrs are tuned on: as many people as the reported request, none of
-    them forgotten in it and none in retain_perturbed (where utility is scored). order: the world's forget order
-    (the next people a request of this kind would take: whole families, or one per family); else person ids in
-    order of appearance (TOFU's authors)."""
-    gone, scored = set(forget), {r["person"] for r in sets["retain_perturbed"]}
-    pool = order if order is not None else list(dict.fromkeys(r["person"] for r in sets["full"]))
-    out = [p for p in pool if p not in gone and p not in scored][:len(forget)]
-    if len(out) < len(forget):
-        raise ValueError(f"no held-out forget request of {len(forget)} people for tuning: only {len(out)} people are "
-                         "neither forgotten nor in retain_perturbed")
-    return out
 
 
 def prompt_template(tok):
@@ -1095,7 +1083,7 @@ def run_seed(cfg):
 
 def posthoc_baselines(cfg, ft, tok, sets, retain, E, row):
     """Each post-hoc baseline on Finetuned: its lr picked over the lr_mults sweep by HM(model utility, Mem.) on a
-    held-out forget request (sets["tune"], tuning_request), then one run at that lr on the reported request.
+    held-out forget request (sets["tune"], data.tuning_request), then one run at that lr on the reported request.
     Returns ({name: the tuning runs}, {name: the reported run})."""
     tune_ids = sorted({r["person"] for r in sets["tune"]})
     forget_ids = sorted({r["person"] for r in sets[cfg.forget]})

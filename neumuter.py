@@ -308,6 +308,11 @@ class Config:
     tofu_methods: tuple = ("ga", "graddiff", "kl", "npo", "idkdpo")
     tofu_steps: int = 60
     tofu_eval_every: int = 10
+    tofu_unlearn_batch: int = 32       # forget QA (and as many retain QA) per baseline step
+    tofu_lr_grid: tuple = ()           # empty: each baseline at its baselines.DEFAULTS lr, not tuned; else every
+                                       # baseline's lr picked over this ascending grid on a held-out forget request
+                                       # by claim 4's own measure (run_tofu), never on the reported one
+    tofu_lr_extend: int = 1            # grid values added past an end pick (eval.tune's extend)
     tofu_first_layer: int = 0          # TOFU gates every block, layer 0 included (the paper gates all blocks)
     tofu_mask_epochs: float = 100.0    # NeuMuter passes over the forget QA (paper: E = 100); no stop rule on TOFU
     tofu_mask_batch: int = 25          # forget QA per NeuMuter iteration on TOFU
@@ -338,7 +343,11 @@ class Config:
                 ta_lr="(0, inf)", ta_tau="(0, inf)", di_lr="(0, inf)", di_beta="(0, inf)", ig_steps="[1, inf)",
                 el_n="[1, inf)", tofu_people="[4, inf)", tofu_epochs="[1, inf)", tofu_lr="(0, inf)",
                 tofu_steps="[1, inf)", tofu_eval_every="[1, inf)", tofu_retain_eval="[1, inf)",
+                tofu_unlearn_batch="[1, inf)", tofu_lr_extend="[0, inf)",
                 eta_ref_neurons="[1, inf)", log_every="[0, inf)")
+        g = list(self.tofu_lr_grid)
+        if g and (g[0] <= 0 or any(not a < b for a, b in zip(g, g[1:]))):
+            raise ValueError(f"tofu_lr_grid must be ascending learning rates > 0 (or empty), got {self.tofu_lr_grid!r}")
         r = list(self.ig_ratios)
         if not r or r != sorted(r) or not all(0 < x <= 1 for x in r):
             raise ValueError(f"ig_ratios must be ascending fractions in (0, 1], got {self.ig_ratios!r}")
@@ -373,11 +382,13 @@ PRESETS = {
     "real": dict(experiment="extraction", init_from="smollm2", n_forget=8, rep=12, n_single=36, n_unseen=8, n_val=16,
                  max_len=48, batch_size=8, epochs=2.0, lr=1e-4, min_lr=1e-5, warmup_steps=3, iters=200, eval_every=25,
                  base_steps=40, base_eval_every=2, ga_lr=5e-5, sga_lr=5e-5, ta_lr=5e-5, di_lr=5e-5, log_every=5),
-    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the world's QA (original) and on the retain QA
-    # (retrained), then unlearned; 30 layers x 1536 gated neurons. ~30 min budget.
-    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_epochs=3, tofu_lr=1e-4, tofu_mask_epochs=2.4,
-                      tofu_mask_batch=4, tofu_mask_evals=3, tofu_eval_every=20, tofu_steps=40, tofu_retain_eval=60,
-                      batch_size=16, log_every=10),
+    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the QA of a 40-person world (original) and on
+    # its retain QA (retrained), then unlearned (forget10 = 4 people, 40 QA); 30 layers x 1,536 gated neurons.
+    # GA / GradDiff / NPO with their lrs picked on a held-out request of 4 other people (tofu_lr_grid)
+    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_people=40, tofu_epochs=3, tofu_lr=1e-4,
+                      tofu_mask_epochs=10, tofu_mask_batch=4, tofu_mask_evals=4, tofu_steps=20, tofu_eval_every=5,
+                      tofu_retain_eval=40, tofu_unlearn_batch=16, tofu_methods=("ga", "graddiff", "npo"),
+                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=16, log_every=10),
 }
 
 
@@ -762,8 +773,10 @@ class TofuEval:
 
 
 def tofu_models(cfg, seed, split, log=print):
-    """(original, retrained, tokenizer, forget, retain, world) of one TOFU split: the built-in world's QA, the
-    original trained (or a pretrained model fine-tuned) on all of it, the retrained on all but the forget QA."""
+    """The models and QA of one TOFU split: the built-in world's QA, the original trained (or a pretrained model
+    fine-tuned) on all of it, the retrained on all but the forget QA; with tofu_lr_grid also a held-out forget
+    request (data.tuning_request: the next people in the world's forget order, none scored for utility) and a
+    model retrained without it, the reference its forget quality is measured against."""
     if not (split.startswith("forget") and split[6:] in ("01", "05", "10")):
         raise ValueError(f"tofu_splits entries must be forget01, forget05 or forget10, got {split!r}")
     fam = max(2, (2 * cfg.tofu_people) // 5)
@@ -777,19 +790,34 @@ def tofu_models(cfg, seed, split, log=print):
     retain = w.tofu_split(f"retain{100 - int(split[6:]):02d}")
     full = w.tofu_split("full")
     V = tok.vocab_size
-    train_rows, retrain_rows = qa_rows(tok, full + world), qa_rows(tok, retain + world)
-    net = train_lm(cfg, "tofu_original", train_rows, V, cfg.tofu_epochs, seed, lr=cfg.tofu_lr, log=log, init=base)
-    ref = train_lm(cfg, f"tofu_retrained_{split}", retrain_rows, V,
-                   cfg.tofu_epochs * len(train_rows["x"]) / len(retrain_rows["x"]), seed, lr=cfg.tofu_lr, log=log,
-                   init=base)
-    return net, ref, tok, forget, retain, world
+    fit = lambda name, recs, epochs: train_lm(cfg, name, qa_rows(tok, recs + world), V, epochs, seed,
+                                              lr=cfg.tofu_lr, log=log, init=base)
+    n_full = len(full) + len(world)       # the retrained models take as many steps as the original
+    net = fit("tofu_original", full, cfg.tofu_epochs)
+    ref = fit(f"tofu_retrained_{split}", retain, cfg.tofu_epochs * n_full / (len(retain) + len(world)))
+    m = dict(net=net, ref=ref, tok=tok, forget=forget, retain=retain, world=world, retain_eval=retain[:cfg.tofu_retain_eval])
+    if cfg.tofu_lr_grid:
+        people = lambda recs: sorted({r["person"] for r in recs})
+        held = set(D.tuning_request(w.forget_order, people(forget), people(m["retain_eval"])))
+        m["tune"] = [r for r in full if r["person"] in held]
+        m["tune_retain"] = [r for r in full if r["person"] not in held]
+        m["tune_ref"] = fit(f"tofu_retrained_tune_{split}", m["tune_retain"],
+                            cfg.tofu_epochs * n_full / (len(m["tune_retain"]) + len(world)))
+    return m
+
+
+def best_fq_in_band(curve, bar):
+    """Claim 4's measure on one curve: the best forget quality among its points with model utility >= bar (None
+    when no point is in the band)."""
+    return max([p["fq"] for p in curve if p["mu"] >= bar], default=None)
 
 
 def run_tofu(cfg, seed, split, log=print):
     import copy
     t_all = time.time()
-    net, ref, tok, forget, retain, world = tofu_models(cfg, seed, split, log)
-    E = TofuEval(tok, forget, retain[:cfg.tofu_retain_eval], world, tok.pad_id)
+    m = tofu_models(cfg, seed, split, log)
+    net, ref, tok, forget, retain, world = (m[k] for k in ("net", "ref", "tok", "forget", "retain", "world"))
+    E = TofuEval(tok, forget, m["retain_eval"], world, tok.pad_id)
     E.tr_retrained = E.forget_tr(ref)
     out = {"split": split, "n_forget": len(forget), "original": E(net), "retrained": E(ref)}
     fr = qa_rows(tok, forget)
@@ -801,8 +829,8 @@ def run_tofu(cfg, seed, split, log=print):
     out["zero_all_gated"] = E(net, zero)
     with torch.no_grad():
         out["zero_all_gated"]["forget_loss"] = float(net(fr["x"], fr["y"], mlp_mask=zero)[1])
-    for k, m in (("original", net), ("retrained", ref)):
-        out[k]["forget_loss"] = data_bound(m, fr)
+    for k, mod in (("original", net), ("retrained", ref)):
+        out[k]["forget_loss"] = data_bound(mod, fr)
     # the ascent bound from the data: the retrained model's (never saw the forget QA) mean loss on the forget answers
     bound = cfg.bound or out["retrained"]["forget_loss"]
     z = out["zero_all_gated"]
@@ -821,34 +849,64 @@ def run_tofu(cfg, seed, split, log=print):
     sub = replace(cfg, first_layer=cfg.tofu_first_layer, mask_batch=cfg.tofu_mask_batch, iters=iters,
                   eval_every=math.ceil(iters / cfg.tofu_mask_evals))
     log_alpha, hist, spent = train_masks(sub, net, fr, lm_rows(nb, tok.pad_id), cfg.K,
-                                         lambda m: E(net, m), log, bound=bound)
+                                         lambda mask: E(net, mask), log, bound=bound)
     sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
     curves = {"neumuter": [{"step": h["iter"], **{k: h[k] for k in ("fq", "mu", "forget_tr")},
                             "selected": h["selected"]} for h in hist]}
     out["neumuter"] = {"time_s": spent + t_nb, "selected_frac": float(sel.float().mean()), "selected": int(sel.sum()),
                        "iters": iters, "bound": bound, "first_layer": cfg.tofu_first_layer}
-    # baselines: each objective with its defaults for the built-in world, batches of 32 forget (+ 32 retain) QA
-    bs = 32
-    chunks = lambda rows: [{k: v[i:i + bs] for k, v in rows.items()} for i in range(0, len(rows["x"]), bs)]
-    f_batches = chunks(fr)
-    idk = chunks(qa_rows(tok, forget, "idk"))
-    for fb, ib in zip(f_batches, idk):
-        fb["idk"] = ib
-    r_batches = chunks(qa_rows(tok, retain))
-    for name in cfg.tofu_methods:
-        if name not in B.DEFAULTS:
-            raise ValueError(f"unknown TOFU baseline {name!r}; known: {sorted(B.DEFAULTS)}")
+
+    def batches(forget_recs, retain_recs):
+        """The baselines' forget batches (with their IdK answers) and retain batches, tofu_unlearn_batch QA each."""
+        bs = cfg.tofu_unlearn_batch
+        chunks = lambda rows: [{k: v[i:i + bs] for k, v in rows.items()} for i in range(0, len(rows["x"]), bs)]
+        fb = chunks(qa_rows(tok, forget_recs))
+        for b, ib in zip(fb, chunks(qa_rows(tok, forget_recs, "idk"))):
+            b["idk"] = ib
+        return fb, chunks(qa_rows(tok, retain_recs))
+
+    def unlearn(name, lr, fb, rb, evaluate):
         model = copy.deepcopy(net)
         for p in model.parameters():
             p.requires_grad_(True)
-        d = B.DEFAULTS[name]
-        obj = B.make_objective(name, copy.deepcopy(net), **d["hp"])
-        res = B.unlearn(model, obj, f_batches, r_batches, steps=cfg.tofu_steps, lr=d["lr"], betas=(0.9, 0.999),
-                        metrics_fn=lambda m, step: E(m), eval_every=cfg.tofu_eval_every)
-        curves[name] = [{"step": t["step"], **{k: t[k] for k in ("fq", "mu", "forget_tr")}} for t in res.trajectory
-                        if t["step"] > 0]
-        out[name] = {"time_s": res.train_time}
-        log(f"  {name}: " + ", ".join(f"{p['step']}: FQ {p['fq']:.2g} MU {p['mu']:.3f}" for p in curves[name]))
+        obj = B.make_objective(name, copy.deepcopy(net), **B.DEFAULTS[name]["hp"])
+        res = B.unlearn(model, obj, fb, rb, steps=cfg.tofu_steps, lr=lr, betas=(0.9, 0.999),
+                        metrics_fn=lambda mod, step: evaluate(mod), eval_every=cfg.tofu_eval_every)
+        return [{"step": t["step"], **{k: t[k] for k in ("fq", "mu", "forget_tr")}} for t in res.trajectory
+                if t["step"] > 0], res.train_time
+
+    # baselines: each objective's lr from baselines.DEFAULTS, or with tofu_lr_grid picked on the held-out request
+    # by claim 4's measure (the best FQ at MU >= mu_keep x the original's; no point in the band scores -1, below
+    # every FQ), the FQ there against the model retrained without the held-out people
+    bar = cfg.mu_keep * out["original"]["mu"]
+    if cfg.tofu_lr_grid:
+        Et = TofuEval(tok, m["tune"], m["retain_eval"], world, tok.pad_id)
+        Et.tr_retrained = Et.forget_tr(m["tune_ref"])
+        tune_b = batches(m["tune"], m["tune_retain"])
+        people = lambda recs: sorted({r["person"] for r in recs})
+        out["tuning"] = {"people": people(m["tune"]), "n_qa": len(m["tune"]), "original": Et(net),
+                         "retrained": Et(m["tune_ref"]), "picks": {}}
+    f_batches, r_batches = batches(forget, retain)
+    for name in cfg.tofu_methods:
+        lr = B.DEFAULTS[name]["lr"]
+        if cfg.tofu_lr_grid:
+            runs = {}
+
+            def score(v):
+                runs[v] = unlearn(name, v, *tune_b, Et)
+                s = best_fq_in_band(runs[v][0], bar)
+                log(f"  {name} lr {v:.1e} on the held-out request: best FQ at MU >= {bar:.3f}: "
+                    f"{'none' if s is None else f'{s:.3g}'} ({runs[v][1]:.0f} s)")
+                return -1.0 if s is None else s
+            pick = ev.tune(list(cfg.tofu_lr_grid), score, tuned_on=out["tuning"]["people"], reported=people(forget),
+                           what=f"{name} lr", minimize=False, extend=cfg.tofu_lr_extend)
+            pick["curves"] = {f"{v:.3g}": runs[v][0] for v in pick["grid"]}
+            pick["time_s"] = sum(t for _, t in runs.values())
+            out["tuning"]["picks"][name] = pick
+            lr = pick["value"]
+        curves[name], t = unlearn(name, lr, f_batches, r_batches, E)
+        out[name] = {"time_s": t, "lr": lr}
+        log(f"  {name} (lr {lr:.1e}): " + ", ".join(f"{p['step']}: FQ {p['fq']:.2g} MU {p['mu']:.3f}" for p in curves[name]))
     out["curves"] = curves
     out["time_s"] = time.time() - t_all
     return out
@@ -862,7 +920,7 @@ def tofu_claim(tf, keep):
     original's FQ (0 when NeuMuter has no point in the band: the first condition fails then)."""
     mu0 = tf["original"]["mu"]
     bar = keep * mu0
-    best = {k: max([p["fq"] for p in c if p["mu"] >= bar], default=None) for k, c in tf["curves"].items()}
+    best = {k: best_fq_in_band(c, bar) for k, c in tf["curves"].items()}
     nm = best.pop("neumuter")
     others = [v for v in best.values() if v is not None]
     base_mu = max([p["mu"] for k, c in tf["curves"].items() if k != "neumuter" for p in c], default=None)
@@ -1016,12 +1074,22 @@ def tofu_table(seed, tf, keep):
              f"{nm['first_layer']}+) zeroed: FQ {z['fq']:.3g} MU {z['mu']:.3f} forget loss {z['forget_loss']:.4f}; "
              f"NeuMuter {nm['iters']} iterations, ascent bound {nm['bound']:.3f} nats, {nm['selected']} neurons "
              f"selected ({100 * nm['selected_frac']:.2f}%)", "",
-             f"| method | final FQ | final MU | best FQ with MU >= {keep} x original | time s |",
-             "| --- | --- | --- | --- | --- |"]
+             f"| method | lr | final FQ | final MU | best FQ with MU >= {keep} x original | time s |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for k, c in tf["curves"].items():
-        best = max([p["fq"] for p in c if p["mu"] >= keep * mu0], default=None)
-        lines.append(f"| {LABELS.get(k, k)} | {c[-1]['fq']:.3g} | {c[-1]['mu']:.3f} | {f4(best, '.3g')} | "
-                     f"{tf[k]['time_s']:.1f} |")
+        lr = f"{tf[k]['lr']:.1e}" if "lr" in tf[k] else "-"
+        lines.append(f"| {LABELS.get(k, k)} | {lr} | {c[-1]['fq']:.3g} | {c[-1]['mu']:.3f} | "
+                     f"{f4(best_fq_in_band(c, keep * mu0), '.3g')} | {tf[k]['time_s']:.1f} |")
+    t = tf.get("tuning")
+    if t:      # what was tuned, on what, over which grid
+        lines += ["", f"Baseline lrs picked on a held-out forget request ({len(t['people'])} people, {t['n_qa']} QA; "
+                      f"none forgotten in {tf['split']} or scored for utility) by claim 4's measure, best FQ at MU >= "
+                      f"{keep} x original there (-1: no point in the band; original FQ there "
+                      f"{t['original']['fq']:.3g}):", "",
+                  "| method | grid | score per lr | pick | tuning time s |", "| --- | --- | --- | --- | --- |"]
+        for k, p in t["picks"].items():
+            lines.append(f"| {LABELS.get(k, k)} | {', '.join(f'{v:.1e}' for v in p['grid'])} | "
+                         f"{', '.join(f'{x:.3g}' for x in p['scores'])} | {p['value']:.1e} | {p['time_s']:.0f} |")
     return lines
 
 

@@ -567,4 +567,4 @@ def test_baseline_lrs_are_tuned_on_a_held_out_request_never_the_reported_one():
     assert best["npo"]["lr"] == pytest.approx(MA.baselines.DEFAULTS["npo"]["lr"] * 1.0)
     assert [x["lr"] for x in sweep["npo"]] == pytest.approx([MA.baselines.DEFAULTS["npo"]["lr"] * m for m in (0.3, 1, 3)])
     with pytest.raises(ValueError, match="held-out forget request"):
-        MA.tuning_request({"retain_perturbed": [], "full": [{"person": 1}, {"person": 2}]}, [1, 2])
+        MA.data.tuning_request([1, 2], [1, 2])
