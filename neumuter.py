@@ -382,13 +382,13 @@ PRESETS = {
     "real": dict(experiment="extraction", init_from="smollm2", n_forget=8, rep=12, n_single=36, n_unseen=8, n_val=16,
                  max_len=48, batch_size=8, epochs=2.0, lr=1e-4, min_lr=1e-5, warmup_steps=3, iters=200, eval_every=25,
                  base_steps=40, base_eval_every=2, ga_lr=5e-5, sga_lr=5e-5, ta_lr=5e-5, di_lr=5e-5, log_every=5),
-    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the QA of a 40-person world (original) and on
-    # its retain QA (retrained), then unlearned (forget10 = 4 people, 40 QA); 30 layers x 1,536 gated neurons.
-    # GA / GradDiff / NPO with their lrs picked on a held-out request of 4 other people (tofu_lr_grid)
-    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_people=40, tofu_epochs=3, tofu_lr=1e-4,
-                      tofu_mask_epochs=10, tofu_mask_batch=4, tofu_mask_evals=4, tofu_steps=20, tofu_eval_every=5,
-                      tofu_retain_eval=40, tofu_unlearn_batch=16, tofu_methods=("ga", "graddiff", "npo"),
-                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=16, log_every=10),
+    # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the QA of a 20-person world (original) and on
+    # its retain QA (retrained), then unlearned (forget10 = 2 people, 20 QA); 30 layers x 1,536 gated neurons.
+    # GA and GradDiff (the paper's first two TOFU baselines) with lrs picked on a held-out request of 2 other people
+    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_people=20, tofu_epochs=2, tofu_lr=1e-4,
+                      tofu_mask_epochs=4, tofu_mask_batch=4, tofu_mask_evals=2, tofu_steps=10, tofu_eval_every=5,
+                      tofu_retain_eval=20, tofu_unlearn_batch=8, tofu_methods=("ga", "graddiff"),
+                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=16, log_every=5),
 }
 
 

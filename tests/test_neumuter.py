@@ -446,6 +446,34 @@ def test_real_path_fine_tunes_a_local_pretrained_model(tmp_path):
     assert set(tf["curves"]) == {"neumuter", "ga", "npo"} and claims[0]["claim"].startswith("4 ")
 
 
+def test_best_fq_in_band():
+    curve = [{"fq": 0.9, "mu": 0.2}, {"fq": 0.3, "mu": 0.5}, {"fq": 0.4, "mu": 0.45}]
+    assert N.best_fq_in_band(curve, 0.45) == 0.4 and N.best_fq_in_band(curve, 0.5) == 0.3
+    assert N.best_fq_in_band(curve, 0.6) is None
+
+
+def test_tofu_lrs_tuned_on_a_held_out_request_only(tmp_path):
+    """With tofu_lr_grid each baseline's lr is picked on people neither forgotten in the reported split nor scored
+    for utility, by claim 4's measure on those runs, and the reported run uses the pick."""
+    args = ["--preset=smoke", "--experiment=tofu", "--tofu_methods=ga", "--tofu_lr_grid=1e-4,1e-3", "--tofu_lr_extend=1",
+            f"--out_dir={tmp_path}"]
+    metrics, _ = N.main(args)
+    tf = metrics["seeds"]["0"]["tofu"][0]
+    pick = tf["tuning"]["picks"]["ga"]
+    assert tf["ga"]["lr"] == pick["value"] and pick["value"] in pick["grid"] and len(pick["grid"]) in (2, 3)
+    bar = 0.9 * tf["original"]["mu"]
+    for v, s in zip(pick["grid"], pick["scores"]):      # each score is the best FQ in the band of that held-out run
+        best = N.best_fq_in_band(pick["curves"][f"{v:.3g}"], bar)
+        assert s == (-1.0 if best is None else best)
+    cfg = N.Config(**{**N.PRESETS["smoke"], "tofu_lr_grid": (1e-4, 1e-3), "out_dir": str(tmp_path)})
+    m = N.tofu_models(cfg, 0, "forget10", log=lambda s: None)          # the same models, from the run's caches
+    people = lambda recs: {r["person"] for r in recs}
+    held = people(m["tune"])
+    assert held and sorted(held) == tf["tuning"]["people"] and len(held) == len(people(m["forget"]))
+    assert not held & people(m["forget"]) and not held & people(m["retain_eval"])
+    assert not held & people(m["tune_retain"]) and people(m["forget"]) <= people(m["tune_retain"])
+
+
 def test_bad_settings_exit_2_naming_the_field(capsys):
     for arg, msg in (("--workers=0", "workers must be in [1, inf)"), ("--experiment=mia", "experiment must be one of"),
                      ("--threshold=top", "threshold must be one of")):
