@@ -25,10 +25,12 @@ Where we differ from the papers, on purpose:
 - NeuMuter's neighbours come from the base (it never saw any person's QA), its ascent bound is Retrained's loss on
   the forget answers (neumuter.py's TOFU rule) and its knob is the number of mask iterations.
 """
+import contextlib
 import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, asdict, fields, replace
 
@@ -416,6 +418,8 @@ class Config:
     eval_n: int = 0
     device: str = "auto"
     threads: int = 1                          # torch CPU threads: 1 reproduces README's numbers; 0 = torch's default
+    workers: int = 2                          # processes serving the forget requests side by side (one per core);
+                                              # 1 = one after another (the same numbers: each request is seeded)
     out_dir: str = "out/compare"
     combine: str = ""                         # "dir,dir,...": report finished runs of this config (each dir's
                                               # results.json, e.g. seeds run side by side), training nothing
@@ -428,7 +432,7 @@ class Config:
                 mask_batch="[1, inf)", grid_extend="[0, inf)", relearn_lrs="(0, inf)", relearn_at="[1, inf)",
                 quant_bits="[2, 16]",
                 sequential="[0, inf)", seeds="[0, inf)", eval_n="[0, inf)", eval_batch="[1, inf)",
-                threads="[0, inf)")
+                threads="[0, inf)", workers="[1, inf)")
         bad = [k for k in self.forget_kinds if k not in data.FORGET_KINDS]
         if bad or not self.forget_kinds or len(set(self.forget_kinds)) != len(self.forget_kinds):
             raise ValueError(f"forget_kinds={','.join(self.forget_kinds)} is not valid: distinct names from "
@@ -865,6 +869,7 @@ def touched(net, ref):
 def run_request(cfg, S, kind):
     """One request end to end: Retrained models, every row, the scores, OpenUnlearning's numbers, the attacks,
     the sequential requests (first kind). Returns the request's metrics."""
+    torch.manual_seed(cfg.seed)       # each request from the same state: the same numbers in any process or order
     R = Request(cfg, kind, S)
     tok = S["tok"]
     score = lambda net, groups: group_recall(net, groups, cfg.eval_batch, tok.pad_id)
@@ -1010,11 +1015,30 @@ def run_seed(cfg):
     t0, c0 = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
     S = shared_models(cfg)
-    per_kind = {kind: run_request(cfg, S, kind) for kind in cfg.forget_kinds}
+    worker_cpu = 0.0
+    if min(cfg.workers, len(cfg.forget_kinds)) > 1:     # the workers load the shared models from their caches
+        done = T.run_jobs(request_job, [(cfg, kind) for kind in cfg.forget_kinds], cfg.workers)
+        worker_cpu = sum(c for _, c in done)
+        done = [out for out, _ in done]
+    else:
+        done = [run_request(cfg, S, kind) for kind in cfg.forget_kinds]
+    per_kind = dict(zip(cfg.forget_kinds, done))
     claims = seed_claims(cfg, per_kind)
     metrics = {"seed": cfg.seed, "requests": per_kind, "times": S["times"], "claims": claims,
-               "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0}
+               "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0 + worker_cpu,
+               "workers": min(cfg.workers, len(cfg.forget_kinds))}
     return metrics, claims
+
+
+def request_job(cfg, kind):
+    """run_request in a worker process: the shared models from the caches run_seed's shared_models wrote; the
+    worker's output lines carry the request's name. Returns (the request's metrics, the worker's CPU seconds)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    c0 = time.process_time()
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind}] ")):
+        out = run_request(cfg, shared_models(cfg), kind)
+    return out, time.process_time() - c0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1078,7 +1102,8 @@ def report(cfg, runs, claims, seeds):
         L += request_table(cfg, kind, runs) + [""]
     L += ev.claims_markdown(claims)
     L.append(f"\nwall time {sum(r['wall_time_s'] for r in runs):.0f} s, CPU time "
-             f"{sum(r['cpu_time_s'] for r in runs):.0f} s; load average at the end {ev.load_average()}")
+             f"{sum(r['cpu_time_s'] for r in runs):.0f} s (all processes; {runs[-1].get('workers', 1)} request worker(s) "
+             f"x {cfg.threads or torch.get_num_threads()} torch thread(s)); load average at the end {ev.load_average()}")
     return ev.publish(cfg.out_dir, "compare.py: every method on the same forget requests", cfg,
                       {"seeds": list(seeds), "runs": runs}, claims, L, lambda: plot(cfg, runs))
 
@@ -1164,7 +1189,7 @@ def main(argv=None):
         return runs, claims
 
 
-RUN_ONLY = ("seeds", "seed", "out_dir", "threads", "log_every", "combine", "ma_out_dir", "device")
+RUN_ONLY = ("seeds", "seed", "out_dir", "threads", "workers", "log_every", "combine", "ma_out_dir", "device")
 
 
 def combine(cfg):

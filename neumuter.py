@@ -388,7 +388,7 @@ PRESETS = {
     "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_people=20, tofu_epochs=2, tofu_lr=1e-4,
                       tofu_mask_epochs=4, tofu_mask_batch=4, tofu_mask_evals=2, tofu_steps=10, tofu_eval_every=5,
                       tofu_retain_eval=20, tofu_unlearn_batch=8, tofu_methods=("ga", "graddiff"),
-                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=16, log_every=5),
+                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=16, warmup_steps=3, log_every=5),
 }
 
 
@@ -1176,22 +1176,8 @@ def main(argv=None):
         t0, c0 = time.time(), time.process_time()
         jobs = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
                 (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
-        n = min(cfg.workers, len(jobs))
-        if n > 1:   # spawn, not fork: safe with CUDA and with torch's thread pools; each worker logs with a prefix
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
-            try:
-                with T.stop_on_sigterm():          # SIGTERM like Ctrl-C: both reach the workers, not only this process
-                    done = [f.result() for f in [pool.submit(run_job, cfg, *j, f"[{j[1]} seed {j[0]}] ") for j in jobs]]
-            except BaseException:
-                for proc in multiprocessing.active_children():     # stop the workers now; their caches resume a rerun
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown()
-        else:
-            done = [run_job(cfg, *j) for j in jobs]
+        n = min(cfg.workers, len(jobs))        # each worker logs with a prefix
+        done = T.run_jobs(run_job, [(cfg, *j, f"[{j[1]} seed {j[0]}] " if n > 1 else "") for j in jobs], n)
         runs, per_seed, job_cpu = {}, {}, 0.0
         for (seed, exp, split), (out, cpu) in zip(jobs, done):
             run, claims = runs.setdefault(str(seed), {}), per_seed.setdefault(seed, [])
