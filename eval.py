@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from model import GPT, KVCache
+
 
 # -------------------------------------------------------------------------------------------------
 # Batching (eval.py must not import data.py: items arrive as token lists)
@@ -38,12 +40,7 @@ from scipy import stats
 
 def qa_batch(questions, answers, pad_id=0, device="cpu"):
     """Right-padded (x, y) for teacher forcing: x = (q + a)[:-1], y = (q + a)[1:] with -100 on question tokens."""
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    if not questions:
-        raise ValueError("no QA items")
-    if any(len(q) == 0 for q in questions) or any(len(a) == 0 for a in answers):
-        raise ValueError("every question and every answer needs at least one token")
+    _check_qa(questions, answers)
     T = max(len(q) + len(a) for q, a in zip(questions, answers)) - 1
     x = torch.full((len(questions), T), pad_id, dtype=torch.long)
     y = torch.full((len(questions), T), -100, dtype=torch.long)
@@ -52,6 +49,15 @@ def qa_batch(questions, answers, pad_id=0, device="cpu"):
         x[i, :len(s) - 1] = torch.tensor(s[:-1])
         y[i, len(q) - 1:len(s) - 1] = torch.tensor(list(a))   # position t predicts s[t + 1]
     return x.to(device), y.to(device)
+
+
+def _check_qa(questions, answers):
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        raise ValueError("no QA items")
+    if any(len(q) == 0 for q in questions) or any(len(a) == 0 for a in answers):
+        raise ValueError("every question and every answer needs at least one token")
 
 
 def lm_batch(seqs, pad_id=0, device="cpu"):
@@ -116,14 +122,56 @@ def mean_logprob(token_lp, y):
     return (token_lp.double() * keep).sum(1) / n
 
 
-def answer_logprob(model, questions, answers, *, batch_size=None, pad_id=0, **fwd):
-    """(N,) float64 ell(a|q), the mean log-prob of each answer given its question."""
-    dev, N, out = _device(model), len(questions), []
+def _answer_logits(model, x, y, **fwd):
+    """(M, V) float32 logits at the M scored positions (y != -100) of a teacher-forced batch, and that (B, T) mask.
+    Nothing reads the question's positions, and on a real vocabulary (SmolLM2: 49k) the softmax there costs as much
+    as the answer's, so only the scored rows go on; log_softmax works row by row, so the values are the same."""
+    logits, _ = model(x, **fwd)
+    keep = y != -100
+    return logits[keep].float(), keep
+
+
+def _at(values, keep):
+    """(M,) values of the kept positions back in (B, T) (0 elsewhere): the shape the per-row metrics take."""
+    out = values.new_zeros(keep.shape)
+    out[keep] = values
+    return out
+
+
+def _target_logprobs(logits, y, keep):
+    """(B, T) log p of each kept target from the kept positions' logits (M, V); 0 elsewhere (as token_logprobs)."""
+    return _at(torch.log_softmax(logits, -1).gather(-1, y[keep][:, None]).squeeze(-1), keep)
+
+
+def _qa_rows(model, questions, answers, metrics, batch_size, pad_id, fwd):
+    """{name: (N,)} from one teacher-forced forward per batch of question + answer: metrics(logits (M, V), keep,
+    y) -> {name: (B,)} sees the logits of the answer positions only (_answer_logits)."""
+    dev, N, parts = _device(model), len(questions), []
     with evaluating(model):
         for idx in _chunks(N, batch_size):
             x, y = qa_batch([questions[i] for i in idx], [answers[i] for i in idx], pad_id, dev)
-            out.append(mean_logprob(model.token_logprobs(x, y, **take_rows(fwd, idx, N)), y).cpu())
-    return torch.cat(out)
+            logits, keep = _answer_logits(model, x, y, **take_rows(fwd, idx, N))
+            parts.append({k: v.cpu() for k, v in metrics(logits, keep, y).items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def answer_logprob(model, questions, answers, *, batch_size=None, pad_id=0, **fwd):
+    """(N,) float64 ell(a|q), the mean log-prob of each answer given its question."""
+    ell = lambda logits, keep, y: {"ell": mean_logprob(_target_logprobs(logits, y, keep), y)}
+    return _qa_rows(model, questions, answers, ell, batch_size, pad_id, fwd)["ell"]
+
+
+def answer_scores(model, questions, answers, *, k=0.4, batch_size=None, pad_id=0, **fwd):
+    """Every per-item number of one teacher-forced forward of question + answer, as {name: (N,) float64}:
+    ell (answer_logprob; exp(ell) is answer_prob), es (extraction_strength), em (exact_memorization), and the
+    attack scores of mia_scores: loss (= -ell), min_k, min_k_pp (Min-K% / Min-K%++ at k). One forward instead of
+    one per metric: TOFU scores Prob, ES and the MIA on the same forget items."""
+    def metrics(logits, keep, y):
+        lp, preds = _target_logprobs(logits, y, keep), _at(logits.argmax(-1), keep)
+        ell = mean_logprob(lp, y)
+        return dict(ell=ell, es=extraction_strength_from_preds(preds, y), em=argmax_accuracy(preds, y), loss=-ell,
+                    min_k=min_k_score(lp, y, k), min_k_pp=min_k_score(_at(_min_k_pp_z(logits, y[keep]), keep), y, k))
+    return _qa_rows(model, questions, answers, metrics, batch_size, pad_id, fwd)
 
 
 def answer_prob(model, questions, answers, **kw):
@@ -141,23 +189,86 @@ def mc_prob(lp_true, lp_options):
     return torch.softmax(lp, 1)[:, 0]
 
 
-def _option_logprobs(model, questions, options, kw):
-    """(N, K) mean log-probs of K alternative answers per question, one forward per option index.
-
-    One forward per index keeps each batch's rows = the items, so per-row masks line up with the items.
-    """
+def _check_options(questions, options):
+    """K, the number of alternative answers every item has (the same non-zero number for all)."""
     K = {len(o) for o in options}
     if len(options) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(options)} lists of alternative answers")
     if len(K) != 1 or 0 in K:
         raise ValueError(f"every item needs the same, non-zero number of alternative answers, got {sorted(K)}")
-    return torch.stack([answer_logprob(model, questions, [o[j] for o in options], **kw)
-                        for j in range(K.pop())], 1)
+    return K.pop()
+
+
+def candidate_logprobs(model, questions, candidates, *, batch_size=None, pad_id=0, **fwd):
+    """(N, K) float64 ell(c_j|q) of K candidate answers per question (the true or paraphrased answer and the
+    perturbed ones, multiple-choice options), each question computed once for all of its candidates
+    (_prefix_logprobs) where that path can take the call (_prefix_ok); otherwise one full-sequence forward per
+    candidate index, whose rows are the items. Both compute the same numbers (tests/test_eval_prefix.py)."""
+    K = _check_options(questions, candidates)
+    for j in range(K):
+        _check_qa(questions, [c[j] for c in candidates])
+    if _prefix_ok(model, questions, candidates, fwd):
+        return _prefix_logprobs(model, questions, candidates, batch_size, pad_id, fwd)
+    return torch.stack([answer_logprob(model, questions, [c[j] for c in candidates], batch_size=batch_size,
+                                       pad_id=pad_id, **fwd) for j in range(K)], 1)
+
+
+def _prefix_ok(model, questions, candidates, fwd):
+    """Whether the prefix-shared path computes exactly what the full sequences do. It needs a model.GPT (a wrapper
+    such as compare.Routed picks its masks from the whole row) and no forward keyword but an mlp_mask of tensors
+    that are the same at every position ((d_ff,), (1 or N, 1, d_ff), per-layer lists of those): adapter_ctx,
+    mask objects and per-token masks take the full-sequence path, as does a batch whose longest question plus
+    longest candidate would pass the model's block (a padded candidate row would; its own sequence need not)."""
+    if not isinstance(model, GPT) or set(fwd) - {"mlp_mask"}:
+        return False
+    m = fwd.get("mlp_mask")
+    if not all(v is None or (isinstance(v, torch.Tensor) and (v.dim() == 1 or v.shape[-2] == 1))
+               for v in (m if isinstance(m, (list, tuple)) else [m])):
+        return False
+    longest = max(len(q) for q in questions) + max(len(c) for cs in candidates for c in cs) - 1
+    return longest <= model.cfg.block_size
+
+
+def _prefill(model, prefixes, pad_id, dev, fwd):
+    """A KVCache of the prefixes, left-padded (document -1: invisible to the tokens after it, as in generation),
+    with each row's next position = its prefix's length, the position the next token has in the full sequence."""
+    cache, L = KVCache(model.cfg.n_layer), max(len(p) for p in prefixes)
+    if L:    # all prefixes empty (one-token questions): the candidates start at position 0 on an empty cache
+        ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prefixes], device=dev)
+        doc = torch.tensor([[-1] * (L - len(p)) + [0] * len(p) for p in prefixes], device=dev)
+        model(ids, doc_ids=doc, cache=cache, **fwd)
+    cache.next_pos = torch.tensor([len(p) for p in prefixes], device=dev)
+    return cache
+
+
+def _prefix_logprobs(model, questions, candidates, batch_size, pad_id, fwd):
+    """(N, K) ell of every candidate with each question run once. The question but its last token goes into a KV
+    cache (_prefill); each candidate c is then a row [q_last] + c[:-1] with targets c on a copy of its question's
+    cache rows: the tokens, positions and attention of q + c as one sequence, and logits only where c is scored.
+    A prefix batch holds batch_size // K questions (at least one) so that their candidates fill about one batch;
+    questions go in order of length, so that little left padding is computed."""
+    dev, N, K = _device(model), len(questions), len(candidates[0])
+    order = torch.tensor(sorted(range(N), key=lambda i: len(questions[i])))
+    out = torch.empty(N, K, dtype=torch.float64)
+    with evaluating(model):
+        for qs in order.split(max(1, (batch_size or N * K) // K)):
+            cache = _prefill(model, [questions[i][:-1] for i in qs.tolist()], pad_id, dev, take_rows(fwd, qs, N))
+            for r in _chunks(len(qs) * K, batch_size):         # rows: question r // K of this batch, candidate r % K
+                items, j = qs[r // K], r % K
+                x, y = qa_batch([questions[i][-1:] for i in items.tolist()],
+                                [candidates[i][c] for i, c in zip(items.tolist(), j.tolist())], pad_id, dev)
+                logits, keep = _answer_logits(model, x, y, cache=cache.select((r // K).to(dev)),
+                                              **take_rows(fwd, items, N))
+                out[items, j] = mean_logprob(_target_logprobs(logits, y, keep), y).cpu()
+    return out
 
 
 def mc_answer_prob(model, questions, answers, options, **kw):
     """(N,) normalized multiple-choice probability of the answer among itself and its wrong options."""
-    return mc_prob(answer_logprob(model, questions, answers, **kw), _option_logprobs(model, questions, options, kw))
+    _check_options(questions, options)
+    _check_qa(questions, answers)
+    lp = candidate_logprobs(model, questions, [[a] + list(o) for a, o in zip(answers, options)], **kw)
+    return mc_prob(lp[:, 0], lp[:, 1:])
 
 
 def truth_ratio_tofu(lp_true, lp_pert):
@@ -202,8 +313,10 @@ def truth_ratio(model, questions, true_answers, perturbed_answers, form="tofu", 
     """(N,) per-item truth ratios in one of the forms of TRUTH_RATIOS ("tofu": R, "nulls": TR, "prob_mean": TR')."""
     if form not in TRUTH_RATIOS:
         raise ValueError(f"unknown truth-ratio form {form!r}; valid: {', '.join(TRUTH_RATIOS)}")
-    lp_true = answer_logprob(model, questions, true_answers, **kw)
-    return TRUTH_RATIOS[form](lp_true, _option_logprobs(model, questions, perturbed_answers, kw))
+    _check_options(questions, perturbed_answers)
+    _check_qa(questions, true_answers)
+    lp = candidate_logprobs(model, questions, [[a] + list(p) for a, p in zip(true_answers, perturbed_answers)], **kw)
+    return TRUTH_RATIOS[form](lp[:, 0], lp[:, 1:])
 
 
 # -------------------------------------------------------------------------------------------------

@@ -223,6 +223,20 @@ class KVCache:
     def __len__(self):
         return 0 if self.doc_ids is None else self.doc_ids.shape[1]
 
+    def select(self, index):
+        """A new cache holding rows `index` (B',) of this one, repeats allowed (several continuations of one
+        prefix: eval.py scores every candidate answer of a question on its cached question). This one is unchanged:
+        appending to the new cache concatenates into new tensors."""
+        out = KVCache(len(self.layers))
+        for new, old in zip(out.layers, self.layers):
+            if old.k is not None:
+                new.k, new.v = old.k.index_select(0, index), old.v.index_select(0, index)
+        if self.doc_ids is not None:
+            out.doc_ids = self.doc_ids.index_select(0, index)
+        if self.next_pos is not None:
+            out.next_pos = self.next_pos.index_select(0, index)
+        return out
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):

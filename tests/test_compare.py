@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -442,6 +443,13 @@ def test_smoke_run_writes_every_row_and_column_and_combines(tmp_path):
     assert run["requests"]["independent"]["roles"]["forget_entailed"] == 0
     assert set(run["requests"]["independent"]["sequential"]) == {"nulls_all", "memsinks", "memadapt", *posthoc}
     assert all(c["verdict"] in ev.VERDICTS for c in res["claims"])
+    # the requests ran in two worker processes; one process, one request after the other, gives the same numbers
+    assert run["workers"] == 2
+    shutil.copytree(out, out + "_w1", ignore=shutil.ignore_patterns("results.*", "*.png", ".lock"))
+    one, _ = C.main(["--preset=smoke", f"--out_dir={out}_w1", f"--ma_out_dir={out}/ma", "--workers=1"])
+    for kind in ("independent", "entangled"):
+        for k in ("scores", "d", "openunlearning", "attacks", "sequential"):
+            assert one[0]["requests"][kind][k] == run["requests"][kind][k], (kind, k)
     # a second seed run elsewhere, then one report of both
     out1 = str(tmp_path / "cmp1")
     C.main(["--preset=smoke", f"--out_dir={out1}", f"--ma_out_dir={out}/ma", "--seeds=1"])

@@ -623,3 +623,13 @@ def test_lazy_adamw_leaves_rows_without_gradient_bit_identical_and_moves_active_
     # dense AdamW moves the inactive rows too (weight decay): the difference the docstring states
     assert not torch.equal(ref_w[off], w[off])
     assert lazy.state[lazy_w]["step"].tolist() == [4, 0, 4, 0, 0, 4]
+
+
+def test_prefixed_stream_prefixes_whole_lines_only():
+    import io
+    buf = io.StringIO()
+    p = T.Prefixed(buf, "[w] ")
+    p.write("a\nb")
+    assert buf.getvalue() == "[w] a\n"          # "b" waits for its end of line
+    p.write("c\n\nd\n")
+    assert buf.getvalue() == "[w] a\n[w] bc\n[w] \n[w] d\n"
