@@ -628,13 +628,18 @@ def min_k_score(token_lp, y, k=0.4):
 def min_k_plus_plus_score(logits, y, k=0.4):
     """(B,) Min-K%++: -mean of the lowest k fraction of z_t = (log p(x_t) - mu_t) / sigma_t, where mu_t and
     sigma_t^2 are the mean and variance of log p(v) under p(.|x_<t); sigma^2 is clamped at 1e-6 (as OU does)."""
-    logp = torch.log_softmax(logits.float(), -1)                                   # (B, T, V)
+    keep = y != -100
+    return min_k_score(_at(_min_k_pp_z(logits[keep], y[keep]), keep), y, k)
+
+
+def _min_k_pp_z(logits, targets):
+    """(M,) Min-K%++'s z of each target from the logits (M, V) of its position."""
+    logp = torch.log_softmax(logits.float(), -1)                                   # (M, V)
     p = logp.exp()
-    mu = (p * logp).sum(-1)                                                        # (B, T)
+    mu = (p * logp).sum(-1)                                                        # (M,)
     var = (p * logp.square()).sum(-1) - mu.square()
-    tok = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-    z = (tok - mu) / var.clamp(min=1e-6).sqrt()
-    return min_k_score(z, y, k)
+    tok = logp.gather(-1, targets[:, None]).squeeze(-1)
+    return (tok - mu) / var.clamp(min=1e-6).sqrt()
 
 
 def zlib_score(loss, texts):
@@ -649,16 +654,10 @@ def mia_scores(model, questions, answers, *, texts=None, k=0.4, batch_size=None,
     """Per-item attack scores on the answer tokens: dict(loss, min_k, min_k_pp[, zlib when texts are given]).
 
     k = 0.4 is TOFU's Min-K setting. Every answer token counts (OU drops EOS for Min-K and Min-K++ only).
+    answer_scores gives these with Prob, ES and EM from the same forward.
     """
-    dev, N, parts = _device(model), len(questions), []
-    with evaluating(model):
-        for idx in _chunks(N, batch_size):
-            x, y = qa_batch([questions[i] for i in idx], [answers[i] for i in idx], pad_id, dev)
-            logits, _ = model(x, **take_rows(fwd, idx, N))
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-            parts.append(dict(loss=-mean_logprob(lp, y), min_k=min_k_score(lp, y, k),
-                              min_k_pp=min_k_plus_plus_score(logits, y, k)))
-    out = {key: torch.cat([p[key].cpu() for p in parts]) for key in parts[0]}
+    s = answer_scores(model, questions, answers, k=k, batch_size=batch_size, pad_id=pad_id, **fwd)
+    out = {key: s[key] for key in ("loss", "min_k", "min_k_pp")}
     if texts is not None:
         out["zlib"] = zlib_score(out["loss"], texts)
     return out

@@ -628,7 +628,7 @@ def test_lazy_adamw_leaves_rows_without_gradient_bit_identical_and_moves_active_
 def test_prefixed_stream_prefixes_whole_lines_only():
     import io
     buf = io.StringIO()
-    p = T.Prefixed(buf, "[w] ")
+    p = TR.Prefixed(buf, "[w] ")
     p.write("a\nb")
     assert buf.getvalue() == "[w] a\n"          # "b" waits for its end of line
     p.write("c\n\nd\n")
