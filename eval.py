@@ -123,12 +123,17 @@ def mean_logprob(token_lp, y):
 
 
 def _answer_logits(model, x, y, **fwd):
-    """(M, V) float32 logits at the M scored positions (y != -100) of a teacher-forced batch, and that (B, T) mask.
+    """(M, V) logits at the M scored positions (y != -100) of a teacher-forced batch, and that (B, T) mask.
     Nothing reads the question's positions, and on a real vocabulary (SmolLM2: 49k) the softmax there costs as much
     as the answer's, so only the scored rows go on; log_softmax works row by row, so the values are the same."""
     logits, _ = model(x, **fwd)
     keep = y != -100
-    return logits[keep].float(), keep
+    return _upcast(logits[keep]), keep
+
+
+def _upcast(logits):
+    """bf16 / fp16 logits (autocast) as float32 for the softmax; float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _at(values, keep):
@@ -634,7 +639,7 @@ def min_k_plus_plus_score(logits, y, k=0.4):
 
 def _min_k_pp_z(logits, targets):
     """(M,) Min-K%++'s z of each target from the logits (M, V) of its position."""
-    logp = torch.log_softmax(logits.float(), -1)                                   # (M, V)
+    logp = torch.log_softmax(_upcast(logits), -1)                                  # (M, V)
     p = logp.exp()
     mu = (p * logp).sum(-1)                                                        # (M,)
     var = (p * logp.square()).sum(-1) - mu.square()

@@ -208,6 +208,26 @@ def test_native_gqa_equals_repeated_kv_heads(kw, monkeypatch):
 # --- generation ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_kv_cache_select_continues_the_chosen_rows(flavor):
+    """KVCache.select: rows of a prefilled cache, repeated and reordered, continue as their full sequences do (with
+    left padding: document ids and positions go with the rows); the original cache is left as it was."""
+    import model as M
+    m = make(flavor).double().eval()
+    idx = randint((2, 6))
+    doc = torch.tensor([[-1, -1, 0, 0, 0, 0], [0] * 6])          # row 0 left-padded by two
+    cache = M.KVCache(m.cfg.n_layer)
+    with torch.no_grad():
+        m(idx[:, :4], doc_ids=doc[:, :4], cache=cache)
+        rows = torch.tensor([1, 0, 1])
+        picked = cache.select(rows)
+        step, _ = m(idx[rows, 4:], cache=picked)
+        full, _ = m(idx[rows], doc_ids=doc[rows])
+    torch.testing.assert_close(step, full[:, 4:], rtol=0, atol=1e-12)
+    assert len(cache) == 4 and cache.layers[0].k.shape[0] == 2 and cache.next_pos.tolist() == [2, 4]
+    assert len(picked) == 6 and picked.next_pos.tolist() == [6, 4, 6]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_kv_cache_generation_equals_recomputation(flavor):
     m = make(flavor)
     prompts = randint((3, 5))
