@@ -448,7 +448,7 @@ class Config:
                 raise ValueError(f"{name}={','.join(map(str, v))} is not valid: distinct values in ascending order")
 
 
-_SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)}}
+_SMOKE_MA = {k: v for k, v in MA.PRESETS["smoke"].items() if k in {f.name for f in fields(Config)} - {"workers"}}
 PRESETS = {
     # seconds, for the tests (a longer-trained base than memadapt.py's smoke)
     "smoke": dict(_SMOKE_MA, pretrain_epochs=30, pretrain_batch=8, ma_out_dir="", out_dir="out/compare_smoke",
@@ -602,13 +602,25 @@ def shared_models(cfg):
     """What every request shares (all trained on every person): the base, Finetuned, MemAdapt FT, the NULLs and
     MemSinks models. memadapt.py's cache serves the first three when the settings agree."""
     mcfg = ma_config(cfg)
-    D, base, ft, _, _, times = MA.prepare(mcfg)     # (prepare's Retrained is the first request's, reused there)
+    # with workers, the sink models and MemAdapt FT train beside Finetuned and Retrained (longest first)
+    warm = [(sink_job, (cfg, "memsinks")), (sink_job, (cfg, "nulls")), (MA.train_job, (mcfg, "memadapt"))]
+    D, base, ft, _, _, times = MA.prepare(mcfg, warm)    # (prepare's Retrained is the first request's, reused there)
     tok, full = D["tok"], D["sets"]["full"]
     ma_net, mem, times["memadapt_ft"] = MA.memadapt_ft(mcfg, base, tok, full)
     S = dict(mcfg=mcfg, D=D, tok=tok, base=base, ft=ft.requires_grad_(False), ma=ma_net, mem=mem, times=times)
     for kind in ("nulls", "memsinks"):
         S[kind], S[kind + "_layout"], times[kind] = train_sinks(cfg, mcfg, base, tok, full, kind)
     return S
+
+
+def sink_job(cfg, kind):
+    """One sink model of shared_models' trained into its cache, in a worker process."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    mcfg = ma_config(cfg)
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind}] ")):
+        D, base, _ = MA.data_and_base(mcfg)
+        train_sinks(cfg, mcfg, base, D["tok"], D["sets"]["full"], kind)
 
 
 def one_at_a_time(cfg, R, routed, score):
@@ -1037,7 +1049,7 @@ def request_job(cfg, kind):
         torch.set_num_threads(cfg.threads)
     c0 = time.process_time()
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind}] ")):
-        out = run_request(cfg, shared_models(cfg), kind)
+        out = run_request(cfg, shared_models(replace(cfg, workers=1)), kind)     # every model from the caches
     return out, time.process_time() - c0
 
 

