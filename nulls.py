@@ -9,11 +9,12 @@ Run: `python nulls.py` (the built-in world, people as sources; CPU, minutes); `-
 `--seeds=0,1,2` (every claim as mean +- std, verdict per seed); `--sweep=overlap|n_source|capacity` (Figure 8);
 `torchrun --nproc_per_node=N nulls.py ...` trains data-parallel, rank 0 evaluates. It trains NULLs, Retrained
 (NULLs without the forgotten sources) and a standard transformer of the same size (cached in out_dir, named by
-train.run_key), unlearns n_forget people, probes their facts by truth ratio with verbatim and paraphrased cloze
-prompts (Figures 3-4), tracks NPO and gradient ascent on the standard model against related facts of other
-articles (3c), runs the relearning attack (7b), knowledge capacity (8c) and general multiple-choice capability
-(Table 1), prints the tables and claims, and writes out_dir/results.json, results.md and the figures. Measured
-numbers: docs/nulls.md. The sink masks come from memsinks.py's generator.
+train.run_key; on CPU in --workers=2 processes side by side, with the numbers of --workers=1), unlearns n_forget
+people, probes their facts by truth ratio with verbatim and paraphrased cloze prompts (Figures 3-4), tracks NPO
+and gradient ascent on the standard model against related facts of other articles (3c), runs the relearning
+attack (7b), knowledge capacity (8c) and general multiple-choice capability (Table 1), prints the tables and
+claims, and writes out_dir/results.json, results.md and the figures. Measured numbers: docs/nulls.md. The sink
+masks come from memsinks.py's generator.
 
 Where we deliberately differ from the authors' released code, and why:
 - exactly N_source active sinks per source (the release draws Bernoulli(p_mem), 75-130 for a target of 100): the
@@ -22,11 +23,13 @@ Where we deliberately differ from the authors' released code, and why:
 - packed rows use causal AND same-document attention (model.py's doc_ids); the release masks only (j > i) AND
   same document, which leaks other documents' future tokens.
 """
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, asdict
 
@@ -287,6 +290,8 @@ class Config:
     sweep_values: tuple = ()
     device: str = "auto"
     threads: int = 1                   # torch CPU threads per process (README tables: 1); 0 = torch's default
+    workers: int = 2                   # processes training the models side by side, one per core; 1 = one after
+                                       # another: the same numbers (CPU only; not part of any checkpoint key)
     seed: int = 0
     out_dir: str = "out/nulls"
     log_every: int = 50
@@ -302,15 +307,15 @@ class Config:
                 warmup_steps="[0, inf)", grad_clip="[0, inf)", unlearn_epochs="[1, inf)", unlearn_batch="[1, inf)",
                 npo_beta="(0, inf)", npo_lr="(0, inf)", ga_lr="(0, inf)", relearn_steps="[1, inf)",
                 relearn_lr="(0, inf)", log_every="[0, inf)", eval_batch="[1, inf)", n_related="[1, inf)",
-                seeds="[0, inf)", threads="[0, inf)")
+                seeds="[0, inf)", threads="[0, inf)", workers="[1, inf)")
         T.pick_device(self.device)             # names the devices that exist if this one does not
 
 
 PRESETS = {
-    # seconds, for the tests
+    # seconds, for the tests; one process (starting worker processes would take longer than the training)
     "smoke": dict(n_people=12, n_families=5, n_cities=4, n_countries=4, n_forget=2, n_layer=2, n_embd=32, n_head=2, n_gen=16, n_pool=64,
                   n_source=8, epochs=2, batch_size=6, warmup_steps=1, unlearn_epochs=1, relearn_steps=2,
-                  n_related=40, log_every=0),
+                  n_related=40, log_every=0, workers=1),
     # one GPU: Wikipedia articles as sources, a SmolLM-135M-shaped model with the MLP widened as in the paper
     # (N_gen 500, N_source ~ 0.013 N_pool), GPT-2 BPE
     "paper": dict(data="wikipedia", n_docs=200_000, n_forget=100, flavor="llama", n_layer=30, n_head=9,
@@ -504,7 +509,8 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
                     if lin.bias is not None and d == 0:
                         rows_of[lin.bias] = 0
         opt = T.make_optimizer(net, tc.lr, tc.weight_decay, tc.betas, row_dims=rows_of)
-    hist, _ = T.train_cached(net, batch_at, tc, key, optimizer=opt, tokenizer=tok.state_dict())
+    hist, info = T.train_cached(net, batch_at, tc, key, optimizer=opt, tokenizer=tok.state_dict())
+    hist["run"] = info            # wall_s, cpu_s of the run that trained it; cached: reused from out_dir
     net.eval()
     return net, hist
 
@@ -516,16 +522,94 @@ def make_sinks(cfg, src):
             Sinks(cfg.n_gen, cfg.n_pool, cfg.n_source, [s for s in sorted(src["docs"]) if s not in gone]))
 
 
+MODELS = ("nulls", "retrained", "standard")
+
+
+def model_runs(cfg, src):
+    """{model: (its sink layout or None, the source ids it trains on)} of the three models."""
+    sinks, retr_sinks = make_sinks(cfg, src)
+    return {"nulls": (sinks, sinks.sources), "retrained": (retr_sinks, retr_sinks.sources),
+            "standard": (None, sinks.sources)}
+
+
+def train_models(cfg, src, names):
+    """{name: (model, history)} of the models `names` (of MODELS), trained or reused from out_dir, in order."""
+    runs = model_runs(cfg, src)
+    return {n: train_lm(cfg, src["tok"], src["docs"], runs[n][1], runs[n][0], n) for n in names}
+
+
 def train_three(cfg, src, sinks, retr_sinks):
     """NULLs on every source, Retrained without the forgotten ones, and the standard transformer."""
-    tok, docs = src["tok"], src["docs"]
     t0 = time.time()
-    nulls_net, h_nulls = train_lm(cfg, tok, docs, sinks.sources, sinks, "nulls")
-    retr_net, _ = train_lm(cfg, tok, docs, retr_sinks.sources, retr_sinks, "retrained")
-    std_net, h_std = train_lm(cfg, tok, docs, sinks.sources, None, "standard")
+    out = train_models(cfg, src, MODELS)
+    h_nulls, h_std = out["nulls"][1], out["standard"][1]
     times = {"train_s": time.time() - t0, "nulls_final_loss": h_nulls["loss"][-1] if h_nulls["loss"] else None,
-             "standard_final_loss": h_std["loss"][-1] if h_std["loss"] else None}
-    return {"nulls": nulls_net, "retrained": retr_net, "standard": std_net}, times
+             "standard_final_loss": h_std["loss"][-1] if h_std["loss"] else None,
+             "models": {n: {k: h["run"][k] for k in ("wall_s", "cpu_s", "cached")} for n, (_, h) in out.items()}}
+    return {n: net for n, (net, _) in out.items()}, times
+
+
+def trained(cfg, src):
+    """{model: is its finished checkpoint in out_dir?} (read without loading the weights)."""
+    done = {}
+    for name, (s, ids) in model_runs(cfg, src).items():
+        tc = lm_run(cfg, src["tok"], src["docs"], ids, s, name)[2]
+        try:
+            ck = torch.load(tc.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            done[name] = int(ck.get("step", 0)) >= tc.max_steps
+        except Exception:        # missing, or damaged: train_lm trains it, or says what to do about it
+            done[name] = False
+    return done
+
+
+def worker_plan(cfg, src):
+    """The jobs of the worker processes that train the models side by side, [] for one process. A job is (models
+    to train in order, whether to run the gradient baselines after them). One worker trains the standard
+    transformer (the slowest) and then runs the baselines on it (baseline_runs: all that needs only that model),
+    the other NULLs and Retrained; models already in out_dir are skipped (if NULLs and Retrained both remain
+    without the standard one, Retrained goes before the baselines). Each model trains alone in one process as
+    in train_three, so the numbers equal workers=1's."""
+    # CPU only: under torchrun every rank already works on each model (data-parallel), and one GPU runs one
+    # model at a time better than processes contending for it
+    if cfg.workers < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or T.pick_device(cfg.device) != "cpu":
+        return []
+    todo = [n for n, done in trained(cfg, src).items() if not done]
+    other = [n for n in todo if n != "standard"]
+    first = ["standard"] if "standard" in todo else other[1:]
+    other = [n for n in other if n not in first]
+    return [(first, True), (other, False)] if other else []
+
+
+def worker_job(cfg, names, baselines, prefix):
+    """One worker process of worker_plan: train (or reuse) the models `names` into out_dir's caches, then with
+    `baselines` run baseline_runs on the standard transformer. Its output lines start with `prefix`.
+    Returns (the baselines' results or None, the worker's CPU seconds)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    c0 = time.process_time()
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, prefix)):
+        src = load_sources(cfg)
+        nets = train_models(cfg, src, names)
+        out = None
+        if baselines:
+            std = nets["standard"] if "standard" in nets else train_models(cfg, src, ["standard"])["standard"]
+            out = baseline_runs(cfg, src, std[0])
+    return out, time.process_time() - c0
+
+
+def train_in_workers(cfg, src):
+    """Run worker_plan's jobs side by side (train.run_jobs: Ctrl-C or SIGTERM stops them; their checkpoints resume
+    a rerun). -> (the gradient baselines' results or None when nothing ran there, {workers, worker_cpu_s,
+    trained_by_workers})."""
+    jobs = worker_plan(cfg, src)
+    if not jobs:
+        return None, {"workers": 1}
+    print(f"== {len(jobs)} workers side by side: " + "; ".join(" then ".join(names + ["npo, ga"] * bl)
+                                                              for names, bl in jobs))
+    done = T.run_jobs(worker_job, [(cfg, names, bl, f"[{', '.join(names + ['npo, ga'] * bl)}] ")
+                                   for names, bl in jobs], len(jobs))
+    return done[0][0], {"workers": len(jobs), "worker_cpu_s": sum(c for _, c in done),
+                        "trained_by_workers": [n for names, _ in jobs for n in names]}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -627,6 +711,46 @@ def gradient_baseline(cfg, name, std_net, batches, metrics_fn=None):
     return net, res
 
 
+def baseline_runs(cfg, src, std_net):
+    """NPO and gradient ascent on copies of the standard transformer (gradient_baseline), each then attacked by
+    relearning (Figure 7b): everything the run does that needs only the standard model, so a worker runs it
+    beside the NULLs training. On the built-in world every step tracks the forgotten people's article-specific
+    facts, related facts in other articles and general accuracy (Figure 3c; probe_selectivity reads it).
+    -> {name: {"trajectory", "train_time_s", "relearning": the held-out loss curve}}."""
+    tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
+    batches = forget_batches(cfg, tok, docs, forget)
+    train_part, test_part = relearn_parts(cfg, tok, [docs[s] for s in forget])
+    total, metrics_fn = cfg.unlearn_epochs * len(batches), None
+    if world is not None:
+        uniq = [f for f, _, _ in probe_facts(world, forget) if f.kind == "unique"]
+        rel_facts = [f for f, _, _ in related_facts(world, forget, cfg.n_related)]
+        questions = data.general_questions(world)
+        t0, start = [time.time()], {}
+
+        def metrics_fn(net, step):
+            if step == 0 and start:       # every baseline starts from the same copy of the standard model
+                return dict(start)
+            out = {"specific": frac_gt1(truth_ratios(net, tok, uniq)),
+                   "related": frac_gt1(truth_ratios(net, tok, rel_facts)),
+                   "general_acc": mc_accuracy(net, tok, questions)}
+            if step == 0:
+                t0[0] = time.time()
+                start.update(out)
+            elif step % max(1, total // 5) == 0 or step == total:
+                eta = (time.time() - t0[0]) / step * (total - step)
+                print(f"  step {step}/{total}: article-specific {out['specific']:.2f}, related {out['related']:.2f} "
+                      f"(eta {eta:.0f} s)")
+            return out
+    out = {}
+    for name in ("npo", "ga"):
+        print(f"== {name} on the standard transformer, {total} steps" + (", tracked after each" if metrics_fn else "")
+              + f", then {cfg.relearn_steps} relearning steps")
+        net, res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
+        out[name] = {"trajectory": res.trajectory, "train_time_s": res.train_time,
+                     "relearning": relearn(cfg, net, tok, train_part, test_part)}
+    return out
+
+
 # -------------------------------------------------------------------------------------------------
 # Evaluation: losses, the NULLs truth ratio of cloze prompts under a chosen source's mask, relearning
 # -------------------------------------------------------------------------------------------------
@@ -658,6 +782,10 @@ def truth_ratios(net, tok, facts, route=None, sinks=None, fixed_mask=None, forgo
 
 
 WORDINGS = ("verbatim", "paraphrased")
+
+
+def frac_gt1(tr):
+    return summarize(tr)["frac_gt1"]
 
 
 def summarize(tr):
@@ -723,6 +851,12 @@ def relearn_split(cfg, tok, seq):
     return seq[:cut], seq[cut:]
 
 
+def relearn_parts(cfg, tok, seqs):
+    """(reserved parts, held-out parts) of the forgotten sources' documents (relearn_split)."""
+    parts = [relearn_split(cfg, tok, d) for d in seqs]
+    return [a for a, _ in parts], [b for _, b in parts]
+
+
 def relearn(cfg, net, tok, train_seqs, test_seqs, sinks=None, route=None, forgotten=None):
     """Fine-tune on the reserved parts of the forgotten sources (one AdamW step per pass over all of them,
     accumulated over eval_batch-row chunks) and track the mean loss of the held-out parts after every step.
@@ -765,7 +899,14 @@ def run(cfg):
     tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
     all_ids = sorted(docs)
     sinks, retr_sinks = make_sinks(cfg, src)                                        # Sink-On: nothing forgotten yet
+    # with workers: they fill the model caches side by side (and run the gradient baselines), train_three loads
+    t_train = time.time()
+    grad, run_info = train_in_workers(cfg, src)
     nets, times = train_three(cfg, src, sinks, retr_sinks)
+    times["train_s"] = time.time() - t_train
+    for name in run_info.get("trained_by_workers", ()):
+        times["models"][name]["cached"] = False                  # trained by this run's workers
+    times.update(run_info)
     if not T.is_main_process():
         return None, None
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -773,6 +914,8 @@ def run(cfg):
     metrics = {"times": times, "n_sources": len(all_ids), "forget": forget,
                "params": {"nulls": nulls_net.num_params(), "standard": std_net.num_params()}}
     t_eval = time.time()
+    if grad is None:     # NPO and GA on the standard model, and relearning them (else a worker did it above)
+        grad = baseline_runs(cfg, src, std_net)
 
     # routing (Appendix A.2): mean-pooled final hidden states of each source's text. No source is known for a
     # query, so both sides are embedded under the expected mask (every sink at N_source / N_pool).
@@ -811,57 +954,55 @@ def run(cfg):
         "retrained": float(seq_losses(cfg, retr_net, tok, fseqs, retr_sinks, route_near).mean()),
         "standard": float(seq_losses(cfg, std_net, tok, fseqs).mean())}
 
-    batches = forget_batches(cfg, tok, docs, forget)
     if world is not None:
-        claims, grad_nets = probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks,
-                                        retr_sinks, unlearned, nearest, emb, all_ids, batches)
+        claims = probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks,
+                             unlearned, nearest, emb, all_ids, grad)
     else:
         none = ev.precondition("the data comes with facts and questions about each source (the built-in world)",
                                0, False)
         claims = [ev.claim(c, [], "", none)
                   for c in ("1 unique facts removed like retraining", "2 shared/inferred facts kept like retraining",
                             "3 gradient unlearning not selective", "5 knowledge capacity", "5 general capability")]
-        grad_nets = {name: gradient_baseline(cfg, name, std_net, batches)[0] for name in ("npo", "ga")}
 
     # relearning (claim 4, Figure 7b): the attacker fine-tunes on a reserved part of every forgotten source and
-    # the loss on the held-out rest is tracked; every curve is compared with Retrained's, step by step
-    parts = [relearn_split(cfg, tok, d) for d in fseqs]
-    train_part, test_part = [a for a, _ in parts], [b for _, b in parts]
-    print(f"== relearning attack: {cfg.relearn_steps} steps on each of {3 + len(grad_nets)} models")
+    # the loss on the held-out rest is tracked; every curve is compared with Retrained's, step by step (the
+    # gradient-unlearned models' curves came with baseline_runs)
+    train_part, test_part = relearn_parts(cfg, tok, fseqs)
+    print(f"== relearning attack: {cfg.relearn_steps} steps on each of 3 models")
     curves = {"sink_off": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, route_near, forget),
               "retrained": relearn(cfg, retr_net, tok, train_part, test_part, retr_sinks, route_near),
               # the negative control of claim 4b: the sources never forgotten (each routed to its own sinks)
               "sink_on": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, torch.tensor(forget))}
-    for name, net in grad_nets.items():
-        curves[name] = relearn(cfg, net, tok, train_part, test_part)
+    for name, g in grad.items():
+        curves[name] = g["relearning"]
     metrics["relearning"] = curves
     claims.append(claim_reversed(curves["npo"], curves["retrained"], "npo"))
     claims.append(claim_tracks(curves["sink_off"], curves["retrained"], curves["sink_on"]))
     claims.sort(key=lambda c: c["claim"][0])            # 1, 1p, 2, 2p, 3 (NPO, GA, NULLs), 4, 5 (stable)
     metrics["times"]["eval_s"] = time.time() - t_eval
     metrics["wall_time_s"] = time.time() - t_start
-    metrics["cpu_time_s"] = time.process_time() - c_start
+    metrics["cpu_time_s"] = time.process_time() - c_start + times.get("worker_cpu_s", 0.0)   # workers' included
     return metrics, claims
 
 
 def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks, unlearned,
-                nearest, emb, all_ids, batches):
+                nearest, emb, all_ids, grad):
     """Truth ratios of the forgotten people's facts in every mode and both wordings (Figures 3a, 3b, 4), the
-    gradient baselines' trajectories against related facts in other articles (Figure 3c), knowledge capacity
-    (Figure 8c) and general capability (Table 1): claims 1, 2, 3 and 5. Returns (claims, {name: unlearned net})."""
+    gradient baselines' trajectories (grad: baseline_runs) against related facts in other articles (Figure 3c),
+    knowledge capacity (Figure 8c) and general capability (Table 1): claims 1, 2, 3 and 5."""
     gone = set(src["forget"])
     route = dict(emb=emb, all_ids=all_ids, gone=gone)
     # claims 1, 2: the forgotten people's facts, Sink-Off vs Retrained under three routings, both wordings
     claims, tables = probe_forgotten(cfg, metrics, world, tok, src["forget"], nulls_net, retr_net, std_net, sinks,
                                      retr_sinks, nearest, route)
     # Table 1's analogue: general multiple-choice questions, NULLs routed as deployed vs the standard model
-    questions, correct = probe_general(cfg, metrics, world, tok, nulls_net, std_net, sinks, unlearned, route)
+    correct = probe_general(cfg, metrics, world, tok, nulls_net, std_net, sinks, unlearned, route)
     # claim 3 (Figure 3c): NPO and GA on the standard model vs NULLs, on related facts of other articles
-    sel_claims, grad_nets = probe_selectivity(cfg, metrics, world, tok, src["forget"], nulls_net, retr_net, std_net,
-                                              sinks, retr_sinks, tables, questions, batches, route)
+    sel_claims = probe_selectivity(cfg, metrics, world, tok, src["forget"], nulls_net, retr_net, sinks, retr_sinks,
+                                   tables, grad, route)
     # claim 5 (Figure 8c and Table 1): knowledge capacity and general capability
     cap_claim = probe_capacity(metrics, world, tok, nulls_net, std_net, sinks)
-    return claims + sel_claims + [cap_claim, claim_general(correct["nulls"], correct["standard"])], grad_nets
+    return claims + sel_claims + [cap_claim, claim_general(correct["nulls"], correct["standard"])]
 
 
 def probe_forgotten(cfg, metrics, world, tok, forget, nulls_net, retr_net, std_net, sinks, retr_sinks, nearest,
@@ -922,7 +1063,7 @@ def probe_forgotten(cfg, metrics, world, tok, forget, nulls_net, retr_net, std_n
 def probe_general(cfg, metrics, world, tok, nulls_net, std_net, sinks, unlearned, route):
     """General capability (Table 1's analogue): multiple-choice questions no single article owns, NULLs under the
     routing it would use at deployment (each prompt to its nearest source), vs the standard transformer.
-    Returns (questions, {model: per-question correctness})."""
+    Returns {model: per-question correctness}."""
     emb, all_ids = route["emb"], route["all_ids"]
     questions = data.general_questions(world)
     q_emb = embed(cfg, nulls_net, tok, [tok.encode(q.prompt) for q in questions], sinks.expected_mask())
@@ -934,36 +1075,19 @@ def probe_general(cfg, metrics, world, tok, nulls_net, std_net, sinks, unlearned
         "nulls_after_forgetting": mc_accuracy(nulls_net, tok, questions,
                                               nearest_sources(q_emb, emb, all_ids, exclude=route["gone"]), unlearned),
         "standard": float(correct["standard"].double().mean()), "n": len(questions)}
-    return questions, correct
+    return correct
 
 
-def probe_selectivity(cfg, metrics, world, tok, forget, nulls_net, retr_net, std_net, sinks, retr_sinks, tables,
-                      questions, batches, route):
-    """Figure 3c: NPO and gradient ascent on the standard transformer, cfg.unlearn_epochs epochs over the forgotten
-    articles, tracking after every step the article-specific facts of the forgotten people against the
-    article-specific facts of semantically similar OTHER articles (siblings, people of the same city); NULLs'
-    Sink-On -> Sink-Off point beside them. Returns (claims 3, {name: unlearned net})."""
+def probe_selectivity(cfg, metrics, world, tok, forget, nulls_net, retr_net, sinks, retr_sinks, tables, grad, route):
+    """Figure 3c: NPO and gradient ascent on the standard transformer (grad: baseline_runs' trajectories, every
+    step tracking the article-specific facts of the forgotten people against the article-specific facts of
+    semantically similar OTHER articles: siblings, people of the same city); NULLs' Sink-On -> Sink-Off point
+    beside them. Returns claims 3."""
     emb, all_ids, gone = route["emb"], route["all_ids"], route["gone"]
     uniq = [f for f, _, _ in probe_facts(world, forget) if f.kind == "unique"]
     rel = related_facts(world, forget, cfg.n_related)
     rel_facts = [f for f, _, _ in rel]
     rel_owner, rel_to = torch.tensor([q for _, q, _ in rel]), torch.tensor([p for _, _, p in rel])
-
-    def frac(tr):
-        return summarize(tr)["frac_gt1"]
-
-    total, t0 = cfg.unlearn_epochs * len(batches), [time.time()]
-
-    def metrics_fn(net, step):
-        out = {"specific": frac(truth_ratios(net, tok, uniq)), "related": frac(truth_ratios(net, tok, rel_facts)),
-               "general_acc": mc_accuracy(net, tok, questions)}
-        if step == 0:
-            t0[0] = time.time()
-        elif step % max(1, total // 5) == 0 or step == total:
-            eta = (time.time() - t0[0]) / step * (total - step)
-            print(f"  step {step}/{total}: article-specific {out['specific']:.2f}, related {out['related']:.2f} "
-                  f"(eta {eta:.0f} s)")
-        return out
     # related facts are probed as deployed: each cloze routed to its nearest source by prompt (Appendix A.2),
     # before the request among every source, after it among the retained ones with the target's sinks off; the
     # oracle routing to the fact's owner is reported beside it (it can lose at most the owner's overlap sinks)
@@ -972,26 +1096,25 @@ def probe_selectivity(cfg, metrics, world, tok, forget, nulls_net, retr_net, std
     route_off = nearest_sources(rel_emb, emb, all_ids, exclude=gone)
     nulls_point = {
         "on": {"specific": table_frac(tables, "sink_on"),
-               "related": frac(truth_ratios(nulls_net, tok, rel_facts, route_on, sinks)),
-               "related_oracle": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks))},
+               "related": frac_gt1(truth_ratios(nulls_net, tok, rel_facts, route_on, sinks)),
+               "related_oracle": frac_gt1(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks))},
         "off": {"specific": table_frac(tables, "sink_off/nearest"),
-                "related": frac(truth_ratios(nulls_net, tok, rel_facts, route_off, sinks, forgotten=rel_to)),
-                "related_oracle": frac(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks, forgotten=rel_to))},
+                "related": frac_gt1(truth_ratios(nulls_net, tok, rel_facts, route_off, sinks, forgotten=rel_to)),
+                "related_oracle": frac_gt1(truth_ratios(nulls_net, tok, rel_facts, rel_owner, sinks,
+                                                        forgotten=rel_to))},
         "retrained": {"specific": table_frac(tables, "retrained/nearest"),
-                      "related": frac(truth_ratios(retr_net, tok, rel_facts, route_off, retr_sinks))}}
+                      "related": frac_gt1(truth_ratios(retr_net, tok, rel_facts, route_off, retr_sinks))}}
     metrics["selectivity"] = {"n_specific": len(uniq), "n_related": len(rel_facts), "nulls": nulls_point,
                               "general_accuracy_nulls_after_forgetting":
                                   metrics["general_accuracy"]["nulls_after_forgetting"]}
-    claims, grad_nets, metrics["gradient_baselines"] = [], {}, {}
+    claims, metrics["gradient_baselines"] = [], {}
     for name in ("npo", "ga"):
-        print(f"== {name} on the standard transformer, {total} steps, tracked after each")
-        net, res = gradient_baseline(cfg, name, std_net, batches, metrics_fn)
-        grad_nets[name] = net
-        metrics["gradient_baselines"][name] = {"trajectory": res.trajectory, "train_time_s": res.train_time,
-                                               "matched": matched_point(res.trajectory, nulls_point["off"]["specific"])}
-        claims.append(claim_not_selective(name, res.trajectory, nulls_point["off"]["specific"]))
+        traj = grad[name]["trajectory"]
+        metrics["gradient_baselines"][name] = {"trajectory": traj, "train_time_s": grad[name]["train_time_s"],
+                                               "matched": matched_point(traj, nulls_point["off"]["specific"])}
+        claims.append(claim_not_selective(name, traj, nulls_point["off"]["specific"]))
     claims.append(claim_selective(nulls_point["on"], nulls_point["off"]))
-    return claims, grad_nets
+    return claims
 
 
 def probe_capacity(metrics, world, tok, nulls_net, std_net, sinks):
@@ -1236,9 +1359,14 @@ def report(cfg, metrics, claims, seeds_note=""):
     for k in range(len(rl["retrained"])):
         lines.append(f"| {k} | " + " | ".join(f"{c[k]:.3f}" for c in rl.values()) + " |")
     lines += [""] + ev.claims_markdown(claims)
-    lines.append(f"\n{seeds_note}wall time {metrics['wall_time_s']:.0f} s, process CPU time {metrics['cpu_time_s']:.0f} s "
-                 f"({torch.get_num_threads()} torch threads; training {metrics['times']['train_s']:.0f} s wall, "
-                 f"evaluation {metrics['times']['eval_s']:.0f} s wall)")
+    tm = metrics["times"]
+    per_model = ", ".join(f"{n} {m['cpu_s']:.0f}" + (" (cached)" if m["cached"] else "")
+                          for n, m in tm.get("models", {}).items())
+    workers = (f" in {tm['workers']} worker processes side by side (with NPO and GA)" if tm.get("workers", 1) > 1
+               else "")
+    lines.append(f"\n{seeds_note}wall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s "
+                 f"({torch.get_num_threads()} torch threads a process; training {tm['train_s']:.0f} s wall{workers}, "
+                 f"CPU s per model: {per_model}; evaluation {tm['eval_s']:.0f} s wall)")
     ev.publish(cfg.out_dir, "nulls.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics))
 
 

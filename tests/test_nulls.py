@@ -85,7 +85,7 @@ def test_checkpoints_are_keyed_on_what_training_sees():
     for change in (dict(relearn_steps=5), dict(npo_lr=2e-3), dict(ga_lr=2e-3), dict(unlearn_epochs=3),
                    dict(unlearn_batch=3), dict(npo_beta=0.2), dict(relearn_lr=1e-2), dict(fast_path=False),
                    dict(device="cpu"), dict(log_every=7), dict(out_dir="elsewhere"), dict(sweep="capacity"),
-                   dict(eval_batch=3), dict(n_related=5), dict(seeds=(0, 1))):
+                   dict(eval_batch=3), dict(n_related=5), dict(seeds=(0, 1)), dict(workers=2)):
         assert _ckpt_names(dataclasses.replace(smoke, **change)) == base, change
     # anything training sees does; forgetting other sources changes only the retrained model
     every = {"nulls", "retrained", "standard"}
@@ -111,6 +111,7 @@ def test_checkpoints_are_keyed_on_what_training_sees():
     ("--eval_batch=0", "eval_batch must be in [1, inf)"),
     ("--seeds=0,-1", "seeds must be in [0, inf)"),
     ("--seeds=1,1", "seeds must be distinct"),
+    ("--workers=0", "workers must be in [1, inf)"),
 ])
 def test_bad_settings_exit_2_naming_the_field_and_range(tmp_path, capsys, arg, msg):
     with pytest.raises(SystemExit) as e:

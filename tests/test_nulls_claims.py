@@ -238,7 +238,7 @@ def test_paper_preset_end_to_end_on_long_local_documents(tmp_path):
                                   "--n_embd=32", "--n_gen=16", "--n_pool=64", "--n_source=8", "--block_size=32",
                                   "--epochs=1", "--batch_size=8", "--warmup_steps=1", "--unlearn_epochs=1",
                                   "--relearn_steps=2", "--eval_batch=4", "--device=cpu", "--log_every=0",
-                                  f"--out_dir={out}"])
+                                  "--workers=1", f"--out_dir={out}"])
     assert metrics["n_sources"] == 12 and len(metrics["forget"]) == 2
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["block_size"] == 32 and len(res["metrics"]["relearning"]["npo"]) == 3
