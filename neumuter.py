@@ -385,10 +385,10 @@ PRESETS = {
     # the TOFU experiment on SmolLM2-135M-Instruct: fine-tuned on the QA of a 20-person world (original) and on
     # its retain QA (retrained), then unlearned (forget10 = 2 people, 20 QA); 30 layers x 1,536 gated neurons.
     # GA and GradDiff (the paper's first two TOFU baselines) with lrs picked on a held-out request of 2 other people
-    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_people=20, tofu_epochs=2, tofu_lr=1e-4,
+    "real_tofu": dict(experiment="tofu", init_from="smollm2", tofu_people=20, tofu_epochs=3, tofu_lr=2e-4,
                       tofu_mask_epochs=4, tofu_mask_batch=4, tofu_mask_evals=2, tofu_steps=10, tofu_eval_every=5,
                       tofu_retain_eval=20, tofu_unlearn_batch=8, tofu_methods=("ga", "graddiff"),
-                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=16, warmup_steps=3, log_every=5),
+                      tofu_lr_grid=(1e-5, 3e-5, 1e-4), batch_size=8, warmup_steps=3, log_every=10),
 }
 
 
