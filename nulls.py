@@ -589,27 +589,44 @@ def worker_job(cfg, names, baselines, prefix):
     c0 = time.process_time()
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, prefix)):
         src = load_sources(cfg)
-        nets = train_models(cfg, src, names)
-        out = None
+        nets = {n: net for n, (net, _) in train_models(cfg, src, names).items()}
+        out = {}
         if baselines:
-            std = nets["standard"] if "standard" in nets else train_models(cfg, src, ["standard"])["standard"]
-            out = baseline_runs(cfg, src, std[0])
+            std = nets["standard"] if "standard" in nets else finished_model(cfg, src, "standard")
+            out["baselines"] = baseline_runs(cfg, src, std)
+            if trained(cfg, src)["nulls"]:      # the other worker finished NULLs: what needs no Retrained
+                print("== NULLs finished: its relearning curves" + (" and knowledge capacity" if src["world"] else ""))
+                nulls_net, sinks = finished_model(cfg, src, "nulls"), make_sinks(cfg, src)[0]
+                out["nulls_relearning"] = nulls_relearning(cfg, src, nulls_net, sinks,
+                                                           routing(cfg, src, nulls_net, sinks)[1])
+                if src["world"] is not None:
+                    out["capacity"] = capacity_ratios(src["world"], src["tok"], nulls_net, std, sinks)
     return out, time.process_time() - c0
+
+
+def finished_model(cfg, src, name):
+    """A model of MODELS from its finished checkpoint in out_dir (the weights only: read while another worker
+    may still be training the next model)."""
+    s, ids = model_runs(cfg, src)[name]
+    _, _, tc, key = lm_run(cfg, src["tok"], src["docs"], ids, s, name)
+    T.check_run_key(tc.ckpt_path, key)
+    return T.model_from_checkpoint(tc.ckpt_path).eval()
 
 
 def train_in_workers(cfg, src):
     """Run worker_plan's jobs side by side (train.run_jobs: Ctrl-C or SIGTERM stops them; their checkpoints resume
-    a rerun). -> (the gradient baselines' results or None when nothing ran there, {workers, worker_cpu_s,
-    trained_by_workers})."""
+    a rerun). -> (what the first worker computed beyond training: {"baselines", and if NULLs was finished by
+    then "nulls_relearning", "capacity"}; {} without workers, {workers, worker_cpu_s, trained_by_workers})."""
     jobs = worker_plan(cfg, src)
     if not jobs:
-        return None, {"workers": 1}
+        return {}, {"workers": 1}
     print(f"== {len(jobs)} workers side by side: " + "; ".join(" then ".join(names + ["npo, ga"] * bl)
                                                               for names, bl in jobs))
     done = T.run_jobs(worker_job, [(cfg, names, bl, f"[{', '.join(names + ['npo, ga'] * bl)}] ")
                                    for names, bl in jobs], len(jobs))
     return done[0][0], {"workers": len(jobs), "worker_cpu_s": sum(c for _, c in done),
-                        "trained_by_workers": [n for names, _ in jobs for n in names]}
+                        "trained_by_workers": [n for names, _ in jobs for n in names],
+                        "worker_evaluated": sorted(done[0][0])}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -666,6 +683,16 @@ def seq_losses(cfg, net, tok, seqs, sinks=None, route=None, forgotten=None, fixe
             nll.index_add_(0, owner, -(lp.double() * keep).sum(1).cpu())
             count.index_add_(0, owner, keep.sum(1).double().cpu())
     return nll / count
+
+
+def routing(cfg, src, nulls_net, sinks):
+    """Nearest-source routing (Appendix A.2): mean-pooled final hidden states of each source's text. No source is
+    known for a query, so both sides are embedded under the expected mask (every sink at N_source / N_pool).
+    -> (source embeddings in sorted-id order, {forgotten source: its nearest retained source})."""
+    all_ids, forget = sorted(src["docs"]), src["forget"]
+    emb = embed(cfg, nulls_net, src["tok"], [src["docs"][s] for s in all_ids], sinks.expected_mask())
+    return emb, dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
+                                                 exclude=set(forget)).tolist()))
 
 
 def nearest_sources(queries, source_emb, source_ids, exclude=(), chunk=1024):
@@ -857,6 +884,16 @@ def relearn_parts(cfg, tok, seqs):
     return [a for a, _ in parts], [b for _, b in parts]
 
 
+def nulls_relearning(cfg, src, nulls_net, sinks, nearest):
+    """The relearning curves of NULLs (claim 4b): Sink-Off (each forgotten source routed to its nearest retained
+    one, its own sinks off) and its negative control Sink-On (each routed to its own sinks, never forgotten)."""
+    forget = src["forget"]
+    train_part, test_part = relearn_parts(cfg, src["tok"], [src["docs"][s] for s in forget])
+    route_near = torch.tensor([nearest[s] for s in forget])
+    return {"sink_off": relearn(cfg, nulls_net, src["tok"], train_part, test_part, sinks, route_near, forget),
+            "sink_on": relearn(cfg, nulls_net, src["tok"], train_part, test_part, sinks, torch.tensor(forget))}
+
+
 def relearn(cfg, net, tok, train_seqs, test_seqs, sinks=None, route=None, forgotten=None):
     """Fine-tune on the reserved parts of the forgotten sources (one AdamW step per pass over all of them,
     accumulated over eval_batch-row chunks) and track the mean loss of the held-out parts after every step.
@@ -899,9 +936,10 @@ def run(cfg):
     tok, docs, forget, world = src["tok"], src["docs"], src["forget"], src["world"]
     all_ids = sorted(docs)
     sinks, retr_sinks = make_sinks(cfg, src)                                        # Sink-On: nothing forgotten yet
-    # with workers: they fill the model caches side by side (and run the gradient baselines), train_three loads
+    # with workers: they fill the model caches side by side (and run the gradient baselines and what else they
+    # can, `ahead`), and train_three loads the models
     t_train = time.time()
-    grad, run_info = train_in_workers(cfg, src)
+    ahead, run_info = train_in_workers(cfg, src)
     nets, times = train_three(cfg, src, sinks, retr_sinks)
     times["train_s"] = time.time() - t_train
     for name in run_info.get("trained_by_workers", ()):
@@ -914,14 +952,10 @@ def run(cfg):
     metrics = {"times": times, "n_sources": len(all_ids), "forget": forget,
                "params": {"nulls": nulls_net.num_params(), "standard": std_net.num_params()}}
     t_eval = time.time()
-    if grad is None:     # NPO and GA on the standard model, and relearning them (else a worker did it above)
-        grad = baseline_runs(cfg, src, std_net)
+    # NPO and GA on the standard model, and relearning them (unless a worker did)
+    grad = ahead.get("baselines") or baseline_runs(cfg, src, std_net)
 
-    # routing (Appendix A.2): mean-pooled final hidden states of each source's text. No source is known for a
-    # query, so both sides are embedded under the expected mask (every sink at N_source / N_pool).
-    emb = embed(cfg, nulls_net, tok, [docs[s] for s in all_ids], sinks.expected_mask())
-    nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
-                                               exclude=set(forget)).tolist()))
+    emb, nearest = routing(cfg, src, nulls_net, sinks)
     # Unlearning = putting a source on the forget list; no weight changes. Sink-Off is evaluated one target
     # source at a time (the paper unlearns one article): each row excludes its own target's sinks. Forgetting
     # all n_forget sources at once would switch off the union of their sinks (1 - (1 - N_source/N_pool)^10,
@@ -956,7 +990,7 @@ def run(cfg):
 
     if world is not None:
         claims = probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks,
-                             unlearned, nearest, emb, all_ids, grad)
+                             unlearned, nearest, emb, all_ids, grad, ahead.get("capacity"))
     else:
         none = ev.precondition("the data comes with facts and questions about each source (the built-in world)",
                                0, False)
@@ -968,11 +1002,12 @@ def run(cfg):
     # the loss on the held-out rest is tracked; every curve is compared with Retrained's, step by step (the
     # gradient-unlearned models' curves came with baseline_runs)
     train_part, test_part = relearn_parts(cfg, tok, fseqs)
-    print(f"== relearning attack: {cfg.relearn_steps} steps on each of 3 models")
-    curves = {"sink_off": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, route_near, forget),
+    print(f"== relearning attack: {cfg.relearn_steps} steps on Retrained"
+          + ("" if "nulls_relearning" in ahead else " and NULLs (Sink-Off, Sink-On)"))
+    own = ahead.get("nulls_relearning") or nulls_relearning(cfg, src, nulls_net, sinks, nearest)
+    curves = {"sink_off": own["sink_off"],
               "retrained": relearn(cfg, retr_net, tok, train_part, test_part, retr_sinks, route_near),
-              # the negative control of claim 4b: the sources never forgotten (each routed to its own sinks)
-              "sink_on": relearn(cfg, nulls_net, tok, train_part, test_part, sinks, torch.tensor(forget))}
+              "sink_on": own["sink_on"]}                  # the negative control of claim 4b (nulls_relearning)
     for name, g in grad.items():
         curves[name] = g["relearning"]
     metrics["relearning"] = curves
@@ -986,10 +1021,11 @@ def run(cfg):
 
 
 def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sinks, retr_sinks, unlearned,
-                nearest, emb, all_ids, grad):
+                nearest, emb, all_ids, grad, cap_tr=None):
     """Truth ratios of the forgotten people's facts in every mode and both wordings (Figures 3a, 3b, 4), the
     gradient baselines' trajectories (grad: baseline_runs) against related facts in other articles (Figure 3c),
-    knowledge capacity (Figure 8c) and general capability (Table 1): claims 1, 2, 3 and 5."""
+    knowledge capacity (Figure 8c; cap_tr: capacity_ratios if a worker computed them) and general capability
+    (Table 1): claims 1, 2, 3 and 5."""
     gone = set(src["forget"])
     route = dict(emb=emb, all_ids=all_ids, gone=gone)
     # claims 1, 2: the forgotten people's facts, Sink-Off vs Retrained under three routings, both wordings
@@ -1001,7 +1037,7 @@ def probe_world(cfg, metrics, world, tok, src, nulls_net, retr_net, std_net, sin
     sel_claims = probe_selectivity(cfg, metrics, world, tok, src["forget"], nulls_net, retr_net, sinks, retr_sinks,
                                    tables, grad, route)
     # claim 5 (Figure 8c and Table 1): knowledge capacity and general capability
-    cap_claim = probe_capacity(metrics, world, tok, nulls_net, std_net, sinks)
+    cap_claim = probe_capacity(metrics, cap_tr or capacity_ratios(world, tok, nulls_net, std_net, sinks))
     return claims + sel_claims + [cap_claim, claim_general(correct["nulls"], correct["standard"])]
 
 
@@ -1117,15 +1153,19 @@ def probe_selectivity(cfg, metrics, world, tok, forget, nulls_net, retr_net, sin
     return claims
 
 
-def probe_capacity(metrics, world, tok, nulls_net, std_net, sinks):
-    """Knowledge capacity (Figure 8c): Sink-On NULLs vs the standard transformer (and NULLs' backbone alone, the
-    control) on every person's unique facts, both wordings; claim 5a on the paraphrased ones."""
+def capacity_ratios(world, tok, nulls_net, std_net, sinks):
+    """Knowledge capacity's truth ratios (Figure 8c): Sink-On NULLs vs the standard transformer (and NULLs'
+    backbone alone, the control) on every person's unique facts, both wordings. -> {wording: {model: (N,)}}."""
     all_uniq = [f for f in world.facts if f.kind == "unique"]
     owners = torch.tensor([f.person for f in all_uniq])
-    cap_tr = {w: {"nulls_sink_on": truth_ratios(nulls_net, tok, all_uniq, owners, sinks, wording=w),
-                  "standard": truth_ratios(std_net, tok, all_uniq, wording=w),
-                  "nulls_backbone_only": truth_ratios(nulls_net, tok, all_uniq, fixed_mask=sinks.backbone_mask(),
-                                                      wording=w)} for w in WORDINGS}
+    return {w: {"nulls_sink_on": truth_ratios(nulls_net, tok, all_uniq, owners, sinks, wording=w),
+                "standard": truth_ratios(std_net, tok, all_uniq, wording=w),
+                "nulls_backbone_only": truth_ratios(nulls_net, tok, all_uniq, fixed_mask=sinks.backbone_mask(),
+                                                    wording=w)} for w in WORDINGS}
+
+
+def probe_capacity(metrics, cap_tr):
+    """Knowledge capacity (capacity_ratios): summaries into metrics, and claim 5a on the paraphrased prompts."""
     cap = {w: {k: summarize(v) for k, v in d.items()} for w, d in cap_tr.items()}
     metrics["capacity"] = cap
     p = cap_tr["paraphrased"]
@@ -1455,9 +1495,7 @@ def sweep_point(cfg, src):
     retr_net, _ = train_lm(cfg, tok, docs, retr_sinks.sources, retr_sinks, "retrained")
     if not T.is_main_process():
         return None
-    emb = embed(cfg, nulls_net, tok, [docs[s] for s in all_ids], sinks.expected_mask())
-    nearest = dict(zip(forget, nearest_sources(emb[[all_ids.index(s) for s in forget]], emb, all_ids,
-                                               exclude=set(forget)).tolist()))
+    _, nearest = routing(cfg, src, nulls_net, sinks)
     items = [(f, p) for f, p, _ in probe_facts(world, forget) if f.kind == "unique"]
     facts = [f for f, _ in items]
     own, near = torch.tensor([p for _, p in items]), torch.tensor([nearest[p] for _, p in items])

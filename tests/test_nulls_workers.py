@@ -25,6 +25,7 @@ def test_two_workers_give_the_numbers_of_one_process(tmp_path):
     assert metrics["times"]["workers"] == 2
     assert set(metrics["times"]["trained_by_workers"]) == set(nulls.MODELS)
     assert not any(m["cached"] for m in metrics["times"]["models"].values())
+    assert "baselines" in metrics["times"]["worker_evaluated"]
     a, b = (_leaves(json.loads((d / "results.json").read_text())) for d in (one, two))
     assert len(a) > 1000 and a == b
     # the workers filled exactly the caches the one-process run trained (same run keys), and a rerun starts none
@@ -71,3 +72,31 @@ def test_trained_reads_finished_checkpoints_only(tmp_path):
     assert nulls.trained(longer, src)["retrained"] is False
     (tmp_path / os.path.basename(path)).write_bytes(b"damaged")
     assert nulls.trained(longer, src)["retrained"] is False
+
+
+def test_first_worker_evaluates_nulls_once_the_other_finished_it(tmp_path):
+    """worker_job (called here in-process): after the baselines, the worker with the standard model evaluates what
+    needs NULLs but not Retrained when NULLs is finished, with the values the main process would compute."""
+    import torch
+    cfg = train.parse_config(nulls.Config, ["--preset=smoke", "--workers=2", f"--out_dir={tmp_path}"])
+    src = nulls.load_sources(cfg)
+    n = torch.get_num_threads()
+    try:
+        out, _ = nulls.worker_job(cfg, ["standard"], True, "")
+        assert set(out) == {"baselines"}                     # NULLs not trained yet: left to the main process
+        nets = {k: net for k, (net, _) in nulls.train_models(cfg, src, ["nulls", "standard"]).items()}
+        out, _ = nulls.worker_job(cfg, [], True, "")
+    finally:
+        torch.set_num_threads(n)
+    assert set(out) == {"baselines", "nulls_relearning", "capacity"}
+    sinks = nulls.make_sinks(cfg, src)[0]
+    want = nulls.capacity_ratios(src["world"], src["tok"], nets["nulls"], nets["standard"], sinks)
+    assert all(torch.equal(out["capacity"][w][m], want[w][m]) for w in want for m in want[w])
+    _, nearest = nulls.routing(cfg, src, nets["nulls"], sinks)
+    assert out["nulls_relearning"] == nulls.nulls_relearning(cfg, src, nets["nulls"], sinks, nearest)
+    grad = nulls.baseline_runs(cfg, src, nets["standard"])
+    for name in ("npo", "ga"):
+        assert out["baselines"][name]["trajectory"] == grad[name]["trajectory"]
+        assert out["baselines"][name]["relearning"] == grad[name]["relearning"]
+    # GA's step 0 is NPO's: both start from the same copy of the standard model
+    assert grad["ga"]["trajectory"][0] == grad["npo"]["trajectory"][0]
