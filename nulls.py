@@ -582,8 +582,9 @@ def worker_plan(cfg, src):
 
 def worker_job(cfg, names, baselines, prefix):
     """One worker process of worker_plan: train (or reuse) the models `names` into out_dir's caches, then with
-    `baselines` run baseline_runs on the standard transformer. Its output lines start with `prefix`.
-    Returns (the baselines' results or None, the worker's CPU seconds)."""
+    `baselines` run baseline_runs on the standard transformer and, if the other worker has finished NULLs by
+    then, what needs NULLs but not Retrained. Its output lines start with `prefix`. Returns ({"baselines",
+    "nulls_relearning", "capacity"} as far as computed, the worker's CPU seconds)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     c0 = time.process_time()
@@ -595,12 +596,14 @@ def worker_job(cfg, names, baselines, prefix):
             std = nets["standard"] if "standard" in nets else finished_model(cfg, src, "standard")
             out["baselines"] = baseline_runs(cfg, src, std)
             if trained(cfg, src)["nulls"]:      # the other worker finished NULLs: what needs no Retrained
-                print("== NULLs finished: its relearning curves" + (" and knowledge capacity" if src["world"] else ""))
+                world = src["world"]
+                print("== NULLs finished: its relearning curves"
+                      + (" and knowledge capacity" if world is not None else ""))
                 nulls_net, sinks = finished_model(cfg, src, "nulls"), make_sinks(cfg, src)[0]
                 out["nulls_relearning"] = nulls_relearning(cfg, src, nulls_net, sinks,
                                                            routing(cfg, src, nulls_net, sinks)[1])
-                if src["world"] is not None:
-                    out["capacity"] = capacity_ratios(src["world"], src["tok"], nulls_net, std, sinks)
+                if world is not None:
+                    out["capacity"] = capacity_ratios(world, src["tok"], nulls_net, std, sinks)
     return out, time.process_time() - c0
 
 
@@ -955,7 +958,7 @@ def run(cfg):
     # NPO and GA on the standard model, and relearning them (unless a worker did)
     grad = ahead.get("baselines") or baseline_runs(cfg, src, std_net)
 
-    emb, nearest = routing(cfg, src, nulls_net, sinks)
+    emb, nearest = routing(cfg, src, nulls_net, sinks)          # nearest-source routing (Appendix A.2)
     # Unlearning = putting a source on the forget list; no weight changes. Sink-Off is evaluated one target
     # source at a time (the paper unlearns one article): each row excludes its own target's sinks. Forgetting
     # all n_forget sources at once would switch off the union of their sinks (1 - (1 - N_source/N_pool)^10,
