@@ -9,7 +9,9 @@ Run: `python memsinks.py` (TS-Repetition on built-in stories, CPU, minutes); `--
 noise|dynamics` (Figures 5a-c, 7). It trains standard, deduplicated, MemSinks and gradient-masked models with one
 architecture and step budget, runs localize.py's post-hoc localizers on the standard model, prints the tables
 and claims, and writes out_dir/results.json, results.md and the figures. Finished models are cached under
-out_dir/ckpt, named by train.run_key, so a rerun that changes only evaluation settings skips training.
+out_dir/ckpt, named by train.run_key, so a rerun that changes only evaluation settings skips training. On a CPU
+--workers=2 (the default) trains the models and runs the two post-hoc localizers in two processes side by side,
+which fill those caches; --workers=1 does it all in one process, one after another, with the same numbers.
 Measured numbers and the choice of defaults: docs/memsinks.md. nulls.py builds on the mask machinery here.
 
 Where we deliberately differ from the authors' code, and why:
@@ -28,6 +30,8 @@ Where we deliberately differ from the authors' code, and why:
 - Where the paper is silent: token-weighted mean losses; claim 1 as L_rep <= L_val / 2; claim 5 as "every
   post-hoc point that forgets as much as MemSinks degrades more" (not testable where none forgets as much).
 """
+import contextlib
+import ctypes
 import math
 import os
 import sys
@@ -318,6 +322,7 @@ class Config:
     seeds: tuple[int, ...] = ()        # e.g. 0,1,2: the whole experiment per seed, claims as mean ± std over them
     device: str = "auto"
     threads: int = 1                   # torch CPU threads (README tables: 1); 0 = torch's default
+    workers: int = 2                   # processes training side by side, one per core; 1 = one after another: the same numbers
     out_dir: str = "out/memsinks"
     log_every: int = 50
 
@@ -333,7 +338,7 @@ class Config:
                 hc_lambdas="[0, inf)", hc_iters="[1, inf)", hc_tune_n="[1, inf)", hc_lr="(0, inf)",
                 hc_beta="(0, inf)", hc_init="(0, 1)", hc_stop="[0, inf)", hc_batch="[1, inf)", ig_steps="[1, inf)",
                 dyn_every="[1, inf)",
-                dyn_steps="[1, inf)", seeds="[0, inf)", threads="[0, inf)", log_every="[0, inf)")
+                dyn_steps="[1, inf)", seeds="[0, inf)", threads="[0, inf)", workers="[1, inf)", log_every="[0, inf)")
         if self.sweep == "p":
             T.check(self, sweep_values="(0, 1]")
         split_neurons(self.d_ff, self.g)       # g must leave both shared and sink neurons in an MLP of d_ff
@@ -345,7 +350,7 @@ PRESETS = {
     "smoke": dict(n_rep=4, rep=6, n_single=40, n_val=12, n_layer=2, n_head=2, n_embd=32, d_ff=64, epochs=1.0,
                   batch_size=8, warmup_steps=2, eval_points=2, drop_ratios=(0.1, 0.3), hc_lambdas=(100.0, 1000.0),
                   hc_iters=(10, 20), hc_tune_n=2, hc_batch=4,
-                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0),
+                  ig_steps=2, dyn_every=3, dyn_steps=7, log_every=0, workers=1),   # starting workers costs more than these models
     # Section 3 / 5.1 on one GPU: TinyStories (100 stories x 128 + 20,000 once), GPT-2 BPE, a GPT-2-medium shape
     # (24 layers, d 1024, MLP 4x, ~344M params), constant lr (Appendix B: min lr = max lr); Chang et al.'s post-hoc
     # settings (layer 0 skipped, lambda and iterations from Appendix C's grids, drop ratios around theirs)
@@ -569,13 +574,43 @@ def train_model(cfg, sets, name, kind, rows, steps, *, every=None, eval_fn=None,
     tc = replace(train_config(cfg, steps), ckpt_path=T.ckpt_path(cfg.out_dir, name, key))
     say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
     say(f"{kind}, {len(rows['x'])} rows, {steps} steps, {net.num_params() / 1e6:.2f}M params on {dev}")
-    hist, _ = T.train_cached(net, batch_at, tc, key, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
+    hist, info = T.train_cached(net, batch_at, tc, key, loss_fn=loss_fn, eval_fn=eval_fn, log=say)
+    hist["run"] = info            # wall_s, cpu_s of the run that trained it (here, or a worker, or an earlier run)
     net.eval()
     return net, hist
 
 
 def steps_for(cfg, n_rows):
     return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
+
+
+def main_plan(cfg, sets):
+    """run_main's models, {name: (kind, rows, steps)}, in the order its tables list them."""
+    S, S_dedup = steps_for(cfg, len(sets.train["x"])), steps_for(cfg, len(sets.dedup["x"]))
+    return {"standard": ("standard", sets.train, S), "dedup_epochs": ("standard", sets.dedup, S_dedup),
+            "dedup_steps": ("standard", sets.dedup_fresh, S), "memsinks": ("memsinks", sets.train, S),
+            "gradmask": ("gradmask", sets.train, S)}
+
+
+def model_args(cfg, sets, name):
+    """(cfg, kind, rows, steps, keywords) with which train_model trains the model called `name`: one of
+    main_plan's (the sweeps train their standard and memsinks with their own cfg), or dynamics_<kind> (Figure 7)."""
+    if name.startswith("dynamics_"):
+        return dynamics_args(cfg, sets, name[len("dynamics_"):])
+    kind, rows, steps = main_plan(cfg, sets)[name]
+    return cfg, kind, rows, steps, {}
+
+
+def train_named(cfg, sets, name, log=print):
+    """(net, history) of the model called `name`, trained or loaded from its cache."""
+    c, kind, rows, steps, kw = model_args(cfg, sets, name)
+    return train_model(c, sets, name, kind, rows, steps, log=log, **kw)
+
+
+def model_ckpt(cfg, sets, name):
+    """Where train_named keeps the model: it writes the file once, when training ends (ckpt_every is 0)."""
+    c, kind, rows, steps, kw = model_args(cfg, sets, name)
+    return T.ckpt_path(c.out_dir, name, train_key(c, sets, kind, rows, steps, kw.get("every")))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -618,62 +653,87 @@ def pick_hc(tuning):
 
 
 def hc_scores(cfg, net, rows, lam, cap, log=None):
-    return hard_concrete_scores(net, rows, steps=cap, lr=cfg.hc_lr, lam=lam, beta=cfg.hc_beta, mask_p=cfg.hc_init,
-                                stop=cfg.hc_stop, batch_size=min(cfg.hc_batch, len(rows["x"])),
-                                first_layer=cfg.posthoc_first_layer, seed=cfg.seed, log=log)
+    """(scores, steps run): hard concrete with at most `cap` steps; fewer steps than cap = it ended on the
+    penalty (open fraction below hc_stop), so any larger cap runs the same steps and gives the same scores."""
+    steps = [0]
+    hook = net.register_forward_pre_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))   # one forward a step
+    try:
+        s = hard_concrete_scores(net, rows, steps=cap, lr=cfg.hc_lr, lam=lam, beta=cfg.hc_beta, mask_p=cfg.hc_init,
+                                 stop=cfg.hc_stop, batch_size=min(cfg.hc_batch, len(rows["x"])),
+                                 first_layer=cfg.posthoc_first_layer, seed=cfg.seed, log=log)
+    finally:
+        hook.remove()
+    return s, steps[0]
 
 
 def tune_hard_concrete(cfg, sets, net, log=print):
     """Appendix C: localize the tuning set (the first hc_tune_n repeated sequences) with every setting of hc_grid,
     drop the top r of each layer for every r, and rate the setting by the validation loss after dropping (mean over
     r; pick_hc takes the lowest). A run that ends on the penalty (below hc_stop) before its cap gives the same
-    scores for every larger cap: two equal results in a row show it, and larger caps are not rerun."""
+    scores for every larger cap: a run that took fewer steps than its cap, or two equal results in a row, show
+    it, and larger caps are not rerun."""
     tune = {k: sets.rep[k][:cfg.hc_tune_n] for k in ("x", "y")}
     rows = []
     for lam_paper, lam, it, cap in hc_grid(cfg):
         prev = rows[-1] if rows and rows[-1]["lambda"] == lam else None
-        if prev is not None and prev["stopped"]:
+        ran = cap
+        if prev is not None and (prev["stopped"] or prev["_ran"] < prev["cap"]):
             s, stopped = prev["scores"], True
         else:
-            s = hc_scores(cfg, net, tune, lam, cap)
+            s, ran = hc_scores(cfg, net, tune, lam, cap)
             stopped = prev is not None and all(a is None or torch.equal(a, b) for a, b in zip(s, prev["scores"]))
         if stopped:
             prev["stopped"] = True              # it ended before its own, smaller cap too
         val = prev["val"] if stopped else [mean_loss(net, sets.val, lambda b, m=drop_top(s, r): m, cfg.eval_batch_size)
                                            for r in cfg.drop_ratios]
         rows.append({"lambda_paper": lam_paper, "lambda": lam, "iterations_paper": it, "cap": cap, "stopped": stopped,
-                     "val": val, "val_after_drop": sum(val) / len(val), "scores": s})
+                     "val": val, "val_after_drop": sum(val) / len(val), "scores": s, "_ran": ran})
         log(f"hard concrete tuning: lambda {lam_paper:g} (here {lam:.3g}), iterations {it} (here {cap}): validation "
             f"loss after dropping {rows[-1]['val_after_drop']:.4f}")
     return rows
 
 
-def posthoc(cfg, sets, std_net, std, log=print):
-    """Localize on the repeated set, drop the top r of each layer, measure forgetting and degradation. Hard concrete
-    runs with the Appendix C setting tune_hard_concrete picks; integrated gradients has no setting to tune (16
-    steps, Appendix C)."""
+POSTHOC = ("hard_concrete", "integrated_gradients")
+
+
+def posthoc_part(cfg, sets, std_net, std, method, log=print):
+    """One post-hoc localizer on the standard model: score the repeated set, drop the top r of each layer, measure
+    forgetting and degradation. Hard concrete runs with the Appendix C setting tune_hard_concrete picks;
+    integrated gradients has no setting to tune (16 steps, Appendix C). Returns {"points": [one per r], "time_s"}
+    and, for hard concrete, its tuning rows and choice."""
     t0 = time.time()
-    tuning = tune_hard_concrete(cfg, sets, std_net, log)
-    best = tuning[pick_hc(tuning)]
     rows = {k: sets.rep[k] for k in ("x", "y")}
-    scores = {"hard_concrete": hc_scores(cfg, std_net, rows, best["lambda"], best["cap"], log),
-              "integrated_gradients": integrated_gradients_scores(
-                  std_net, rows, steps=cfg.ig_steps, first_layer=cfg.posthoc_first_layer, positions=cfg.ig_positions,
-                  batch_size=cfg.eval_batch_size)}
     out = {}
-    for method, s in scores.items():
-        out[method] = []
-        for r in cfg.drop_ratios:
-            masks = drop_top(s, r)
-            val = mean_loss(std_net, sets.val, lambda b: masks, cfg.eval_batch_size)
-            rep = mean_loss(std_net, sets.rep, lambda b: masks, cfg.eval_batch_size)
-            out[method].append({"r": r, "val": val, "rep": rep, "forgetting": rep - std["rep"],
-                                "degradation": val - std["val"]})
-            log(f"{method} r={r}: val {val:.4f} rep {rep:.4f}")
-    out["hc_tuning"] = [{k: v for k, v in t.items() if k != "scores"} for t in tuning]
-    out["hc_choice"] = {k: best[k] for k in ("lambda_paper", "lambda", "iterations_paper", "cap")}
-    out["time_s"] = time.time() - t0
-    return out
+    if method == "hard_concrete":
+        tuning = tune_hard_concrete(cfg, sets, std_net, log)
+        best = tuning[pick_hc(tuning)]
+        s, _ = hc_scores(cfg, std_net, rows, best["lambda"], best["cap"], log)
+        out = {"hc_tuning": [{k: v for k, v in t.items() if k not in ("scores", "_ran")} for t in tuning],
+               "hc_choice": {k: best[k] for k in ("lambda_paper", "lambda", "iterations_paper", "cap")}}
+    elif method == "integrated_gradients":
+        s = integrated_gradients_scores(std_net, rows, steps=cfg.ig_steps, first_layer=cfg.posthoc_first_layer,
+                                        positions=cfg.ig_positions, batch_size=cfg.eval_batch_size)
+    else:
+        raise ValueError(f"post-hoc method must be one of {POSTHOC}, got {method!r}")
+    points = []
+    for r in cfg.drop_ratios:
+        masks = drop_top(s, r)
+        val = mean_loss(std_net, sets.val, lambda b: masks, cfg.eval_batch_size)
+        rep = mean_loss(std_net, sets.rep, lambda b: masks, cfg.eval_batch_size)
+        points.append({"r": r, "val": val, "rep": rep, "forgetting": rep - std["rep"], "degradation": val - std["val"]})
+        log(f"{method} r={r}: val {val:.4f} rep {rep:.4f}")
+    return {"points": points, **out, "time_s": time.time() - t0}
+
+
+def posthoc(cfg, sets, std_net, std, log=print, parts=None):
+    """Both post-hoc localizers (posthoc_part) on the standard model; parts: those already run (by workers)."""
+    parts = dict(parts or {})
+    for method in POSTHOC:
+        if method not in parts:
+            parts[method] = posthoc_part(cfg, sets, std_net, std, method, log)
+    hc = parts["hard_concrete"]
+    return {**{m: parts[m]["points"] for m in POSTHOC}, "hc_tuning": hc["hc_tuning"], "hc_choice": hc["hc_choice"],
+            "time_s": sum(p["time_s"] for p in parts.values())}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -725,22 +785,84 @@ def curve(hist):
 # The main run (Sections 3 to 5 on TS-Repetition or TS-Canary) and the sweeps (Figures 5a-c, 7)
 # -------------------------------------------------------------------------------------------------
 
+# With workers > 1 the run's independent pieces (each model; each post-hoc localizer, which needs only the standard
+# model) run in worker processes first, one per core; the models land in their caches, and the code below, the
+# same as with one process, loads them. The job order puts the standard model first and the long jobs early.
+MAIN_JOBS = ("standard", "gradmask", "hard_concrete", "dedup_steps", "memsinks", "integrated_gradients",
+             "dedup_epochs")
+
+
+def n_workers(cfg):
+    """Processes side by side: cfg.workers on a CPU. On a GPU, one process: the pieces would share the one device
+    (each worker with a CUDA context of its own), and under torchrun every rank must take the same steps."""
+    if T.pick_device(cfg.device) != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    return cfg.workers
+
+
+def keep_freed_memory():
+    """Let glibc (Linux) keep freed memory for the next allocation. By default it unmaps every freed block over 32 MB
+    and maps the next one anew, zero-filled page by page: an evaluation batch's activations are such blocks, and
+    the page faults took a quarter of an evaluation's CPU time (0.5 of 2.1 s for the 500 validation stories).
+    Where the memory comes from changes no number (torch aligns every tensor alike)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:          # not glibc: leave the allocator as it is
+        return
+    libc.mallopt(-4, 0)          # M_MMAP_MAX = 0: large blocks from the heap, not from fresh mappings ...
+    libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: ... and up to 1 GiB of freed heap kept for reuse
+
+
+def in_workers(sets, jobs):
+    """Run jobs [(cfg, name)] in n_workers processes side by side (train.run_jobs): a model name trains that model
+    into its cache, unless it is cached already (or an earlier job trains the same file); a post-hoc method runs
+    on the standard model. Returns ({method: posthoc_part}, the workers' CPU seconds), or ({}, 0.0) when fewer
+    than two jobs are left or workers=1: then the caller's code does everything in this process, in order."""
+    todo, files = [], set()
+    for c, name in jobs:
+        path = None if name in POSTHOC else model_ckpt(c, sets, name)
+        if path is None or not (path in files or os.path.exists(path)):
+            todo.append((c, name))
+            files.add(path)
+    n = min(n_workers(jobs[0][0]), len(todo)) if todo else 0
+    if n <= 1:
+        return {}, 0.0
+    done = T.run_jobs(worker_job, [(c, sets, name) for c, name in todo], n)
+    return {name: out for (_, name), (out, _) in zip(todo, done) if name in POSTHOC}, sum(cpu for _, cpu in done)
+
+
+def worker_job(cfg, sets, name):
+    """One job of in_workers, in a worker process: its output lines carry its name. The post-hoc methods load the
+    standard model from its cache (MAIN_JOBS trains it first; were it not finished, the job would train the same
+    model itself, the same numbers). Returns (posthoc_part or None, this process's CPU seconds)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+    c0 = time.process_time()
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{name}] " if name in POSTHOC else "")):
+        out = None
+        if name in POSTHOC:
+            net, hist = train_named(cfg, sets, "standard")
+            final = hist["eval"][-1]
+            out = posthoc_part(cfg, sets, net, {"val": final["plain/val"], "rep": final["plain/rep"]}, name)
+        else:
+            train_named(cfg, sets, name)
+    return out, time.process_time() - c0
+
+
 def run_main(cfg, sets, log=print):
-    S = steps_for(cfg, len(sets.train["x"]))
-    S_dedup = steps_for(cfg, len(sets.dedup["x"]))
+    parts, worker_cpu = in_workers(sets, [(cfg, name) for name in MAIN_JOBS])
     models, nets = {}, {}
-    plan = [("standard", "standard", sets.train, S), ("dedup_epochs", "standard", sets.dedup, S_dedup),
-            ("dedup_steps", "standard", sets.dedup_fresh, S), ("memsinks", "memsinks", sets.train, S),
-            ("gradmask", "gradmask", sets.train, S)]
-    for name, kind, rows, steps in plan:
+    for name, (kind, rows, steps) in main_plan(cfg, sets).items():
         t0 = time.time()
         nets[name], hist = train_model(cfg, sets, name, kind, rows, steps, log=log)
         final = hist["eval"][-1]
         models[name] = {"kind": kind, "steps": steps, "final": {k: v for k, v in final.items() if k != "step"},
-                        "curve": curve(hist), "time_s": time.time() - t0}
+                        "curve": curve(hist), "time_s": time.time() - t0,
+                        "train_wall_s": hist["run"]["wall_s"], "train_cpu_s": hist["run"]["cpu_s"]}
     f = {n: m["final"] for n, m in models.items()}
     std = {"val": f["standard"]["plain/val"], "rep": f["standard"]["plain/rep"]}
-    post = posthoc(cfg, sets, nets["standard"], std, log)
+    post = posthoc(cfg, sets, nets["standard"], std, log, parts)
     ms = {"forgetting": f["memsinks"]["dropped/rep"] - std["rep"], "degradation": f["memsinks"]["dropped/val"] - std["val"]}
     dd = {"forgetting": f["dedup_epochs"]["plain/rep"] - std["rep"], "degradation": f["dedup_epochs"]["plain/val"] - std["val"]}
     metrics = {"models": models, "posthoc": post, "tradeoff": {"memsinks": ms, "dedup_epochs": dd},
@@ -749,8 +871,9 @@ def run_main(cfg, sets, log=print):
                                "memsinks_own": closure(f["memsinks"]["own/rep"], std),
                                "gradmask_dropped": closure(f["gradmask"]["dropped/rep"], std),
                                "dedup_epochs": closure(f["dedup_epochs"]["plain/rep"], std)},
-               "dedup_passes": S * cfg.batch_size / len(sets.dedup["x"]),
-               "params": nets["standard"].num_params(), "tokens_per_row": float((sets.train["y"] != -100).sum(1).float().mean())}
+               "dedup_passes": models["standard"]["steps"] * cfg.batch_size / len(sets.dedup["x"]),
+               "params": nets["standard"].num_params(), "tokens_per_row": float((sets.train["y"] != -100).sum(1).float().mean()),
+               "worker_cpu_s": worker_cpu}
     return metrics, main_claims(cfg, metrics)
 
 
@@ -761,28 +884,44 @@ def _std_and_sinks(cfg, sets, log):
     """Train (or reuse) the standard and MemSinks models of cfg; their final losses and the MemSinks point, and the
     sinks-dropped losses under both rescales of the shared neurons (an evaluation setting: nothing retrains).
     Checkpoints are keyed by the settings, so the values equal to the main run's reuse its models."""
-    S = steps_for(cfg, len(sets.train["x"]))
-    _, h_std = train_model(cfg, sets, "standard", "standard", sets.train, S, log=log)
-    net, h_ms = train_model(cfg, sets, "memsinks", "memsinks", sets.train, S, log=log)
+    _, h_std = train_named(cfg, sets, "standard", log)
+    net, h_ms = train_named(cfg, sets, "memsinks", log)
     std = {"val": h_std["eval"][-1]["plain/val"], "rep": h_std["eval"][-1]["plain/rep"]}
     v, r = h_ms["eval"][-1]["dropped/val"], h_ms["eval"][-1]["dropped/rep"]
     row = {"std_val": std["val"], "std_rep": std["rep"], "val": v, "rep": r, "own_rep": h_ms["eval"][-1]["own/rep"],
            "closure": closure(r, std), "residual_gap": v - r, "forgetting": r - std["rep"],
            "degradation": v - std["val"], "params": net.num_params()}
-    for rescale in ("authors", "mass"):
-        e = evaluate(replace(cfg, drop_rescale=rescale), net, "memsinks", sets, ("dropped",))
+    for rescale in ("authors", "mass"):    # cfg's own rescale is the final evaluation's: the same forwards
+        e = {"dropped/val": v, "dropped/rep": r} if rescale == cfg.drop_rescale else \
+            evaluate(replace(cfg, drop_rescale=rescale), net, "memsinks", sets, ("dropped",))
         row[f"val_{rescale}"], row[f"rep_{rescale}"] = e["dropped/val"], e["dropped/rep"]
     return row
 
 
+def sweep_configs(cfg, values):
+    """[(value, cfg with it)] of a p, noise or size sweep."""
+    if cfg.sweep == "size":
+        return [(int(v), replace(cfg, n_embd=int(v), d_ff=4 * int(v))) for v in values]
+    field = {"p": "p", "noise": "id_noise"}[cfg.sweep]
+    return [(float(v), replace(cfg, **{field: float(v)})) for v in values]
+
+
 def run_sweep(cfg, sets, log=print):
     values = tuple(cfg.sweep_values) or SWEEP_DEFAULTS.get(cfg.sweep, ())
+    if cfg.sweep == "dynamics":
+        _, cpu = in_workers(sets, [(cfg, f"dynamics_{kind}") for kind in ("standard", "memsinks")])
+        rows = run_dynamics(cfg, sets, log)
+        return {"sweep": cfg.sweep, "rows": rows, "worker_cpu_s": cpu}, dynamics_claims(rows)
+    if cfg.sweep not in ("p", "noise", "size"):
+        raise ValueError(f"unknown sweep {cfg.sweep!r}; sweeps: p, size, noise, dynamics")
+    subs = sweep_configs(cfg, values)
+    _, cpu = in_workers(sets, [(sub, name) for _, sub in subs for name in ("memsinks", "standard")])
     rows = []
     if cfg.sweep in ("p", "noise"):
         field = {"p": "p", "noise": "id_noise"}[cfg.sweep]
-        for v in values:
-            r = _std_and_sinks(replace(cfg, **{field: float(v)}), sets, log)
-            rows.append({field: float(v), **r})
+        for v, sub in subs:
+            r = _std_and_sinks(sub, sets, log)
+            rows.append({field: v, **r})
             log(f"{field}={v}: repeated loss with sinks dropped {r['rep']:.4f} (standard {r['std_rep']:.4f}), "
                 f"residual gap {r['residual_gap']:.4f}, closure {r['closure']:.3f}")
         rows.sort(key=lambda r: r[field])        # any order of sweep_values (e.g. reuse-friendly) plots in order
@@ -792,24 +931,18 @@ def run_sweep(cfg, sets, log=print):
                            what="p (validation loss with the sinks dropped)")
             log(f"p tuned on seed {cfg.seed}: {pick['value']} (validation loss with sinks dropped "
                 + ", ".join(f"p={g}: {v:.4f}" for g, v in zip(pick["grid"], pick["scores"])) + ")")
-            return {"sweep": cfg.sweep, "rows": rows, "p_tuning": pick}, sweep_claims(cfg.sweep, rows, cfg.drop_rescale)
-    elif cfg.sweep == "size":
-        for v in values:
-            sub = replace(cfg, n_embd=int(v), d_ff=4 * int(v))
-            r = _std_and_sinks(sub, sets, log)
-            rows.append({"n_embd": int(v), **r})
-            log(f"n_embd={v}: forgetting {r['forgetting']:.3f} degradation {r['degradation']:.3f}")
-    elif cfg.sweep == "dynamics":
-        rows = run_dynamics(cfg, sets, log)
-        return {"sweep": cfg.sweep, "rows": rows}, dynamics_claims(rows)
+            return ({"sweep": cfg.sweep, "rows": rows, "p_tuning": pick, "worker_cpu_s": cpu},
+                    sweep_claims(cfg.sweep, rows, cfg.drop_rescale))
     else:
-        raise ValueError(f"unknown sweep {cfg.sweep!r}; sweeps: p, size, noise, dynamics")
-    return {"sweep": cfg.sweep, "rows": rows}, sweep_claims(cfg.sweep, rows, cfg.drop_rescale)
+        for v, sub in subs:
+            r = _std_and_sinks(sub, sets, log)
+            rows.append({"n_embd": v, **r})
+            log(f"n_embd={v}: forgetting {r['forgetting']:.3f} degradation {r['degradation']:.3f}")
+    return {"sweep": cfg.sweep, "rows": rows, "worker_cpu_s": cpu}, sweep_claims(cfg.sweep, rows, cfg.drop_rescale)
 
 
-def run_dynamics(cfg, sets, log):
-    """Figure 7: one sequence seen every dyn_every steps among singles; its training loss (MemSinks: under its own
-    mask, the loss that sizes its update) after every step, for standard training and MemSinks."""
+def dynamics_rows(cfg, sets):
+    """Figure 7's training rows (the singles, then the tracked sequence last) and the tracked row alone."""
     singles = ~sets.train["repeated"].any(1)
     T = max(sets.train["x"].shape[1], sets.rep["x"].shape[1])
 
@@ -819,14 +952,25 @@ def run_dynamics(cfg, sets, log):
         return torch.cat([t, fill], 1)
     rows = {k: torch.cat([pad(sets.train[k][singles], k), pad(sets.rep[k][:1], k)])
             for k in ("x", "y", "ids", "repeated")}
-    one = {k: v[-1:] for k, v in rows.items()}
+    return rows, {k: v[-1:] for k, v in rows.items()}
+
+
+def dynamics_args(cfg, sets, kind):
+    """model_args of dynamics_<kind>: the tracked row first in every dyn_every-th batch, its training loss
+    (MemSinks: under its own mask, the loss that sizes its update) recorded after every step."""
+    rows, one = dynamics_rows(cfg, sets)
+    fn = eval_modes(cfg, kind)["own" if kind == "memsinks" else "plain"]
+    track = lambda net, step: {"tracked": mean_loss(net, one, fn)}
+    return (replace(cfg, eval_points=cfg.dyn_steps), kind, rows, cfg.dyn_steps,
+            {"every": (len(rows["x"]) - 1, cfg.dyn_every), "eval_fn": track})
+
+
+def run_dynamics(cfg, sets, log):
+    """Figure 7: one sequence seen every dyn_every steps among singles; its training loss (MemSinks: under its own
+    mask, the loss that sizes its update) after every step, for standard training and MemSinks."""
     out, traces = [], {}
-    sub = replace(cfg, eval_points=cfg.dyn_steps)
     for kind in ("standard", "memsinks"):
-        fn = eval_modes(cfg, kind)["own" if kind == "memsinks" else "plain"]
-        track = lambda net, step, fn=fn: {"tracked": mean_loss(net, one, fn)}
-        _, hist = train_model(sub, sets, f"dynamics_{kind}", kind, rows, cfg.dyn_steps,
-                              every=(len(rows["x"]) - 1, cfg.dyn_every), eval_fn=track, log=log)
+        _, hist = train_named(cfg, sets, f"dynamics_{kind}", log)
         traces[kind] = [e["tracked"] for e in hist["eval"]]
         # amplitude of the learning-forgetting cycles: max - min of the loss between two presentations, averaged
         # over the cycles of the second half of training
@@ -1039,8 +1183,8 @@ def report(cfg, runs, claims, folder, seeds, wall, cpu):
     env = runs[0]["env"]
     said = (f"one seed ({seeds[0]}); --seeds=0,1,2 reports mean ± std over three" if len(seeds) == 1 else
             f"{len(seeds)} seeds")
-    lines.append(f"\n{said}; wall time {wall:.0f} s, process CPU time {cpu:.0f} s ({env['threads']} torch threads, "
-                 f"{env['device']})")
+    lines.append(f"\n{said}; wall time {wall:.0f} s, CPU time {cpu:.0f} s (all processes; workers={env['workers']}, "
+                 f"{env['threads']} torch threads each, {env['device']}, load average at the end {env['load_average_end']})")
     text = "\n".join(lines)
     print(text)
     title = f"memsinks.py results ({cfg.setting}{', sweep ' + cfg.sweep if cfg.sweep else ''}" \
@@ -1123,13 +1267,15 @@ def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     seeds = list(cfg.seeds) or [cfg.seed]
     tuned_on = set(seeds) & set(P_TUNE_SEEDS)
     if tuned_on and cfg.p == P_TUNED and cfg.sweep != "p":
         print(f"error: seeds={tuple(seeds)} is not valid: seed(s) {sorted(tuned_on)} are where p = {P_TUNED} was "
               "tuned (P_TUNE_SEEDS), and a report on them would score the tuning data: use other seeds", file=sys.stderr)
         raise SystemExit(2)
-    env = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    env = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "workers": n_workers(cfg),
+           "torch": torch.__version__}
     with T.out_dir_lock(cfg.out_dir):   # one run at a time writes here
         t0, c0 = time.time(), time.process_time()
         runs = []
@@ -1137,14 +1283,15 @@ def main(argv=None):
             sub = T.seed_config(cfg, s)
             ts, cs = time.time(), time.process_time()
             metrics, claims = run(sub)
-            metrics.update(seed=s, wall_time_s=time.time() - ts, cpu_time_s=time.process_time() - cs, env=env)
+            metrics.update(seed=s, wall_time_s=time.time() - ts, env=dict(env, load_average_end=ev.load_average()),
+                           cpu_time_s=time.process_time() - cs + metrics.get("worker_cpu_s", 0.0))
             if len(seeds) > 1:
                 report(sub, [metrics], claims, os.path.join(out_folder(cfg), f"seed_{s}"), [s],
                        metrics["wall_time_s"], metrics["cpu_time_s"])
             runs.append((metrics, claims))
         claims = runs[0][1] if len(seeds) == 1 else ev.over_seeds({s: c for s, (_, c) in zip(seeds, runs)})
         metrics = report(cfg, [m for m, _ in runs], claims, out_folder(cfg), seeds, time.time() - t0,
-                         time.process_time() - c0)
+                         time.process_time() - c0 + sum(m.get("worker_cpu_s", 0.0) for m, _ in runs))
         return metrics, claims
 
 

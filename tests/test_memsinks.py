@@ -492,6 +492,80 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "(mean ± std over seeds)" in open(os.path.join(out, "results.md")).read()
 
 
+def _numbers(path):
+    """results.json's leaves {path: value} without timings and how the run ran (keys naming time, wall, cpu, load,
+    threads, workers, out_dir, or ending in _s, seconds)."""
+    skip = ("time", "wall", "cpu", "load", "threads", "workers", "out_dir")
+
+    def leaves(x, at):
+        if isinstance(x, (dict, list)):
+            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
+                if not (any(w in str(k) for w in skip) or str(k).endswith("_s")):
+                    yield from leaves(v, at + (str(k),))
+        else:
+            yield at, x
+    return dict(leaves(json.load(open(path)), ()))
+
+
+def test_two_workers_give_the_numbers_of_one_process(tmp_path, capsys):
+    """--workers=2: the five models and the two post-hoc localizers run in two processes side by side, then this
+    process loads every model from its cache; results.json equals the one-process run's, leaf by leaf."""
+    args = ["--preset=smoke", "--threads=1"]
+    ms.main(args + ["--workers=1", f"--out_dir={tmp_path / 'one'}"])
+    capsys.readouterr()
+    m2, _ = ms.main(args + ["--workers=2", f"--out_dir={tmp_path / 'two'}"])
+    said = capsys.readouterr().out                            # this process's lines (the workers write their own)
+    for name in ("standard", "dedup_epochs", "dedup_steps", "memsinks", "gradmask"):
+        assert f"[{name}] resumed from" in said and f"[{name}] no checkpoint" not in said, name
+    assert "hard_concrete r=" not in said and m2["env"]["workers"] == 2 and m2["worker_cpu_s"] > 0
+    one, two = _numbers(tmp_path / "one" / "results.json"), _numbers(tmp_path / "two" / "results.json")
+    assert len(one) > 200 and one == two
+
+
+def test_workers_get_only_what_is_not_cached(tmp_path, monkeypatch):
+    smoke = dataclasses.replace(ms.Config(), **{**ms.PRESETS["smoke"], "out_dir": str(tmp_path), "workers": 2})
+    sets = ms.make_sets(smoke)
+    calls = []
+
+    def run_jobs(fn, jobs, n):
+        calls.append(([job[2] for job in jobs], n))
+        return [(None, 1.0)] * len(jobs)
+    monkeypatch.setattr(T, "run_jobs", run_jobs)
+    parts, cpu = ms.in_workers(sets, [(smoke, n) for n in ms.MAIN_JOBS])
+    assert calls == [(list(ms.MAIN_JOBS), 2)] and set(parts) == set(ms.POSTHOC) and cpu == 7.0
+    ms.train_named(smoke, sets, "standard", log=None)
+    ms.train_named(smoke, sets, "memsinks", log=None)
+    ms.in_workers(sets, [(smoke, n) for n in ms.MAIN_JOBS])
+    assert calls[-1] == (["gradmask", "hard_concrete", "dedup_steps", "integrated_gradients", "dedup_epochs"], 2)
+    # --sweep=p: the standard model is the same file for every p (and cached here): only the MemSinks models
+    ms.in_workers(sets, [(dataclasses.replace(smoke, p=p), n) for p in (0.3, 0.5) for n in ("memsinks", "standard")])
+    assert calls[-1] == (["memsinks", "memsinks"], 2)
+    n = len(calls)                      # one job left (the same file twice): this process trains it, no workers
+    assert ms.in_workers(sets, [(dataclasses.replace(smoke, n_embd=16), "standard")] * 2) == ({}, 0.0)
+    # one worker, or a torchrun launch: nothing leaves this process
+    assert ms.in_workers(sets, [(dataclasses.replace(smoke, workers=1), m) for m in ms.MAIN_JOBS]) == ({}, 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ms.n_workers(smoke) == 1 and ms.in_workers(sets, [(smoke, m) for m in ms.MAIN_JOBS]) == ({}, 0.0)
+    assert len(calls) == n
+
+
+def test_hard_concrete_tuning_does_not_rerun_a_larger_cap_after_a_run_that_ended_on_the_penalty(monkeypatch):
+    cfg = dataclasses.replace(ms.Config(), **{**ms.PRESETS["smoke"], "hc_iters": (10, 20, 40)})
+    sets = ms.make_sets(cfg)
+    torch.manual_seed(0)
+    net = M.GPT(ms.model_config(cfg, sets.tok.vocab_size))
+    runs, real = [], ms.hard_concrete_scores
+    monkeypatch.setattr(ms, "hard_concrete_scores", lambda *a, **k: runs.append(k["steps"]) or real(*a, **k))
+    rows = ms.tune_hard_concrete(dataclasses.replace(cfg, hc_stop=0.0), sets, net, log=lambda s: None)
+    assert runs == [2, 4, 8] * 2 and not any(r["stopped"] for r in rows)      # never ends early: every cap runs
+    runs.clear()
+    rows = ms.tune_hard_concrete(dataclasses.replace(cfg, hc_stop=2.0), sets, net, log=lambda s: None)
+    assert runs == [2, 2] and all(r["stopped"] for r in rows)                 # ends at its first step: one run
+    full = real(net, {k: sets.rep[k][:cfg.hc_tune_n] for k in ("x", "y")}, steps=8, lr=cfg.hc_lr, lam=rows[-1]["lambda"],
+                beta=cfg.hc_beta, mask_p=cfg.hc_init, stop=2.0, batch_size=cfg.hc_batch, seed=cfg.seed)
+    assert all(torch.equal(a, b) for a, b in zip(rows[-1]["scores"], full))
+
+
 def _ckpt_names(cfg):
     """{kind: checkpoint file name} of the main run's standard, MemSinks and gradient-masked models."""
     sets = ms.make_sets(cfg)
@@ -504,7 +578,8 @@ def test_checkpoints_are_keyed_on_what_training_sees():
     base = _ckpt_names(smoke)
     for change in (dict(drop_ratios=(0.2,)), dict(hc_iters=(5,)), dict(hc_lambdas=(1.0,)), dict(hc_tune_n=3), dict(seeds=(0, 1)), dict(ig_steps=3),
                    dict(ig_positions="each"), dict(posthoc_first_layer=1), dict(eval_batch_size=7), dict(device="cpu"),
-                   dict(log_every=3), dict(threads=1), dict(sweep="p"), dict(out_dir="elsewhere")):
+                   dict(log_every=3), dict(threads=1), dict(workers=1), dict(workers=3), dict(sweep="p"),
+                   dict(out_dir="elsewhere")):
         assert _ckpt_names(dataclasses.replace(smoke, **change)) == base, change
     every = set(ms.KINDS)
     for change, differ in ((dict(lr=1e-2), every), (dict(seed=1), every), (dict(n_embd=16), every),
@@ -523,7 +598,8 @@ def test_checkpoints_are_keyed_on_what_training_sees():
                                      ("--drop_ratios=0.1,1.5", "drop_ratios must be in (0, 1]"),
                                      ("--posthoc_first_layer=2", "posthoc_first_layer must be in [0, n_layer) = [0, 2)"),
                                      ("--setting=canaries", "setting must be one of 'repetition', 'canary'"),
-                                     ("--g=0.01", "leaves no shared or no sink neurons")])
+                                     ("--g=0.01", "leaves no shared or no sink neurons"),
+                                     ("--workers=0", "workers must be in [1, inf)")])
 def test_bad_settings_exit_2_naming_the_field_and_range(tmp_path, capsys, arg, msg):
     with pytest.raises(SystemExit) as e:
         ms.main(["--preset=smoke", arg, f"--out_dir={tmp_path}"])
