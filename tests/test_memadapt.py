@@ -495,6 +495,17 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
         assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
 
 
+def test_models_trained_in_two_workers_give_the_same_run(tmp_path):
+    """workers=2 trains Finetuned, Retrained and both adapters in worker processes (into the caches the run then
+    loads): every number but the timings equals the one-process run's."""
+    one, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'one'}", "--baselines=npo"])
+    two, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'two'}", "--baselines=npo", "--workers=2"])
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "two" / "ckpt").glob("*.pt")) == \
+        ["base", "finetuned", "memadapt", "memadapt_unmasked", "retrained"]
+    for k in ("table1", "raw", "iterative", "upper_bound", "routing_before", "routing_after", "extractability"):
+        assert one[0][k] == two[0][k], k
+
+
 def tiny_llama_folder(tmp_path):
     """A tiny random Llama saved as a Hugging Face folder with a word-level tokenizer.json over the world's words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
