@@ -478,14 +478,17 @@ def tofu_items(tok, forget, holdout):
 
 def ours_tofu_suite(model, items, tok, *, max_new_tokens, batch_size=32):
     """Side A: the suite by eval.py on model.GPT. Per item: prob, tr (R = p_false / p_true), rouge, es,
-    min_k_forget; min_k_holdout per holdout item; auc (Min-K% 0.4, forget = 0, holdout = 1); gens (the texts)."""
+    min_k_forget; min_k_holdout per holdout item; auc (Min-K% 0.4, forget = 0, holdout = 1); gens (the texts).
+    Each forget question is computed once for its answer (Prob, ES, Min-K% from the same logits), paraphrase and
+    perturbed answers (eval.candidate_scores); the holdout answers take one forward (eval.answer_scores)."""
     import eval as ev
     q, a, kw = items["q"], items["a"], dict(batch_size=batch_size, pad_id=tok.pad_id)
     rouge, gens = ev.rouge_recall(model, q, a, tok, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, **kw)
-    f, h = ev.mia_scores(model, q, a, **kw)["min_k"], ev.mia_scores(model, items["hq"], items["ha"], **kw)["min_k"]
-    return dict(prob=ev.answer_prob(model, q, a, **kw).tolist(),
-                tr=ev.truth_ratio(model, q, items["para"], items["pert"], "tofu", **kw).tolist(),
-                rouge=rouge, gens=gens, es=ev.extraction_strength(model, q, a, **kw).tolist(),
+    s = ev.candidate_scores(model, q, [[x, p] + list(ps) for x, p, ps in zip(a, items["para"], items["pert"])],
+                            k=0.4, scores=("ell", "es", "min_k"), **kw)
+    f, h = s["min_k"][:, 0], ev.answer_scores(model, items["hq"], items["ha"], k=0.4, scores=("min_k",), **kw)["min_k"]
+    return dict(prob=s["ell"][:, 0].exp().tolist(), tr=ev.truth_ratio_tofu(s["ell"][:, 1], s["ell"][:, 2:]).tolist(),
+                rouge=rouge, gens=gens, es=s["es"][:, 0].tolist(),
                 min_k_forget=f.tolist(), min_k_holdout=h.tolist(), auc=ev.mia_auc(f, h))
 
 

@@ -128,7 +128,8 @@ def _answer_logits(model, x, y, **fwd):
     as the answer's, so only the scored rows go on; log_softmax works row by row, so the values are the same."""
     logits, _ = model(x, **fwd)
     keep = y != -100
-    return _upcast(logits[keep]), keep
+    rows = keep.flatten().nonzero().squeeze(1)       # index_select: a boolean index of (B, T, V) is far slower
+    return _upcast(logits.flatten(0, 1).index_select(0, rows)), keep
 
 
 def _upcast(logits):
@@ -143,9 +144,36 @@ def _at(values, keep):
     return out
 
 
-def _target_logprobs(logits, y, keep):
-    """(B, T) log p of each kept target from the kept positions' logits (M, V); 0 elsewhere (as token_logprobs)."""
-    return _at(torch.log_softmax(logits, -1).gather(-1, y[keep][:, None]).squeeze(-1), keep)
+def _target_logprobs(logp, y, keep):
+    """(B, T) log p of each kept target from the kept positions' log-probs (M, V); 0 elsewhere (as token_logprobs)."""
+    return _at(logp.gather(-1, y[keep][:, None]).squeeze(-1), keep)
+
+
+SCORES = ("ell", "es", "em", "loss", "min_k", "min_k_pp")
+
+
+def _scores(names, k):
+    """The metrics of answer_scores: {name: (B,)} for the requested names of SCORES from the scored positions'
+    logits. Each costs a pass over the (M, V) logits or more (Min-K%++: the softmax moments, several), so only
+    what a caller asks for is computed."""
+    bad = set(names) - set(SCORES)
+    if bad or not names:
+        raise ValueError(f"unknown scores {sorted(bad)}; valid: {', '.join(SCORES)}" if bad else "no scores asked for")
+
+    def metrics(logits, keep, y):
+        logp = torch.log_softmax(logits, -1)
+        lp = _target_logprobs(logp, y, keep)
+        out = {"ell": mean_logprob(lp, y)}
+        out["loss"] = -out["ell"]
+        if "es" in names or "em" in names:
+            preds = _at(logits.argmax(-1), keep)
+            out.update(es=extraction_strength_from_preds(preds, y), em=argmax_accuracy(preds, y))
+        if "min_k" in names:
+            out["min_k"] = min_k_score(lp, y, k)
+        if "min_k_pp" in names:
+            out["min_k_pp"] = min_k_score(_at(_min_k_pp_z(logp, y[keep]), keep), y, k)
+        return {n: out[n] for n in names}
+    return metrics
 
 
 def _qa_rows(model, questions, answers, metrics, batch_size, pad_id, fwd):
@@ -162,21 +190,16 @@ def _qa_rows(model, questions, answers, metrics, batch_size, pad_id, fwd):
 
 def answer_logprob(model, questions, answers, *, batch_size=None, pad_id=0, **fwd):
     """(N,) float64 ell(a|q), the mean log-prob of each answer given its question."""
-    ell = lambda logits, keep, y: {"ell": mean_logprob(_target_logprobs(logits, y, keep), y)}
-    return _qa_rows(model, questions, answers, ell, batch_size, pad_id, fwd)["ell"]
+    return _qa_rows(model, questions, answers, _scores(("ell",), None), batch_size, pad_id, fwd)["ell"]
 
 
-def answer_scores(model, questions, answers, *, k=0.4, batch_size=None, pad_id=0, **fwd):
-    """Every per-item number of one teacher-forced forward of question + answer, as {name: (N,) float64}:
-    ell (answer_logprob; exp(ell) is answer_prob), es (extraction_strength), em (exact_memorization), and the
-    attack scores of mia_scores: loss (= -ell), min_k, min_k_pp (Min-K% / Min-K%++ at k). One forward instead of
-    one per metric: TOFU scores Prob, ES and the MIA on the same forget items."""
-    def metrics(logits, keep, y):
-        lp, preds = _target_logprobs(logits, y, keep), _at(logits.argmax(-1), keep)
-        ell = mean_logprob(lp, y)
-        return dict(ell=ell, es=extraction_strength_from_preds(preds, y), em=argmax_accuracy(preds, y), loss=-ell,
-                    min_k=min_k_score(lp, y, k), min_k_pp=min_k_score(_at(_min_k_pp_z(logits, y[keep]), keep), y, k))
-    return _qa_rows(model, questions, answers, metrics, batch_size, pad_id, fwd)
+def answer_scores(model, questions, answers, *, k=0.4, scores=SCORES, batch_size=None, pad_id=0, **fwd):
+    """Per-item numbers of one teacher-forced forward of question + answer, as {name: (N,) float64} for the names
+    in `scores`: ell (answer_logprob; exp(ell) is answer_prob), es (extraction_strength), em (exact_memorization),
+    and the attack scores of mia_scores: loss (= -ell), min_k, min_k_pp (Min-K% / Min-K%++ at k). One forward
+    instead of one per metric: TOFU scores Prob, ES and the MIA on the same forget items. With other answers to
+    score on the same questions (a paraphrase, perturbed answers), candidate_scores computes each question once."""
+    return _qa_rows(model, questions, answers, _scores(scores, k), batch_size, pad_id, fwd)
 
 
 def answer_prob(model, questions, answers, **kw):
@@ -207,15 +230,27 @@ def _check_options(questions, options):
 def candidate_logprobs(model, questions, candidates, *, batch_size=None, pad_id=0, **fwd):
     """(N, K) float64 ell(c_j|q) of K candidate answers per question (the true or paraphrased answer and the
     perturbed ones, multiple-choice options), each question computed once for all of its candidates
-    (_prefix_logprobs) where that path can take the call (_prefix_ok); otherwise one full-sequence forward per
+    (_prefix_rows) where that path can take the call (_prefix_ok); otherwise one full-sequence forward per
     candidate index, whose rows are the items. Both compute the same numbers (tests/test_eval_prefix.py)."""
+    return _candidates(model, questions, candidates, _scores(("ell",), None), batch_size, pad_id, fwd)["ell"]
+
+
+def candidate_scores(model, questions, candidates, *, k=0.4, scores=SCORES, batch_size=None, pad_id=0, **fwd):
+    """answer_scores of K candidate answers per question as {name: (N, K) float64}, each question computed once
+    for all of them (as candidate_logprobs): a TOFU suite scores Prob, ES and the MIA of the answer and the truth
+    ratio of the paraphrase and the perturbed answers, all on the same question, from one prefix."""
+    return _candidates(model, questions, candidates, _scores(scores, k), batch_size, pad_id, fwd)
+
+
+def _candidates(model, questions, candidates, metrics, batch_size, pad_id, fwd):
     K = _check_options(questions, candidates)
     for j in range(K):
         _check_qa(questions, [c[j] for c in candidates])
     if _prefix_ok(model, questions, candidates, fwd):
-        return _prefix_logprobs(model, questions, candidates, batch_size, pad_id, fwd)
-    return torch.stack([answer_logprob(model, questions, [c[j] for c in candidates], batch_size=batch_size,
-                                       pad_id=pad_id, **fwd) for j in range(K)], 1)
+        return _prefix_rows(model, questions, candidates, metrics, batch_size, pad_id, fwd)
+    cols = [_qa_rows(model, questions, [c[j] for c in candidates], metrics, batch_size, pad_id, fwd)
+            for j in range(K)]
+    return {name: torch.stack([c[name] for c in cols], 1) for name in cols[0]}
 
 
 def _prefix_ok(model, questions, candidates, fwd):
@@ -246,25 +281,28 @@ def _prefill(model, prefixes, pad_id, dev, fwd):
     return cache
 
 
-def _prefix_logprobs(model, questions, candidates, batch_size, pad_id, fwd):
-    """(N, K) ell of every candidate with each question run once. The question but its last token goes into a KV
-    cache (_prefill); each candidate c is then a row [q_last] + c[:-1] with targets c on a copy of its question's
-    cache rows: the tokens, positions and attention of q + c as one sequence, and logits only where c is scored.
-    A prefix batch holds batch_size // K questions (at least one) so that their candidates fill about one batch;
-    questions go in order of length, so that little left padding is computed."""
+def _prefix_rows(model, questions, candidates, metrics, batch_size, pad_id, fwd):
+    """{name: (N, K)} metrics of every candidate with each question run once. The question but its last token goes
+    into a KV cache (_prefill); each candidate c is then a row [q_last] + c[:-1] with targets c on a copy of its
+    question's cache rows: the tokens, positions and attention of q + c as one sequence, and logits only where c
+    is scored. Up to batch_size questions share a prefill, in order of length (little left padding); their
+    candidates go in batches of batch_size rows in order of length (little right padding)."""
     dev, N, K = _device(model), len(questions), len(candidates[0])
     order = torch.tensor(sorted(range(N), key=lambda i: len(questions[i])))
-    out = torch.empty(N, K, dtype=torch.float64)
+    out = {}
     with evaluating(model):
-        for qs in order.split(max(1, (batch_size or N * K) // K)):
+        for qs in order.split(batch_size or N):
             cache = _prefill(model, [questions[i][:-1] for i in qs.tolist()], pad_id, dev, take_rows(fwd, qs, N))
-            for r in _chunks(len(qs) * K, batch_size):         # rows: question r // K of this batch, candidate r % K
+            lens = [len(candidates[i][j]) for i in qs.tolist() for j in range(K)]
+            rows = sorted(range(len(lens)), key=lens.__getitem__)
+            for r in torch.tensor(rows).split(batch_size or len(rows)):   # question r // K here, candidate r % K
                 items, j = qs[r // K], r % K
                 x, y = qa_batch([questions[i][-1:] for i in items.tolist()],
                                 [candidates[i][c] for i, c in zip(items.tolist(), j.tolist())], pad_id, dev)
                 logits, keep = _answer_logits(model, x, y, cache=cache.select((r // K).to(dev)),
                                               **take_rows(fwd, items, N))
-                out[items, j] = mean_logprob(_target_logprobs(logits, y, keep), y).cpu()
+                for name, v in metrics(logits, keep, y).items():
+                    out.setdefault(name, torch.empty(N, K, dtype=torch.float64))[items, j] = v.cpu().double()
     return out
 
 
@@ -634,12 +672,13 @@ def min_k_plus_plus_score(logits, y, k=0.4):
     """(B,) Min-K%++: -mean of the lowest k fraction of z_t = (log p(x_t) - mu_t) / sigma_t, where mu_t and
     sigma_t^2 are the mean and variance of log p(v) under p(.|x_<t); sigma^2 is clamped at 1e-6 (as OU does)."""
     keep = y != -100
-    return min_k_score(_at(_min_k_pp_z(logits[keep], y[keep]), keep), y, k)
+    rows = keep.flatten().nonzero().squeeze(1)
+    logp = torch.log_softmax(_upcast(logits.flatten(0, 1).index_select(0, rows)), -1)
+    return min_k_score(_at(_min_k_pp_z(logp, y[keep]), keep), y, k)
 
 
-def _min_k_pp_z(logits, targets):
-    """(M,) Min-K%++'s z of each target from the logits (M, V) of its position."""
-    logp = torch.log_softmax(_upcast(logits), -1)                                  # (M, V)
+def _min_k_pp_z(logp, targets):
+    """(M,) Min-K%++'s z of each target from the log-probs (M, V) of its position."""
     p = logp.exp()
     mu = (p * logp).sum(-1)                                                        # (M,)
     var = (p * logp.square()).sum(-1) - mu.square()
@@ -661,8 +700,8 @@ def mia_scores(model, questions, answers, *, texts=None, k=0.4, batch_size=None,
     k = 0.4 is TOFU's Min-K setting. Every answer token counts (OU drops EOS for Min-K and Min-K++ only).
     answer_scores gives these with Prob, ES and EM from the same forward.
     """
-    s = answer_scores(model, questions, answers, k=k, batch_size=batch_size, pad_id=pad_id, **fwd)
-    out = {key: s[key] for key in ("loss", "min_k", "min_k_pp")}
+    out = answer_scores(model, questions, answers, k=k, scores=("loss", "min_k", "min_k_pp"), batch_size=batch_size,
+                        pad_id=pad_id, **fwd)
     if texts is not None:
         out["zlib"] = zlib_score(out["loss"], texts)
     return out

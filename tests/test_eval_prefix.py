@@ -51,8 +51,8 @@ def explicit(model, q, a, mask=None):
 def prefix_calls(monkeypatch):
     """How many calls took the prefix-shared path (so that no test compares the fallback with itself)."""
     calls = []
-    real = ev._prefix_logprobs
-    monkeypatch.setattr(ev, "_prefix_logprobs", lambda *a: calls.append(1) or real(*a))
+    real = ev._prefix_rows
+    monkeypatch.setattr(ev, "_prefix_rows", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -188,3 +188,44 @@ def test_answer_scores_equal_the_metrics_one_at_a_time(dtype):
     assert torch.equal(ev.answer_logprob(model, qs, ans, pad_id=3), got["ell"])
     assert torch.equal(ev.extraction_strength(model, qs, ans, pad_id=3), got["es"])
     assert torch.equal(ev.exact_memorization(model, qs, ans, pad_id=3), got["em"])
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+@pytest.mark.parametrize("batch_size", [None, 2, 5])
+def test_candidate_scores_equal_answer_scores_of_each_candidate(flavor, batch_size, prefix_calls):
+    """Every metric of answer_scores on the cached question: ES and EM from the candidates' argmax, Min-K% and
+    Min-K%++ from their log-probs; a candidate the model reproduces has ES 1."""
+    model = tiny(flavor)
+    qs, cands = ragged(6)
+    cands[2][1] = model.generate([qs[2]], 5).tolist()[0]
+    cands[4][0] = model.generate([qs[4]], 1).tolist()[0]        # a one-token answer the model reproduces
+    got = ev.candidate_scores(model, qs, cands, k=0.5, batch_size=batch_size, pad_id=7)
+    assert prefix_calls == [1] and sorted(got) == sorted(ev.SCORES)
+    cols = [ev.answer_scores(model, qs, [c[j] for c in cands], k=0.5, pad_id=7) for j in range(4)]
+    for name in ev.SCORES:
+        torch.testing.assert_close(got[name], torch.stack([c[name] for c in cols], 1), **TOL, msg=name)
+    assert got["es"][2, 1] == 1 and got["em"][2, 1] == 1 and got["es"][4, 0] == 1
+    assert 0 < (got["es"] < 1).sum()                              # and random candidates are not
+
+
+def test_candidate_scores_fall_back_to_answer_scores_per_candidate(prefix_calls):
+    model = tiny("gpt2")
+    qs, cands = ragged(7)
+    got = ev.candidate_scores(Wrapped(model), qs, cands, scores=("ell", "es", "min_k"), batch_size=3)
+    assert prefix_calls == [] and sorted(got) == ["ell", "es", "min_k"]
+    for j in range(4):
+        col = ev.answer_scores(model, qs, [c[j] for c in cands], scores=("ell", "es", "min_k"), batch_size=3)
+        assert all(torch.equal(got[name][:, j], col[name]) for name in col)
+
+
+def test_answer_scores_computes_what_is_asked():
+    model = tiny("llama")
+    qs, cands = ragged(8)
+    ans = [c[0] for c in cands]
+    every = ev.answer_scores(model, qs, ans)
+    assert sorted(every) == sorted(ev.SCORES) and torch.equal(every["loss"], -every["ell"])
+    some = ev.answer_scores(model, qs, ans, scores=("min_k", "em"))
+    assert sorted(some) == ["em", "min_k"] and all(torch.equal(some[k], every[k]) for k in some)
+    for bad in (("min_k", "rouge"), (), "ell"):
+        with pytest.raises(ValueError):
+            ev.answer_scores(model, qs, ans, scores=bad)
