@@ -23,9 +23,12 @@ Where we differ, on purpose:
 - Figure 1 (L2): Table 2's seeds, Random2 third; lr l2_lr = 1e-2 untuned (its target is theta_r), no alpha term.
 - App. A's losses as printed have no retain term; we add none. AdamW, weight decay 0.01 (App. F).
 """
+import contextlib
 import copy
+import ctypes
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, asdict, replace
 
@@ -64,11 +67,16 @@ def nll_with_retain(weight, retain_rows, batch, seed):
     return objective
 
 
-def inject(cfg, theta_r, sets, v_tgt, seed, log):
-    """theta_o = theta_r trained on the forget set with only V_tgt moving (Sec. 4 step 2); cached per seed."""
+def inject_path(cfg, theta_r, v_tgt, seed):
+    """Where inject keeps theta_o of this theta_r, V_tgt and mask seed."""
     key = T.digest([T.digest(theta_r.state_dict()), v_tgt, cfg.inject_steps, cfg.inject_lr,
                     cfg.inject_retain_weight, cfg.inject_retain_batch, seed])
-    path = os.path.join(cfg.out_dir, "ckpt", f"theta_o-{seed}-{key}.pt")
+    return os.path.join(cfg.out_dir, "ckpt", f"theta_o-{seed}-{key}.pt")
+
+
+def inject(cfg, theta_r, sets, v_tgt, seed, log):
+    """theta_o = theta_r trained on the forget set with only V_tgt moving (Sec. 4 step 2); cached per seed."""
+    path = inject_path(cfg, theta_r, v_tgt, seed)
     net = copy.deepcopy(theta_r)
     if os.path.exists(path):
         net.load_state_dict(T.load_checkpoint(path)["model"])
@@ -113,17 +121,24 @@ def make_objective(cfg, name, theta_o, theta_r, sets):
     """(objective, lr): App. A's losses without a retain term. l2 matches theta_r's MLP outputs (Figure 1)."""
     ref = copy.deepcopy(theta_o)
     if name == "npo":
-        return B.make_objective("npo", ref, beta=cfg.beta, retain_weight=0.0), cfg.npo_lr
+        return B.make_objective("npo", ref, beta=cfg.beta, retain_weight=0.0), base_lr(cfg, name)
     if name == "wga":
-        return B.make_objective("wga", alpha=cfg.wga_alpha, retain_weight=0.0), cfg.wga_lr
+        return B.make_objective("wga", alpha=cfg.wga_alpha, retain_weight=0.0), base_lr(cfg, name)
     if name == "dpo":      # the paper's DPO: an "I don't know" answer wins over the forget answer
-        return B.make_objective("idkdpo", ref, beta=cfg.beta, retain_weight=0.0), cfg.dpo_lr
+        return B.make_objective("idkdpo", ref, beta=cfg.beta, retain_weight=0.0), base_lr(cfg, name)
     if name == "rmu":
         layer, c = rmu_settings(cfg, theta_o, sets)
-        return B.make_objective("rmu", ref, layer=layer, c=c, retain_weight=0.0), cfg.rmu_lr
+        return B.make_objective("rmu", ref, layer=layer, c=c, retain_weight=0.0), base_lr(cfg, name)
     if name == "l2":
-        return B.make_objective("l2", copy.deepcopy(theta_r)), cfg.l2_lr
+        return B.make_objective("l2", copy.deepcopy(theta_r)), base_lr(cfg, name)
     raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+
+
+def base_lr(cfg, name):
+    """Objective `name`'s base lr (cfg.<name>_lr): LR_RULE picks from base x lr_grid; l2 runs at it."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    return getattr(cfg, f"{name}_lr")
 
 
 def l2_gap(model, target, rows):
@@ -282,6 +297,7 @@ class Config:
     seed: int = 0                      # training seed (init, data order)
     device: str = "auto"
     threads: int = 1
+    workers: int = 2                   # processes side by side, one per core; 1 = one after another: the same numbers
     out_dir: str = "out/locprobe"      # checkpoints and finished runs are cached here
     name: str = ""                     # results go to out_dir/name (a run with other objectives beside the default)
     log_every: int = 200
@@ -291,7 +307,7 @@ class Config:
                 inject_steps="[1, inf)", inject_lr="(0, inf)", unlearn_steps="[1, inf)", unlearn_batch="[1, inf)",
                 npo_lr="(0, inf)", wga_lr="(0, inf)", dpo_lr="(0, inf)", rmu_lr="(0, inf)", l2_lr="(0, inf)",
                 beta="(0, inf)", mix_step="(0, 1]", n_perm="[1, inf)", n_boot="[1, inf)", eval_batch="[1, inf)",
-                threads="[0, inf)", log_every="[0, inf)")
+                threads="[0, inf)", workers="[1, inf)", log_every="[0, inf)")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives:
             raise ValueError(f"objectives: unknown {bad}; valid: {', '.join(OBJECTIVES)}")
@@ -322,7 +338,8 @@ PRESETS = {
                   epochs=2, inject_steps=3, inject_retain_batch=8, unlearn_steps=3, unlearn_batch=8,
                   objectives=("npo", "l2"), lr_grid=(1.0, 4.0),
                   seeds=(7, 19), mix_step=0.5, n_perm=200, n_boot=100, memflex_repeats=2,
-                  wagle_hessian_samples=1, localize_retain=20, log_every=0, out_dir="out/locprobe_smoke"),
+                  wagle_hessian_samples=1, localize_retain=20, log_every=0, out_dir="out/locprobe_smoke",
+                  workers=1),     # starting two workers (three times) costs more than these seconds of work
     # the paper on one GPU: TOFU forget10 and a local Llama-3.1-8B-Instruct (or OLMo2-7B-Instruct) folder, the
     # learning rates of App. F (LLaMA), 5 epochs, batch 16, every objective, TOFU's model utility
     "paper": dict(data="tofu", tofu_path="", init_from="meta-llama/Llama-3.1-8B-Instruct", epochs=5,
@@ -509,6 +526,15 @@ def base_model(cfg, tok_holder):
 
 def train_full(cfg, net, rows, name, log):
     """Full fine-tuning on rows (cached: out_dir/ckpt/<name>-<run_key>.pt; an interrupted run resumes)."""
+    batch_at, tc, key = train_plan(cfg, net, rows, name)
+    say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
+    say(f"{len(rows['x'])} QA, {tc.max_steps} steps")
+    T.train_cached(net, batch_at, tc, key, log=say)
+    return net.eval()
+
+
+def train_plan(cfg, net, rows, name):
+    """(batch_at, TrainConfig with its ckpt_path, run_key) of train_full's fine-tuning of net on rows."""
     N = len(rows["x"])
     order = D.EpochIterator(N, cfg.batch_size, seed=cfg.seed)
     steps = cfg.epochs * order.steps_per_epoch
@@ -521,10 +547,18 @@ def train_full(cfg, net, rows, name, log):
                        log_every=cfg.log_every, device=cfg.device, seed=cfg.seed)
     key = T.run_key(net.cfg, tc, rows, batch_size=cfg.batch_size, init=T.digest(net.state_dict()))
     tc.ckpt_path = T.ckpt_path(cfg.out_dir, name, key)
-    say = (lambda s: None) if log is None else (lambda s: log(f"[{name}] {s}"))
-    say(f"{N} QA, {steps} steps")
-    T.train_cached(net, batch_at, tc, key, log=say)
-    return net.eval()
+    return batch_at, tc, key
+
+
+def trained(cfg, theta_p, rows, name):
+    """Whether train_full's checkpoint of theta_p fine-tuned on rows is there and finished (not a part to resume)."""
+    _, tc, _ = train_plan(cfg, theta_p, rows, name)
+    if not os.path.exists(tc.ckpt_path):
+        return False
+    try:
+        return torch.load(tc.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["step"] >= tc.max_steps
+    except Exception:        # damaged: train_full's own load says so (and what to do) where the file is needed
+        return False
 
 
 # -------------------------------------------------------------------------------------------------
@@ -609,22 +643,27 @@ def tune_lrs_table1(cfg, theta_full, sets, tok, ratio, log, tag="t1"):
     """One NPO lr per Table 1 arm, LR_RULE: Random on mask seed cfg.tune_seed, each localizer with its sampling
     and batch-order seed cfg.tune_seed (the report uses cfg.seed; Activations' selection does not depend on it)."""
     out = {}
-    base = cfg.npo_lr
-    grid = [base * m for m in cfg.lr_grid]
-    s = cfg.tune_seed
     for name in ("random",) + tuple(cfg.localizers):
-        def run():
-            if name == "random":
-                sel = loc.random_selection(theta_full, ratio, s)
-                tuned_on, reported = [s], cfg.seeds
-            else:
-                sel = localize(cfg, name, theta_full, sets, ratio, seed=s)[0]
-                tuned_on, reported = [f"{name} seed {s}"], [f"{name} seed {cfg.seed}"]
-            f = lambda lr: endpoint(cfg, "npo", theta_full, theta_full, sets, sel, s, lr, tok)
-            return pick_lr(grid, {name: f}, tuned_on=tuned_on, reported=reported, what=f"{name} lr ({tag})")
-        out[name] = T.cached(cfg.out_dir, run_key(cfg, "tune" + tag, name, s, ratio), run)
+        out[name] = tune_table1_arm(cfg, theta_full, sets, tok, ratio, name, tag)
         log(f"[lr {tag}] {name}: {out[name]['lr']:.3g} ({'reached' if out[name]['reached'] else out[name]['fallback']})")
     return out
+
+
+def tune_table1_arm(cfg, theta_full, sets, tok, ratio, name, tag):
+    """tune_lrs_table1's record for one arm ("random" or a localizer), cached."""
+    grid = [cfg.npo_lr * m for m in cfg.lr_grid]
+    s = cfg.tune_seed
+
+    def run():
+        if name == "random":
+            sel = loc.random_selection(theta_full, ratio, s)
+            tuned_on, reported = [s], cfg.seeds
+        else:
+            sel = localize(cfg, name, theta_full, sets, ratio, seed=s)[0]
+            tuned_on, reported = [f"{name} seed {s}"], [f"{name} seed {cfg.seed}"]
+        f = lambda lr: endpoint(cfg, "npo", theta_full, theta_full, sets, sel, s, lr, tok)
+        return pick_lr(grid, {name: f}, tuned_on=tuned_on, reported=reported, what=f"{name} lr ({tag})")
+    return T.cached(cfg.out_dir, run_key(cfg, "tune" + tag, name, s, ratio), run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -776,7 +815,7 @@ def pair_tests(cfg, c1, c2, mu_o):
 # -------------------------------------------------------------------------------------------------
 
 _EVAL_ONLY = ("preset", "name", "objectives", "seeds", "table1", "localizers", "table3", "n_perm", "n_boot", "eval_batch",
-              "device", "threads", "out_dir", "log_every")
+              "device", "threads", "workers", "out_dir", "log_every")
 
 
 def run_key(cfg, *parts):
@@ -808,13 +847,19 @@ def table2_seed(cfg, theta_r, sets, tr_r, tok, s, lrs, progress, log):
            "size": loc.selection_size(tgt), "runs": {}}
     for name in cfg.objectives:
         rec["runs"][name] = {}
-        for arm, sel in (("oracle", tgt), ("random", rdm), ("random2", rdm2)):
-            lr = lrs[name]["lr"]
-            undo = (tgt, dist) if arm == "oracle" else None
-            c = rec["runs"][name][arm] = T.cached(cfg.out_dir, run_key(cfg, "t2", s, name, arm, lr), lambda: (
-                table2_run(cfg, name, theta_o, theta_r, sets, sel, s, lr, tr_r, tok, undo)))
+        for arm in ARMS:
+            c = rec["runs"][name][arm] = table2_cell(cfg, name, arm, s, lrs[name]["lr"], theta_o, theta_r,
+                                                     (tgt, rdm, rdm2), dist, sets, tr_r, tok)
             progress(f"[table 2] seed {s} {name} {arm}: AUES {c['aues']:.3f} MU95 {c['mu95']:.2f}")
     return rec
+
+
+def table2_cell(cfg, name, arm, s, lr, theta_o, theta_r, regs, dist, sets, tr_r, tok):
+    """table2_run of one objective on one arm's region of regs = (V_tgt, V_rdm, V_rdm2), at lr, cached."""
+    sel = dict(zip(ARMS, regs))[arm]
+    undo = (regs[0], dist) if arm == "oracle" else None
+    return T.cached(cfg.out_dir, run_key(cfg, "t2", s, name, arm, lr), lambda: (
+        table2_run(cfg, name, theta_o, theta_r, sets, sel, s, lr, tr_r, tok, undo)))
 
 
 def table2_run(cfg, name, theta_o, theta_r, sets, sel, seed, lr, tr_r, tok, undo=None):
@@ -850,25 +895,31 @@ def table1(cfg, theta_full, sets, tr_r, tok, ratio, log, tag="t1"):
     lrs = tune_lrs_table1(cfg, theta_full, sets, tok, ratio, log, tag)
     out = {"localizers": {}, "random": {}, "lr": lrs}
     for name in cfg.localizers:
-        lr = lrs[name]["lr"]
-
-        def run():
-            sel, info = localize(cfg, name, theta_full, sets, ratio, seed=cfg.seed)
-            net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, sel, cfg.seed, lr)
-            return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "info": info, "lr": lr}
-        out["localizers"][name] = T.cached(cfg.out_dir, run_key(cfg, tag, name, ratio, lr), run)
+        out["localizers"][name] = table1_localizer(cfg, name, theta_full, sets, tr_r, tok, ratio, lrs[name]["lr"], tag)
         log(f"[{tag}] {name}: AUES {out['localizers'][name]['aues']:.3f}")
-    lr = lrs["random"]["lr"]
     for s in cfg.seeds:
-        def run():
-            net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, loc.random_selection(theta_full, ratio, s), s,
-                             lr)
-            return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "lr": lr}
-        out["random"][str(s)] = T.cached(cfg.out_dir, run_key(cfg, tag, "random", s, ratio, lr), run)
+        out["random"][str(s)] = table1_random(cfg, s, theta_full, sets, tr_r, tok, ratio, lrs["random"]["lr"], tag)
         log(f"[{tag}] random seed {s}: AUES {out['random'][str(s)]['aues']:.3f}")
     o = evaluate(cfg, theta_full, sets, tr_r, tok)
     out["original"] = {"fs": o["fs"], "rs": o["rs"], "mu": o["mu"], "log_fq": o["log_fq"]}
     return out
+
+
+def table1_localizer(cfg, name, theta_full, sets, tr_r, tok, ratio, lr, tag):
+    """NPO at lr on localizer `name`'s top `ratio` of theta_full (its seed: cfg.seed) -> its sweep, cached."""
+    def run():
+        sel, info = localize(cfg, name, theta_full, sets, ratio, seed=cfg.seed)
+        net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, sel, cfg.seed, lr)
+        return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "info": info, "lr": lr}
+    return T.cached(cfg.out_dir, run_key(cfg, tag, name, ratio, lr), run)
+
+
+def table1_random(cfg, s, theta_full, sets, tr_r, tok, ratio, lr, tag):
+    """NPO at lr on a random `ratio` of theta_full's value vectors (mask seed s) -> its sweep, cached."""
+    def run():
+        net, _ = unlearn(cfg, "npo", theta_full, theta_full, sets, loc.random_selection(theta_full, ratio, s), s, lr)
+        return {**sweep(cfg, theta_full, net, sets, tr_r, tok), "lr": lr}
+    return T.cached(cfg.out_dir, run_key(cfg, tag, "random", s, ratio, lr), run)
 
 
 ARMS = ("oracle", "random", "random2")
@@ -1221,8 +1272,9 @@ def report(cfg, metrics, claims):
     if one:
         lines += [""] + ev.claims_markdown(one)
     lines += [""] + ev.claims_markdown([], ks)[2:]
-    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s "
-                 f"({metrics['env']['threads']} torch threads, {metrics['env']['device']})")
+    lines.append(f"\nwall time {metrics['wall_time_s']:.0f} s, CPU time {metrics['cpu_time_s']:.0f} s (all processes; "
+                 f"{metrics['env']['workers']} worker(s), {metrics['env']['threads']} torch threads, "
+                 f"{metrics['env']['device']})")
     ev.publish(results_dir(cfg), "locprobe.py results", cfg, metrics, claims, lines, lambda: plot(cfg, metrics),
                checks=ks)
 
@@ -1267,6 +1319,177 @@ def plot(cfg, metrics):
         fig.savefig(os.path.join(results_dir(cfg), "table1_curves.png"), dpi=110)
         plt.close(fig)
 
+# -------------------------------------------------------------------------------------------------
+# Workers: on a CPU, the pieces that do not need each other side by side, one process per core
+# -------------------------------------------------------------------------------------------------
+
+# With workers > 1, fill_in_workers runs every piece not cached yet in worker processes (train.run_jobs), in three
+# waves, each needing the one before: theta_r and theta_full; the lr tuning (Table 2's objectives; each Table 1 / 3
+# arm) and theta_o per mask seed; every unlearning run of Tables 1-3 at its lr. Each piece lands in its cache (a
+# checkpoint or out_dir/cache) by the same function run() calls, and run()'s code, the same as with one process,
+# loads them. Longer jobs go first in a wave. A wave of one job runs in this process.
+
+def n_workers(cfg):
+    """Processes side by side: cfg.workers on a CPU. On a GPU, one process: the pieces would share the one device
+    (each worker with a CUDA context and model copies of its own), and under torchrun every rank must take the same
+    steps."""
+    if T.pick_device(cfg.device) != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    return cfg.workers
+
+
+def keep_freed_memory():
+    """Let glibc (Linux) keep freed memory for the next allocation instead of unmapping every freed block over 32 MB
+    and mapping the next one anew, zero-filled page by page: each sweep point's logits and log-probs (730 x 24 x
+    470 floats, 33 MB) are such blocks; the page faults were ~12% of an evaluation's CPU time. Where the memory
+    comes from changes no number."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:          # not glibc: leave the allocator as it is
+        return
+    libc.mallopt(-4, 0)          # M_MMAP_MAX = 0: large blocks from the heap, not from fresh mappings ...
+    libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: ... and up to 1 GiB of freed heap kept for reuse
+
+
+def _cache_file(cfg, key):
+    """train.cached's file for key (whether that piece is done)."""
+    return os.path.join(cfg.out_dir, "cache", f"{key}.json")
+
+
+def _table1_arms(cfg):
+    """[(tag, ratio, arms)] of the Tables 1 and 3 this run makes: arms = "random" and the localizers."""
+    out = [("t1", cfg.loc_ratio, ("random",) + tuple(cfg.localizers))] if cfg.table1 else []
+    return out + ([("t3", cfg.table3_ratio, ("random", "wagle"))] if cfg.table3 else [])
+
+
+def fill_in_workers(cfg, theta_p, sets, log=print):
+    """The three waves (above) of the pieces not cached yet, in n_workers(cfg) processes; nothing with one worker.
+    Returns the workers' CPU seconds."""
+    n = n_workers(cfg)
+    if n <= 1:
+        return 0.0
+    cpu = [0.0]
+
+    def wave(jobs):
+        if jobs:
+            kinds = {}
+            for j in jobs:
+                kinds[j[0]] = kinds.get(j[0], 0) + 1
+            log(f"[workers] {len(jobs)} job(s) in {min(n, len(jobs))} process(es): "
+                + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+            done = T.run_jobs(worker_job, [(cfg, j) for j in jobs], n)
+            if min(n, len(jobs)) > 1:         # one job ran in this process: its CPU time is already this process's
+                cpu[0] += sum(done)
+    models = {"theta_r": sets["retain_train_rows"]}
+    if cfg.table1 or cfg.table3:
+        models["theta_full"] = sets["full_train_rows"]
+    wave([("train", m) for m, rows in models.items() if not trained(cfg, theta_p, rows, m)])
+    theta_r = train_full(cfg, copy.deepcopy(theta_p), sets["retain_train_rows"], "theta_r", None)
+    s = cfg.tune_seed
+    jobs = []
+    if any(not os.path.exists(_cache_file(cfg, run_key(cfg, "tune2", o, s))) for o in cfg.objectives if o != "l2"):
+        jobs.append(("tune2",))
+    for tag, ratio, arms in _table1_arms(cfg):
+        jobs += [("tune", tag, ratio, a) for a in reversed(arms)     # the localizers (longer) before random
+                 if not os.path.exists(_cache_file(cfg, run_key(cfg, "tune" + tag, a, s, ratio)))]
+    jobs += [("inject", m) for m in cfg.seeds
+             if not os.path.exists(inject_path(cfg, theta_r, regions(theta_r, cfg.loc_ratio, m)[0], m))]
+    wave(jobs)
+    lr = lambda key: T.load_json(_cache_file(cfg, key))["lr"]
+    jobs = []
+    for tag, ratio, arms in _table1_arms(cfg):
+        lrs = {a: lr(run_key(cfg, "tune" + tag, a, s, ratio)) for a in arms}
+        jobs += [("t1", tag, ratio, a, lrs[a]) for a in reversed(arms[1:])
+                 if not os.path.exists(_cache_file(cfg, run_key(cfg, tag, a, ratio, lrs[a])))]
+        jobs += [("t1random", tag, ratio, m, lrs["random"]) for m in cfg.seeds
+                 if not os.path.exists(_cache_file(cfg, run_key(cfg, tag, "random", m, ratio, lrs["random"])))]
+    lrs = {o: base_lr(cfg, o) if o == "l2" else lr(run_key(cfg, "tune2", o, s)) for o in cfg.objectives}
+    jobs += [("t2", m, o, arm, lrs[o]) for m in cfg.seeds for o in cfg.objectives for arm in ARMS
+             if not os.path.exists(_cache_file(cfg, run_key(cfg, "t2", m, o, arm, lrs[o])))]
+    wave(jobs)
+    _CONTEXT.clear()           # a wave of one job ran here: its models are no longer needed
+    return cpu[0]
+
+
+def worker_job(cfg, job):
+    """One job of fill_in_workers, in a worker process (its lines prefixed with the job): fills that piece's cache
+    by the function run() calls for it. Returns this process's CPU seconds for the job."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+    c0, t0 = time.process_time(), time.time()
+    kind, *args = job
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, "" if kind == "train" else f"[{' '.join(map(str, job))}] ")):
+        ctx = context(cfg)
+        if kind == "train":
+            ctx.model(args[0], log=print)
+        elif kind == "tune2":
+            tune_lrs_table2(cfg, ctx.model("theta_r"), ctx.sets, ctx.tok, print)
+        elif kind == "inject":
+            ctx.theta_o(args[0])
+        elif kind == "tune":
+            tag, ratio, arm = args
+            tune_table1_arm(cfg, ctx.model("theta_full"), ctx.sets, ctx.tok, ratio, arm, tag)
+        elif kind == "t1":
+            tag, ratio, name, lr = args
+            table1_localizer(cfg, name, ctx.model("theta_full"), ctx.sets, ctx.tr_r(), ctx.tok, ratio, lr, tag)
+        elif kind == "t1random":
+            tag, ratio, m, lr = args
+            table1_random(cfg, m, ctx.model("theta_full"), ctx.sets, ctx.tr_r(), ctx.tok, ratio, lr, tag)
+        elif kind == "t2":
+            m, name, arm, lr = args
+            theta_o, regs, dist = ctx.theta_o(m)
+            table2_cell(cfg, name, arm, m, lr, theta_o, ctx.model("theta_r"), regs, dist, ctx.sets, ctx.tr_r(),
+                        ctx.tok)
+        else:
+            raise ValueError(f"unknown job {job!r}")
+        if kind != "train":
+            print(f"done in {time.time() - t0:.1f} s")
+    return time.process_time() - c0
+
+
+_CONTEXT = {}
+
+
+def context(cfg):
+    """A worker process's _Context for cfg, built once (a worker takes several jobs of a wave)."""
+    key = repr(asdict(cfg))
+    if key not in _CONTEXT:
+        _CONTEXT.clear()
+        _CONTEXT[key] = _Context(cfg)
+    return _CONTEXT[key]
+
+
+class _Context:
+    """What run() builds before the pieces, built as run() builds it, each part when a job first needs it: the
+    data, theta_p, theta_r and theta_full (from their checkpoints once trained), theta_r's truth ratios, and per
+    mask seed the regions and theta_o."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tok, self.theta_p, self.sets = setup(cfg)
+        self.models, self.seeds, self._tr_r = {}, {}, None
+
+    def model(self, name, log=None):
+        if name not in self.models:
+            rows = self.sets["retain_train_rows" if name == "theta_r" else "full_train_rows"]
+            self.models[name] = train_full(self.cfg, copy.deepcopy(self.theta_p), rows, name, log)
+        return self.models[name]
+
+    def tr_r(self):
+        if self._tr_r is None:
+            self._tr_r = forget_truth_ratios(self.cfg, self.model("theta_r"), self.sets)
+        return self._tr_r
+
+    def theta_o(self, s):
+        """(theta_o, (V_tgt, V_rdm, V_rdm2), |theta_o - theta_r| inside V_tgt) of mask seed s, as table2_seed has."""
+        if s not in self.seeds:
+            theta_r = self.model("theta_r")
+            regs = regions(theta_r, self.cfg.loc_ratio, s)
+            theta_o = inject(self.cfg, theta_r, self.sets, regs[0], s, print)
+            self.seeds[s] = (theta_o, regs, check_injection(theta_r, theta_o, regs[0]))
+        return self.seeds[s]
+
 
 # -------------------------------------------------------------------------------------------------
 # main: run() is the experiment as a story of stages
@@ -1277,22 +1500,36 @@ def main(argv=None, log=print):
     with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        keep_freed_memory()
         return run(cfg, log)
+
+
+def setup(cfg):
+    """(tok, theta_p, sets): the tokenizer, theta_p (a fresh seeded model, or the checkpoint and its tokenizer) and
+    the QA as token rows."""
+    toks = [] if cfg.init_from else [make_tokenizer(cfg)]
+    theta_p = base_model(cfg, toks)
+    return toks[0], theta_p, make_sets(cfg, toks[0])
+
+
+def forget_truth_ratios(cfg, theta_r, sets):
+    """theta_r's truth ratios on the forget set: forget quality's reference."""
+    return ev.truth_ratio_tofu(*option_lps(theta_r, sets["ev"]["forget"], cfg.eval_batch))
 
 
 def run(cfg, log=print):
     """The experiment, stage by stage; returns (metrics, claims) and writes the report to results_dir(cfg)."""
     t0, c0 = time.time(), time.process_time()
     # theta_p and the data: a fresh seeded model (or a checkpoint and its tokenizer), the QA as token rows
-    toks = [] if cfg.init_from else [make_tokenizer(cfg)]
-    theta_p = base_model(cfg, toks)
-    tok = toks[0]
-    sets = make_sets(cfg, tok)
+    tok, theta_p, sets = setup(cfg)
     log(f"locprobe: {sets['n']} QA; model {theta_p.num_params() / 1e6:.2f}M params, "
         f"{theta_p.cfg.n_layer * theta_p.cfg.d_ff} value vectors; seeds {cfg.seeds}; objectives {cfg.objectives}")
+    # workers > 1 (on a CPU): every model and run below that is not cached yet fills its cache in worker processes
+    # first, side by side; the code below then loads them (the same code and numbers as with one process)
+    worker_cpu = fill_in_workers(cfg, theta_p, sets, log)
     # theta_r: trained without the forget set; its forget truth ratios are forget quality's reference
     theta_r = train_full(cfg, copy.deepcopy(theta_p), sets["retain_train_rows"], "theta_r", log)
-    tr_r = ev.truth_ratio_tofu(*option_lps(theta_r, sets["ev"]["forget"], cfg.eval_batch))
+    tr_r = forget_truth_ratios(cfg, theta_r, sets)
     metrics = {"n_qa": sets["n"], "n_value_vectors": theta_p.cfg.n_layer * theta_p.cfg.d_ff,
                "value_spans_found": {k: sets["ev"][k].get("n_value") for k in ("forget", "retain")}}
     # Table 2 (and Figure 1): Oracle vs Random vs Random2 per mask seed and objective, summarized over seeds
@@ -1303,8 +1540,10 @@ def run(cfg, log=print):
     # the claims, on thresholds fixed before any run
     claims = make_claims(cfg, metrics["summary"], t1)
     # the report: tables, claims, checks, figures
-    metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0
-    metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0 + worker_cpu
+    metrics["worker_cpu_s"] = worker_cpu
+    metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
+                      "workers": n_workers(cfg), "torch": torch.__version__}
     report(cfg, metrics, claims)
     return metrics, claims
 

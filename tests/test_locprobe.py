@@ -359,15 +359,24 @@ def test_config_errors_name_the_field():
         L.Config(loc_ratio=0.5)
     with pytest.raises(ValueError, match="mix_step"):
         L.Config(mix_step=0.3)
+    with pytest.raises(ValueError, match="workers"):
+        L.Config(workers=0)
 
 
 # -------------------------------------------------------------------------------------------------
 # end to end
 # -------------------------------------------------------------------------------------------------
 
-def test_smoke_run_end_to_end_and_cache(tmp_path):
-    out = str(tmp_path / "lp")
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke run in one process (the preset's workers=1): (out_dir, metrics, claims)."""
+    out = str(tmp_path_factory.mktemp("locprobe") / "lp")
     metrics, claims = L.main(["--preset=smoke", f"--out_dir={out}"], log=lambda s: None)
+    return out, metrics, claims
+
+
+def test_smoke_run_end_to_end_and_cache(smoke_run):
+    out, metrics, claims = smoke_run
     res = json.load(open(os.path.join(out, "results.json")))
     assert {c["claim"][:1] for c in res["claims"]} == {"1", "2", "3"}
     assert all(c["verdict"] in L.ev.VERDICTS for c in res["claims"])
@@ -398,6 +407,78 @@ def test_smoke_run_end_to_end_and_cache(tmp_path):
     m2, c2 = L.main(["--preset=smoke", f"--out_dir={out}"], log=lambda s: None)
     assert [c["value"] for c in c2] == [c["value"] for c in claims]
     assert m2["cpu_time_s"] < metrics["cpu_time_s"]
+
+
+def _numbers(path):
+    """results.json's leaves {path: value} without timings and how the run ran (keys naming time, wall, cpu, load,
+    threads, workers, out_dir, or ending in _s, seconds); NaN as a string, so that NaN equals NaN."""
+    skip = ("time", "wall", "cpu", "load", "threads", "workers", "out_dir")
+
+    def leaves(x, at):
+        if isinstance(x, (dict, list)):
+            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
+                if not (any(w in str(k) for w in skip) or str(k).endswith("_s")):
+                    yield from leaves(v, at + (str(k),))
+        else:
+            yield at, "nan" if isinstance(x, float) and math.isnan(x) else x
+    return dict(leaves(json.load(open(path)), ()))
+
+
+def test_two_workers_give_the_numbers_of_one_process(smoke_run, tmp_path):
+    """--workers=2: theta_r and theta_full, then the lr tuning and theta_o, then every unlearning run go to two
+    worker processes, and this process loads them all from their caches; results.json equals the one-process
+    run's, leaf by leaf (timings aside)."""
+    one, m1, _ = smoke_run
+    said = []
+    m2, _ = L.main(["--preset=smoke", "--workers=2", f"--out_dir={tmp_path}"], log=said.append)
+    assert sum(line.startswith("[workers]") for line in said) == 3
+    for name in ("theta_r", "theta_full"):           # trained in the workers, loaded here
+        assert any(line.startswith(f"[{name}] resumed from") for line in said)
+        assert not any(line.startswith(f"[{name}] no checkpoint") for line in said)
+    assert m1["env"]["workers"] == 1 and m1["worker_cpu_s"] == 0
+    assert m2["env"]["workers"] == 2 and m2["worker_cpu_s"] > 0
+    a, b = _numbers(os.path.join(one, "results.json")), _numbers(tmp_path / "results.json")
+    assert len(a) > 500 and a == b
+
+
+def test_workers_get_only_what_is_not_cached(tmp_path, monkeypatch):
+    cfg = L.Config(**{**L.PRESETS["smoke"], "out_dir": str(tmp_path), "workers": 2, "seeds": (7,),
+                      "localizers": ("activations",)})
+    tok, theta_p, sets = L.setup(cfg)
+    calls, run = [], [True]
+
+    def run_jobs(fn, jobs, n):            # in this process (the same code a worker runs), or only recorded
+        calls.append(([job[1] for job in jobs], n))
+        return [fn(*job) for job in jobs] if run[0] else [1.0] * len(jobs)
+    monkeypatch.setattr(L.T, "run_jobs", run_jobs)
+    assert L.fill_in_workers(cfg, theta_p, sets, log=lambda s: None) > 0
+    lr = L.T.load_json(L._cache_file(cfg, L.run_key(cfg, "tune2", "npo", cfg.tune_seed)))["lr"]
+    assert [[job[0] for job in jobs] for jobs, _ in calls] == [
+        ["train", "train"], ["tune2", "tune", "tune", "inject"], ["t1", "t1random"] + ["t2"] * 6]
+    assert calls[2][0][2:] == [("t2", 7, o, arm, lr if o == "npo" else cfg.l2_lr) for o in ("npo", "l2")
+                               for arm in L.ARMS] and all(n == 2 for _, n in calls)
+    # everything cached: no job; Table 1's Random lr and one Table 2 run missing: only they go
+    calls.clear()
+    assert L.fill_in_workers(cfg, theta_p, sets, log=lambda s: None) == 0.0 and calls == []
+    os.remove(L._cache_file(cfg, L.run_key(cfg, "tunet1", "random", cfg.tune_seed, cfg.loc_ratio)))
+    os.remove(L._cache_file(cfg, L.run_key(cfg, "t2", 7, "l2", "random2", cfg.l2_lr)))
+    L.fill_in_workers(cfg, theta_p, sets, log=lambda s: None)
+    assert calls == [([("tune", "t1", cfg.loc_ratio, "random")], 2), ([("t2", 7, "l2", "random2", cfg.l2_lr)], 2)]
+    # a model whose checkpoint is a part (an interrupted run) goes to a worker to resume
+    run[0], calls[:] = False, []
+    theta_full = [f for f in os.listdir(tmp_path / "ckpt") if f.startswith("theta_full-") and f.endswith(".pt")][0]
+    ck = torch.load(tmp_path / "ckpt" / theta_full, weights_only=True)
+    torch.save(dict(ck, step=1), tmp_path / "ckpt" / theta_full)
+    L.fill_in_workers(cfg, theta_p, sets, log=lambda s: None)
+    assert calls == [([("train", "theta_full")], 2)]
+    # one worker, a GPU, or a torchrun launch: nothing leaves this process
+    calls.clear()
+    assert L.fill_in_workers(L.replace(cfg, workers=1), theta_p, sets) == 0.0 and calls == []
+    monkeypatch.setattr(L.T, "pick_device", lambda device: "cuda")
+    assert L.n_workers(cfg) == 1 and L.fill_in_workers(cfg, theta_p, sets) == 0.0 and calls == []
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert L.n_workers(cfg) == 1 and L.fill_in_workers(cfg, theta_p, sets) == 0.0 and calls == []
 
 
 def test_paper_path_on_a_tiny_local_fake(tmp_path):
