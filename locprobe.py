@@ -12,6 +12,8 @@ forget quality where utility falls to 95% of theta_o's. lrs: LR_RULE on a held-o
   python locprobe.py                  # built-in world, CPU: Table 2 (NPO; L2 = Figure 1), Table 1, claims 1-3
   python locprobe.py --preset=smoke   # seconds;  real: SmolLM2-135M-Instruct, ~25 CPU-min;  paper: TOFU + Llama 8B
   python locprobe.py --seeds=7,19,31,47,99 --objectives=npo,wga,dpo,rmu,l2 --table3=true --name=all   # the rest
+On a CPU the pieces that do not need each other run in two worker processes (--workers=2; --workers=1: one process,
+the same numbers): see fill_in_workers.
 Where we differ, on purpose:
 - Toy pretraining: theta_p's knowledge (pretraining-only people, city facts) is trained in the run of theta_r or
   theta_full, not a stage of its own. Model utility: harmonic mean of answer probabilities on retain, real-author
@@ -1388,12 +1390,12 @@ def fill_in_workers(cfg, theta_p, sets, log=print):
     s = cfg.tune_seed
     jobs = []
     if any(not os.path.exists(_cache_file(cfg, run_key(cfg, "tune2", o, s))) for o in cfg.objectives if o != "l2"):
-        jobs.append(("tune2",))
+        jobs.append(("tune2",))                                      # theta_o of tune_seed, then 2-5 lrs x 2 arms
+    jobs += [("inject", m) for m in cfg.seeds
+             if not os.path.exists(inject_path(cfg, theta_r, regions(theta_r, cfg.loc_ratio, m)[0], m))]
     for tag, ratio, arms in _table1_arms(cfg):
         jobs += [("tune", tag, ratio, a) for a in reversed(arms)     # the localizers (longer) before random
                  if not os.path.exists(_cache_file(cfg, run_key(cfg, "tune" + tag, a, s, ratio)))]
-    jobs += [("inject", m) for m in cfg.seeds
-             if not os.path.exists(inject_path(cfg, theta_r, regions(theta_r, cfg.loc_ratio, m)[0], m))]
     wave(jobs)
     lr = lambda key: T.load_json(_cache_file(cfg, key))["lr"]
     jobs = []

@@ -454,7 +454,7 @@ def test_workers_get_only_what_is_not_cached(tmp_path, monkeypatch):
     assert L.fill_in_workers(cfg, theta_p, sets, log=lambda s: None) > 0
     lr = L.T.load_json(L._cache_file(cfg, L.run_key(cfg, "tune2", "npo", cfg.tune_seed)))["lr"]
     assert [[job[0] for job in jobs] for jobs, _ in calls] == [
-        ["train", "train"], ["tune2", "tune", "tune", "inject"], ["t1", "t1random"] + ["t2"] * 6]
+        ["train", "train"], ["tune2", "inject", "tune", "tune"], ["t1", "t1random"] + ["t2"] * 6]
     assert calls[2][0][2:] == [("t2", 7, o, arm, lr if o == "npo" else cfg.l2_lr) for o in ("npo", "l2")
                                for arm in L.ARMS] and all(n == 2 for _, n in calls)
     # everything cached: no job; Table 1's Random lr and one Table 2 run missing: only they go
