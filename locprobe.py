@@ -27,7 +27,6 @@ Where we differ, on purpose:
 """
 import contextlib
 import copy
-import ctypes
 import math
 import os
 import sys
@@ -1340,19 +1339,6 @@ def n_workers(cfg):
     return cfg.workers
 
 
-def keep_freed_memory():
-    """Let glibc (Linux) keep freed memory for the next allocation instead of unmapping every freed block over 32 MB
-    and mapping the next one anew, zero-filled page by page: each sweep point's logits and log-probs (730 x 24 x
-    470 floats, 33 MB) are such blocks; the page faults were ~12% of an evaluation's CPU time. Where the memory
-    comes from changes no number."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:          # not glibc: leave the allocator as it is
-        return
-    libc.mallopt(-4, 0)          # M_MMAP_MAX = 0: large blocks from the heap, not from fresh mappings ...
-    libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: ... and up to 1 GiB of freed heap kept for reuse
-
-
 def _cache_file(cfg, key):
     """train.cached's file for key (whether that piece is done)."""
     return os.path.join(cfg.out_dir, "cache", f"{key}.json")
@@ -1418,7 +1404,7 @@ def worker_job(cfg, job):
     by the function run() calls for it. Returns this process's CPU seconds for the job."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
+    T.keep_freed_memory()
     c0, t0 = time.process_time(), time.time()
     kind, *args = job
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, "" if kind == "train" else f"[{' '.join(map(str, job))}] ")):
@@ -1502,7 +1488,7 @@ def main(argv=None, log=print):
     with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        keep_freed_memory()
+        T.keep_freed_memory()
         return run(cfg, log)
 
 

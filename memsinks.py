@@ -31,7 +31,6 @@ Where we deliberately differ from the authors' code, and why:
   post-hoc point that forgets as much as MemSinks degrades more" (not testable where none forgets as much).
 """
 import contextlib
-import ctypes
 import math
 import os
 import sys
@@ -800,19 +799,6 @@ def n_workers(cfg):
     return cfg.workers
 
 
-def keep_freed_memory():
-    """Let glibc (Linux) keep freed memory for the next allocation. By default it unmaps every freed block over 32 MB
-    and maps the next one anew, zero-filled page by page: an evaluation batch's activations are such blocks, and
-    the page faults took a quarter of an evaluation's CPU time (0.5 of 2.1 s for the 500 validation stories).
-    Where the memory comes from changes no number (torch aligns every tensor alike)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:          # not glibc: leave the allocator as it is
-        return
-    libc.mallopt(-4, 0)          # M_MMAP_MAX = 0: large blocks from the heap, not from fresh mappings ...
-    libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: ... and up to 1 GiB of freed heap kept for reuse
-
-
 def in_workers(sets, jobs):
     """Run jobs [(cfg, name)] in n_workers processes side by side (train.run_jobs): a model name trains that model
     into its cache, unless it is cached already (or an earlier job trains the same file); a post-hoc method runs
@@ -837,7 +823,7 @@ def worker_job(cfg, sets, name):
     model itself, the same numbers). Returns (posthoc_part or None, this process's CPU seconds)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
+    T.keep_freed_memory()
     c0 = time.process_time()
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{name}] " if name in POSTHOC else "")):
         out = None
@@ -1267,7 +1253,7 @@ def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
+    T.keep_freed_memory()
     seeds = list(cfg.seeds) or [cfg.seed]
     tuned_on = set(seeds) & set(P_TUNE_SEEDS)
     if tuned_on and cfg.p == P_TUNED and cfg.sweep != "p":
