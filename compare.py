@@ -1028,8 +1028,9 @@ def run_seed(cfg):
     torch.manual_seed(cfg.seed)
     S = shared_models(cfg)
     worker_cpu = 0.0
-    if min(cfg.workers, len(cfg.forget_kinds)) > 1:     # the workers load the shared models from their caches
-        done = T.run_jobs(request_job, [(cfg, kind) for kind in cfg.forget_kinds], cfg.workers)
+    n = min(T.side_by_side(cfg.workers, cfg.device), len(cfg.forget_kinds))
+    if n > 1:                                         # the workers load the shared models from their caches
+        done = T.run_jobs(request_job, [(cfg, kind) for kind in cfg.forget_kinds], n)
         worker_cpu = sum(c for _, c in done)
         done = [out for out, _ in done]
     else:
@@ -1038,7 +1039,7 @@ def run_seed(cfg):
     claims = seed_claims(cfg, per_kind)
     metrics = {"seed": cfg.seed, "requests": per_kind, "times": S["times"], "claims": claims,
                "wall_time_s": time.time() - t0, "cpu_time_s": time.process_time() - c0 + worker_cpu,
-               "workers": min(cfg.workers, len(cfg.forget_kinds))}
+               "workers": n}
     return metrics, claims
 
 

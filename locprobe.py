@@ -1330,15 +1330,6 @@ def plot(cfg, metrics):
 # checkpoint or out_dir/cache) by the same function run() calls, and run()'s code, the same as with one process,
 # loads them. Longer jobs go first in a wave. A wave of one job runs in this process.
 
-def n_workers(cfg):
-    """Processes side by side: cfg.workers on a CPU. On a GPU, one process: the pieces would share the one device
-    (each worker with a CUDA context and model copies of its own), and under torchrun every rank must take the same
-    steps."""
-    if T.pick_device(cfg.device) != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return 1
-    return cfg.workers
-
-
 def _cache_file(cfg, key):
     """train.cached's file for key (whether that piece is done)."""
     return os.path.join(cfg.out_dir, "cache", f"{key}.json")
@@ -1351,9 +1342,9 @@ def _table1_arms(cfg):
 
 
 def fill_in_workers(cfg, theta_p, sets, log=print):
-    """The three waves (above) of the pieces not cached yet, in n_workers(cfg) processes; nothing with one worker.
+    """The three waves (above) of the pieces not cached yet, in train.side_by_side processes; nothing with one worker.
     Returns the workers' CPU seconds."""
-    n = n_workers(cfg)
+    n = T.side_by_side(cfg.workers, cfg.device)
     if n <= 1:
         return 0.0
     cpu = [0.0]
@@ -1531,7 +1522,7 @@ def run(cfg, log=print):
     metrics["wall_time_s"], metrics["cpu_time_s"] = time.time() - t0, time.process_time() - c0 + worker_cpu
     metrics["worker_cpu_s"] = worker_cpu
     metrics["env"] = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
-                      "workers": n_workers(cfg), "torch": torch.__version__}
+                      "workers": T.side_by_side(cfg.workers, cfg.device), "torch": torch.__version__}
     report(cfg, metrics, claims)
     return metrics, claims
 

@@ -1043,9 +1043,9 @@ def prepare(cfg, warm=()):
     and after then load: `warm` (jobs (fn, args) the caller adds, run first: put the longest first), Finetuned,
     Retrained."""
     D, base, times = data_and_base(cfg)
-    if cfg.workers > 1 and T.pick_device(cfg.device) == "cpu":     # one device: no processes side by side on a GPU
+    if T.side_by_side(cfg.workers, cfg.device) > 1:
         jobs = list(warm) + [(train_job, (cfg, "finetuned")), (train_job, (cfg, "retrained"))]
-        T.run_jobs(call, jobs, cfg.workers)
+        T.run_jobs(call, jobs, T.side_by_side(cfg.workers, cfg.device))
     tok, sets = D["tok"], D["sets"]
     retain = [r for r in sets["full"] if r["person"] not in set(D["forget"])]
     ft, times["finetuned"] = finetune(cfg, base, tok, sets["full"], "finetuned")

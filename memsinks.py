@@ -791,16 +791,8 @@ MAIN_JOBS = ("standard", "gradmask", "hard_concrete", "dedup_steps", "memsinks",
              "dedup_epochs")
 
 
-def n_workers(cfg):
-    """Processes side by side: cfg.workers on a CPU. On a GPU, one process: the pieces would share the one device
-    (each worker with a CUDA context of its own), and under torchrun every rank must take the same steps."""
-    if T.pick_device(cfg.device) != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return 1
-    return cfg.workers
-
-
 def in_workers(sets, jobs):
-    """Run jobs [(cfg, name)] in n_workers processes side by side (train.run_jobs): a model name trains that model
+    """Run jobs [(cfg, name)] in train.side_by_side processes (train.run_jobs): a model name trains that model
     into its cache, unless it is cached already (or an earlier job trains the same file); a post-hoc method runs
     on the standard model. Returns ({method: posthoc_part}, the workers' CPU seconds), or ({}, 0.0) when fewer
     than two jobs are left or workers=1: then the caller's code does everything in this process, in order."""
@@ -810,7 +802,7 @@ def in_workers(sets, jobs):
         if path is None or not (path in files or os.path.exists(path)):
             todo.append((c, name))
             files.add(path)
-    n = min(n_workers(jobs[0][0]), len(todo)) if todo else 0
+    n = min(T.side_by_side(jobs[0][0].workers, jobs[0][0].device), len(todo)) if todo else 0
     if n <= 1:
         return {}, 0.0
     done = T.run_jobs(worker_job, [(c, sets, name) for c, name in todo], n)
@@ -1260,7 +1252,8 @@ def main(argv=None):
         print(f"error: seeds={tuple(seeds)} is not valid: seed(s) {sorted(tuned_on)} are where p = {P_TUNED} was "
               "tuned (P_TUNE_SEEDS), and a report on them would score the tuning data: use other seeds", file=sys.stderr)
         raise SystemExit(2)
-    env = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(), "workers": n_workers(cfg),
+    env = {"device": T.pick_device(cfg.device), "threads": torch.get_num_threads(),
+           "workers": T.side_by_side(cfg.workers, cfg.device),
            "torch": torch.__version__}
     with T.out_dir_lock(cfg.out_dir):   # one run at a time writes here
         t0, c0 = time.time(), time.process_time()

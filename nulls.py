@@ -569,9 +569,7 @@ def worker_plan(cfg, src):
     the other NULLs and Retrained; models already in out_dir are skipped (if NULLs and Retrained both remain
     without the standard one, Retrained goes before the baselines). Each model trains alone in one process as
     in train_three, so the numbers equal workers=1's."""
-    # CPU only: under torchrun every rank already works on each model (data-parallel), and one GPU runs one
-    # model at a time better than processes contending for it
-    if cfg.workers < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or T.pick_device(cfg.device) != "cpu":
+    if T.side_by_side(cfg.workers, cfg.device) < 2:        # CPU only: see train.side_by_side
         return []
     todo = [n for n, done in trained(cfg, src).items() if not done]
     other = [n for n in todo if n != "standard"]

@@ -352,6 +352,15 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: ... and up to 1 GiB of freed heap kept for reuse
 
 
+def side_by_side(workers, device):
+    """How many worker processes a script may run at once: `workers` on a CPU; 1 on an accelerator (the workers
+    would share the one device, each with a context and model copies of its own) and under torchrun (every rank
+    must take the same steps)."""
+    if pick_device(device) != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    return workers
+
+
 def run_jobs(fn, jobs, workers):
     """[fn(*job) for job in jobs], in up to `workers` processes side by side (1: in this process, in order).
     Workers are spawned, not forked (safe with CUDA and torch's thread pools); fn must be a module-level function

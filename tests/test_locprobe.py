@@ -409,22 +409,7 @@ def test_smoke_run_end_to_end_and_cache(smoke_run):
     assert m2["cpu_time_s"] < metrics["cpu_time_s"]
 
 
-def _numbers(path):
-    """results.json's leaves {path: value} without timings and how the run ran (keys naming time, wall, cpu, load,
-    threads, workers, out_dir, or ending in _s, seconds); NaN as a string, so that NaN equals NaN."""
-    skip = ("time", "wall", "cpu", "load", "threads", "workers", "out_dir")
-
-    def leaves(x, at):
-        if isinstance(x, (dict, list)):
-            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
-                if not (any(w in str(k) for w in skip) or str(k).endswith("_s")):
-                    yield from leaves(v, at + (str(k),))
-        else:
-            yield at, "nan" if isinstance(x, float) and math.isnan(x) else x
-    return dict(leaves(json.load(open(path)), ()))
-
-
-def test_two_workers_give_the_numbers_of_one_process(smoke_run, tmp_path):
+def test_two_workers_give_the_numbers_of_one_process(smoke_run, tmp_path, run_numbers):
     """--workers=2: theta_r and theta_full, then the lr tuning and theta_o, then every unlearning run go to two
     worker processes, and this process loads them all from their caches; results.json equals the one-process
     run's, leaf by leaf (timings aside)."""
@@ -437,7 +422,7 @@ def test_two_workers_give_the_numbers_of_one_process(smoke_run, tmp_path):
         assert not any(line.startswith(f"[{name}] no checkpoint") for line in said)
     assert m1["env"]["workers"] == 1 and m1["worker_cpu_s"] == 0
     assert m2["env"]["workers"] == 2 and m2["worker_cpu_s"] > 0
-    a, b = _numbers(os.path.join(one, "results.json")), _numbers(tmp_path / "results.json")
+    a, b = run_numbers(os.path.join(one, "results.json")), run_numbers(tmp_path / "results.json")
     assert len(a) > 500 and a == b
 
 
@@ -475,10 +460,10 @@ def test_workers_get_only_what_is_not_cached(tmp_path, monkeypatch):
     calls.clear()
     assert L.fill_in_workers(L.replace(cfg, workers=1), theta_p, sets) == 0.0 and calls == []
     monkeypatch.setattr(L.T, "pick_device", lambda device: "cuda")
-    assert L.n_workers(cfg) == 1 and L.fill_in_workers(cfg, theta_p, sets) == 0.0 and calls == []
+    assert L.T.side_by_side(cfg.workers, cfg.device) == 1 and L.fill_in_workers(cfg, theta_p, sets) == 0.0 and calls == []
     monkeypatch.undo()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert L.n_workers(cfg) == 1 and L.fill_in_workers(cfg, theta_p, sets) == 0.0 and calls == []
+    assert L.T.side_by_side(cfg.workers, cfg.device) == 1 and L.fill_in_workers(cfg, theta_p, sets) == 0.0 and calls == []
 
 
 def test_paper_path_on_a_tiny_local_fake(tmp_path):

@@ -495,21 +495,15 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
         assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
 
 
-def test_models_trained_in_two_workers_give_the_same_run(tmp_path):
+def test_models_trained_in_two_workers_give_the_same_run(tmp_path, run_numbers):
     """workers=2 trains Finetuned, Retrained and both adapters in worker processes (into the caches the run then
     loads): every number but the timings equals the one-process run's."""
     one, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'one'}", "--baselines=npo"])
     two, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'two'}", "--baselines=npo", "--workers=2"])
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "two" / "ckpt").glob("*.pt")) == \
         ["base", "finetuned", "memadapt", "memadapt_unmasked", "retrained"]
-    def numbers(x):           # every value but the timings; NaN (a split with no items) equal to itself
-        if isinstance(x, dict):
-            return {k: numbers(v) for k, v in x.items() if not (k.endswith("_s") or "time" in k)}
-        if isinstance(x, list):
-            return [numbers(v) for v in x]
-        return "nan" if isinstance(x, float) and math.isnan(x) else x
     for k in ("table1", "raw", "iterative", "upper_bound", "routing_before", "routing_after", "extractability"):
-        assert numbers(one[0][k]) == numbers(two[0][k]), k
+        assert run_numbers(one[0][k]) == run_numbers(two[0][k]), k
 
 
 def tiny_llama_folder(tmp_path):

@@ -492,22 +492,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "(mean ± std over seeds)" in open(os.path.join(out, "results.md")).read()
 
 
-def _numbers(path):
-    """results.json's leaves {path: value} without timings and how the run ran (keys naming time, wall, cpu, load,
-    threads, workers, out_dir, or ending in _s, seconds)."""
-    skip = ("time", "wall", "cpu", "load", "threads", "workers", "out_dir")
-
-    def leaves(x, at):
-        if isinstance(x, (dict, list)):
-            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
-                if not (any(w in str(k) for w in skip) or str(k).endswith("_s")):
-                    yield from leaves(v, at + (str(k),))
-        else:
-            yield at, x
-    return dict(leaves(json.load(open(path)), ()))
-
-
-def test_two_workers_give_the_numbers_of_one_process(tmp_path, capsys):
+def test_two_workers_give_the_numbers_of_one_process(tmp_path, capsys, run_numbers):
     """--workers=2: the five models and the two post-hoc localizers run in two processes side by side, then this
     process loads every model from its cache; results.json equals the one-process run's, leaf by leaf."""
     args = ["--preset=smoke", "--threads=1"]
@@ -518,7 +503,7 @@ def test_two_workers_give_the_numbers_of_one_process(tmp_path, capsys):
     for name in ("standard", "dedup_epochs", "dedup_steps", "memsinks", "gradmask"):
         assert f"[{name}] resumed from" in said and f"[{name}] no checkpoint" not in said, name
     assert "hard_concrete r=" not in said and m2["env"]["workers"] == 2 and m2["worker_cpu_s"] > 0
-    one, two = _numbers(tmp_path / "one" / "results.json"), _numbers(tmp_path / "two" / "results.json")
+    one, two = run_numbers(tmp_path / "one" / "results.json"), run_numbers(tmp_path / "two" / "results.json")
     assert len(one) > 200 and one == two
 
 
@@ -545,7 +530,7 @@ def test_workers_get_only_what_is_not_cached(tmp_path, monkeypatch):
     # one worker, or a torchrun launch: nothing leaves this process
     assert ms.in_workers(sets, [(dataclasses.replace(smoke, workers=1), m) for m in ms.MAIN_JOBS]) == ({}, 0.0)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert ms.n_workers(smoke) == 1 and ms.in_workers(sets, [(smoke, m) for m in ms.MAIN_JOBS]) == ({}, 0.0)
+    assert ms.T.side_by_side(smoke.workers, smoke.device) == 1 and ms.in_workers(sets, [(smoke, m) for m in ms.MAIN_JOBS]) == ({}, 0.0)
     assert len(calls) == n
 
 

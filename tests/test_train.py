@@ -633,3 +633,12 @@ def test_prefixed_stream_prefixes_whole_lines_only():
     assert buf.getvalue() == "[w] a\n"          # "b" waits for its end of line
     p.write("c\n\nd\n")
     assert buf.getvalue() == "[w] a\n[w] bc\n[w] \n[w] d\n"
+
+
+def test_side_by_side_only_on_a_cpu_and_outside_torchrun(monkeypatch):
+    assert TR.side_by_side(2, "cpu") == 2 and TR.side_by_side(1, "cpu") == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert TR.side_by_side(2, "cpu") == 1
+    monkeypatch.setattr(TR, "pick_device", lambda device: "cuda")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert TR.side_by_side(2, "auto") == 1
