@@ -616,14 +616,17 @@ def check_tofu_agreement(agree):
     assert not bad, f"eval.py and the transformers suite disagree: {bad}"
 
 
-@row("tofu_eval_vs_transformers", target=">= 1.5", max_rounds=6, warmup=1,
+@row("tofu_eval_vs_transformers", target=">= 1.5", min_rounds=9, max_rounds=9, warmup=1,
      anchor="OpenUnlearning-style evaluation through transformers' model and generate, same weights")
 def tofu_eval_vs_transformers(cfg, device, n_items=20, max_new_tokens=32):
     """eval.py's TOFU suite on SmolLM2-135M-Instruct (model.GPT) vs the same suite computed OU's way on the same
     weights exported by hf.save_hf and loaded by transformers. The built-in world's forget10 (2 people of 20, 20 QA
-    items) against as many retain90 items of other people as the holdout. One round of both sides takes about a
-    minute at 1 thread, so: 6 rounds (the fewest with a 95% interval), one untimed warm-up call each; the whole row,
-    with the profile of a missed target, ~12 minutes."""
+    items) against as many retain90 items of other people as the holdout. A computes each forget question once for
+    its answer, paraphrase and perturbed answers (eval.candidate_scores) and the holdout in one forward; B runs 8
+    teacher-forced forwards of the full sequences; both generate the same way. One round of both sides takes ~50 s
+    at 1 thread, so: 9 rounds, the fewest whose 95% interval of the median leaves out the slowest and the fastest
+    round (one call slowed by other work on a shared machine cannot decide the verdict), one untimed warm-up call
+    each; the whole row ~9 minutes, ~12 with the profile of a missed target."""
     try:
         import transformers
     except ImportError:
