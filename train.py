@@ -352,6 +352,14 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: ... and up to 1 GiB of freed heap kept for reuse
 
 
+def cpu_seconds():
+    """CPU seconds of this process and of its finished child processes (run_jobs' workers once the pool is
+    shut down): what a run cost in all, for its report."""
+    import resource
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def side_by_side(workers, device):
     """How many worker processes a script may run at once: `workers` on a CPU; 1 on an accelerator (the workers
     would share the one device, each with a context and model copies of its own) and under torchrun (every rank

@@ -642,3 +642,12 @@ def test_side_by_side_only_on_a_cpu_and_outside_torchrun(monkeypatch):
     monkeypatch.setattr(TR, "pick_device", lambda device: "cuda")
     monkeypatch.delenv("WORLD_SIZE")
     assert TR.side_by_side(2, "auto") == 1
+
+
+def test_cpu_seconds_counts_the_workers_of_run_jobs():
+    import math
+    import time
+    c0, p0 = TR.cpu_seconds(), time.process_time()
+    out = TR.run_jobs(math.factorial, [(60000,), (60000,)], 2)
+    assert out[0] == out[1] == math.factorial(60000)
+    assert TR.cpu_seconds() - c0 > time.process_time() - p0        # the two workers' CPU is in there
