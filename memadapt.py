@@ -1101,7 +1101,8 @@ def run_seed(cfg):
     untouched = bool(torch.equal(values_before, mem.values.detach()))
     row = lambda n: table_row(n, raw["base"], raw["finetuned"], raw["retrained"])
     # the post-hoc baselines on Finetuned, and iterative unlearning on MemAdapt
-    sweep, best = posthoc_baselines(cfg, ft, tok, sets, retain, E, row)
+    sweep, best = posthoc_in_workers(cfg, ft, tok, sets, retain, E, row,
+                                     (raw["base"], raw["finetuned"], raw["retrained"]))
     iterative = iterative_unlearning(mem, ma, sets, forget, E, row)
     # Table 1, the forget set by fact kind and role, and what claims 1 and 2 rest on
     table = {"finetuned": row(raw["finetuned"]), "memadapt_ft": row(raw["memadapt_ft"]),
@@ -1117,16 +1118,16 @@ def run_seed(cfg):
     return metrics, claims, checks
 
 
-def posthoc_baselines(cfg, ft, tok, sets, retain, E, row):
-    """Each post-hoc baseline on Finetuned: its lr picked over the lr_mults sweep by HM(model utility, Mem.) on a
-    held-out forget request (sets["tune"], data.tuning_request), then one run at that lr on the reported request.
-    Returns ({name: the tuning runs}, {name: the reported run})."""
+def posthoc_baselines(cfg, ft, tok, sets, retain, E, row, names=None):
+    """Each post-hoc baseline on Finetuned (cfg.baselines, or `names`): its lr picked over the lr_mults sweep by
+    HM(model utility, Mem.) on a held-out forget request (sets["tune"], data.tuning_request), then one run at that
+    lr on the reported request. Returns ({name: the tuning runs}, {name: the reported run})."""
     tune_ids = sorted({r["person"] for r in sets["tune"]})
     forget_ids = sorted({r["person"] for r in sets[cfg.forget]})
     tune_b, tune_retain_b = unlearn_batches(cfg, tok, sets["tune"], [r for r in retain if r["person"] not in tune_ids])
     forget_b, retain_b = unlearn_batches(cfg, tok, sets[cfg.forget], retain)
     sweep, best = {}, {}
-    names = [b for b in cfg.baselines.split(",") if b]
+    names = [b for b in cfg.baselines.split(",") if b] if names is None else names
     for i, name in enumerate(names):
         def score(lr):
             net, t = run_baseline(cfg, ft, name, lr, tune_b, tune_retain_b)
@@ -1143,6 +1144,36 @@ def posthoc_baselines(cfg, ft, tok, sets, retain, E, row):
         print(f"  {name} lr {pick['value']:.1e} (tuned on the held-out request): Util_R {r['util_r']:.3f} "
               f"Mem {r['mem']:.3f} Priv {r['priv']:.3f} Agg {r['agg']:.3f} ({t['train_s']:.1f} s)  [{i + 1}/{len(names)}]")
     return sweep, best
+
+
+def posthoc_in_workers(cfg, ft, tok, sets, retain, E, row, refs):
+    """posthoc_baselines with the baselines dealt to train.side_by_side worker processes (each baseline's tuning
+    and reported run are independent of the others'; the same numbers as one process). refs: the raw numbers of
+    base, Finetuned and Retrained that table_row scores against."""
+    names = [b for b in cfg.baselines.split(",") if b]
+    n = min(T.side_by_side(cfg.workers, cfg.device), len(names))
+    if n < 2:
+        return posthoc_baselines(cfg, ft, tok, sets, retain, E, row)
+    parts = T.run_jobs(posthoc_job, [(cfg, names[i::n], refs) for i in range(n)], n)
+    sweep = {k: v for s, _ in parts for k, v in s.items()}
+    best = {k: v for _, b in parts for k, v in b.items()}
+    return {k: sweep[k] for k in names if k in sweep}, {k: best[k] for k in names}
+
+
+def posthoc_job(cfg, names, refs):
+    """posthoc_baselines for `names` in a worker process: the data and Finetuned from their caches."""
+    import contextlib
+    import sys
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{','.join(names)}] ")):
+        D, base, _ = data_and_base(cfg)
+        tok, sets = D["tok"], D["sets"]
+        retain = [r for r in sets["full"] if r["person"] not in set(D["forget"])]
+        ft, _ = finetune(cfg, base, tok, sets["full"], "finetuned")
+        return posthoc_baselines(cfg, ft, tok, sets, retain,
+                                 lambda net, split=None: evaluate(cfg, net, tok, sets, split),
+                                 lambda n: table_row(n, *refs), names)
 
 
 def iterative_unlearning(mem, ma, sets, forget, E, row):

@@ -497,9 +497,11 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
 
 def test_models_trained_in_two_workers_give_the_same_run(tmp_path, run_numbers):
     """workers=2 trains Finetuned, Retrained and both adapters in worker processes (into the caches the run then
-    loads): every number but the timings equals the one-process run's."""
-    one, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'one'}", "--baselines=npo"])
-    two, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'two'}", "--baselines=npo", "--workers=2"])
+    loads) and deals the post-hoc baselines to them: every number but the timings equals the one-process run's."""
+    one, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'one'}", "--baselines=npo,graddiff"])
+    two, _ = MA.main(["--preset=smoke", f"--out_dir={tmp_path / 'two'}", "--baselines=npo,graddiff", "--workers=2"])
+    assert list(two[0]["table1"])[-2:] == ["npo", "graddiff"]          # the report's order, not the workers'
+    assert run_numbers(two[0]["baseline_sweep"]) == run_numbers(one[0]["baseline_sweep"]) != {}
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "two" / "ckpt").glob("*.pt")) == \
         ["base", "finetuned", "memadapt", "memadapt_unmasked", "retrained"]
     for k in ("table1", "raw", "iterative", "upper_bound", "routing_before", "routing_after", "extractability"):
