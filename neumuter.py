@@ -915,9 +915,7 @@ def run_tofu(cfg, seed, split, log=print):
 def tofu_claim(tf, keep):
     """Claim 4 on one split (Figure 5): at utility >= keep x the original's (the original itself excluded),
     NeuMuter's best forget quality is at least every baseline's best there and above the original model's.
-    Preconditions: the original model's FQ is below FQ_APART (else the forget set does not tell it from the
-    retrained model and there is nothing to unlearn that the test can see), and some baseline has a point in that
-    utility band (an empty band leaves nothing to compare with).
+    Precondition: some baseline has a point in that utility band (an empty band leaves nothing to compare with).
     Conditions: NeuMuter has a point in the band; its best FQ there >= the best baseline's there; and > the
     original's FQ (0 when NeuMuter has no point in the band: the first condition fails then)."""
     mu0 = tf["original"]["mu"]
@@ -926,13 +924,9 @@ def tofu_claim(tf, keep):
     nm = best.pop("neumuter")
     others = [v for v in best.values() if v is not None]
     base_mu = max([p["mu"] for k, c in tf["curves"].items() if k != "neumuter" for p in c], default=None)
-    fq0 = tf["original"]["fq"]
-    pre = ev.precondition(f"the original model is told apart from the retrained one on the forget set (original FQ < "
-                          f"{FQ_APART}, the KS test's level)", fq0, fq0 < FQ_APART)
-    if pre["met"]:
-        pre = ev.precondition(f"a post-hoc baseline has a point at model utility >= {keep}x the original's (best "
-                              f"baseline MU / original MU)", None if base_mu is None or mu0 <= 0 else
-                              round(base_mu / mu0, 4), bool(others))
+    pre = ev.precondition(f"a post-hoc baseline has a point at model utility >= {keep}x the original's (best baseline "
+                          f"MU / original MU)", None if base_mu is None or mu0 <= 0 else round(base_mu / mu0, 4),
+                          bool(others))
     nm_mu = max(p["mu"] for p in tf["curves"]["neumuter"])
     nm_fq = 0.0 if nm is None else nm
     tests = [ev.condition("NeuMuter's best model utility", nm_mu, ">=", bar)]
@@ -959,9 +953,6 @@ PPL_RISE_SHARE = 0.5       # claim 2: NeuMuter's PPL rise at most half of GA's, 
                            # (Table 2 / Table 7: NeuMuter +26% / +10% / +15% on 125M / 1.3B / 2.7B; the smallest
                            # of GA's, SGA's, TA's rises is TA's +68% on 2.7B, so the paper's margin exceeds 2x
                            # everywhere). No cap on NeuMuter's own rise: the paper's claim is the comparison
-FQ_APART = 0.05           # claim 4's precondition: the original's forget quality (a KS p-value against the retrained
-                           # model) below the test's 5% level, as TOFU reads p < 0.05 as "distinguishable"; added after
-                           # --preset=real_tofu's original (20 forget QA) scored FQ 0.34
 SELECTED_MAX = 0.03        # claim 3: "a few percent" of the gated FFN neurons (paper, Conclusion: "merely 1%")
 LOCALIZABLE_MAX = 0.10     # precondition of claims 2 and 3, fixed before any run: memorization counts as
                            # localized when zeroing at most 10% of the gated neurons (integrated-gradients ranking,
