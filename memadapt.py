@@ -41,11 +41,13 @@ Where we differ from the paper (each on purpose or forced by a CPU budget):
   "scores set to -inf"): the next-best candidates take their place; the search is not widened beyond k x k.
 - times are CPU seconds on a shared 2-core machine (the paper: one GPU).
 """
+import contextlib
 import copy
 import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, asdict, replace
 
@@ -1061,8 +1063,6 @@ def call(fn, args):
 def train_job(cfg, name):
     """One model of prepare's (finetuned, retrained, memadapt, memadapt_unmasked) trained into its cache, in a
     worker process (the base loads from its cache); its output lines carry its name."""
-    import contextlib
-    import sys
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{name}] ")):
@@ -1162,8 +1162,6 @@ def posthoc_in_workers(cfg, ft, tok, sets, retain, E, row, refs):
 
 def posthoc_job(cfg, names, refs):
     """posthoc_baselines for `names` in a worker process: the data and Finetuned from their caches."""
-    import contextlib
-    import sys
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{','.join(names)}] ")):

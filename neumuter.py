@@ -797,13 +797,17 @@ def tofu_models(cfg, seed, split, log=print):
     ref = fit(f"tofu_retrained_{split}", retain, cfg.tofu_epochs * n_full / (len(retain) + len(world)))
     m = dict(net=net, ref=ref, tok=tok, forget=forget, retain=retain, world=world, retain_eval=retain[:cfg.tofu_retain_eval])
     if cfg.tofu_lr_grid:
-        people = lambda recs: sorted({r["person"] for r in recs})
-        held = set(D.tuning_request(w.forget_order, people(forget), people(m["retain_eval"])))
+        held = set(D.tuning_request(w.forget_order, people_of(forget), people_of(m["retain_eval"])))
         m["tune"] = [r for r in full if r["person"] in held]
         m["tune_retain"] = [r for r in full if r["person"] not in held]
         m["tune_ref"] = fit(f"tofu_retrained_tune_{split}", m["tune_retain"],
                             cfg.tofu_epochs * n_full / (len(m["tune_retain"]) + len(world)))
     return m
+
+
+def people_of(recs):
+    """The sorted person ids of QA records."""
+    return sorted({r["person"] for r in recs})
 
 
 def best_fq_in_band(curve, bar):
@@ -883,8 +887,7 @@ def run_tofu(cfg, seed, split, log=print):
         Et = TofuEval(tok, m["tune"], m["retain_eval"], world, tok.pad_id)
         Et.tr_retrained = Et.forget_tr(m["tune_ref"])
         tune_b = batches(m["tune"], m["tune_retain"])
-        people = lambda recs: sorted({r["person"] for r in recs})
-        out["tuning"] = {"people": people(m["tune"]), "n_qa": len(m["tune"]), "original": Et(net),
+        out["tuning"] = {"people": people_of(m["tune"]), "n_qa": len(m["tune"]), "original": Et(net),
                          "retrained": Et(m["tune_ref"]), "picks": {}}
     f_batches, r_batches = batches(forget, retain)
     for name in cfg.tofu_methods:
@@ -898,7 +901,7 @@ def run_tofu(cfg, seed, split, log=print):
                 log(f"  {name} lr {v:.1e} on the held-out request: best FQ at MU >= {bar:.3f}: "
                     f"{'none' if s is None else f'{s:.3g}'} ({runs[v][1]:.0f} s)")
                 return -1.0 if s is None else s
-            pick = ev.tune(list(cfg.tofu_lr_grid), score, tuned_on=out["tuning"]["people"], reported=people(forget),
+            pick = ev.tune(list(cfg.tofu_lr_grid), score, tuned_on=out["tuning"]["people"], reported=people_of(forget),
                            what=f"{name} lr", minimize=False, extend=cfg.tofu_lr_extend)
             pick["curves"] = {f"{v:.3g}": runs[v][0] for v in pick["grid"]}
             pick["time_s"] = sum(t for _, t in runs.values())
