@@ -16,15 +16,23 @@ import torch
 from model import GPT, ModelConfig, rope_inv_freq
 
 
+_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}   # HF activation_function -> ours
+
+
+def _gelu_of(hf, model_type):
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GELUS:
+        raise ValueError(f"{model_type} activation_function {act!r} is not supported (only {', '.join(_GELUS)})")
+    return _GELUS[act]
+
+
 def config_from_hf(hf):
     """Our ModelConfig from a Hugging Face config.json dict (model_type gpt2 or llama; SmolLM and Llama 3 are llama).
     Anything our model cannot compute exactly (another activation, another RoPE scaling, ...) is an error rather
     than a silently different model. Dropout is 0: the loaded model is for evaluation and unlearning runs."""
     mt = hf.get("model_type")
     if mt == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):        # both are the tanh approximation we compute
-            raise ValueError(f"gpt2 activation_function {act!r} is not supported (only gelu_new)")
+        gelu = _gelu_of(hf, "gpt2")
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
             raise ValueError("gpt2 checkpoints with non-standard attention scaling are not supported")
         n_embd = hf["n_embd"]
@@ -32,7 +40,7 @@ def config_from_hf(hf):
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
                            d_ff=hf.get("n_inner") or 4 * n_embd,          # n_inner None means 4 * n_embd
                            bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0)
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0, gelu=gelu)
     if mt == "llama":
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"llama hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -62,9 +70,7 @@ def config_from_hf(hf):
                            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                            dropout=0.0)
     if mt == "gpt_neo":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"gpt_neo activation_function {act!r} is not supported (only gelu_new)")
+        gelu = _gelu_of(hf, "gpt_neo")
         layers = hf.get("attention_layers") or [t for kinds, n in hf["attention_types"] for _ in range(n) for t in kinds]
         n_embd = hf["hidden_size"]
         # GPT-Neo is GPT-2 with separate bias-free q/k/v (our fused qkv bias stays 0), alternating global and
@@ -73,7 +79,7 @@ def config_from_hf(hf):
                            n_layer=hf["num_layers"], n_head=hf["num_heads"], n_embd=n_embd,
                            d_ff=hf.get("intermediate_size") or 4 * n_embd, bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True),
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0, attn_scale=False,
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0, attn_scale=False, gelu=gelu,
                            attention_layers=tuple(layers), local_window=hf.get("window_size", 256))
     raise ValueError(f"model_type {mt!r} is not supported; supported: 'gpt2', 'gpt_neo', 'llama' (incl. SmolLM, "
                      f"Llama 3)")
@@ -585,6 +591,7 @@ def hf_config(cfg, dtype=torch.float32):
                     num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=rope, hidden_act="silu",
                     attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
+    act = "gelu_new" if cfg.gelu == "tanh" else "gelu"
     if cfg.n_kv_head != cfg.n_head:
         raise ValueError("a gpt2-flavor model with grouped-query attention (n_kv_head != n_head) has no HF equivalent")
     if cfg.attention_layers or not cfg.attn_scale:
@@ -594,11 +601,11 @@ def hf_config(cfg, dtype=torch.float32):
                     num_layers=cfg.n_layer, num_heads=cfg.n_head, intermediate_size=cfg.d_ff,
                     max_position_embeddings=cfg.block_size, layer_norm_epsilon=cfg.norm_eps,
                     attention_types=[[[t], 1] for t in (cfg.attention_layers or ("global",) * cfg.n_layer)],
-                    window_size=cfg.local_window or 256, activation_function="gelu_new", embed_dropout=0.0,
+                    window_size=cfg.local_window or 256, activation_function=act, embed_dropout=0.0,
                     attention_dropout=0.0, resid_dropout=0.0, **common)
     return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                 n_head=cfg.n_head, n_inner=cfg.d_ff, n_positions=cfg.block_size, n_ctx=cfg.block_size,
-                layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                layer_norm_epsilon=cfg.norm_eps, activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0,
                 attn_pdrop=0.0, **common)
 
 

@@ -47,6 +47,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()      # Llama 3.x: (factor, low_freq_factor, high_freq_factor, original_max_pos); () = none
     dropout: float = 0.0
+    # the gpt2 flavor's GELU: "tanh" is GPT-2's gelu_new, which Hugging Face GPT-2 / GPT-Neo checkpoints need;
+    # "exact" is the erf GELU nanoGPT trains with (its CPU kernel is ~4x faster forward). hf.py sets it from a
+    # checkpoint's activation_function; a checkpoint saved without the field was trained with "tanh"
+    gelu: str = "tanh"
     attn_scale: bool = True       # False: no 1/sqrt(head_dim) on attention logits (GPT-Neo was trained without it)
     attention_layers: tuple = ()  # per layer "global" or "local" (GPT-Neo alternates them); () = all global
     local_window: int = 0         # a "local" layer's query sees itself and the local_window - 1 tokens before it
@@ -54,6 +58,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.flavor not in ("gpt2", "llama"):
             raise ValueError(f"flavor must be 'gpt2' or 'llama', got {self.flavor!r}")
+        if self.gelu not in ("tanh", "exact"):
+            raise ValueError(f"gelu must be 'tanh' (GPT-2's gelu_new) or 'exact' (erf), got {self.gelu!r}")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
@@ -162,7 +168,7 @@ class MLP(nn.Module):
     """up/gate/down. The hidden activation h (B, T, d_ff) is where masks act; down.weight[:, i] is value vector i."""
     def __init__(self, cfg):
         super().__init__()
-        self.flavor = cfg.flavor
+        self.flavor, self.approximate = cfg.flavor, "tanh" if cfg.gelu == "tanh" else "none"
         self.up = nn.Linear(cfg.n_embd, cfg.d_ff, bias=cfg.bias)
         if cfg.flavor == "llama":
             self.gate = nn.Linear(cfg.n_embd, cfg.d_ff, bias=cfg.bias)
@@ -171,7 +177,7 @@ class MLP(nn.Module):
     def hidden(self, x):
         if self.flavor == "llama":
             return F.silu(self.gate(x)) * self.up(x)         # SwiGLU
-        return F.gelu(self.up(x), approximate="tanh")         # GPT-2's gelu_new
+        return F.gelu(self.up(x), approximate=self.approximate)
 
     def forward(self, x, mask=None):
         if mask is not None and not isinstance(mask, torch.Tensor):

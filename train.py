@@ -628,7 +628,7 @@ def model_from_checkpoint(ckpt, device="cpu", setup=None):
         ckpt = load_checkpoint(ckpt, device)
     if ckpt.get("model_config") is None:
         raise ValueError("checkpoint has no model_config: it was not saved from a GPT")
-    model = GPT(ModelConfig(**ckpt["model_config"]))
+    model = GPT(ModelConfig(**{"gelu": "tanh", **ckpt["model_config"]}))   # saved before the field: tanh
     if setup is not None:
         setup(model)
     model.load_state_dict(ckpt["model"])
@@ -690,7 +690,10 @@ def run_key(model_cfg, train_cfg, data=None, **settings):
                  standard model, so a sweep over p reuses the standard model.
     """
     tc = dataclasses.asdict(as_train_config(train_cfg))
-    return digest({"model": _as_dict(model_cfg), "train": {k: v for k, v in tc.items() if k not in _NOT_TRAINING},
+    mc = _as_dict(model_cfg)
+    if mc is not None and mc.get("gelu") == "tanh":    # the form before ModelConfig.gelu existed: its keys stay valid
+        mc = {k: v for k, v in mc.items() if k != "gelu"}
+    return digest({"model": mc, "train": {k: v for k, v in tc.items() if k not in _NOT_TRAINING},
                    "data": digest(data), "settings": settings})
 
 

@@ -76,6 +76,15 @@ def test_gpt2_safetensors(tmp_path):
     assert max_logit_diff(hf, ours) < 1e-4
 
 
+def test_gpt2_exact_gelu_checkpoint(tmp_path):
+    # activation_function "gelu" is the erf GELU: loaded as gelu="exact" (the tanh form would differ visibly)
+    hf = randomize(GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=64,
+                                              activation_function="gelu")), 5)
+    hf.save_pretrained(tmp_path)
+    ours = hf_io.load_hf(tmp_path)
+    assert ours.cfg.gelu == "exact" and max_logit_diff(hf, ours) < 1e-4
+
+
 def test_gpt2_bin_hub_layout(tmp_path):
     hf = tiny_gpt2(seed=3)
     save_bin(hf, tmp_path, gpt2_hub_layout=True)
@@ -151,7 +160,13 @@ def test_config_from_hf_formats():
     assert not plain.tie_embeddings and not plain.bias
     g = hf_io.config_from_hf(dict(model_type="gpt2", vocab_size=10, n_positions=16, n_layer=1, n_head=2, n_embd=8,
                               n_inner=None, layer_norm_epsilon=1e-5))
-    assert g.d_ff == 32 and g.block_size == 16 and g.tie_embeddings
+    assert g.d_ff == 32 and g.block_size == 16 and g.tie_embeddings and g.gelu == "tanh"
+    for act, gelu in [("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"), ("gelu", "exact")]:
+        assert hf_io.config_from_hf(dict(model_type="gpt2", vocab_size=10, n_positions=16, n_layer=1, n_head=2,
+                                         n_embd=8, activation_function=act)).gelu == gelu
+    with pytest.raises(ValueError, match="activation_function 'relu'"):
+        hf_io.config_from_hf(dict(model_type="gpt2", vocab_size=10, n_positions=16, n_layer=1, n_head=2, n_embd=8,
+                                  activation_function="relu"))
     for bad in [dict(base, model_type="mistral"), dict(base, hidden_act="gelu"),
                 dict(base, rope_scaling=dict(type="linear", factor=2.0)), dict(base, head_dim=4),
                 dict(base, attention_bias=True)]:

@@ -18,6 +18,7 @@ V = 97
 CONFIGS = {
     "gpt2_tied": dict(flavor="gpt2"),
     "gpt2_untied_nobias": dict(flavor="gpt2", tie_embeddings=False, bias=False),
+    "gpt2_exact_gelu": dict(flavor="gpt2", gelu="exact"),
     "gpt_neo": dict(flavor="gpt2", attn_scale=False, attention_layers=("global", "local"), local_window=6),
     "llama_gqa_untied": dict(flavor="llama", n_kv_head=2, tie_embeddings=False, bias=False),
     "llama_tied_bias": dict(flavor="llama", tie_embeddings=True, bias=True),

@@ -108,7 +108,10 @@ def slow_forward(model, idx, doc_ids=None, masks=None):
                 a = z / (1 + torch.exp(-z)) * lin(hn, pre + "mlp.up")
             else:
                 u = lin(hn, pre + "mlp.up")
-                a = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+                if cfg.gelu == "tanh":      # GPT-2's gelu_new
+                    a = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+                else:                       # x * Phi(x), Phi the standard normal CDF
+                    a = u * 0.5 * (1 + torch.erf(u / math.sqrt(2)))
             if masks is not None and masks[l] is not None:
                 a = a * torch.broadcast_to(masks[l], (B, T, cfg.d_ff))[b].double()
             x = x + lin(a, pre + "mlp.down")
@@ -116,7 +119,7 @@ def slow_forward(model, idx, doc_ids=None, masks=None):
     return out
 
 
-CASES = {"gpt2": dict(flavor="gpt2"),
+CASES = {"gpt2": dict(flavor="gpt2"), "gpt2-exact-gelu": dict(flavor="gpt2", gelu="exact"),
          "llama-gqa": dict(flavor="llama"),
          "llama-mha-bias-tied": dict(flavor="llama", n_kv_head=4, bias=True, tie_embeddings=True),
          "llama-mqa-llama3": dict(flavor="llama", n_kv_head=1, rope_theta=500000.0, rope_scaling=(8.0, 1.0, 4.0, 16.0))}
@@ -133,6 +136,15 @@ def test_forward_matches_slow_reference(case):
         assert torch.allclose(m(idx, doc_ids=doc_ids)[0].double(), slow_forward(m, idx, doc_ids), atol=2e-5)
         got = m(idx, mlp_mask=[mask, None])[0].double()
         assert torch.allclose(got, slow_forward(m, idx, masks=[mask, None]), atol=2e-5)
+
+
+def test_gelu_forms_differ_and_a_bad_one_is_named():
+    # the slow-reference comparison (atol 2e-5) tells the two forms apart only if they differ by more here
+    idx = randint((2, 9))
+    with torch.no_grad():
+        assert (make(gelu="tanh")(idx)[0] - make(gelu="exact")(idx)[0]).abs().max() > 1e-4    # tolerance: 2e-5
+    with pytest.raises(ValueError, match="gelu"):
+        ModelConfig(gelu="erf")
 
 
 def test_rope_inv_freq_and_rotation_match_slow_reference():
