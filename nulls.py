@@ -83,8 +83,9 @@ class ActiveSinks:
     """Fast path: compute only the N_gen + N_source active neurons of each token instead of multiplying the
     full N_gen + N_pool hidden layer by a mostly-zero mask. Passed to the model as mlp_mask (model.py calls
     .mlp_forward(mlp, x)). Tokens are grouped by source (a packed row may mix sources): each distinct source
-    gathers its sink rows of up/gate and columns of down once, and its tokens run through one batched matmul.
-    Equal, in outputs and gradients, to source_mask() used densely (tested)."""
+    gets its sink rows of up/gate and columns of down, and its tokens run through one batched matmul.
+    Equal, in outputs and gradients, to source_mask() used densely (tested), and bit for bit to slicing
+    the backbone and indexing each source's sinks separately (nulls.py's published runs; tested)."""
 
     def __init__(self, src_ids, n_gen, n_pool, n_source, forget=()):
         self.n_gen = n_gen
@@ -102,41 +103,48 @@ class ActiveSinks:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty(N, dtype=torch.long, device=flat.device)
         rank[order] = torch.arange(N, device=flat.device) - starts[inv[order]]
-        self.inv, self.rank, self.max_count, self.shape = inv, rank, int(counts.max()), src_ids.shape
+        self.max_count = int(counts.max())
+        self.slot = inv * self.max_count + rank       # (N,) the token's row of the (U max_count, C) grouped tokens
+        # every hidden row a step reads, the backbone's then each source's sinks: one gather per weight, so its
+        # gradient is one scatter (index_add) into one zero tensor, not a backbone slice's plus the sinks' plus a sum
+        self.rows = torch.cat([torch.arange(n_gen, device=flat.device), self.sinks.flatten()])
 
     def mlp_forward(self, mlp, x):
         B, T, C = x.shape
-        g = self.n_gen
+        g, (U, n) = self.n_gen, self.sinks.shape
+        # the gathered rows; each matmul below gets its operand in the layout the separate slices had (down's
+        # backbone a column slice, its sinks contiguous), so the numbers are those of slicing the weights
+        w = {name: lin.weight.index_select(0, self.rows) for name, lin in (("up", mlp.up), ("gate", getattr(mlp, "gate", None)))
+             if lin is not None}
+        w_down = mlp.down.weight.index_select(1, self.rows)               # (C, g + U n)
         # shared backbone: dense over the first N_gen neurons
-        h_gen = _hidden(mlp, x, slice(0, g))                             # (B, T, g)
-        out = h_gen @ mlp.down.weight[:, :g].t()
+        h_gen = _hidden(mlp, x, slice(0, g), {k: v[:g] for k, v in w.items()})   # (B, T, g)
+        out = h_gen @ w_down[:, :g].t()
         if mlp.down.bias is not None:
             out = out + mlp.down.bias
-        # sinks: tokens scattered into (U, max_count, C) groups, one gathered weight slice per source
+        # sinks: tokens scattered into (U, max_count, C) groups, one weight slice per source
         xf = x.reshape(-1, C)
-        grouped = xf.new_zeros(len(self.uniq), self.max_count, C)
-        grouped[self.inv, self.rank] = xf
-        h = _hidden(mlp, grouped, self.sinks)                            # (U, max_count, n_source)
+        grouped = xf.new_zeros(U * self.max_count, C).index_copy(0, self.slot, xf).view(U, self.max_count, C)
+        h = _hidden(mlp, grouped, self.sinks, {k: v[g:].view(U, n, C) for k, v in w.items()})   # (U, max_count, n)
         if self.keep is not None:
             h = h * self.keep[:, None, :]
-        w_down = mlp.down.weight.t()[self.sinks]                         # (U, n_source, C)
-        y = torch.bmm(h, w_down)                                         # (U, max_count, C)
-        return out + y[self.inv, self.rank].view(B, T, C)
+        y = torch.bmm(h, w_down[:, g:].t().reshape(U, n, C).contiguous())   # (U, max_count, C)
+        return out + y.view(-1, C).index_select(0, self.slot).view(B, T, C)
 
 
-def _hidden(mlp, x, cols):
+def _hidden(mlp, x, cols, weights):
     """The MLP hidden activation restricted to neurons `cols` (a slice, or (U, n) per-group indices with x
-    grouped as (U, L, C)); same nonlinearity and gating as model.MLP.hidden."""
-    def proj(lin):
+    grouped as (U, L, C)) whose up (and gate) rows are weights["up"] (["gate"]): (n, C), or (U, n, C) per
+    group; same nonlinearity and gating as model.MLP.hidden."""
+    def proj(lin, w):
         if isinstance(cols, slice):
-            y = x @ lin.weight[cols].t()
+            y = x @ w.t()
             return y + lin.bias[cols] if lin.bias is not None else y
-        w = lin.weight[cols]                                             # (U, n, C)
         y = torch.bmm(x, w.transpose(1, 2))                              # (U, L, n)
         return y + lin.bias[cols][:, None, :] if lin.bias is not None else y
     if mlp.flavor == "llama":
-        return torch.nn.functional.silu(proj(mlp.gate)) * proj(mlp.up)
-    return torch.nn.functional.gelu(proj(mlp.up), approximate="tanh")
+        return torch.nn.functional.silu(proj(mlp.gate, weights["gate"])) * proj(mlp.up, weights["up"])
+    return torch.nn.functional.gelu(proj(mlp.up, weights["up"]), approximate=mlp.approximate)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -231,3 +231,54 @@ def test_lazy_optimizer_leaves_sinks_no_trained_source_uses_exactly_at_init(tmp_
     assert not torch.equal(dense_w[unused], init[unused])
     assert not torch.equal(lazy_w[:cfg.n_gen], init[:cfg.n_gen])              # the backbone trained
     assert len([f for f in os.listdir(tmp_path) if f.startswith("retrained-") and f.endswith(".pt")]) == 2
+
+
+def _sliced_mlp(act, mlp, x):
+    """ActiveSinks.mlp_forward as nulls.py's published runs trained with it: the backbone sliced off each weight
+    and every source's sinks indexed out separately (three uses of a weight, three gradient tensors summed)."""
+    B, T, C = x.shape
+    g, inv, rank = act.n_gen, act.slot // act.max_count, act.slot % act.max_count
+    F = torch.nn.functional
+
+    def hidden(z, cols):
+        def proj(lin):
+            if isinstance(cols, slice):
+                y = z @ lin.weight[cols].t()
+                return y + lin.bias[cols] if lin.bias is not None else y
+            y = torch.bmm(z, lin.weight[cols].transpose(1, 2))
+            return y + lin.bias[cols][:, None, :] if lin.bias is not None else y
+        return F.silu(proj(mlp.gate)) * proj(mlp.up) if mlp.flavor == "llama" else F.gelu(proj(mlp.up), approximate="tanh")
+    out = hidden(x, slice(0, g)) @ mlp.down.weight[:, :g].t()
+    if mlp.down.bias is not None:
+        out = out + mlp.down.bias
+    grouped = x.new_zeros(len(act.uniq), act.max_count, C)
+    grouped[inv, rank] = x.reshape(-1, C)
+    h = hidden(grouped, act.sinks)
+    if act.keep is not None:
+        h = h * act.keep[:, None, :]
+    return out + torch.bmm(h, mlp.down.weight.t()[act.sinks])[inv, rank].view(B, T, C)
+
+
+@pytest.mark.parametrize("flavor", ["llama", "gpt2"])
+def test_fast_path_bit_identical_to_slicing_each_source(flavor, monkeypatch):
+    """The published runs' numbers: one gather per weight gives the same bits, outputs and gradients, as slicing
+    the backbone and indexing each source's sinks (sinks shared by 3+ sources: the gradient sums in the same order)."""
+    n_gen, n_pool, n_source = 6, 40, 10
+    cfg = model.ModelConfig(flavor=flavor, vocab_size=30, n_layer=2, n_head=2, n_embd=16, d_ff=n_gen + n_pool,
+                            bias=flavor == "gpt2", block_size=16)
+    torch.manual_seed(0)
+    net = model.GPT(cfg)
+    x, y = torch.randint(0, 30, (5, 12)), torch.randint(0, 30, (5, 12))
+    src = torch.tensor([[7] * 5 + [11] * 7, [2] * 12, [11] * 3 + [4] * 9, [0] * 4 + [3] * 8, [5] * 12])
+    for forget in [(), (4,)]:
+        act = nulls.ActiveSinks(src, n_gen, n_pool, n_source, forget)
+        assert torch.bincount(act.sinks.flatten()).max() >= 3           # some sink in three sources
+        runs = []
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(act, "mlp_forward", lambda mlp, h: _sliced_mlp(act, mlp, h))
+            net.zero_grad(set_to_none=True)
+            logits, loss = net(x, y, mlp_mask=act)
+            loss.backward()
+            runs.append([logits.detach()] + [p.grad.clone() for p in net.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), (flavor, forget)
