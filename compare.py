@@ -590,6 +590,7 @@ class Request:
                                             "retrained_b")
         self.retrained_tune, t_t = MA.finetune(m, base, tok, self.tune_retain, "retrained_tune")
         self.times = {"retrained": t, "retrained_b": t_b, "retrained_tune": t_t}
+        self.tune_ref = None                  # tune_row's reference scores on the tuning request
         for n in ("retrained", "retrained_b", "retrained_tune"):
             getattr(self, n).requires_grad_(False)
 
@@ -602,8 +603,14 @@ def shared_models(cfg):
     """What every request shares (all trained on every person): the base, Finetuned, MemAdapt FT, the NULLs and
     MemSinks models. memadapt.py's cache serves the first three when the settings agree."""
     mcfg = ma_config(cfg)
-    # with workers, the sink models and MemAdapt FT train beside Finetuned and Retrained (longest first)
-    warm = [(sink_job, (cfg, "memsinks")), (sink_job, (cfg, "nulls")), (MA.train_job, (mcfg, "memadapt"))]
+    # with workers, the sink models, MemAdapt FT and every request's own models (Request, run_request) train
+    # beside Finetuned and Retrained, roughly longest first, so no worker idles while the other trains a
+    # request's five models; run_request then loads them from their caches (the first request's Retrained is
+    # prepare's)
+    mine = lambda names: [(request_model_job, (cfg, k, n)) for n in names for k in cfg.forget_kinds
+                          if (k, n) != (mcfg.forget_kind, "retrained")]
+    warm = ([(sink_job, (cfg, "memsinks"))] + mine(["memsinks"]) + [(sink_job, (cfg, "nulls"))] + mine(["nulls"])
+            + mine(["retrained", "retrained_b", "retrained_tune"]) + [(MA.train_job, (mcfg, "memadapt"))])
     D, base, ft, _, _, times = MA.prepare(mcfg, warm)    # (prepare's Retrained is the first request's, reused there)
     tok, full = D["tok"], D["sets"]["full"]
     ma_net, mem, times["memadapt_ft"] = MA.memadapt_ft(mcfg, base, tok, full)
@@ -621,6 +628,25 @@ def sink_job(cfg, kind):
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind}] ")):
         D, base, _ = MA.data_and_base(mcfg)
         train_sinks(cfg, mcfg, base, D["tok"], D["sets"]["full"], kind)
+
+
+def request_model_job(cfg, kind, name):
+    """One of request `kind`'s own models (Request's Retrained models, run_request's sink models on its retain
+    set: the same data, seeds and caches) trained into its cache, in a worker process."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    mcfg, m = ma_config(cfg), ma_config(cfg, kind)
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind} {name}] ")):
+        D0, base, _ = MA.data_and_base(mcfg)
+        tok = D0["tok"]
+        D = D0 if kind == mcfg.forget_kind else MA.load_data(m, tok if cfg.init_from else None)
+        full = D["sets"]["full"]
+        gone = set(people(D["sets"]["tune"]) if name == "retrained_tune" else D["forget"])
+        recs = [r for r in full if r["person"] not in gone]
+        if name in ("nulls", "memsinks"):
+            train_sinks(cfg, m, base, tok, recs, name)
+        else:
+            MA.finetune(replace(m, seed=m.seed + NOISE_SEED) if name == "retrained_b" else m, base, tok, recs, name)
 
 
 def one_at_a_time(cfg, R, routed, score):
@@ -738,7 +764,9 @@ def unlearn_with(cfg, S, R, name, value, start, forget_recs, retain_recs, steps=
 def tune_row(cfg, S, R, name, score):
     """The row's value picked on the held-out request (lowest D against its own Retrained; eval.tune refuses any
     overlap with the reported people), then the reported run."""
-    ref = {"retrained": score(R.retrained_tune, R.tune_groups), "finetuned": score(S["ft"], R.tune_groups)}
+    if R.tune_ref is None:                  # the references' scores, once for every row of the request
+        R.tune_ref = {"retrained": score(R.retrained_tune, R.tune_groups), "finetuned": score(S["ft"], R.tune_groups)}
+    ref = R.tune_ref
     d = lambda net: distance(score(net, R.tune_groups), ref["retrained"], ref["finetuned"])
     grid, ds = grid_of(cfg, name), {}
     if name == "neumuter":                  # one mask run, the muted model after each grid count of epochs
@@ -779,11 +807,12 @@ def posthoc_row(cfg, S, R, name, score):
     return net, rec
 
 
-def sequential(cfg, S, R, rows, picks, score):
+def sequential(cfg, S, R, rows, picks, score, ref=None):
     """The request served as cfg.sequential smaller requests, one after another (MUSE's sustainability): after
     each, the facts of everyone forgotten so far and everyone else's, D against the request's Retrained and
     Finetuned. Post-hoc rows unlearn each part from where the previous left off at their picked value, with the
-    part's share of the steps (or NeuMuter's epochs count as is). Returns {row: [record per part]}."""
+    part's share of the steps (or NeuMuter's epochs count as is). ref: Retrained's and Finetuned's scores on
+    R.groups if known. Returns {row: [record per part]}."""
     fam = {p.id: p.family for p in R.world.people}
     order = [p for p in R.world.forget_order if p in set(R.forget_ids)]
     blocks = [[p] for p in order] if R.kind == "entangled" else []
@@ -794,7 +823,7 @@ def sequential(cfg, S, R, rows, picks, score):
             blocks.append([p])
     k = min(cfg.sequential, len(blocks))
     parts = [sum(blocks[round(i * len(blocks) / k):round((i + 1) * len(blocks) / k)], []) for i in range(k)]
-    ref = {"retrained": score(R.retrained, R.groups), "finetuned": score(S["ft"], R.groups)}
+    ref = ref or {"retrained": score(R.retrained, R.groups), "finetuned": score(S["ft"], R.groups)}
     out, state = {}, {n: S["ft"] for n in picks}
     nulls = deploy(S["nulls"], S["nulls_layout"], S["tok"], S["D"]["sets"]["full"])
     gone = []
@@ -840,9 +869,11 @@ def openunlearning(raw, ref):
         "fq": ev.forget_quality(raw["forget_tr"], ref["retrained"]["forget_tr"])}
 
 
-def attacks(cfg, R, tok, net, score):
+def attacks(cfg, R, tok, net, score, known=None):
     """Recall of the forgotten people's held-out unique facts after relearning (each lr, each step count) and of
-    all their unique facts after quantization (each bit width); the retained people's recall beside each."""
+    all their unique facts after quantization (each bit width); the retained people's recall beside each.
+    known: the net's score(net, R.groups) if already computed (the same numbers, not computed again)."""
+    known = known or {}
     attack_recs, held = relearn_split(R.forget)
     held_u = fact_items(tok, [r for r in held if r["role"] == "unique"])
     all_u = R.groups["forget_unique"]
@@ -852,15 +883,15 @@ def attacks(cfg, R, tok, net, score):
     rows = {"x": rows["x"], "y": rows["y"]}
     rec = lambda m, it: float(fact_recall(m, it, cfg.eval_batch, tok.pad_id).mean())
     both = lambda m: (rec(m, held_u), rec(m, R.groups["retain"]))
-    out = {"held_before": rec(net, held_u), "retain_before": rec(net, R.groups["retain"]), "relearn": {},
-           "quant": {}}
+    before = lambda g: known[g] if g in known else rec(net, R.groups[g])
+    out = {"held_before": rec(net, held_u), "retain_before": before("retain"), "relearn": {}, "quant": {}}
     for lr in cfg.relearn_lrs:
         curve = relearn_curve(net, rows, lr, cfg.relearn_at, both)
         out["relearn"][f"{lr:g}"] = {"held": [c[0] for c in curve], "retain": [c[1] for c in curve]}
     for b in cfg.quant_bits:
         q = quantize(net, b)
         out["quant"][str(b)] = {"unique": rec(q, all_u), "retain": rec(q, R.groups["retain"])}
-    out["unique_before"] = rec(net, all_u)
+    out["unique_before"] = before("forget_unique")
     return out
 
 
@@ -935,10 +966,11 @@ def run_request(cfg, S, kind):
     ou = {n: openunlearning(r, raw) for n, r in raw.items() if n != "base"}
     att, t_a = {}, time.time()
     for n in [n for n in nets if n not in REFERENCES[3:]]:
-        att[n] = attacks(cfg, R, tok, nets[n], score)
+        att[n] = attacks(cfg, R, tok, nets[n], score, scores[n])
     print(f"  attacks: {time.time() - t_a:.0f} s")
     S["mem"].unblock(R.forget_ids)
-    seq = sequential(cfg, S, R, nets, picks, score) if cfg.sequential and kind == cfg.forget_kinds[0] else {}
+    ref = {"retrained": scores["retrained"], "finetuned": scores["finetuned"]}
+    seq = sequential(cfg, S, R, nets, picks, score, ref) if cfg.sequential and kind == cfg.forget_kinds[0] else {}
     return {"kind": kind, "target": {n: own.get(n, "retrained") for n in scores}, "forget_sources": R.forget_ids, "tune_sources": R.tune_ids,
             "roles": {g: len(it[0]) for g, it in R.groups.items()}, "scores": scores, "d": d, "d_std": d_std,
             "openunlearning": ou, "attacks": att, "cost": cost, "tuning": tuning, "sequential": seq,

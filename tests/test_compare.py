@@ -215,7 +215,7 @@ class _R:
         self.forget, self.tune = ["reported"], ["held-out"]
         self.retain, self.tune_retain = ["retain"], ["tune-retain"]
         self.retrained_tune, self.retrained = "ret_tune", "ret"
-        self.tune_groups = "tune_groups"
+        self.tune_groups, self.tune_ref = "tune_groups", None
 
 
 def test_tuning_runs_only_on_the_held_out_request(monkeypatch):
@@ -445,6 +445,8 @@ def test_smoke_run_writes_every_row_and_column_and_combines(tmp_path):
     assert all(c["verdict"] in ev.VERDICTS for c in res["claims"])
     # the requests ran in two worker processes; one process, one request after the other, gives the same numbers
     assert run["workers"] == 2
+    # each request's own models trained beside the shared ones (request_model_job), so the request loaded them
+    assert all(t["cached"] for M in run["requests"].values() for t in M["times"].values())
     shutil.copytree(out, out + "_w1", ignore=shutil.ignore_patterns("results.*", "*.png", ".lock"))
     one, _ = C.main(["--preset=smoke", f"--out_dir={out}_w1", f"--ma_out_dir={out}/ma", "--workers=1"])
     for kind in ("independent", "entangled"):
