@@ -114,21 +114,22 @@ class ActiveSinks:
         g, (U, n) = self.n_gen, self.sinks.shape
         # the gathered rows; each matmul below gets its operand in the layout the separate slices had (down's
         # backbone a column slice, its sinks contiguous), so the numbers are those of slicing the weights
-        w = {name: lin.weight.index_select(0, self.rows) for name, lin in (("up", mlp.up), ("gate", getattr(mlp, "gate", None)))
-             if lin is not None}
-        w_down = mlp.down.weight.index_select(1, self.rows)               # (C, g + U n)
+        # (split, not two slices: the backward is one cat, not two zero-filled tensors and their sum)
+        w = {name: lin.weight.index_select(0, self.rows).split([g, U * n])
+             for name, lin in (("up", mlp.up), ("gate", getattr(mlp, "gate", None))) if lin is not None}
+        down_gen, down_sinks = mlp.down.weight.index_select(1, self.rows).split([g, U * n], dim=1)   # (C, g), (C, U n)
         # shared backbone: dense over the first N_gen neurons
-        h_gen = _hidden(mlp, x, slice(0, g), {k: v[:g] for k, v in w.items()})   # (B, T, g)
-        out = h_gen @ w_down[:, :g].t()
+        h_gen = _hidden(mlp, x, slice(0, g), {k: v[0] for k, v in w.items()})   # (B, T, g)
+        out = h_gen @ down_gen.t()
         if mlp.down.bias is not None:
             out = out + mlp.down.bias
         # sinks: tokens scattered into (U, max_count, C) groups, one weight slice per source
         xf = x.reshape(-1, C)
         grouped = xf.new_zeros(U * self.max_count, C).index_copy(0, self.slot, xf).view(U, self.max_count, C)
-        h = _hidden(mlp, grouped, self.sinks, {k: v[g:].view(U, n, C) for k, v in w.items()})   # (U, max_count, n)
+        h = _hidden(mlp, grouped, self.sinks, {k: v[1].view(U, n, C) for k, v in w.items()})   # (U, max_count, n)
         if self.keep is not None:
             h = h * self.keep[:, None, :]
-        y = torch.bmm(h, w_down[:, g:].t().reshape(U, n, C).contiguous())   # (U, max_count, C)
+        y = torch.bmm(h, down_sinks.t().reshape(U, n, C).contiguous())   # (U, max_count, C)
         return out + y.view(-1, C).index_select(0, self.slot).view(B, T, C)
 
 

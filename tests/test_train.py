@@ -1,4 +1,5 @@
 """The shared training loop, its optimizer groups and schedule, checkpoints and exact resume (all on CPU)."""
+import copy
 import dataclasses
 import math
 import os
@@ -643,6 +644,68 @@ def test_lazy_adamw_leaves_rows_without_gradient_bit_identical_and_moves_active_
     # dense AdamW moves the inactive rows too (weight decay): the difference the docstring states
     assert not torch.equal(ref_w[off], w[off])
     assert lazy.state[lazy_w]["step"].tolist() == [4, 0, 4, 0, 0, 4]
+
+
+
+def _neuron_grads(g, active, shapes=((6, 4), (6, 3), (5, 6))):
+    """Gradients of an up-like, a gate-like (rows along dim 0) and a down-like tensor (rows along dim 1) in
+    which only the `active` rows (neurons) are nonzero."""
+    out = []
+    for shape in shapes:
+        x = torch.zeros(shape, dtype=torch.float64)
+        if shape[0] == 6:
+            x[active] = torch.randn(len(active), shape[1], generator=g, dtype=torch.float64)
+        else:
+            x[:, active] = torch.randn(shape[0], len(active), generator=g, dtype=torch.float64)
+        out.append(x)
+    return out
+
+
+def test_lazy_adamw_row_groups_move_a_neuron_in_every_tensor_or_not_at_all():
+    """A neuron's rows in several tensors (up, gate: dim 0; down: dim 1) share one moments buffer and one step
+    count; the neurons a step leaves without gradient stay bit-identical (no decay, no drift), the others get
+    dense AdamW's update; the optimizer's state survives a state_dict round trip."""
+    torch.manual_seed(0)
+    init = [torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64),
+            torch.randn(5, 6, dtype=torch.float64)]
+    lazy_ps, ref_ps = [nn.Parameter(x.clone()) for x in init], [nn.Parameter(x.clone()) for x in init]
+    groups = lambda ps: [{"params": ps[:2], "row_dim": 0}, {"params": ps[2:], "row_dim": 1}]
+    lazy = TR.LazyRowAdamW(groups(lazy_ps), lr=0.1, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_ps, lr=0.1, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    active, off = [0, 2, 5], [1, 3, 4]
+    for step in range(3):
+        grads = _neuron_grads(g, active)
+        for p, q, gr in zip(lazy_ps, ref_ps, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        lazy.step()
+        ref.step()
+        for p, q, x in zip(lazy_ps, ref_ps, init):
+            rows = (lambda t, r: t[r]) if p.shape[0] == 6 else (lambda t, r: t[:, r])
+            assert torch.equal(rows(p, off), rows(x, off))                         # not a bit moved
+            assert torch.allclose(rows(p, active), rows(q, active), rtol=0, atol=1e-12)
+    assert lazy.state[lazy_ps[0]]["step"].tolist() == [3, 0, 3, 0, 0, 3]
+    # neuron 1 switched on at step 4 starts its own bias correction; a checkpoint's state continues exactly
+    again = TR.LazyRowAdamW(groups([nn.Parameter(p.detach().clone()) for p in lazy_ps]), lr=0.1, weight_decay=0.1)
+    again.load_state_dict(copy.deepcopy(lazy.state_dict()))     # as from a checkpoint file
+    grads = _neuron_grads(g, [1, 2])
+    for opt in (lazy, again):
+        for p, gr in zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"], grads):
+            p.grad = gr.clone()
+        opt.step()
+    assert lazy.state[lazy_ps[0]]["step"].tolist() == [3, 1, 4, 0, 0, 3]
+    for p, q in zip(lazy_ps, again.param_groups[0]["params"] + again.param_groups[1]["params"]):
+        assert torch.equal(p, q)
+
+
+def test_make_optimizer_row_groups_by_dim_and_row_count():
+    a, b, c = nn.Linear(4, 6, bias=False), nn.Linear(6, 4, bias=False), nn.Linear(4, 5, bias=False)
+    net = nn.Sequential(a, b, c)
+    opt = TR.make_optimizer(net, 1e-3, 0.1, row_dims={a.weight: 0, b.weight: 1, c.weight: 0})
+    rows = {g["name"]: [tuple(p.shape) for p in g["params"]] for g in opt.param_groups if g["row_dim"] is not None}
+    assert rows == {"decay/rows0:5": [(5, 4)], "decay/rows0:6": [(6, 4)], "decay/rows1:6": [(4, 6)]}
+    with pytest.raises(ValueError, match="as long there"):
+        TR.LazyRowAdamW([{"params": [a.weight, c.weight], "row_dim": 0}])
 
 
 def test_prefixed_stream_prefixes_whole_lines_only():
