@@ -760,7 +760,9 @@ def nulls_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
 @row("nulls_lazy_vs_dense_limit", anchor="physical limit: a dense model with MLP hidden N_gen + N_source",
      target="<= 1.25", measure="time")
 def nulls_lazy_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
-    """nulls_vs_dense_limit with --optimizer=lazy: the optimizer touches only the sink rows the batch used."""
+    """nulls_vs_dense_limit with --optimizer=lazy (train.LazyRowAdamW): the optimizer reads every gradient once to
+    find the neurons the batch used (~1/4 of the pool here) and gathers, updates and writes back only those rows of
+    the weights and of its moments (one moments buffer per row group, one index for all of its tensors)."""
     import nulls
     n_pool = round(n_source * PAPER_POOL_PER_SOURCE)
     fast = _nulls_step(n_gen, n_gen + n_pool, batch, T, device, lambda s: nulls.ActiveSinks(s, n_gen, n_pool, n_source),
@@ -773,6 +775,8 @@ def nulls_lazy_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=12
 
 # The same pair without the optimizer step: what the fast path itself costs against the limit. AdamW updates every
 # stored neuron each step (moments and weight decay), and the NULLs model stores N_pool sinks where the limit has none.
+# What is left here: the gathers of the active rows (one per weight), the full-size zero gradient each weight's
+# backward scatters into, the grouping of tokens by source, and the per-source bmm instead of one mm.
 @row("nulls_vs_dense_limit_fwd_bwd", anchor="physical limit: a dense model with MLP hidden N_gen + N_source",
      target="<= 1.25", measure="time")
 def nulls_vs_dense_limit_fwd_bwd(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
