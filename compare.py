@@ -783,9 +783,9 @@ def tune_row(cfg, S, R, name, score):
                  "cpu_s": cpu}
 
 
-def posthoc_row(cfg, S, R, name, score):
+def posthoc_row(cfg, S, R, name, score, write=True):
     """A post-hoc row (tuned, then run on the reported request), cached under out_dir/cache by train.run_key of
-    everything that shapes it."""
+    everything that shapes it (write=False: read the cache, never write it)."""
     key = T.run_key(S["ft"].cfg, dict(max_steps=cfg.unlearn_steps, seed=cfg.seed),
                     data=T.digest({"forget": R.forget, "tune": R.tune, "retain": R.retain, "sets": R.sets}),
                     init=T.digest(S["ft"].state_dict()), base=T.digest(S["base"].state_dict()),
@@ -801,6 +801,8 @@ def posthoc_row(cfg, S, R, name, score):
         net.load_state_dict(ck["state"])
         return net.eval().requires_grad_(False), dict(ck["rec"], cached=True)
     net, rec = tune_row(cfg, S, R, name, score)
+    if not write:
+        return net, rec
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"state": net.state_dict(), "rec": rec, "run_key": key}, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -909,9 +911,10 @@ def touched(net, ref):
     return n, sum(p.numel() for p in a.values())
 
 
-def run_request(cfg, S, kind):
+def run_request(cfg, S, kind, with_sequential=True):
     """One request end to end: Retrained models, every row, the scores, OpenUnlearning's numbers, the attacks,
-    the sequential requests (first kind). Returns the request's metrics."""
+    the sequential requests (first kind; with_sequential=False: left to sequential_job). Returns the request's
+    metrics."""
     torch.manual_seed(cfg.seed)       # each request from the same state: the same numbers in any process or order
     R = Request(cfg, kind, S)
     tok = S["tok"]
@@ -970,7 +973,8 @@ def run_request(cfg, S, kind):
     print(f"  attacks: {time.time() - t_a:.0f} s")
     S["mem"].unblock(R.forget_ids)
     ref = {"retrained": scores["retrained"], "finetuned": scores["finetuned"]}
-    seq = sequential(cfg, S, R, nets, picks, score, ref) if cfg.sequential and kind == cfg.forget_kinds[0] else {}
+    seq = sequential(cfg, S, R, nets, picks, score, ref) if (with_sequential and cfg.sequential and
+                                                             kind == cfg.forget_kinds[0]) else {}
     return {"kind": kind, "target": {n: own.get(n, "retrained") for n in scores}, "forget_sources": R.forget_ids, "tune_sources": R.tune_ids,
             "roles": {g: len(it[0]) for g, it in R.groups.items()}, "scores": scores, "d": d, "d_std": d_std,
             "openunlearning": ou, "attacks": att, "cost": cost, "tuning": tuning, "sequential": seq,
@@ -1059,9 +1063,16 @@ def run_seed(cfg):
     t0, c0 = time.time(), T.cpu_seconds()          # the workers' CPU included
     torch.manual_seed(cfg.seed)
     S = shared_models(cfg)
-    n = min(T.side_by_side(cfg.workers, cfg.device), len(cfg.forget_kinds))
+    # with workers, the first request's sequential requests run as a job of their own, beside the requests (they
+    # are that request's last part: its worker would run them alone at the end)
+    apart = int(cfg.sequential > 0 and T.side_by_side(cfg.workers, cfg.device) > 1)
+    n = min(T.side_by_side(cfg.workers, cfg.device), len(cfg.forget_kinds) + apart)
     if n > 1:                                         # the workers load the shared models from their caches
-        done = T.run_jobs(request_job, [(cfg, kind) for kind in cfg.forget_kinds], n)
+        jobs = [(request_job, (cfg, kind, not apart)) for kind in cfg.forget_kinds]
+        done = T.run_jobs(MA.call, jobs + [(sequential_job, (cfg, cfg.forget_kinds[0]))] * apart, n)
+        if apart:
+            done, seq = done[:-1], done[-1]
+            done[0]["sequential"] = seq
     else:
         done = [run_request(cfg, S, kind) for kind in cfg.forget_kinds]
     per_kind = dict(zip(cfg.forget_kinds, done))
@@ -1072,13 +1083,29 @@ def run_seed(cfg):
     return metrics, claims
 
 
-def request_job(cfg, kind):
+def request_job(cfg, kind, with_sequential=True):
     """run_request in a worker process: the shared models from the caches run_seed's shared_models wrote; the
     worker's output lines carry the request's name. Returns the request's metrics."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind}] ")):
-        return run_request(cfg, shared_models(replace(cfg, workers=1)), kind)     # every model from the caches
+        return run_request(cfg, shared_models(replace(cfg, workers=1)), kind, with_sequential)   # models cached
+
+
+def sequential_job(cfg, kind):
+    """run_request's sequential requests of request `kind` in a worker process of their own: the models and the
+    post-hoc rows' picks from the caches (a row its request has not cached yet is tuned here too, and not
+    written: the request's worker writes it). Returns sequential's records."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{kind} sequential] ")):
+        S = shared_models(replace(cfg, workers=1))
+        torch.manual_seed(cfg.seed)
+        R, tok = Request(cfg, kind, S), S["tok"]
+        score = lambda net, groups: group_recall(net, groups, cfg.eval_batch, tok.pad_id)
+        picks = {n: posthoc_row(cfg, S, R, n, score, write=False)[1]["value"] for n in cfg.posthoc.split(",") if n}
+        rows = {"memsinks": deploy(S["memsinks"], S["memsinks_layout"], tok, S["D"]["sets"]["full"])}
+        return sequential(cfg, S, R, rows, picks, score)
 
 
 # -------------------------------------------------------------------------------------------------
