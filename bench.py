@@ -717,7 +717,12 @@ def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn, optimizer=True, lazy=Fal
         opt = _adamw(model)
     x = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
     src = torch.arange(1, batch + 1, device=device)[:, None].expand(batch, T)      # one source per row
-    mask = (lambda: None) if mask_fn is None else (lambda: mask_fn(src))
+
+    def mask():
+        m = None if mask_fn is None else mask_fn(src)
+        if lazy:                  # as nulls.py: the optimizer reads only the rows the masks switch on
+            opt.expect_rows(m.rows)
+        return m
 
     def step():
         with _autocast(device):

@@ -504,8 +504,14 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
     def batch_at(step):
         b = {k: rows[k][T.epoch_batch(order, step)] for k in ("x", "y", "doc_ids", "source_ids")}
         if sinks is not None:   # a function of this rank's rows, called on the training device (train.train)
-            b["mlp_mask"] = lambda local: sinks.mask(local["source_ids"], fast=cfg.fast_path)
+            b["mlp_mask"] = mask
         return b
+
+    def mask(local):
+        m = sinks.mask(local["source_ids"], fast=cfg.fast_path)
+        if expect:              # the lazy optimizer reads only the rows these masks switch on (one process only:
+            opt.expect_rows(m.rows)   # under DDP the other ranks' masks switch on rows of the summed gradient)
+        return m
     if T.is_main_process():
         print(f"== training {name}: {len(source_ids)} sources, {steps} steps, {net.num_params() / 1e6:.2f}M params")
     opt = None
@@ -518,6 +524,7 @@ def train_lm(cfg, tok, docs, source_ids, sinks, name):
                     if lin.bias is not None and d == 0:
                         rows_of[lin.bias] = 0
         opt = T.make_optimizer(net, tc.lr, tc.weight_decay, tc.betas, row_dims=rows_of)
+    expect = opt is not None and cfg.fast_path and int(os.environ.get("WORLD_SIZE", "1")) == 1
     hist, info = T.train_cached(net, batch_at, tc, key, optimizer=opt, tokenizer=tok.state_dict())
     hist["run"] = info            # wall_s, cpu_s of the run that trained it; cached: reused from out_dir
     net.eval()

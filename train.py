@@ -827,7 +827,8 @@ class LazyRowAdamW(torch.optim.Optimizer):
     state of the group's first tensor, so a step's active rows of all its tensors are one index_select and one
     index_copy_ of long contiguous rows; the gradient and weight rows are gathered into scratch buffers reused
     across steps, updated there in one pass per AdamW operation, and written back. Inactive rows (~3/4 of NULLs'
-    sinks at the paper's ratio) are read once, to find that their gradient is zero, and never written.
+    sinks at the paper's ratio) are read once, to find that their gradient is zero (not at all after expect_rows),
+    and never written.
     """
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, row_dim=None))
@@ -838,6 +839,7 @@ class LazyRowAdamW(torch.optim.Optimizer):
                 raise ValueError(f"LazyRowAdamW: a group with row_dim={d} needs it to be the first or last dim of "
                                  f"every tensor, all as long there (one row index for all), of one dtype and device")
         self._scratch = None      # reused across steps; not state (nothing in it outlives a step)
+        self._expected = None     # expect_rows' promise for the next step
 
     def _buffers(self, ref, n, shape):
         s = self._scratch
@@ -863,7 +865,18 @@ class LazyRowAdamW(torch.optim.Optimizer):
                         self._dense_step(g, p)
             elif any(p.grad is not None for p in g["params"]):
                 self._row_step(g)
+        self._expected = None
         return loss
+
+    def expect_rows(self, rows):
+        """A promise for the next step(): rows outside `rows` (indices along row_dim, the same for every row group)
+        have an all-zero gradient in every row-group tensor. NULLs: the hidden neurons the batch's sink masks switch
+        on, the same in every layer. step() then reads only those rows of the gradients instead of all of them
+        (same update); rows in `rows` without gradient still stay as they are. Calls before one step add up.
+        A promise that leaves out a row with gradient drops that row's update: only the code that builds the
+        masks can make it (not under DDP, where other ranks' masks add rows)."""
+        rows = rows.reshape(-1)
+        self._expected = torch.unique(rows if self._expected is None else torch.cat([self._expected, rows]))
 
     def _adamw(self, g, w, grad, m, v, tr, den, upd):
         """torch's AdamW update of w, m, v in place; tr: the rows' step counts (rows, 1) after this step."""
@@ -893,26 +906,42 @@ class LazyRowAdamW(torch.optim.Optimizer):
             st["step"] = torch.zeros(n_rows, dtype=torch.float64, device=ps[0].device)
             st["exp_avg"] = ps[0].new_zeros(n_rows, sum(sizes))
             st["exp_avg_sq"] = ps[0].new_zeros(n_rows, sum(sizes))
-        hot = None                         # rows with a nonzero gradient anywhere: two reads of it, no copy
-        for p in ps:
-            if p.grad is not None:
-                gr = self._rows(p.grad, d)
-                h = gr.amax(1).ne(0) | gr.amin(1).ne(0)
-                hot = h if hot is None else hot.logical_or_(h)
-        idx = hot.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return
-        grad, w, m, v, den, upd = self._buffers(ps[0], 6, (len(idx), sum(sizes)))
         blocks = torch.tensor(sizes).cumsum(0).tolist()
         blocks = [slice(b - k, b) for b, k in zip(blocks, sizes)]
-        for p, b in zip(ps, blocks):       # the active rows of each tensor, side by side
-            for x, out in ((p.grad, grad[:, b]), (p, w[:, b])):
+
+        def gather(idx, bufs, which):      # rows idx of each tensor's gradient or weight, side by side
+            for p, b in zip(ps, blocks):
+                x, out = (p.grad if which == 0 else p), bufs[which][:, b]
                 if x is None:
                     out.zero_()
                 elif d == 0:
                     torch.index_select(self._rows(x, 0), 0, idx, out=out)
                 else:                      # a column gather of the tensor as stored, then transposed
                     out.copy_(x.view(-1, n_rows).index_select(1, idx).t())
+        nonzero = lambda r: r.amax(1).ne(0) | r.amin(1).ne(0)     # two reads, no copy
+        if self._expected is None:         # rows with a nonzero gradient in any tensor
+            hot = None
+            for p in ps:
+                if p.grad is not None:
+                    h = nonzero(self._rows(p.grad, d))
+                    hot = h if hot is None else hot.logical_or_(h)
+            idx = hot.nonzero().squeeze(1)
+            bufs = self._buffers(ps[0], 6, (len(idx), sum(sizes)))
+            gather(idx, bufs, 0)
+        else:                              # only the promised rows can have gradient: read just those
+            idx = self._expected
+            bufs = self._buffers(ps[0], 6, (len(idx), sum(sizes)))
+            gather(idx, bufs, 0)
+            hot = nonzero(bufs[0])
+            if not hot.all():              # promised rows whose gradient is zero stay as they are
+                keep = hot.nonzero().squeeze(1)
+                idx, rows = idx[keep], bufs[0][keep]
+                bufs = self._buffers(ps[0], 6, (len(idx), sum(sizes)))
+                bufs[0].copy_(rows)
+        if idx.numel() == 0:
+            return
+        gather(idx, bufs, 1)
+        grad, w, m, v, den, upd = bufs
         torch.index_select(st["exp_avg"], 0, idx, out=m)
         torch.index_select(st["exp_avg_sq"], 0, idx, out=v)
         tr = st["step"].index_select(0, idx) + 1

@@ -698,6 +698,33 @@ def test_lazy_adamw_row_groups_move_a_neuron_in_every_tensor_or_not_at_all():
         assert torch.equal(p, q)
 
 
+
+def test_lazy_adamw_expect_rows_reads_only_the_promised_rows_with_the_same_update():
+    """expect_rows(rows): step() reads only those rows' gradients; the update is the scanning step's, bit for bit,
+    promised rows without gradient stay as they are, and the promise holds for one step."""
+    torch.manual_seed(0)
+    init = [torch.randn(6, 4), torch.randn(6, 3), torch.randn(5, 6)]
+    runs = []
+    for promise in (False, True):
+        ps = [nn.Parameter(x.clone()) for x in init]
+        opt = TR.LazyRowAdamW([{"params": ps[:2], "row_dim": 0}, {"params": ps[2:], "row_dim": 1}], lr=0.1,
+                              weight_decay=0.1)
+        g = torch.Generator().manual_seed(4)
+        for active in ([0, 2, 5], [2, 3], [1, 2]):
+            for p, gr in zip(ps, _neuron_grads(g, active, shapes=[tuple(x.shape) for x in init])):
+                p.grad = gr.float()
+            if promise and active != [1, 2]:                          # the last step scans again
+                opt.expect_rows(torch.tensor(active))
+                opt.expect_rows(torch.tensor([4, 2]))                 # row 4: promised, no gradient
+            opt.step()
+            assert opt._expected is None
+        runs.append(([p.detach().clone() for p in ps], opt.state[ps[0]]["step"].clone(),
+                     opt.state[ps[2]]["exp_avg"].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    assert torch.equal(runs[0][1], runs[1][1]) and runs[1][1][4] == 0 and torch.equal(runs[0][2], runs[1][2])
+    assert torch.equal(runs[1][0][0][4], init[0][4]) and torch.equal(runs[1][0][2][:, 4], init[2][:, 4])
+
+
 def test_make_optimizer_row_groups_by_dim_and_row_count():
     a, b, c = nn.Linear(4, 6, bias=False), nn.Linear(6, 4, bias=False), nn.Linear(4, 5, bias=False)
     net = nn.Sequential(a, b, c)
