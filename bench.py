@@ -765,9 +765,9 @@ def nulls_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
 @row("nulls_lazy_vs_dense_limit", anchor="physical limit: a dense model with MLP hidden N_gen + N_source",
      target="<= 1.25", measure="time")
 def nulls_lazy_vs_dense_limit(cfg, device, n_gen=64, n_source=64, batch=20, T=128):
-    """nulls_vs_dense_limit with --optimizer=lazy (train.LazyRowAdamW): the optimizer reads every gradient once to
-    find the neurons the batch used (~1/4 of the pool here) and gathers, updates and writes back only those rows of
-    the weights and of its moments (one moments buffer per row group, one index for all of its tensors)."""
+    """nulls_vs_dense_limit with --optimizer=lazy (train.LazyRowAdamW): as in nulls.py, the batch's masks tell the
+    optimizer which neurons they switch on (expect_rows; ~1/4 of the pool here), and it gathers, updates and writes
+    back only those rows of the gradients, weights and moments (one moments buffer per row group, one index)."""
     import nulls
     n_pool = round(n_source * PAPER_POOL_PER_SOURCE)
     fast = _nulls_step(n_gen, n_gen + n_pool, batch, T, device, lambda s: nulls.ActiveSinks(s, n_gen, n_pool, n_source),
