@@ -906,6 +906,9 @@ class LazyRowAdamW(torch.optim.Optimizer):
             st["step"] = torch.zeros(n_rows, dtype=torch.float64, device=ps[0].device)
             st["exp_avg"] = ps[0].new_zeros(n_rows, sum(sizes))
             st["exp_avg_sq"] = ps[0].new_zeros(n_rows, sum(sizes))
+        if st["exp_avg"].shape != (n_rows, sum(sizes)):       # e.g. a checkpoint of the per-tensor layout
+            raise ValueError(f"LazyRowAdamW: state of shape {tuple(st['exp_avg'].shape)} for a row group of "
+                             f"{n_rows} rows x {sum(sizes)}: not this layout")
         blocks = torch.tensor(sizes).cumsum(0).tolist()
         blocks = [slice(b - k, b) for b, k in zip(blocks, sizes)]
 
