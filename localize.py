@@ -147,9 +147,10 @@ def hard_concrete_scores(model, rows, *, steps=150, lr=0.05, lam=5.0, beta=0.33,
     return [None] * first_layer + list(scores)
 
 
-def _true_token_prob(model, b, masks):
-    """(B, T) probability of each target token (0 where y = -100) under per-layer masks."""
-    logits, _ = model(b["x"], mlp_mask=masks, doc_ids=b.get("doc_ids"))
+def _true_token_prob(model, b, masks, logits=None):
+    """(B, T) probability of each target token (0 where y = -100) under per-layer masks (or of given logits)."""
+    if logits is None:
+        logits, _ = model(b["x"], mlp_mask=masks, doc_ids=b.get("doc_ids"))
     keep = b["y"] != -100
     p = torch.softmax(logits.float(), -1).gather(-1, b["y"].clamp(min=0)[..., None])[..., 0]
     return p * keep
@@ -184,18 +185,46 @@ def integrated_gradients_scores(model, rows, *, steps=16, first_layer=0, positio
             total = torch.zeros(d_ff, dtype=torch.float64, device=dev)
             for i in range(0, N, batch_size):
                 b = batch_rows(rows, torch.arange(i, min(N, i + batch_size)), dev)
+                upper = _scaled_from(model, b, layer) if positions == "all" else None
                 for alpha in ig_alphas(steps):
                     if positions == "all":
                         s = torch.full((d_ff,), alpha, device=dev, requires_grad=True)
-                        masks = [None] * L
-                        masks[layer] = s
-                        _true_token_prob(model, b, masks).sum().backward()
+                        _true_token_prob(model, b, None, upper(s)).sum().backward()
                         total += s.grad.double()
                     else:
                         total += _ig_each_position(model, b, layer, alpha)
             n_pos = int((rows["y"] != -100).sum()) if positions == "each" else 1
             out.append((total / steps / n_pos).float())
     return out
+
+
+def _scaled_from(model, b, layer):
+    """f(s) -> the logits model(b["x"], mlp_mask=[None, .., s at `layer`, .., None]) gives, with everything up to
+    `layer`'s MLP hidden activation computed once: it does not depend on s, and only the blocks above feel the
+    scale (the same ops on the same values as the whole forward, so the same bits). Mirrors Block.forward's MLP half
+    and GPT.forward's tail; tests hold it to the whole forward."""
+    blk, got = model.blocks[layer], {}
+    hooks = [b_.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(i, a))
+             for i, b_ in enumerate(model.blocks) if i >= layer]       # (x, rope, attn_mask, mlp_mask, ctx, cache)
+    hooks.append(blk.ln_2.register_forward_pre_hook(lambda m, a: got.__setitem__("mid", a[0])))
+    hooks.append(blk.mlp.down.register_forward_pre_hook(lambda m, a: got.__setitem__("h", a[0])))
+    try:
+        with torch.no_grad():
+            model(b["x"], doc_ids=b.get("doc_ids"))
+    finally:
+        for h in hooks:
+            h.remove()
+    h, mid, ctx = got["h"], got["mid"], got[layer][4]
+
+    def f(s):
+        out = blk.mlp.down(h * s.to(h.dtype))
+        if blk.adapter is not None:
+            out = out + blk.adapter(blk.ln_2(mid), ctx)
+        x = mid + blk.drop(out)
+        for i in range(layer + 1, len(model.blocks)):
+            x = model.blocks[i](x, *got[i][1:])
+        return model.lm_head(model.ln_f(x))
+    return f
 
 
 def _ig_each_position(model, b, layer, alpha):

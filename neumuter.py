@@ -517,32 +517,52 @@ def meets_eq17(rec, thr):
     return rec["ma"] <= thr["ma"] and "el" in rec and rec["el"] <= thr["el"]
 
 
+def mask_key(masks):
+    """A hashable key of per-layer masks (None or a list of None / tensors), by value."""
+    return None if masks is None else tuple(None if m is None else (str(m.dtype), tuple(m.shape),
+                                                                    m.detach().cpu().numpy().tobytes()) for m in masks)
+
+
 class Checker:
     """Eq. 17 for one model state (on the means, meets_eq17): MA of every forget sample first (one forward), EL_n
     only once the mean MA is at or below its threshold (generation is the expensive part); stop when both means are
-    below. Also records the per-sample fraction below both thresholds ("forgotten")."""
+    below. Also records the per-sample fraction below both thresholds ("forgotten").
+    frozen: a model whose weights never change (the original): its measurements are kept by masks and not taken
+    again: the muted model is the same model at every check while no gate is selected, and IG's ratio 1 zeroes
+    what zero_check zeroed."""
 
-    def __init__(self, cfg, forget, thresholds, val_rows, pad_id):
+    def __init__(self, cfg, forget, thresholds, val_rows, pad_id, frozen=None):
         self.cfg, self.forget, self.thr, self.val, self.pad = cfg, forget, thresholds, val_rows, pad_id
+        self.frozen, self.memo = frozen, {}
+
+    def _once(self, net, masks, what, fn):
+        if net is not self.frozen:
+            return fn()
+        key = (what, mask_key(masks))
+        if key not in self.memo:
+            self.memo[key] = fn()
+        return self.memo[key]
 
     def __call__(self, net, masks=None, full=False, stop_only=False):
         """stop_only: only the stop decision is needed (final() completes the record of the last state): no
         perplexity, and no generation when the mean of the samples' EL lower bounds is already above the threshold
         (EL >= its lower bound sample by sample, so the mean EL is too)."""
         kw = {} if masks is None else {"mlp_mask": masks}
-        ma = ev.memorization_accuracy(net, self.forget, pad_id=self.pad, **kw)
+        once = lambda what, fn: self._once(net, masks, what, fn)
+        ma = once("ma", lambda: ev.memorization_accuracy(net, self.forget, pad_id=self.pad, **kw))
         rec = {"ma": float(ma.mean()), "ma_max": float(ma.max())}
         maybe = rec["ma"] <= self.thr["ma"]                  # Eq. 17 can hold only if the mean MA is below
         if maybe and stop_only:
-            lb = ev.extraction_likelihood_lower_bound(net, self.forget, self.cfg.el_n, pad_id=self.pad, **kw)
+            lb = once("lb", lambda: ev.extraction_likelihood_lower_bound(net, self.forget, self.cfg.el_n,
+                                                                          pad_id=self.pad, **kw))
             maybe = float(lb.mean()) <= self.thr["el"]
         if maybe or full:
-            el = ev.extraction_likelihood(net, self.forget, self.cfg.el_n, pad_id=self.pad, **kw)
+            el = once("el", lambda: ev.extraction_likelihood(net, self.forget, self.cfg.el_n, pad_id=self.pad, **kw))
             rec.update(el=float(el.mean()), el_max=float(el.max()),
                        forgotten=float(ev.is_forgotten(ma, el, self.thr).double().mean()))
         rec["stop"] = bool(maybe and meets_eq17(rec, self.thr))
         if not stop_only:
-            rec["ppl"], rec["acc"] = ppl_and_acc(net, self.val, masks)
+            rec["ppl"], rec["acc"] = self._once(net, masks, "ppl", lambda: ppl_and_acc(net, self.val, masks))
         self.last = rec
         return rec
 
@@ -552,7 +572,7 @@ class Checker:
             return self(net, masks, full=True)
         rec = dict(self.last)
         if "ppl" not in rec:
-            rec["ppl"], rec["acc"] = ppl_and_acc(net, self.val, masks)
+            rec["ppl"], rec["acc"] = self._once(net, masks, "ppl", lambda: ppl_and_acc(net, self.val, masks))
         return rec
 
 
@@ -658,67 +678,72 @@ def run_baseline(cfg, name, net, ref, d, fb, check, sweep=None):
     raise ValueError(f"unknown extraction method {name!r}; methods: ga, sga, ta, di, ig")
 
 
-def run_extraction(cfg, seed, log=print):
+def run_extraction(cfg, seed, log=print, parts=None):
+    """parts: what to run, "neumuter" (with the records of the original, retrained and zeroed models) and any of
+    cfg.methods' baselines; None = all. Each part needs only the models and the thresholds, so parts can run as
+    separate jobs (merge_parts joins their results)."""
+    parts = ("neumuter",) + tuple(cfg.methods) if parts is None else parts
     t_all = time.time()
     net, ref, d = load_or_train_extraction(cfg, seed, log)
     pad = d.tok.pad_id
     val_rows = lm_rows(d.val, pad)
     thr = ev.forgetting_thresholds(net, d.unseen, cfg.el_n, pad_id=pad)
-    check = Checker(cfg, d.forget, thr, val_rows, pad)
-    orig = check(net, full=True)
-    log(f"thresholds MA {thr['ma']:.3f} EL_{cfg.el_n} {thr['el']:.3f}; original: forget MA {orig['ma']:.3f} "
-        f"EL {orig['el']:.3f}, PPL {orig['ppl']:.3f}")
-    # the ascent bound from the data: the original model's mean token loss on the unseen stories D'
-    bound = cfg.bound or data_bound(net, lm_rows(d.unseen, pad))
-    log(f"ascent bound {bound:.3f} nats ({'set' if cfg.bound else 'the original model on D'}); ln V "
-        f"{math.log(net.cfg.vocab_size):.2f}")
-    out = {"thresholds": thr, "original": orig, "bound": bound, "zero_all_eligible": zero_check(cfg, net, d, thr, check)}
-    log(f"all eligible MLPs zeroed: forget MA {out['zero_all_eligible']['ma']:.3f} (max "
-        f"{out['zero_all_eligible']['ma_max']:.3f}), PPL {out['zero_all_eligible']['ppl']:.2f}")
-    if ref is not None:                # the retrained model's own Eq. 17 status, on the means and per sample
-        out["retrained"] = {k: v for k, v in check(ref, full=True).items() if k != "stop"}
-        out["retrained"]["eq17"] = meets_eq17(out["retrained"], thr)
-        out["retrained"]["loss_distance"] = loss_distances(ref, d.forget, d.val, pad)
-        r = out["retrained"]
-        log(f"retrained model (never saw the forget stories): mean MA {r['ma']:.3f}, mean EL {r['el']:.3f}: Eq. 17 on "
-            f"the means {'met' if r['eq17'] else 'NOT met'}; per sample {r['forgotten']:.2f} of the forget stories "
-            f"below both thresholds")
-    out["original"]["loss_distance"] = loss_distances(net, d.forget, d.val, pad)
-    n_params = net.num_params()
-    # NeuMuter
-    t0 = time.perf_counter()
-    if cfg.mlm_path:
-        nb = mlm_neighbours(cfg.mlm_path, [d.tok.decode(s) for s in d.forget], cfg.K, cfg.replace_ratio,
-                            lambda t: d.tok.encode(t)[:cfg.max_len], seed)
-    else:
-        if ref is None:
-            raise ValueError("a pretrained model needs --mlm_path for neighbours (no reference model is trained)")
-        nb = reference_neighbours(ref, d.forget, cfg.K, cfg.replace_ratio, seed, banned=(pad, d.tok.eos_id))
-    t_nb = time.perf_counter() - t0
-    nb_ma = ev.memorization_accuracy(net, nb, pad_id=pad)
+    check = Checker(cfg, d.forget, thr, val_rows, pad, frozen=net)     # net itself is never trained: copies are
     fb = lm_rows(d.forget, pad)
-    log(f"neighbours: {len(nb)} in {t_nb:.1f}s; original model's MA on them {float(nb_ma.mean()):.3f}")
-    log_alpha, hist, spent = train_masks(cfg, net, fb, lm_rows(nb, pad), cfg.K, lambda m: check(net, m), log,
-                                         bound=bound)
-    masks, sel = muted(cfg, log_alpha)
-    final = check.final(net, masks)          # the last check saw exactly these masks
-    per_layer = [float(s.float().mean()) for s in sel]
-    methods = {"neumuter": dict(final, eq17=meets_eq17(final, thr), time_s=spent + t_nb, mask_time_s=spent, neighbour_time_s=t_nb,
-                                iters=hist[-1]["iter"], selected=int(sel.sum()), selected_frac=float(sel.float().mean()),
-                                effective=effective_neurons(log_alpha), gated=sel.numel(),
-                                trainable_frac=sel.numel() / n_params, selected_per_layer=per_layer,
-                                loss_distance=loss_distances(net, d.forget, d.val, pad, masks), curve=hist)}
-    # Figure 3: the trained masks applied only in the first l blocks, and the share selected per block
-    methods["neumuter"]["first_blocks"] = []
-    for l in range(cfg.first_layer + 1, net.cfg.n_layer + 1):
-        part = masks[:l] + [None] * (net.cfg.n_layer - l)
-        methods["neumuter"]["first_blocks"].append({"blocks": l, "ma": float(ev.memorization_accuracy(
-            net, d.forget, pad_id=pad, mlp_mask=part).mean())})
-    log(f"NeuMuter: {methods['neumuter']['selected']} of {sel.numel()} neurons muted "
-        f"({100 * methods['neumuter']['selected_frac']:.2f}%), forgotten {final['forgotten']:.2f}, "
-        f"PPL {final['ppl']:.3f}, {spent:.1f}s mask training")
+    out, methods = {}, {}
+    if "neumuter" in parts:       # the original, retrained and zeroed models' records, then NeuMuter
+        orig = check(net, full=True)
+        log(f"thresholds MA {thr['ma']:.3f} EL_{cfg.el_n} {thr['el']:.3f}; original: forget MA {orig['ma']:.3f} "
+            f"EL {orig['el']:.3f}, PPL {orig['ppl']:.3f}")
+        # the ascent bound from the data: the original model's mean token loss on the unseen stories D'
+        bound = cfg.bound or data_bound(net, lm_rows(d.unseen, pad))
+        log(f"ascent bound {bound:.3f} nats ({'set' if cfg.bound else 'the original model on D'}); ln V "
+            f"{math.log(net.cfg.vocab_size):.2f}")
+        out = {"thresholds": thr, "original": orig, "bound": bound, "zero_all_eligible": zero_check(cfg, net, d, thr, check)}
+        log(f"all eligible MLPs zeroed: forget MA {out['zero_all_eligible']['ma']:.3f} (max "
+            f"{out['zero_all_eligible']['ma_max']:.3f}), PPL {out['zero_all_eligible']['ppl']:.2f}")
+        if ref is not None:                # the retrained model's own Eq. 17 status, on the means and per sample
+            out["retrained"] = {k: v for k, v in check(ref, full=True).items() if k != "stop"}
+            out["retrained"]["eq17"] = meets_eq17(out["retrained"], thr)
+            out["retrained"]["loss_distance"] = loss_distances(ref, d.forget, d.val, pad)
+            r = out["retrained"]
+            log(f"retrained model (never saw the forget stories): mean MA {r['ma']:.3f}, mean EL {r['el']:.3f}: Eq. 17 on "
+                f"the means {'met' if r['eq17'] else 'NOT met'}; per sample {r['forgotten']:.2f} of the forget stories "
+                f"below both thresholds")
+        out["original"]["loss_distance"] = loss_distances(net, d.forget, d.val, pad)
+        n_params = net.num_params()
+        # NeuMuter
+        t0 = time.perf_counter()
+        if cfg.mlm_path:
+            nb = mlm_neighbours(cfg.mlm_path, [d.tok.decode(s) for s in d.forget], cfg.K, cfg.replace_ratio,
+                                lambda t: d.tok.encode(t)[:cfg.max_len], seed)
+        else:
+            if ref is None:
+                raise ValueError("a pretrained model needs --mlm_path for neighbours (no reference model is trained)")
+            nb = reference_neighbours(ref, d.forget, cfg.K, cfg.replace_ratio, seed, banned=(pad, d.tok.eos_id))
+        t_nb = time.perf_counter() - t0
+        log(f"neighbours: {len(nb)} in {t_nb:.1f}s")
+        log_alpha, hist, spent = train_masks(cfg, net, fb, lm_rows(nb, pad), cfg.K, lambda m: check(net, m), log,
+                                             bound=bound)
+        masks, sel = muted(cfg, log_alpha)
+        final = check.final(net, masks)          # the last check saw exactly these masks
+        per_layer = [float(s.float().mean()) for s in sel]
+        methods = {"neumuter": dict(final, eq17=meets_eq17(final, thr), time_s=spent + t_nb, mask_time_s=spent, neighbour_time_s=t_nb,
+                                    iters=hist[-1]["iter"], selected=int(sel.sum()), selected_frac=float(sel.float().mean()),
+                                    effective=effective_neurons(log_alpha), gated=sel.numel(),
+                                    trainable_frac=sel.numel() / n_params, selected_per_layer=per_layer,
+                                    loss_distance=loss_distances(net, d.forget, d.val, pad, masks), curve=hist)}
+        # Figure 3: the trained masks applied only in the first l blocks, and the share selected per block
+        methods["neumuter"]["first_blocks"] = []
+        for l in range(cfg.first_layer + 1, net.cfg.n_layer + 1):
+            part = masks[:l] + [None] * (net.cfg.n_layer - l)
+            methods["neumuter"]["first_blocks"].append({"blocks": l, "ma": float(ev.memorization_accuracy(
+                net, d.forget, pad_id=pad, mlp_mask=part).mean())})
+        log(f"NeuMuter: {methods['neumuter']['selected']} of {sel.numel()} neurons muted "
+            f"({100 * methods['neumuter']['selected_frac']:.2f}%), forgotten {final['forgotten']:.2f}, "
+            f"PPL {final['ppl']:.3f}, {spent:.1f}s mask training")
     sweep = []
-    for name in cfg.methods:
+    for name in [k for k in cfg.methods if k in parts]:
         model, m, t, steps = run_baseline(cfg, name, net, ref, d, fb, check, sweep)
         rec = check.final(model, m)          # every baseline's last check is its final state
         rec.update(eq17=meets_eq17(rec, thr), time_s=t, steps=steps, trainable_frac=0.0 if name == "ig" else 1.0,
@@ -735,7 +760,7 @@ def run_extraction(cfg, seed, log=print):
         log("IG zeroing sweep: " + ", ".join(f"r {s['ratio']}: MA {s['ma']:.3f}" + (f" EL {s['el']:.3f}" if "el" in s
                                                                                    else "") for s in sweep) +
             f"; localizability r = {r if r is not None else 'none of the ratios'}")
-    out["params"] = n_params
+    out["params"] = net.num_params()
     out["time_s"] = time.time() - t_all
     return out
 
@@ -816,49 +841,54 @@ def best_fq_in_band(curve, bar):
     return max([p["fq"] for p in curve if p["mu"] >= bar], default=None)
 
 
-def run_tofu(cfg, seed, split, log=print):
+def run_tofu(cfg, seed, split, log=print, parts=None):
+    """parts: as run_extraction's, "neumuter" (with the original, retrained and zeroed models) and any of
+    cfg.tofu_methods; None = all."""
+    parts = ("neumuter",) + tuple(cfg.tofu_methods) if parts is None else parts
     import copy
     t_all = time.time()
     m = tofu_models(cfg, seed, split, log)
     net, ref, tok, forget, retain, world = (m[k] for k in ("net", "ref", "tok", "forget", "retain", "world"))
     E = TofuEval(tok, forget, m["retain_eval"], world, tok.pad_id)
     E.tr_retrained = E.forget_tr(ref)
-    out = {"split": split, "n_forget": len(forget), "original": E(net), "retrained": E(ref)}
-    fr = qa_rows(tok, forget)
-    L = net.cfg.n_layer
-    if not 0 <= cfg.tofu_first_layer < L:
-        raise ValueError(f"tofu_first_layer must be in [0, {L - 1}], got {cfg.tofu_first_layer}")
-    # the feasibility check, as the extraction experiment's: every gated MLP zeroed
-    zero = [None] * cfg.tofu_first_layer + [torch.zeros(net.cfg.d_ff)] * (L - cfg.tofu_first_layer)
-    out["zero_all_gated"] = E(net, zero)
-    with torch.no_grad():
-        out["zero_all_gated"]["forget_loss"] = float(net(fr["x"], fr["y"], mlp_mask=zero)[1])
-    for k, mod in (("original", net), ("retrained", ref)):
-        out[k]["forget_loss"] = data_bound(mod, fr)
-    # the ascent bound from the data: the retrained model's (never saw the forget QA) mean loss on the forget answers
-    bound = cfg.bound or out["retrained"]["forget_loss"]
-    z = out["zero_all_gated"]
-    log(f"TOFU {split}: original FQ {out['original']['fq']:.3g} MU {out['original']['mu']:.3f} forget loss "
-        f"{out['original']['forget_loss']:.4f}; retrained MU {out['retrained']['mu']:.3f} forget loss "
-        f"{out['retrained']['forget_loss']:.4f}; every gated MLP (layers {cfg.tofu_first_layer}-{L - 1}) zeroed: "
-        f"FQ {z['fq']:.3g} MU {z['mu']:.3f} forget loss {z['forget_loss']:.4f}; ascent bound {bound:.3f} nats")
-    # NeuMuter: the forget QA (loss on the answer) and neighbours of the whole QA text from the retrained model
-    t0 = time.perf_counter()
-    seqs = [q + a for q, a in zip(D.qa_prompts(tok, [r["question"] for r in forget]),
-                                  [tok.encode(" " + r["answer"]) for r in forget])]
-    nb = reference_neighbours(ref, seqs, cfg.K, cfg.replace_ratio, seed, banned=(tok.pad_id, tok.eos_id))
-    t_nb = time.perf_counter() - t0
-    # the paper's E = 100 passes over the forget set, tofu_mask_batch QA per iteration
-    iters = math.ceil(cfg.tofu_mask_epochs * len(forget) / min(cfg.tofu_mask_batch, len(forget)))
-    sub = replace(cfg, first_layer=cfg.tofu_first_layer, mask_batch=cfg.tofu_mask_batch, iters=iters,
-                  eval_every=math.ceil(iters / cfg.tofu_mask_evals))
-    log_alpha, hist, spent = train_masks(sub, net, fr, lm_rows(nb, tok.pad_id), cfg.K,
-                                         lambda mask: E(net, mask), log, bound=bound)
-    sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
-    curves = {"neumuter": [{"step": h["iter"], **{k: h[k] for k in ("fq", "mu", "forget_tr")},
-                            "selected": h["selected"]} for h in hist]}
-    out["neumuter"] = {"time_s": spent + t_nb, "selected_frac": float(sel.float().mean()), "selected": int(sel.sum()),
-                       "iters": iters, "bound": bound, "first_layer": cfg.tofu_first_layer}
+    out, curves = {"split": split, "n_forget": len(forget)}, {}
+    if "neumuter" in parts:       # the original, retrained and zeroed models' records, then NeuMuter
+        out.update(original=E(net), retrained=E(ref))
+        fr = qa_rows(tok, forget)
+        L = net.cfg.n_layer
+        if not 0 <= cfg.tofu_first_layer < L:
+            raise ValueError(f"tofu_first_layer must be in [0, {L - 1}], got {cfg.tofu_first_layer}")
+        # the feasibility check, as the extraction experiment's: every gated MLP zeroed
+        zero = [None] * cfg.tofu_first_layer + [torch.zeros(net.cfg.d_ff)] * (L - cfg.tofu_first_layer)
+        out["zero_all_gated"] = E(net, zero)
+        with torch.no_grad():
+            out["zero_all_gated"]["forget_loss"] = float(net(fr["x"], fr["y"], mlp_mask=zero)[1])
+        for k, mod in (("original", net), ("retrained", ref)):
+            out[k]["forget_loss"] = data_bound(mod, fr)
+        # the ascent bound from the data: the retrained model's (never saw the forget QA) mean loss on the forget answers
+        bound = cfg.bound or out["retrained"]["forget_loss"]
+        z = out["zero_all_gated"]
+        log(f"TOFU {split}: original FQ {out['original']['fq']:.3g} MU {out['original']['mu']:.3f} forget loss "
+            f"{out['original']['forget_loss']:.4f}; retrained MU {out['retrained']['mu']:.3f} forget loss "
+            f"{out['retrained']['forget_loss']:.4f}; every gated MLP (layers {cfg.tofu_first_layer}-{L - 1}) zeroed: "
+            f"FQ {z['fq']:.3g} MU {z['mu']:.3f} forget loss {z['forget_loss']:.4f}; ascent bound {bound:.3f} nats")
+        # NeuMuter: the forget QA (loss on the answer) and neighbours of the whole QA text from the retrained model
+        t0 = time.perf_counter()
+        seqs = [q + a for q, a in zip(D.qa_prompts(tok, [r["question"] for r in forget]),
+                                      [tok.encode(" " + r["answer"]) for r in forget])]
+        nb = reference_neighbours(ref, seqs, cfg.K, cfg.replace_ratio, seed, banned=(tok.pad_id, tok.eos_id))
+        t_nb = time.perf_counter() - t0
+        # the paper's E = 100 passes over the forget set, tofu_mask_batch QA per iteration
+        iters = math.ceil(cfg.tofu_mask_epochs * len(forget) / min(cfg.tofu_mask_batch, len(forget)))
+        sub = replace(cfg, first_layer=cfg.tofu_first_layer, mask_batch=cfg.tofu_mask_batch, iters=iters,
+                      eval_every=math.ceil(iters / cfg.tofu_mask_evals))
+        log_alpha, hist, spent = train_masks(sub, net, fr, lm_rows(nb, tok.pad_id), cfg.K,
+                                             lambda mask: E(net, mask), log, bound=bound)
+        sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
+        curves["neumuter"] = [{"step": h["iter"], **{k: h[k] for k in ("fq", "mu", "forget_tr")},
+                              "selected": h["selected"]} for h in hist]
+        out["neumuter"] = {"time_s": spent + t_nb, "selected_frac": float(sel.float().mean()), "selected": int(sel.sum()),
+                           "iters": iters, "bound": bound, "first_layer": cfg.tofu_first_layer}
 
     def batches(forget_recs, retain_recs):
         """The baselines' forget batches (with their IdK answers) and retain batches, tofu_unlearn_batch QA each."""
@@ -875,22 +905,24 @@ def run_tofu(cfg, seed, split, log=print):
             p.requires_grad_(True)
         obj = B.make_objective(name, copy.deepcopy(net), **B.DEFAULTS[name]["hp"])
         res = B.unlearn(model, obj, fb, rb, steps=cfg.tofu_steps, lr=lr, betas=(0.9, 0.999),
-                        metrics_fn=lambda mod, step: evaluate(mod), eval_every=cfg.tofu_eval_every)
+                        metrics_fn=lambda mod, step: evaluate(mod) if step else {},   # step 0 is the original
+                        eval_every=cfg.tofu_eval_every)
         return [{"step": t["step"], **{k: t[k] for k in ("fq", "mu", "forget_tr")}} for t in res.trajectory
                 if t["step"] > 0], res.train_time
 
     # baselines: each objective's lr from baselines.DEFAULTS, or with tofu_lr_grid picked on the held-out request
     # by claim 4's measure (the best FQ at MU >= mu_keep x the original's; no point in the band scores -1, below
     # every FQ), the FQ there against the model retrained without the held-out people
-    bar = cfg.mu_keep * out["original"]["mu"]
-    if cfg.tofu_lr_grid:
+    names = [k for k in cfg.tofu_methods if k in parts]
+    if cfg.tofu_lr_grid and names:
+        bar = cfg.mu_keep * (out["original"] if "original" in out else E(net))["mu"]
         Et = TofuEval(tok, m["tune"], m["retain_eval"], world, tok.pad_id)
         Et.tr_retrained = Et.forget_tr(m["tune_ref"])
         tune_b = batches(m["tune"], m["tune_retain"])
         out["tuning"] = {"people": people_of(m["tune"]), "n_qa": len(m["tune"]), "original": Et(net),
                          "retrained": Et(m["tune_ref"]), "picks": {}}
     f_batches, r_batches = batches(forget, retain)
-    for name in cfg.tofu_methods:
+    for name in names:
         lr = B.DEFAULTS[name]["lr"]
         if cfg.tofu_lr_grid:
             runs = {}
@@ -1158,14 +1190,47 @@ def plot(cfg, metrics):
     plt.close("all")
 
 
-def run_job(cfg, seed, experiment, split, prefix=""):
-    """One experiment of one seed (in this process or a worker); returns its result and the CPU seconds it took."""
+# the parts each experiment runs in, one job each: about equal CPU (IG with NeuMuter: its ratio 1 zeroes what the
+# zeroed-model record zeroed, and the original model's Checker keeps that record)
+JOB_PARTS = {"extraction": (("neumuter", "ig"), ("ga", "sga", "ta", "di")),
+             "tofu": (("neumuter",), ("ga", "graddiff", "kl"), ("npo", "idkdpo"))}
+
+
+def run_job(cfg, seed, experiment, split, parts, prefix=""):
+    """Some parts of one experiment of one seed (in this process or a worker); parts "models": only train its
+    models into the checkpoint cache (split: every TOFU split, which share the original model). Returns the
+    result and the CPU seconds it took."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     log = (lambda s: print("\n".join(prefix + line for line in str(s).split("\n")), flush=True)) if prefix else print
-    c0, scfg = time.process_time(), T.seed_config(cfg, seed)
-    out = run_extraction(scfg, seed, log) if experiment == "extraction" else run_tofu(scfg, seed, split, log)
+    c0, scfg, out = time.process_time(), T.seed_config(cfg, seed), None
+    if parts == "models" and experiment == "extraction":
+        load_or_train_extraction(scfg, seed, log)
+    elif parts == "models":
+        for s in split:
+            tofu_models(scfg, seed, s, log)
+    elif experiment == "extraction":
+        out = run_extraction(scfg, seed, log, parts)
+    else:
+        out = run_tofu(scfg, seed, split, log, parts)
     return out, time.process_time() - c0
+
+
+def merge_parts(outs):
+    """One experiment's result from its parts' (the "neumuter" part first)."""
+    out = outs[0]
+    for o in outs[1:]:
+        for k, v in o.items():
+            if k in ("methods", "curves"):
+                out[k].update(v)
+            elif k == "time_s":
+                out[k] += v
+            elif k == "tuning" and k in out:
+                out[k]["picks"].update(v["picks"])
+            else:
+                out[k] = v
+    out["time_s"] = out.pop("time_s")     # last, as one job wrote it
+    return out
 
 
 def main(argv=None):
@@ -1177,14 +1242,32 @@ def main(argv=None):
             import hf
             cfg = replace(cfg, init_from=hf.smollm2_path())
         t0, c0 = time.time(), time.process_time()
-        jobs = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
+        exps = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
                 (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
-        n = min(cfg.workers, len(jobs))        # each worker logs with a prefix
-        done = T.run_jobs(run_job, [(cfg, *j, f"[{j[1]} seed {j[0]}] " if n > 1 else "") for j in jobs], n)
-        runs, per_seed, job_cpu = {}, {}, 0.0
-        for (seed, exp, split), (out, cpu) in zip(jobs, done):
+        # two rounds of jobs, so that the workers stay busy: first every experiment's models are trained into the
+        # checkpoint cache (out_dir/ckpt), then the experiments run in parts that load them: NeuMuter (with the
+        # original, retrained and zeroed models' records) and the baselines, each part seeded as the whole run was
+        models = [(seed, exp, cfg.tofu_splits if exp == "tofu" else None, "models")
+                  for seed, exp, split in exps if split in (None, cfg.tofu_splits[0])]
+        runs_here = lambda exp: ("neumuter",) + tuple(cfg.methods if exp == "extraction" else cfg.tofu_methods)
+        parts = [(seed, exp, split, p) for seed, exp, split in exps for group in JOB_PARTS[exp]
+                 for p in [tuple(k for k in group if k in runs_here(exp))] if p]
+        n = min(T.side_by_side(cfg.workers, cfg.device), len(parts))
+        done, job_cpu = [], 0.0
+        for jobs in (models, parts):           # each worker logs with a prefix
+            done = T.run_jobs(run_job, [(cfg, *j, f"[{j[1]} seed {j[0]}] " if n > 1 else "") for j in jobs], n)
+            job_cpu += sum(cpu for _, cpu in done) if n > 1 else 0.0
+            print("CPU s per job: " + ", ".join(f"{j[1]} seed {j[0]} {'+'.join(j[3]) if j[3] != 'models' else 'models'} "
+                                                f"{cpu:.1f}" for j, (_, cpu) in zip(jobs, done)), flush=True)
+        by_exp = {}
+        for (seed, exp, split, _), (out, _) in zip(parts, done):
+            by_exp.setdefault((seed, exp, split), []).append(out)
+        runs, per_seed = {}, {}
+        for seed, exp, split in exps:
+            out = merge_parts(by_exp[seed, exp, split])
+            if exp == "extraction":          # the table's order, whatever job ran what
+                out["methods"] = {k: out["methods"][k] for k in runs_here(exp) if k in out["methods"]}
             run, claims = runs.setdefault(str(seed), {}), per_seed.setdefault(seed, [])
-            job_cpu += cpu if n > 1 else 0.0
             if exp == "extraction":
                 run["extraction"] = out
                 claims += extraction_claims(out)

@@ -121,6 +121,35 @@ def test_integrated_gradients_all_positions_equal_reference_and_complete(flavor)
     assert fine[1].double().sum().item() == pytest.approx((F1 - F0).item(), rel=2e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_integrated_gradients_lower_layers_once_is_bit_identical_to_the_whole_forward(flavor):
+    """The fast path computes everything below the attributed MLP once per batch; in float32 every attribution
+    must equal, bit for bit, the one from a whole forward per alpha (documents packed in rows included)."""
+    net = tiny(flavor, d_ff=10, n_layer=3)
+    x = torch.randint(0, 23, (3, 7))
+    y = torch.roll(x, -1, 1)
+    y[0, 5:] = -100
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 3)
+    for rows in ({"x": x, "y": y}, {"x": x, "y": y, "doc_ids": doc}):
+        got = loc.integrated_gradients_scores(net, rows, steps=3, batch_size=2)
+        b = loc.batch_rows(rows, torch.arange(3), "cpu")
+        for layer in range(3):
+            fast = loc._scaled_from(net, b, layer)
+            whole = torch.zeros(10, dtype=torch.float64)
+            for i in range(0, 3, 2):                                      # the slow path, as the code was
+                bb = loc.batch_rows(rows, torch.arange(i, min(3, i + 2)), "cpu")
+                for alpha in loc.ig_alphas(3):
+                    s = torch.full((10,), alpha, requires_grad=True)
+                    masks = [None] * 3
+                    masks[layer] = s
+                    loc._true_token_prob(net, bb, masks).sum().backward()
+                    whole += s.grad.double()
+            assert torch.equal(got[layer], (whole / 3).float()), layer
+            s = torch.full((10,), 0.3)
+            assert torch.equal(fast(s), net(b["x"], mlp_mask=[s if l == layer else None for l in range(3)],
+                                            doc_ids=b.get("doc_ids"))[0])
+
+
 def test_integrated_gradients_each_position_equals_reference():
     net = tiny("gpt2", d_ff=8, n_layer=2).double()
     x = torch.randint(0, 23, (2, 5))
