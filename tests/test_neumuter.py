@@ -340,6 +340,42 @@ def test_checker_stop_only_skips_generation_exactly_when_the_el_bound_decides(mo
         assert quick["stop"] == N.Checker(cfg, seqs, thr, val, 0)(net)["stop"] == (not decided)
 
 
+def test_checker_on_a_frozen_model_measures_each_masks_once_with_the_same_records(monkeypatch):
+    net = tiny(V=20, L=2)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 20, (14,), generator=g).tolist() for _ in range(3)]
+    cfg, val = N.Config(el_n=4), N.lm_rows(seqs, 0)
+    ones, zeros = [None, torch.ones(24)], [None, torch.zeros(24)]
+    calls = [(ones, {}), (ones, {}), (zeros, dict(full=True)), (ones, {}), (zeros, dict(stop_only=True)),
+             (zeros, dict(stop_only=True)), (None, dict(full=True))]
+    for thr in ({"ma": -1.0, "el": 1.0}, {"ma": 1.0, "el": 1.0}):
+        slow, fast = N.Checker(cfg, seqs, thr, val, 0), N.Checker(cfg, seqs, thr, val, 0, frozen=net)
+        want = [(slow(net, m, **kw), slow.final(net, m)) for m, kw in calls]
+        n = []
+        real = ev.memorization_accuracy
+        monkeypatch.setattr(ev, "memorization_accuracy", lambda *a, **k: n.append(1) or real(*a, **k))
+        assert [(fast(net, [None if t is None else t.clone() for t in m] if m else m, **kw), fast.final(net, m))
+                for m, kw in calls] == want
+        monkeypatch.setattr(ev, "memorization_accuracy", real)
+        assert len(n) == 3                                           # once per distinct masks
+        other = tiny(V=20, L=2, seed=1)                              # any other model is measured every time
+        assert fast(other, ones) == slow(other, ones)
+
+
+def test_parts_in_separate_jobs_equal_the_whole_run(tmp_path):
+    """Each experiment's parts (JOB_PARTS), run one by one and merged, give every number the whole run gives."""
+    import train as T
+    cfg = T.parse_config(N.Config, ["--preset=smoke", f"--out_dir={tmp_path}"], N.PRESETS)
+    quiet = lambda s: None
+    whole = N.run_extraction(cfg, 0, quiet)              # trains the models; the parts load them from the cache
+    parts = N.merge_parts([N.run_extraction(cfg, 0, quiet, p) for p in N.JOB_PARTS["extraction"]])
+    assert list(parts["methods"]) == ["neumuter", "ig", "ga", "sga", "ta", "di"]
+    assert _without_times(parts) == _without_times(whole)
+    whole = N.run_tofu(cfg, 0, "forget10", quiet)
+    parts = N.merge_parts([N.run_tofu(cfg, 0, "forget10", quiet, p) for p in N.JOB_PARTS["tofu"]])
+    assert list(parts["curves"]) == list(whole["curves"]) and _without_times(parts) == _without_times(whole)
+
+
 def _without_times(x):
     if isinstance(x, dict):
         return {k: _without_times(v) for k, v in x.items() if "time" not in k and k != "env"}
