@@ -369,7 +369,7 @@ PRESETS = {
                   epochs=1.0, batch_size=8, warmup_steps=2, iters=6, eval_every=3, K=2, base_steps=4,
                   base_eval_every=2, ig_steps=2, ig_ratios=(0.1, 1.0), tofu_people=12, tofu_epochs=2,
                   tofu_steps=4, tofu_eval_every=2, tofu_mask_epochs=2, tofu_mask_evals=2, tofu_retain_eval=8,
-                  log_every=0, el_n=4),
+                  log_every=0, el_n=4, workers=1),      # seconds of work: starting workers would cost more
     # GPT-Neo-125M from a local folder and the extraction-challenge samples from a local file, as the paper;
     # the ascent bound from the 200 unseen samples, as every run (--bound=8 for the authors' code's constant)
     "paper": dict(experiment="extraction", init_from="gpt-neo-125M", data_path="lm_extraction_32_0.csv",

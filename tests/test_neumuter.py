@@ -383,8 +383,8 @@ def _without_times(x):
 
 
 def test_smoke_run_writes_results(tmp_path):
-    metrics, claims = N.main(["--preset=smoke", f"--out_dir={tmp_path}"])
-    assert metrics["env"]["workers"] == 2          # the default: extraction and TOFU side by side in two processes
+    metrics, claims = N.main(["--preset=smoke", "--workers=2", f"--out_dir={tmp_path}"])
+    assert metrics["env"]["workers"] == 2          # the default run's layout: the jobs dealt to two processes
     # one after another in this process (fresh checkpoints): every number but the timings is the same
     m1, c1 = N.main(["--preset=smoke", "--workers=1", f"--out_dir={tmp_path / 'serial'}"])
     assert m1["env"]["workers"] == 1
