@@ -247,6 +247,7 @@ class Config:
     # model: trained from scratch on the world, or a pretrained checkpoint (a HF folder, a .gguf, or "smollm2")
     init_from: str = ""
     flavor: str = "gpt2"
+    gelu: str = "exact"                # gpt2 flavor's GELU: "exact" (erf, as nanoGPT) or "tanh" (GPT-2's gelu_new)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 64
@@ -304,6 +305,7 @@ class Config:
     log_every: int = 200
 
     def __post_init__(self):        # ranges checked at parse time, before any model trains
+        T.check(self, gelu=("exact", "tanh"))
         T.check(self, epochs="[1, inf)", batch_size="[1, inf)", lr="(0, inf)", weight_decay="[0, inf)",
                 inject_steps="[1, inf)", inject_lr="(0, inf)", unlearn_steps="[1, inf)", unlearn_batch="[1, inf)",
                 npo_lr="(0, inf)", wga_lr="(0, inf)", dpo_lr="(0, inf)", rmu_lr="(0, inf)", l2_lr="(0, inf)",
@@ -510,7 +512,8 @@ def stack_eval(E):
 
 def model_config(cfg, vocab_size):
     return M.ModelConfig(flavor=cfg.flavor, vocab_size=vocab_size, block_size=128, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=cfg.d_ff, bias=cfg.flavor == "gpt2")
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=cfg.d_ff, bias=cfg.flavor == "gpt2",
+                         gelu=cfg.gelu)
 
 
 def base_model(cfg, tok_holder):

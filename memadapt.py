@@ -421,6 +421,7 @@ class Config:
     # base model: "" = pretrain the built-in small base; else a local HF folder / GGUF file
     init_from: str = ""
     flavor: str = "gpt2"
+    gelu: str = "exact"                # gpt2 flavor's GELU: "exact" (erf, as nanoGPT) or "tanh" (GPT-2's gelu_new)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -465,6 +466,7 @@ class Config:
         if self.data == "tofu" and not (self.tofu_path and self.init_from):
             raise ValueError("data='tofu' needs tofu_path (a local folder with TOFU's files: offline, no download) and "
                              "init_from (the pretrained model whose tokenizer TOFU's text goes through)")
+        T.check(self, gelu=("exact", "tanh"))
         T.check(self, threads="[0, inf)", workers="[1, inf)", data=("world", "tofu"), forget=("forget01", "forget05", "forget10"),
                 flavor=("gpt2", "llama"), sweep=("", "entries", "size"), tofu_qa_per_author="[1, inf)",
                 n_people="[4, inf)", n_families="[1, inf)", n_cities="[1, inf)", n_countries="[1, inf)",
@@ -671,7 +673,7 @@ def fit(cfg, net, rows, *, epochs, lr, batch, name, fields, optimizer=None, ctx=
 def model_config(cfg, vocab_size):
     return M.ModelConfig(flavor=cfg.flavor, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=4 * cfg.n_embd, bias=cfg.flavor == "gpt2",
-                         tie_embeddings=True)
+                         tie_embeddings=True, gelu=cfg.gelu)
 
 
 def load_base(cfg):

@@ -47,10 +47,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()      # Llama 3.x: (factor, low_freq_factor, high_freq_factor, original_max_pos); () = none
     dropout: float = 0.0
-    # the gpt2 flavor's GELU: "tanh" is GPT-2's gelu_new, which Hugging Face GPT-2 / GPT-Neo checkpoints need;
-    # "exact" is the erf GELU nanoGPT trains with (its CPU kernel is ~4x faster forward). hf.py sets it from a
-    # checkpoint's activation_function; a checkpoint saved without the field was trained with "tanh"
-    gelu: str = "tanh"
+    # the gpt2 flavor's GELU: "exact" is the erf GELU nanoGPT trains from scratch with (its CPU kernel is ~4x faster
+    # forward); "tanh" is GPT-2's gelu_new, which Hugging Face GPT-2 / GPT-Neo checkpoints need (hf.py sets it from
+    # a checkpoint's activation_function). A checkpoint saved without the field was trained with "tanh"
+    gelu: str = "exact"
     attn_scale: bool = True       # False: no 1/sqrt(head_dim) on attention logits (GPT-Neo was trained without it)
     attention_layers: tuple = ()  # per layer "global" or "local" (GPT-Neo alternates them); () = all global
     local_window: int = 0         # a "local" layer's query sees itself and the local_window - 1 tokens before it

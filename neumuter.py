@@ -253,6 +253,7 @@ class Config:
     n_head: int = 4
     n_embd: int = 128
     d_ff: int = 512
+    gelu: str = "exact"                # gpt2 flavor's GELU: "exact" (erf, as nanoGPT) or "tanh" (GPT-2's gelu_new)
     epochs: float = 3.0
     batch_size: int = 32
     lr: float = 3e-3
@@ -328,6 +329,7 @@ class Config:
     log_every: int = 100
 
     def __post_init__(self):        # every field checked at parse time, before any model trains
+        T.check(self, gelu=("exact", "tanh"))
         T.check(self, experiment=("both", "extraction", "tofu"), threshold=("energy", "fixed"), threads="[0, inf)",
                 workers="[1, inf)", mu_keep="(0, 1]", bound="[0, inf)", lam="[0, inf)", eta="[0, inf)",
                 tofu_first_layer="[0, n_layer)", tofu_mask_epochs="(0, inf)", tofu_mask_batch="[1, inf)",
@@ -462,14 +464,18 @@ def qa_tokens(tok, recs):
 # Training the models to unlearn from (cached by a fingerprint of the settings that shape them)
 # -------------------------------------------------------------------------------------------------
 
+def model_config(cfg, vocab_size, block_size):
+    return M.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, d_ff=cfg.d_ff, gelu=cfg.gelu)
+
+
 def train_lm(cfg, name, rows, vocab_size, epochs, seed, lr=None, log=print, init=None):
     """A fresh GPT (or a copy of `init`, fine-tuned) trained on rows for `epochs`, resumed / reused from
     out_dir/ckpt when the settings match."""
     import copy
     torch.manual_seed(seed)
-    net = copy.deepcopy(init).requires_grad_(True) if init is not None else M.GPT(M.ModelConfig(
-        vocab_size=vocab_size, block_size=cfg.block_size or max(cfg.max_len, rows["x"].shape[1]) + 1, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_embd=cfg.n_embd, d_ff=cfg.d_ff))
+    net = copy.deepcopy(init).requires_grad_(True) if init is not None else M.GPT(model_config(
+        cfg, vocab_size, cfg.block_size or max(cfg.max_len, rows["x"].shape[1]) + 1))
     order = D.EpochIterator(len(rows["x"]), cfg.batch_size, seed=seed)
     steps = max(1, round(epochs * order.steps_per_epoch))
 

@@ -258,6 +258,7 @@ class Config:
     split_sentences: bool = True       # world: each sentence its own attention context (same source, same mask)
     # model: MLP hidden = n_gen backbone + n_pool sinks; each source activates n_source of the pool
     flavor: str = "llama"
+    gelu: str = "exact"                # with flavor gpt2: "exact" (erf, as nanoGPT) or "tanh" (GPT-2's gelu_new)
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 0
@@ -306,6 +307,7 @@ class Config:
     log_every: int = 50
 
     def __post_init__(self):        # valid ranges: train.parse_config turns a violation into exit status 2
+        T.check(self, gelu=("exact", "tanh"))
         T.check(self, tokenizer=("gpt2", "word"), flavor=("gpt2", "llama"), optimizer=("adamw", "lazy"),
                 sweep=("", "overlap", "n_source", "capacity"), n_people="[2, inf)", n_families="[1, inf)",
                 n_cities="[1, inf)", n_countries="[1, inf)", n_docs="[2, inf)",
@@ -444,7 +446,7 @@ def model_config(cfg, vocab_size):
     # the standard transformer gets the same MLP width, so the same parameter count, with every neuron on
     return M.ModelConfig(flavor=cfg.flavor, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, d_ff=cfg.n_gen + cfg.n_pool,
-                         bias=cfg.flavor == "gpt2", tie_embeddings=True)
+                         bias=cfg.flavor == "gpt2", tie_embeddings=True, gelu=cfg.gelu)
 
 
 def lm_rows(cfg, tok, docs, source_ids):

@@ -271,7 +271,10 @@ def manual_forward64(model, x_row):
                     out[t, sl] = (torch.softmax(s, 0)[:, None] * v[:t + 1, sl]).sum(0)
             h = h + blk.attn.proj(out)
             u = blk.mlp.up(blk.ln_2(h))
-            mo = blk.mlp.down(0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3))))
+            if model.cfg.gelu == "tanh":    # GPT-2's gelu_new
+                mo = blk.mlp.down(0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3))))
+            else:                            # the erf GELU
+                mo = blk.mlp.down(0.5 * u * (1 + torch.erf(u / math.sqrt(2))))
             h = h + mo
             resid.append(h)
             mlps.append(mo)

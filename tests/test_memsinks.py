@@ -198,15 +198,20 @@ def _gelu_tanh_and_grad(u):
     return 0.5 * u * (1 + th), 0.5 * (1 + th) + 0.5 * u * (1 - th * th) * k * (1 + 3 * 0.044715 * u * u)
 
 
+def _gelu_erf_and_grad(u):
+    phi = 0.5 * (1 + math.erf(u / math.sqrt(2)))                     # the normal CDF; its density below
+    return u * phi, phi + u * math.exp(-u * u / 2) / math.sqrt(2 * math.pi)
+
+
 def _silu_and_grad(z):
     s = 1 / (1 + math.exp(-z))
     return z * s, s * (1 + z * (1 - s))
 
 
-@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
-def test_gradient_route_matches_explicit_float64_reference(flavor):
+@pytest.mark.parametrize("flavor,gelu", [("gpt2", "tanh"), ("gpt2", "exact"), ("llama", "exact")])
+def test_gradient_route_matches_explicit_float64_reference(flavor, gelu):
     torch.manual_seed(1)
-    cfg = M.ModelConfig(flavor=flavor, n_embd=4, d_ff=6, n_head=1, bias=flavor == "gpt2")
+    cfg = M.ModelConfig(flavor=flavor, n_embd=4, d_ff=6, n_head=1, bias=flavor == "gpt2", gelu=gelu)
     mlp = M.MLP(cfg).double()
     x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
     c = torch.randn(1, 5, 4, dtype=torch.float64)
@@ -224,7 +229,7 @@ def test_gradient_route_matches_explicit_float64_reference(flavor):
         for i in range(6):
             u = float(W_up[i] @ xt + b_up[i])
             if flavor == "gpt2":
-                h, dh_du = _gelu_tanh_and_grad(u)
+                h, dh_du = (_gelu_tanh_and_grad if gelu == "tanh" else _gelu_erf_and_grad)(u)
                 dh_dg = 0.0
             else:
                 z = float(W_g[i] @ xt)

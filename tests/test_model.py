@@ -407,3 +407,24 @@ def test_token_logprobs_and_loss_match_explicit_loops(flavor):
     assert torch.allclose(lp.double(), ref, atol=1e-5)
     assert (lp[targets == -100] == 0).all()
     assert abs(loss.item() - total / count) < 1e-5
+
+
+def test_each_script_trains_from_scratch_with_its_gelu_form():
+    # from scratch: the erf GELU (as nanoGPT), except where a script keeps GPT-2's tanh for its published tables;
+    # whatever the default, the Config's field reaches the model, and a bad value is named with its choices
+    from dataclasses import replace
+    import compare, locprobe, memadapt, memsinks, neumuter, nulls
+    import train as T
+    assert ModelConfig().gelu == "exact"
+    defaults = {memsinks: "tanh", memadapt: "exact", locprobe: "exact", nulls: "exact", neumuter: "exact",
+                compare: "tanh"}
+    for mod, want in defaults.items():
+        assert mod.Config().gelu == want, mod.__name__
+        with pytest.raises(SystemExit) as e:
+            T.parse_config(mod.Config, ["--gelu=erf"], {})
+        assert e.value.code == 2
+    for g in ("exact", "tanh"):
+        for mod in (memsinks, memadapt, locprobe, nulls):
+            assert mod.model_config(replace(mod.Config(), flavor="gpt2", gelu=g), 64).gelu == g, mod.__name__
+        assert neumuter.model_config(replace(neumuter.Config(), gelu=g), 64, 32).gelu == g
+        assert memadapt.model_config(compare.ma_config(replace(compare.Config(), gelu=g)), 64).gelu == g

@@ -247,7 +247,9 @@ def _sliced_mlp(act, mlp, x):
                 return y + lin.bias[cols] if lin.bias is not None else y
             y = torch.bmm(z, lin.weight[cols].transpose(1, 2))
             return y + lin.bias[cols][:, None, :] if lin.bias is not None else y
-        return F.silu(proj(mlp.gate)) * proj(mlp.up) if mlp.flavor == "llama" else F.gelu(proj(mlp.up), approximate="tanh")
+        if mlp.flavor == "llama":
+            return F.silu(proj(mlp.gate)) * proj(mlp.up)
+        return F.gelu(proj(mlp.up), approximate=mlp.approximate)
     out = hidden(x, slice(0, g)) @ mlp.down.weight[:, :g].t()
     if mlp.down.bias is not None:
         out = out + mlp.down.bias
