@@ -416,7 +416,7 @@ def test_each_script_trains_from_scratch_with_its_gelu_form():
     import compare, locprobe, memadapt, memsinks, neumuter, nulls
     import train as T
     assert ModelConfig().gelu == "exact"
-    defaults = {memsinks: "tanh", memadapt: "exact", locprobe: "exact", nulls: "exact", neumuter: "exact",
+    defaults = {memsinks: "exact", memadapt: "exact", locprobe: "exact", nulls: "exact", neumuter: "exact",
                 compare: "tanh"}
     for mod, want in defaults.items():
         assert mod.Config().gelu == want, mod.__name__
