@@ -1271,11 +1271,12 @@ def report(cfg, runs, claims, seeds, checks=()):
           + ", ".join(f"{m} {ex(m, 'retain_tr')} / {ex(m, 'retain_prob')}" for m in r0["extractability"]), ""]
     L += [
          "Table 1 (Util_R normalized by Finetuned, Util_G by the base; Mem., Priv., Agg. as the paper)", "",
-         "| method | Util_R | Util_G | Mem. | Priv. | Agg. | best lr |", "| --- | --- | --- | --- | --- | --- | --- |"]
+         "| method | Util_R | Util_G | Mem. | Priv. | Agg. | best lr (per seed) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in rows:
         cells = [ev.fmt_mean_std([r["table1"][m][k] for r in runs]) for k in ("util_r", "util_g", "mem", "priv", "agg")]
-        lr = runs[0]["table1"][m].get("lr")
-        L.append(f"| {m} | " + " | ".join(cells) + f" | {ev.fmt(lr, '.1e') if lr else ''} |")
+        lrs = [r["table1"][m].get("lr") for r in runs]           # each seed's own pick
+        L.append(f"| {m} | " + " | ".join(cells) + " | " + (" / ".join(ev.fmt(x, ".1e") for x in lrs) if any(lrs) else "")
+                 + " |")
     L += ["", "Forget-set facts by what the retain set says about them: mean answer probability and ES (unique = "
           "only the forgotten people's data holds it; entailed = a retained person's article states it or its "
           "premises; '-' = no such fact in this request)", "",
