@@ -1089,23 +1089,25 @@ def run_seed(cfg):
     ma, mem, times["memadapt_ft"] = memadapt_ft(cfg, base, tok, sets["full"])
     E = lambda net, split=None: evaluate(cfg, net, tok, sets, split)
     print("== evaluating base, Finetuned, Retrained, MemAdapt FT")
-    raw = {"base": E(base), "finetuned": E(ft), "retrained": E(ret), "memadapt_ft": E(ma)}
-    if cfg.upper_bound:
-        ub, times["memadapt_unmasked"] = unmasked_ft(cfg, base, tok, sets["full"])
-        raw["memadapt_unmasked"] = E(ub)
-        del ub
-    # unlearn by the block-list (timed; the values must not move), then evaluate MemAdapt
-    share_before = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
-    values_before = mem.values.detach().clone()
-    block_s, block_cpu, block_max = block_sources(mem, forget)
-    raw["memadapt"] = E(ma)
-    share_after = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
-    untouched = bool(torch.equal(values_before, mem.values.detach()))
+    raw = {"base": E(base), "finetuned": E(ft), "retrained": E(ret)}
     row = lambda n: table_row(n, raw["base"], raw["finetuned"], raw["retrained"])
-    # the post-hoc baselines on Finetuned, and iterative unlearning on MemAdapt
-    sweep, best = posthoc_in_workers(cfg, ft, tok, sets, retain, E, row,
-                                     (raw["base"], raw["finetuned"], raw["retrained"]))
-    iterative = iterative_unlearning(mem, ma, sets, forget, E, row)
+    # the post-hoc baselines on Finetuned run in the workers while this process evaluates MemAdapt
+    with posthoc_in_workers(cfg, ft, tok, sets, retain, E, row, (raw["base"], raw["finetuned"], raw["retrained"])) \
+            as posthoc:
+        raw["memadapt_ft"] = E(ma)
+        if cfg.upper_bound:
+            ub, times["memadapt_unmasked"] = unmasked_ft(cfg, base, tok, sets["full"])
+            raw["memadapt_unmasked"] = E(ub)
+            del ub
+        # unlearn by the block-list (timed; the values must not move), then evaluate MemAdapt
+        share_before = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
+        values_before = mem.values.detach().clone()
+        block_s, block_cpu, block_max = block_sources(mem, forget)
+        raw["memadapt"] = E(ma)
+        share_after = routing_shares(ma, mem, tok, sets["retain_perturbed"], cfg)
+        untouched = bool(torch.equal(values_before, mem.values.detach()))
+        iterative = iterative_unlearning(mem, ma, sets, forget, E, row)
+        sweep, best = posthoc()
     # Table 1, the forget set by fact kind and role, and what claims 1 and 2 rest on
     table = {"finetuned": row(raw["finetuned"]), "memadapt_ft": row(raw["memadapt_ft"]),
              "retrained": row(raw["retrained"]), "memadapt": row(raw["memadapt"])}
@@ -1148,18 +1150,36 @@ def posthoc_baselines(cfg, ft, tok, sets, retain, E, row, names=None):
     return sweep, best
 
 
+# the preference objectives run a second answer through the model and the reference: about twice the others' time
+BASELINE_COST = {"idkdpo": 2, "altpo": 2, "dpo": 2}
+
+
+def deal(names, n, cost=lambda name: BASELINE_COST.get(name, 1)):
+    """names in n groups of about equal cost: longest first, each to the group with the least so far."""
+    groups = [[] for _ in range(n)]
+    for name in sorted(names, key=cost, reverse=True):        # stable: equal costs keep their order
+        min(groups, key=lambda g: sum(map(cost, g))).append(name)
+    return groups
+
+
+@contextlib.contextmanager
 def posthoc_in_workers(cfg, ft, tok, sets, retain, E, row, refs):
     """posthoc_baselines with the baselines dealt to train.side_by_side worker processes (each baseline's tuning
-    and reported run are independent of the others'; the same numbers as one process). refs: the raw numbers of
-    base, Finetuned and Retrained that table_row scores against."""
+    and reported run are independent of the others'; the same numbers as one process), started at once; the
+    block gets a function that waits for them and returns (sweep, best). refs: the raw numbers of base, Finetuned
+    and Retrained that table_row scores against."""
     names = [b for b in cfg.baselines.split(",") if b]
     n = min(T.side_by_side(cfg.workers, cfg.device), len(names))
     if n < 2:
-        return posthoc_baselines(cfg, ft, tok, sets, retain, E, row)
-    parts = T.run_jobs(posthoc_job, [(cfg, names[i::n], refs) for i in range(n)], n)
-    sweep = {k: v for s, _ in parts for k, v in s.items()}
-    best = {k: v for _, b in parts for k, v in b.items()}
-    return {k: sweep[k] for k in names if k in sweep}, {k: best[k] for k in names}
+        yield lambda: posthoc_baselines(cfg, ft, tok, sets, retain, E, row)
+        return
+
+    def merged(parts):
+        sweep = {k: v for s, _ in parts for k, v in s.items()}
+        best = {k: v for _, b in parts for k, v in b.items()}
+        return {k: sweep[k] for k in names if k in sweep}, {k: best[k] for k in names}
+    with T.jobs_in_background(posthoc_job, [(cfg, g, refs) for g in deal(names, n)], n) as parts:
+        yield lambda: merged(parts())
 
 
 def posthoc_job(cfg, names, refs):

@@ -373,22 +373,34 @@ def run_jobs(fn, jobs, workers):
     """[fn(*job) for job in jobs], in up to `workers` processes side by side (1: in this process, in order).
     Workers are spawned, not forked (safe with CUDA and torch's thread pools); fn must be a module-level function
     and each job's arguments picklable. Ctrl-C or SIGTERM stops every worker now (their caches resume a rerun)."""
+    with jobs_in_background(fn, jobs, workers) as results:
+        return results()
+
+
+@contextlib.contextmanager
+def jobs_in_background(fn, jobs, workers):
+    """run_jobs with this process free meanwhile: the workers start at once, and the block gets a function that
+    waits for them and returns [fn(*job) for job in jobs]. Leaving the block waits for them too; an error or
+    Ctrl-C in it stops them. With one worker the jobs run in this process when the results are asked for."""
     n = min(workers, len(jobs))
     if n <= 1:
-        return [fn(*job) for job in jobs]
+        yield lambda: [fn(*job) for job in jobs]
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
     try:
         with stop_on_sigterm():            # SIGTERM like Ctrl-C: both reach the workers, not only this process
-            done = [f.result() for f in [pool.submit(fn, *job) for job in jobs]]
+            futures = [pool.submit(fn, *job) for job in jobs]
+            yield lambda: [f.result() for f in futures]
+            for f in futures:              # a block that never asked: its jobs' errors still surface
+                f.result()
     except BaseException:
         for proc in multiprocessing.active_children():
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    return done
 
 
 class Prefixed:

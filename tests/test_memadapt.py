@@ -495,6 +495,14 @@ def test_smoke_run_writes_every_claim_and_table(tmp_path):
         assert (tmp_path / "table1.png").exists() and (tmp_path / "iterative.png").exists()
 
 
+def test_deal_balances_the_baselines_longest_first():
+    names = ["graddiff", "npo", "simnpo", "rmu", "undial", "idkdpo", "idknll", "altpo"]
+    assert MA.deal(names, 2) == [["idkdpo", "graddiff", "simnpo", "undial"], ["altpo", "npo", "rmu", "idknll"]]
+    assert MA.deal(names, 2, cost=lambda n: 1) == [names[0::2], names[1::2]]
+    assert MA.deal(["npo"], 3) == [["npo"], [], []]
+    assert MA.deal(["a", "b", "c"], 2, cost={"a": 1, "b": 1, "c": 3}.get) == [["c"], ["a", "b"]]
+
+
 def test_models_trained_in_two_workers_give_the_same_run(tmp_path, run_numbers):
     """workers=2 trains Finetuned, Retrained and both adapters in worker processes (into the caches the run then
     loads) and deals the post-hoc baselines to them: every number but the timings equals the one-process run's."""

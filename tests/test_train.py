@@ -761,3 +761,21 @@ def test_cpu_seconds_counts_the_workers_of_run_jobs():
     out = TR.run_jobs(math.factorial, [(60000,), (60000,)], 2)
     assert out[0] == out[1] == math.factorial(60000)
     assert TR.cpu_seconds() - c0 > time.process_time() - p0        # the two workers' CPU is in there
+
+
+def test_jobs_in_background_let_this_process_work_meanwhile():
+    import math
+    import time
+    with TR.jobs_in_background(math.factorial, [(3,), (4,), (5,)], 2) as results:
+        here = math.factorial(6)                    # this process, while the workers run
+        assert results() == [6, 24, 120] and here == 720
+    with TR.jobs_in_background(math.factorial, [(3,)], 1) as results:      # one worker: run here when asked
+        assert results() == [6]
+    with pytest.raises(ValueError):                 # a job's error surfaces at the end of a block that never asked
+        with TR.jobs_in_background(math.factorial, [(-1,), (3,)], 2):
+            time.sleep(0)
+    with pytest.raises(KeyError):                   # an error in the block stops the workers and propagates
+        with TR.jobs_in_background(time.sleep, [(30,), (30,)], 2):
+            t0 = time.time()
+            raise KeyError("here")
+    assert time.time() - t0 < 20
