@@ -1250,21 +1250,23 @@ def main(argv=None):
         t0, c0 = time.time(), time.process_time()
         exps = [(int(seed), exp, split) for seed in cfg.seeds for exp, splits in
                 (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
-        # two rounds of jobs, so that the workers stay busy: first every experiment's models are trained into the
-        # checkpoint cache (out_dir/ckpt), then the experiments run in parts that load them: NeuMuter (with the
-        # original, retrained and zeroed models' records) and the baselines, each part seeded as the whole run was
+        # the workers stay busy: every experiment's models are trained into the checkpoint cache (out_dir/ckpt) by
+        # a job of their own, and the experiment's parts start as soon as their models are there: NeuMuter (with
+        # the original, retrained and zeroed models' records) and the baselines, each part seeded as the whole run
         models = [(seed, exp, cfg.tofu_splits if exp == "tofu" else None, "models")
                   for seed, exp, split in exps if split in (None, cfg.tofu_splits[0])]
         runs_here = lambda exp: ("neumuter",) + tuple(cfg.methods if exp == "extraction" else cfg.tofu_methods)
         parts = [(seed, exp, split, p) for seed, exp, split in exps for group in JOB_PARTS[exp]
                  for p in [tuple(k for k in group if k in runs_here(exp))] if p]
+        needs = {len(models) + i: [m for m, (s, e, _, _) in enumerate(models) if (s, e) == (seed, exp)]
+                 for i, (seed, exp, _, _) in enumerate(parts)}
+        jobs = models + parts
         n = min(T.side_by_side(cfg.workers, cfg.device), len(parts))
-        done, job_cpu = [], 0.0
-        for jobs in (models, parts):           # each worker logs with a prefix
-            done = T.run_jobs(run_job, [(cfg, *j, f"[{j[1]} seed {j[0]}] " if n > 1 else "") for j in jobs], n)
-            job_cpu += sum(cpu for _, cpu in done) if n > 1 else 0.0
-            print("CPU s per job: " + ", ".join(f"{j[1]} seed {j[0]} {'+'.join(j[3]) if j[3] != 'models' else 'models'} "
-                                                f"{cpu:.1f}" for j, (_, cpu) in zip(jobs, done)), flush=True)
+        done = T.run_jobs(run_job, [(cfg, *j, f"[{j[1]} seed {j[0]}] " if n > 1 else "") for j in jobs], n, needs)
+        job_cpu = sum(cpu for _, cpu in done) if n > 1 else 0.0
+        print("CPU s per job: " + ", ".join(f"{j[1]} seed {j[0]} {'+'.join(j[3]) if j[3] != 'models' else 'models'} "
+                                            f"{cpu:.1f}" for j, (_, cpu) in zip(jobs, done)), flush=True)
+        done = done[len(models):]
         by_exp = {}
         for (seed, exp, split, _), (out, _) in zip(parts, done):
             by_exp.setdefault((seed, exp, split), []).append(out)

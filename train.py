@@ -369,32 +369,57 @@ def side_by_side(workers, device):
     return workers
 
 
-def run_jobs(fn, jobs, workers):
+def run_jobs(fn, jobs, workers, after=None):
     """[fn(*job) for job in jobs], in up to `workers` processes side by side (1: in this process, in order).
     Workers are spawned, not forked (safe with CUDA and torch's thread pools); fn must be a module-level function
-    and each job's arguments picklable. Ctrl-C or SIGTERM stops every worker now (their caches resume a rerun)."""
-    with jobs_in_background(fn, jobs, workers) as results:
+    and each job's arguments picklable. Ctrl-C or SIGTERM stops every worker now (their caches resume a rerun).
+    after: {i: indices of the jobs that job i needs finished first (they come before it in the list)}; a free
+    worker takes the first job in list order whose needs are met."""
+    with jobs_in_background(fn, jobs, workers, after) as results:
         return results()
 
 
 @contextlib.contextmanager
-def jobs_in_background(fn, jobs, workers):
+def jobs_in_background(fn, jobs, workers, after=None):
     """run_jobs with this process free meanwhile: the workers start at once, and the block gets a function that
     waits for them and returns [fn(*job) for job in jobs]. Leaving the block waits for them too; an error or
     Ctrl-C in it stops them. With one worker the jobs run in this process when the results are asked for."""
+    after = {i: set(need) for i, need in (after or {}).items()}
+    if any(j >= i for i, need in after.items() for j in need):
+        raise ValueError(f"run_jobs: a job can only wait for jobs before it in the list, got after={after}")
     n = min(workers, len(jobs))
     if n <= 1:
         yield lambda: [fn(*job) for job in jobs]
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    pending, running, done, failed = list(range(len(jobs))), {}, {}, []
+
+    def schedule():               # a thread of this process: a free worker takes the first job whose needs are met
+        try:
+            while (pending or running) and not failed:
+                for i in [i for i in pending if after.get(i, set()) <= done.keys()][:n - len(running)]:
+                    pending.remove(i)
+                    running[pool.submit(fn, *jobs[i])] = i
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for f in finished:
+                    done[running.pop(f)] = f.result()
+        except BaseException as e:    # re-raised in this process's main thread by results()
+            failed.append(e)
+    thread = threading.Thread(target=schedule, daemon=True)
+
+    def results():
+        thread.join()
+        if failed:
+            raise failed[0]
+        return [done[i] for i in range(len(jobs))]
     try:
         with stop_on_sigterm():            # SIGTERM like Ctrl-C: both reach the workers, not only this process
-            futures = [pool.submit(fn, *job) for job in jobs]
-            yield lambda: [f.result() for f in futures]
-            for f in futures:              # a block that never asked: its jobs' errors still surface
-                f.result()
+            thread.start()
+            yield results
+            results()                      # a block that never asked: its jobs still run, their errors surface
     except BaseException:
         for proc in multiprocessing.active_children():
             proc.terminate()

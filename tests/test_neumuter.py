@@ -532,7 +532,9 @@ def test_sigterm_to_the_parent_stops_the_workers(tmp_path):
     p = subprocess.Popen([sys.executable, "neumuter.py", "--preset=smoke", "--workers=2", "--seeds=0,1",
                           f"--out_dir={tmp_path}"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    children = lambda: [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+    # the children of every thread of the parent (train.run_jobs starts its workers from a scheduling thread)
+    children = lambda: [int(c) for t in os.listdir(f"/proc/{p.pid}/task")
+                        for c in open(f"/proc/{p.pid}/task/{t}/children").read().split()]
     t0 = time.time()
     while len(children()) < 2 and time.time() - t0 < 60 and p.poll() is None:   # both workers started
         time.sleep(0.2)

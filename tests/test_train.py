@@ -779,3 +779,19 @@ def test_jobs_in_background_let_this_process_work_meanwhile():
             t0 = time.time()
             raise KeyError("here")
     assert time.time() - t0 < 20
+
+
+def _timed_sleep(seconds):
+    """(start, end) of a sleep, in a worker process."""
+    import time
+    t0 = time.time()
+    time.sleep(seconds)
+    return t0, time.time()
+
+
+def test_run_jobs_starts_a_job_once_the_jobs_it_needs_are_done():
+    out = TR.run_jobs(_timed_sleep, [(0.6,), (0.0,), (0.0,), (0.0,)], 2, after={2: [0], 3: [1]})
+    assert out[2][0] >= out[0][1]                  # job 2 waited for job 0 ...
+    assert out[3][0] < out[0][1]                   # ... while job 3 ran as soon as job 1 was done
+    with pytest.raises(ValueError, match="before it"):
+        TR.run_jobs(_timed_sleep, [(0.0,), (0.0,)], 2, after={0: [1]})
