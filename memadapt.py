@@ -968,7 +968,8 @@ def claim_learning(util_r_ft, util_r_upper=None, detail=""):
     if pre["met"]:
         ok = util_r_upper is not None and math.isfinite(util_r_upper) and util_r_upper >= UTIL_R_MIN
         pre = ev.precondition(f"the unmasked adapter (no gradient mask, every entry trainable) reaches Util_R >= "
-                              f"{UTIL_R_MIN} on this base (None: not measured, --upper_bound=False)",
+                              f"{UTIL_R_MIN} on this base" + (" (not measured: --upper_bound=False)"
+                                                              if util_r_upper is None else ""),
                               None if util_r_upper is None else round(float(util_r_upper), 4), ok)
     return ev.claim("2. learning works: MemAdapt FT Util_R >= 0.9 [paper: 0.93]",
                     _tests_if(pre, lambda: [ev.condition("util_r", util_r_ft, ">=", UTIL_R_MIN)]), detail,

@@ -397,6 +397,8 @@ def test_claim_functions_every_verdict():
     c = MA.claim_learning(0.93, 0.51)
     assert v(c) == "not testable here" and c["precondition"]["value"] == 0.51 and not c["precondition"]["met"]
     assert v(MA.claim_learning(0.93, None)) == "not testable here"                 # not measured
+    assert "not measured" in MA.claim_learning(0.93, None)["precondition"]["what"]
+    assert "not measured" not in MA.claim_learning(0.93, 0.95)["precondition"]["what"]
     assert v(MA.claim_learning(0.5, 0.9)) == "fails"
     assert [v(MA.claim_no_cost(a, 0.93)) for a in (1.0, 0.9, nan)] == ["holds", "fails", "not testable here"]
     assert [v(MA.claim_agg(a, {"rmu": 0.86})) for a in (0.87, 0.8, nan)] == ["holds", "fails", "not testable here"]
