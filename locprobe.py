@@ -1398,7 +1398,6 @@ def worker_job(cfg, job):
     by the function run() calls for it. Returns this process's CPU seconds for the job."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    T.keep_freed_memory()
     c0, t0 = time.process_time(), time.time()
     kind, *args = job
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, "" if kind == "train" else f"[{' '.join(map(str, job))}] ")):
@@ -1482,7 +1481,6 @@ def main(argv=None, log=print):
     with T.out_dir_lock(cfg.out_dir):       # one run at a time writes here
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        T.keep_freed_memory()
         return run(cfg, log)
 
 

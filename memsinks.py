@@ -818,7 +818,6 @@ def worker_job(cfg, sets, name):
     model itself, the same numbers). Returns (posthoc_part or None, this process's CPU seconds)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    T.keep_freed_memory()
     c0 = time.process_time()
     with contextlib.redirect_stdout(T.Prefixed(sys.stdout, f"[{name}] " if name in POSTHOC else "")):
         out = None
@@ -1248,7 +1247,6 @@ def main(argv=None):
     cfg = T.parse_config(Config, argv, PRESETS)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    T.keep_freed_memory()
     seeds = list(cfg.seeds) or [cfg.seed]
     tuned_on = set(seeds) & set(P_TUNE_SEEDS)
     if tuned_on and cfg.p == P_TUNED and cfg.sweep != "p":

@@ -312,6 +312,7 @@ def cli(main):
     """Run a script's main() from the command line: a damaged checkpoint or cache, a missing input file, or an
     out_dir another run holds, ends as one line `error: ...` and exit status 1 (no traceback: the message says what to do); Ctrl-C
     as one line saying that the same command resumes (checkpoints are written atomically)."""
+    keep_freed_memory()                     # (run_jobs' workers too)
     try:
         main()
     except (CheckpointError, OutDirInUse, InputError, FileNotFoundError) as e:   # messages name the file and fix
@@ -343,7 +344,8 @@ def keep_freed_memory():
     """Let glibc (Linux) keep freed memory for the next allocation. By default it unmaps every freed block over
     32 MB and maps the next one anew, zero-filled page by page: evaluation batches' activations and logits are such
     blocks, and the page faults took 12-25% of an evaluation's CPU time (memsinks.py, locprobe.py). Where the
-    memory comes from changes no number (torch aligns every tensor alike)."""
+    memory comes from changes no number (torch aligns every tensor alike). cli sets it for every script run from
+    the command line, and run_jobs for each of its workers."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:          # not glibc: leave the allocator as it is
@@ -394,7 +396,7 @@ def jobs_in_background(fn, jobs, workers, after=None):
     import multiprocessing
     import threading
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_memory)
     pending, running, done, failed = list(range(len(jobs))), {}, {}, []
 
     def schedule():               # a thread of this process: a free worker takes the first job whose needs are met
