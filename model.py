@@ -213,12 +213,28 @@ class Block(nn.Module):
 class KVCache:
     """Per-layer keys/values plus the document ids and positions of the cached tokens."""
     class Layer:
+        """k, v: (B, n_kv_head, T_cached, head_dim). They are views of buffers with room to grow (doubled when
+        full), so a generation step copies only its new token's keys and values, not the whole cache as a
+        concatenation would (O(T) instead of O(T^2) per sequence); attention reads the views bit-identically to
+        contiguous copies. Under autograd the layer concatenates (no in-place writes into saved tensors)."""
         def __init__(self):
             self.k = self.v = None
+            self.buf = None          # (k buffer, v buffer) whose first T_cached positions are k, v
 
         def append(self, k, v):
-            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (k, v, self.k, self.v)):
+                self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+                self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+                self.buf = None
+                return self.k, self.v
+            L, T = (0 if self.k is None else self.k.shape[2]), k.shape[2]
+            if self.buf is None or L + T > self.buf[0].shape[2]:      # a new buffer, twice what it must hold
+                B, H, _, hd = k.shape
+                self.buf = tuple(x.new_empty(B, H, 2 * (L + T), hd) for x in (k, v))
+                if L:
+                    self.buf[0][:, :, :L], self.buf[1][:, :, :L] = self.k, self.v
+            self.buf[0][:, :, L:L + T], self.buf[1][:, :, L:L + T] = k, v
+            self.k, self.v = self.buf[0][:, :, :L + T], self.buf[1][:, :, :L + T]
             return self.k, self.v
 
     def __init__(self, n_layer):

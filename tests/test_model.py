@@ -219,6 +219,36 @@ def test_native_gqa_equals_repeated_kv_heads(kw, monkeypatch):
 
 # --- generation ----------------------------------------------------------------------------------------------
 
+
+def test_kv_cache_layer_equals_concatenation_and_grows_in_place():
+    """KVCache.Layer keeps keys/values in a buffer it doubles when full: each append equals torch.cat of
+    everything appended so far, bit for bit, and an append that fits writes into the same buffer (no copy of the
+    cache); a selected cache (index_select) continues from its own copy; under autograd it concatenates."""
+    import model as M
+    g = torch.Generator().manual_seed(0)
+    layer, ks, vs, bufs = M.KVCache.Layer(), [], [], []
+    for T in (5, 1, 1, 3, 1, 1, 1, 20, 1):
+        k, v = torch.randn(2, 3, T, 4, generator=g), torch.randn(2, 3, T, 4, generator=g)
+        ks.append(k), vs.append(v)
+        out_k, out_v = layer.append(k.transpose(2, 3).contiguous().transpose(2, 3), v)   # a strided input too
+        assert torch.equal(out_k, torch.cat(ks, 2)) and torch.equal(out_v, torch.cat(vs, 2))
+        bufs.append(layer.buf[0])                   # kept alive: a new buffer cannot reuse an old one's memory
+    assert len({b.data_ptr() for b in bufs}) == 3   # room for 10 (5 tokens), 22 (11), 66 (33): 3 buffers, 9 appends
+    cache = M.KVCache(1)
+    cache.layers[0] = layer
+    sel = cache.select(torch.tensor([1, 1, 0]))
+    k = torch.randn(3, 3, 1, 4, generator=g)
+    out_k, _ = sel.layers[0].append(k, k)
+    assert torch.equal(out_k, torch.cat([torch.cat(ks, 2)[[1, 1, 0]], k], 2))
+    assert torch.equal(layer.k, torch.cat(ks, 2))   # the original is unchanged
+    w = torch.randn(2, 3, 2, 4, requires_grad=True)
+    grad_layer = M.KVCache.Layer()
+    grad_layer.append(w, w)
+    out_k, _ = grad_layer.append(w * 2, w)
+    out_k.sum().backward()
+    assert grad_layer.buf is None and torch.equal(w.grad, torch.full_like(w, 3.0))
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_kv_cache_select_continues_the_chosen_rows(flavor):
     """KVCache.select: rows of a prefilled cache, repeated and reordered, continue as their full sequences do (with
