@@ -1252,7 +1252,7 @@ def main(argv=None):
                 (("extraction", (None,)), ("tofu", cfg.tofu_splits)) if cfg.experiment in ("both", exp) for split in splits]
         # the workers stay busy: every experiment's models are trained into the checkpoint cache (out_dir/ckpt) by
         # a job of their own, and the experiment's parts start as soon as their models are there: NeuMuter (with
-        # the original, retrained and zeroed models' records) and the baselines, each part seeded as the whole run
+        # the original, retrained and zeroed models' records) and the baselines, each part seeded as a whole run is
         models = [(seed, exp, cfg.tofu_splits if exp == "tofu" else None, "models")
                   for seed, exp, split in exps if split in (None, cfg.tofu_splits[0])]
         runs_here = lambda exp: ("neumuter",) + tuple(cfg.methods if exp == "extraction" else cfg.tofu_methods)
