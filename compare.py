@@ -366,9 +366,7 @@ class Config:
     real_qa_forms: int = _MA.real_qa_forms
     init_from: str = _MA.init_from
     flavor: str = _MA.flavor
-    # GPT-2's tanh GELU, not the "exact" of the other scripts: the published multi-seed tables (docs/compare.md) were
-    # trained with it; switching to "exact" (faster on CPU) comes with a rerun of those tables
-    gelu: str = "tanh"
+    gelu: str = _MA.gelu                      # "exact" (erf, as nanoGPT) or "tanh" (GPT-2's gelu_new)
     n_layer: int = _MA.n_layer
     n_head: int = _MA.n_head
     n_embd: int = _MA.n_embd
