@@ -145,21 +145,26 @@ def neumuter_loss(cfg, lf, kl, log_alpha, n_gated, bound):
     return w * lf + cfg.lam * kl + eta * hc_closed_penalty(log_alpha, cfg.beta)
 
 
-def mask_step(cfg, net, log_alpha, opt, fb, nb, gen, n_gated, bound):
+def mask_step(cfg, net, log_alpha, opt, fb, nb, gen, n_gated, bound, ref_logits=None):
     """One NeuMuter iteration: sample the gates (one draw per neuron), forget loss and neighbour KL under them,
-    Eq. 13, one Adam step on log_alpha. Returns (L_f, KL) as tensors."""
+    Eq. 13, one Adam step on log_alpha. ref_logits: the unmasked model's logits on nb (None: computed here).
+    Returns (L_f, KL) as tensors."""
     u = hc_uniform(log_alpha.shape, gen, log_alpha.device)
     masks = gated_masks(cfg, hc_gate(log_alpha, cfg.beta, u))
     _, lf = net(fb["x"], fb["y"], mlp_mask=masks)
     logits = net(nb["x"], mlp_mask=masks)[0]
-    with torch.no_grad():
-        ref_logits = net(nb["x"])[0]
+    if ref_logits is None:
+        with torch.no_grad():
+            ref_logits = net(nb["x"])[0]
     kl = kl_ref_masked(logits, ref_logits, nb["y"] != -100)
     loss = neumuter_loss(cfg, lf, kl, log_alpha, n_gated, bound)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return lf.detach(), kl.detach()
+
+
+REF_CACHE_BYTES = 2 ** 30      # train_masks keeps the unmasked model's neighbour logits up to this size
 
 
 def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, eval_every=None, bound=None):
@@ -193,14 +198,31 @@ def train_masks(cfg, net, forget, neigh, K, check=None, log=print, iters=None, e
     net.eval()
     bs = min(cfg.mask_batch, N)
     order = torch.zeros(0, dtype=torch.long)
+    # the unmasked model's logits on the neighbours never change: for a width the batches are cut to that came up
+    # as many times as it takes batches to cover every neighbour row, they are computed once for every row (in
+    # batches of bs rows as mask_step's: the same shapes, so the same numbers, as a row's logits do not depend on the
+    # other rows) and kept, while they fit in REF_CACHE_BYTES; until then mask_step computes each batch's own
+    ref_cache, seen, n_rows = {}, {}, len(neigh["x"])
+
+    def reference(rows, width):
+        if width not in ref_cache:
+            seen[width] = seen.get(width, 0) + 1
+            if seen[width] <= math.ceil(n_rows / bs) or (sum(r.numel() for r in ref_cache.values()) +
+                                                           n_rows * width * net.cfg.vocab_size) * 4 > REF_CACHE_BYTES:
+                return None
+            with torch.no_grad():           # the last batch wraps around to keep bs rows
+                ref_cache[width] = torch.cat([net(neigh["x"][torch.arange(i, i + bs) % n_rows, :width].to(dev))[0]
+                                              for i in range(0, n_rows, bs)])[:n_rows]
+        return ref_cache[width][rows.to(dev)]
     for it in range(1, iters + 1):
         t_it = time.perf_counter()
         if len(order) < bs:
             order = torch.cat([order, torch.randperm(N, generator=gen)])
         idx, order = order[:bs], order[bs:]
         fb = batch_rows(forget, idx, dev)
-        nb = batch_rows(neigh, idx * K + torch.randint(0, K, (bs,), generator=gen), dev)
-        lf, kl = mask_step(cfg, net, log_alpha, opt, fb, nb, gen, n_gated, bound)
+        rows = idx * K + torch.randint(0, K, (bs,), generator=gen)
+        nb = batch_rows(neigh, rows, dev)
+        lf, kl = mask_step(cfg, net, log_alpha, opt, fb, nb, gen, n_gated, bound, reference(rows, nb["x"].shape[1]))
         spent += time.perf_counter() - t_it
         if it % eval_every == 0 or it == iters:
             sel = select_neurons(log_alpha, cfg.threshold, cfg.energy, cfg.fixed_threshold)
@@ -729,8 +751,10 @@ def run_extraction(cfg, seed, log=print, parts=None):
             nb = reference_neighbours(ref, d.forget, cfg.K, cfg.replace_ratio, seed, banned=(pad, d.tok.eos_id))
         t_nb = time.perf_counter() - t0
         log(f"neighbours: {len(nb)} in {t_nb:.1f}s")
-        log_alpha, hist, spent = train_masks(cfg, net, fb, lm_rows(nb, pad), cfg.K, lambda m: check(net, m), log,
-                                             bound=bound)
+        # the curve's checks decide the stop only (Figure "neumuter curve" plots MA): no perplexity at each check;
+        # check.final measures the muted model's in full
+        log_alpha, hist, spent = train_masks(cfg, net, fb, lm_rows(nb, pad), cfg.K,
+                                             lambda m: check(net, m, stop_only=True), log, bound=bound)
         masks, sel = muted(cfg, log_alpha)
         final = check.final(net, masks)          # the last check saw exactly these masks
         per_layer = [float(s.float().mean()) for s in sel]
