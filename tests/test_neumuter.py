@@ -383,12 +383,13 @@ def test_checker_on_a_frozen_model_measures_each_masks_once_with_the_same_record
         assert fast(other, ones) == slow(other, ones)
 
 
-def test_parts_in_separate_jobs_equal_the_whole_run(tmp_path):
+def test_parts_in_separate_jobs_equal_the_whole_run(tmp_path, monkeypatch):
     """Each experiment's parts (JOB_PARTS), run one by one and merged, give every number the whole run gives."""
     import train as T
     cfg = T.parse_config(N.Config, ["--preset=smoke", f"--out_dir={tmp_path}"], N.PRESETS)
     quiet = lambda s: None
     whole = N.run_extraction(cfg, 0, quiet)              # trains the models; the parts load them from the cache
+    monkeypatch.setattr(ev, "forgetting_thresholds", lambda *a, **k: pytest.fail("the parts read the run's"))
     parts = N.merge_parts([N.run_extraction(cfg, 0, quiet, p) for p in N.JOB_PARTS["extraction"]])
     assert list(parts["methods"]) == ["neumuter", "ig", "ga", "sga", "ta", "di"]
     assert _without_times(parts) == _without_times(whole)
