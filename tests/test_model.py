@@ -440,16 +440,14 @@ def test_token_logprobs_and_loss_match_explicit_loops(flavor):
 
 
 def test_each_script_trains_from_scratch_with_its_gelu_form():
-    # from scratch: the erf GELU (as nanoGPT), except where a script keeps GPT-2's tanh for its published tables;
-    # whatever the default, the Config's field reaches the model, and a bad value is named with its choices
+    # from scratch: the erf GELU (as nanoGPT) in every script; whatever the value, the Config's field reaches the
+    # model, and a bad value is named with its choices
     from dataclasses import replace
     import compare, locprobe, memadapt, memsinks, neumuter, nulls
     import train as T
     assert ModelConfig().gelu == "exact"
-    defaults = {memsinks: "exact", memadapt: "exact", locprobe: "exact", nulls: "exact", neumuter: "exact",
-                compare: "tanh"}
-    for mod, want in defaults.items():
-        assert mod.Config().gelu == want, mod.__name__
+    for mod in (memsinks, memadapt, locprobe, nulls, neumuter, compare):
+        assert mod.Config().gelu == "exact", mod.__name__
         with pytest.raises(SystemExit) as e:
             T.parse_config(mod.Config, ["--gelu=erf"], {})
         assert e.value.code == 2
