@@ -754,8 +754,8 @@ def run_extraction(cfg, seed, log=print, parts=None):
             nb = reference_neighbours(ref, d.forget, cfg.K, cfg.replace_ratio, seed, banned=(pad, d.tok.eos_id))
         t_nb = time.perf_counter() - t0
         log(f"neighbours: {len(nb)} in {t_nb:.1f}s")
-        # the curve's checks decide the stop only (Figure "neumuter curve" plots MA): no perplexity at each check;
-        # check.final measures the muted model's in full
+        # the curve's checks only decide the stop (fig_neumuter_curve.png plots their MA; nothing reads a perplexity
+        # there); check.final then records the muted model in full
         log_alpha, hist, spent = train_masks(cfg, net, fb, lm_rows(nb, pad), cfg.K,
                                              lambda m: check(net, m, stop_only=True), log, bound=bound)
         masks, sel = muted(cfg, log_alpha)
