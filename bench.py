@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig
-from train import check, parse_config, pick_device
+from train import check, cli, parse_config, pick_device
 
 
 @dataclass
@@ -1282,4 +1282,5 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)      # as every script: glibc keeps freed memory (train.keep_freed_memory), so rows time the code
+                   # as the scripts run it, not fresh zero-filled pages for every large activation
