@@ -1217,13 +1217,16 @@ def over_seeds(per_seed):
                 vals = [t["value"] for t in ts]
                 mu, sd, _, _ = t_interval(vals)
                 tests.append({"quantity": t0["quantity"], "op": t0["op"], "threshold": t0["threshold"],
+                              "threshold_per_seed": [t["threshold"] for t in ts],
                               "mean": mu, "std": sd, "n": len(ts), "per_seed": vals, **row})
             verdict = _verdict([t["side"] for t in tests])
         else:
             verdict = "not testable here"
         out.append({"claim": c0["claim"], "verdict": verdict, "verdict_per_seed": per, "tests": tests,
                     "value": {t["quantity"]: t["mean"] for t in tests},
-                    "threshold": {t0["quantity"]: _threshold_text(t0) for t0 in c0["tests"]},
+                    "threshold": {t0["quantity"]: _threshold_text(t0, [c["tests"][j]["threshold"] for c in cs
+                                                                        if len(c["tests"]) > j])
+                                  for j, t0 in enumerate(c0["tests"])},
                     "precondition_per_seed": {str(s): c["precondition"] for s, c in zip(seeds, cs)},
                     "detail": "; ".join(f"seed {s}: {c['detail']}" for s, c in zip(seeds, cs) if c["detail"])})
     return out
@@ -1235,7 +1238,11 @@ def _num(x):
     return format(x, ".4g") if isinstance(x, float) else str(x)
 
 
-def _threshold_text(t):
+def _threshold_text(t, per_seed=()):
+    """'op threshold'; over seeds whose thresholds differ (measured ones, e.g. another model's number), each
+    seed's in seed order, not the first seed's alone."""
+    if any(p != t["threshold"] for p in per_seed):
+        return f"{t['op']} {' / '.join(_num(p) for p in per_seed)} (per seed)"
     return f"{t['op']} {_num(t['threshold'])}"
 
 

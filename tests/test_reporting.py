@@ -108,6 +108,18 @@ def test_over_seeds_reaches_every_verdict():
                        1: [ev.claim("b", [ev.condition("x", 1, ">", 0)])]})
 
 
+def test_over_seeds_threshold_text_names_each_seeds_measured_threshold():
+    per = {s: [ev.claim("c", [ev.condition("x", v, "<=", t), ev.condition("y", 1.0, ">=", 0.5)])]
+           for s, (v, t) in enumerate([(0.7, 0.8064), (0.6, 0.79), (0.75, 0.81)])}
+    out = ev.over_seeds(per)[0]
+    assert out["threshold"] == {"x": "<= 0.8064 / 0.79 / 0.81 (per seed)", "y": ">= 0.5"}   # y: one threshold
+    assert out["tests"][0]["threshold_per_seed"] == [0.8064, 0.79, 0.81]
+    assert out["tests"][1]["threshold_per_seed"] == [0.5, 0.5, 0.5]
+    assert "x <= 0.8064 / 0.79 / 0.81 (per seed)" in ev.claims_markdown([out])[2]
+    one = ev.over_seeds({0: per[0]})[0]                                                       # one seed: as before
+    assert one["threshold"] == {"x": "<= 0.8064", "y": ">= 0.5"}
+
+
 def test_over_seeds_pools_paired_proportions():
     per = {s: [ev.claim("c", [ev.paired_proportion([1] * 10, [1] * 10)])] for s in range(3)}
     assert [c["verdict"] for c in per[0]] == ["inconclusive"]                                 # 10 items a seed
