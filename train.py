@@ -397,14 +397,21 @@ def jobs_in_background(fn, jobs, workers, after=None):
     import threading
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_memory)
-    pending, running, done, failed = list(range(len(jobs))), {}, {}, []
+    pending, running, done, failed, stopped = list(range(len(jobs))), {}, {}, [], []
+    # submitting starts the workers (in submit itself, with spawn); the lock makes "stop" and "submit" exclusive, so
+    # once stopped, no worker starts that the terminate sweep below would miss (it would run its job to the end and
+    # hold up this process's exit: an error or Ctrl-C in the first moments of the block did that)
+    submitting = threading.Lock()
 
     def schedule():               # a thread of this process: a free worker takes the first job whose needs are met
         try:
             while (pending or running) and not failed:
-                for i in [i for i in pending if after.get(i, set()) <= done.keys()][:n - len(running)]:
-                    pending.remove(i)
-                    running[pool.submit(fn, *jobs[i])] = i
+                with submitting:
+                    if stopped:
+                        return
+                    for i in [i for i in pending if after.get(i, set()) <= done.keys()][:n - len(running)]:
+                        pending.remove(i)
+                        running[pool.submit(fn, *jobs[i])] = i
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for f in finished:
                     done[running.pop(f)] = f.result()
@@ -423,9 +430,11 @@ def jobs_in_background(fn, jobs, workers, after=None):
             yield results
             results()                      # a block that never asked: its jobs still run, their errors surface
     except BaseException:
+        with submitting:
+            stopped.append(True)
+            pool.shutdown(wait=False, cancel_futures=True)
         for proc in multiprocessing.active_children():
             proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
 

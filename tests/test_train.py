@@ -779,6 +779,10 @@ def test_jobs_in_background_let_this_process_work_meanwhile():
             t0 = time.time()
             raise KeyError("here")
     assert time.time() - t0 < 20
+    import multiprocessing       # ... every one of them, also one the error came before: none runs its job on
+    while multiprocessing.active_children() and time.time() - t0 < 10:     # (holding up this process's exit)
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
 
 
 def _timed_sleep(seconds):
