@@ -725,6 +725,87 @@ def test_lazy_adamw_expect_rows_reads_only_the_promised_rows_with_the_same_updat
     assert torch.equal(runs[1][0][0][4], init[0][4]) and torch.equal(runs[1][0][2][:, 4], init[2][:, 4])
 
 
+def _torch_and_ours_adamw(dtype=torch.float32, **kw):
+    """Two identical parameter sets, one under torch.optim.AdamW (its CPU for-loop) and one under train.AdamW."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 16), (16,), (8, 8, 4)]
+    a = [nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for s in shapes]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]
+    return a, b, torch.optim.AdamW(groups(a), **kw), TR.AdamW(groups(b), **kw)
+
+
+def _bits(x):
+    return x.detach().contiguous().view(torch.int16 if x.element_size() == 2 else
+                                        torch.int32 if x.element_size() == 4 else torch.int64)
+
+
+@pytest.mark.parametrize("dtype,kw", [(torch.float32, dict(lr=3e-3, betas=(0.9, 0.95))),
+                                      (torch.float32, dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6)),
+                                      (torch.float32, dict(lr=1e-3, eps=0.0)),         # no eps: the plain sqrt
+                                      (torch.bfloat16, dict(lr=3e-3, betas=(0.9, 0.95))),
+                                      (torch.float64, dict(lr=3e-3, betas=(0.9, 0.95)))])
+def test_adamw_is_torchs_adamw_bit_for_bit_with_zero_and_denormal_moments(dtype, kw):
+    a, b, oa, ob = _torch_and_ours_adamw(dtype, **kw)
+    g = torch.Generator().manual_seed(1)
+    tiny = torch.finfo(torch.float32).tiny
+    for step in range(30):
+        for pa, pb in zip(a, b):
+            grad = torch.randn(pa.shape, generator=g, dtype=torch.float64)
+            grad[: pa.shape[0] // 2] = 0                      # rows that never get a gradient: moments stay 0
+            if step >= 10 and pa.dim() > 1:
+                grad[pa.shape[0] // 2:][::3] = 0              # rows whose gradient stops: moments decay
+            if step == 20:                                    # moments at the edges: denormals, tiny, 1e-36, ...
+                for p, o in ((pa, oa), (pb, ob)):
+                    v = o.state[p]["exp_avg_sq"].view(-1)
+                    vals = torch.tensor([0.0, tiny / 64, tiny / 2, tiny, 1e-37, 1e-36, 1.01e-36, 1e-30, 1e-12],
+                                        dtype=torch.float64).to(dtype)
+                    v[: len(vals)] = vals
+                    o.state[p]["exp_avg"].view(-1)[: len(vals)] = 1e-6     # a step that shows the denominator
+            pa.grad, pb.grad = grad.to(dtype), grad.to(dtype)
+        oa.step()
+        ob.step()
+        for pa, pb in zip(a, b):
+            assert torch.equal(_bits(pa), _bits(pb)), f"step {step}: parameters differ"
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(_bits(oa.state[pa][k]), _bits(ob.state[pb][k]))
+    assert ob.state_dict()["state"][0]["step"] == oa.state_dict()["state"][0]["step"] == 30
+    assert type(TR.make_optimizer(nn.Linear(3, 3), 1e-3, 0.1)) is TR.AdamW
+
+
+def test_adamw_state_dicts_load_both_ways():
+    a, b, oa, ob = _torch_and_ours_adamw()
+    for p in a + b:
+        p.grad = torch.ones_like(p)
+    oa.step()
+    ob.step()
+    a2, b2, oa2, ob2 = _torch_and_ours_adamw()
+    oa2.load_state_dict(ob.state_dict())                      # checkpoints written before the class read as before
+    ob2.load_state_dict(oa.state_dict())
+    assert oa2.state_dict()["state"][0]["step"] == ob2.state_dict()["state"][0]["step"] == 1
+
+
+def test_adamw_never_takes_the_sqrt_of_a_zero_or_denormal_moment():
+    # the point of the class: exact zeros and denormals take a slow sqrt on this repo's CPUs (~6x, ~40x)
+    from torch.overrides import TorchFunctionMode
+    seen = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("sqrt", "sqrt_"):
+                seen.append(float(args[0].min()))          # (the mode is off inside its own handler)
+            return func(*args, **(kwargs or {}))
+    for make in (TR.AdamW, torch.optim.AdamW):
+        p = nn.Parameter(torch.zeros(1000))
+        opt = make([p], lr=1e-3)
+        p.grad = torch.zeros_like(p)                       # no gradient ever: the moments stay exactly 0
+        seen.clear()
+        with Watch():
+            opt.step()
+            opt.step()
+        assert len(seen) == 2 and (min(seen) >= TR.AdamW.TINY) == (make is TR.AdamW)   # torch's does take it
+
+
 def test_make_optimizer_row_groups_by_dim_and_row_count():
     a, b, c = nn.Linear(4, 6, bias=False), nn.Linear(6, 4, bias=False), nn.Linear(4, 5, bias=False)
     net = nn.Sequential(a, b, c)
