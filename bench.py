@@ -707,14 +707,13 @@ def _nulls_step(n_gen, d_ff, batch, T, device, mask_fn, optimizer=True, lazy=Fal
     """A llama of the small shape with MLP hidden d_ff; one training step with mlp_mask=mask_fn(source ids)
     (optimizer=False: forward and backward only, gradients dropped; lazy: train.LazyRowAdamW on the MLP rows,
     as nulls.py --optimizer=lazy)."""
+    import train
     model = GPT(ModelConfig(flavor="llama", bias=False, **{**SIZES["small"], "d_ff": d_ff, "block_size": T})).to(device)
-    if lazy:
-        import train
-        rows = {w: d for b in model.blocks for w, d in ((b.mlp.up.weight, 0), (b.mlp.gate.weight, 0),
-                                                        (b.mlp.down.weight, 1))}
-        opt = train.make_optimizer(model, 3e-4, 0.1, row_dims=rows)
-    else:
-        opt = _adamw(model)
+    # the optimizer nulls.py trains with (train.make_optimizer: train.AdamW, or LazyRowAdamW on the MLP rows), on
+    # both sides of a row
+    rows = {w: d for b in model.blocks for w, d in ((b.mlp.up.weight, 0), (b.mlp.gate.weight, 0),
+                                                    (b.mlp.down.weight, 1))} if lazy else None
+    opt = train.make_optimizer(model, 3e-4, 0.1, row_dims=rows)
     x = torch.randint(0, model.cfg.vocab_size, (batch, T), device=device)
     src = torch.arange(1, batch + 1, device=device)[:, None].expand(batch, T)      # one source per row
 
