@@ -864,19 +864,19 @@ class AdamW(torch.optim.AdamW):
     torch's AdamW, bit for bit, without a slow path of CPUs: sqrt of an exact zero takes ~6x the time of other
     values on this repo's machines (AMD EPYC, AVX-512) and of a denormal ~40x, and second moments are exactly zero
     wherever a gradient never was (NULLs' sinks no source switched on, embedding rows of unseen tokens) or decay into
-    denormals where it stopped. The denominator sqrt(v) / sqrt(1 - beta2^t) + eps is computed from max(v, 1e-36)
-    instead: for v < 1e-36 the first term is < 1e-18 / sqrt(1 - beta2), under half an ulp of eps, so the sum rounds
-    to eps either way (the step checks that bound for the parameter's dtype; where it fails, e.g. eps = 0 or float64,
-    the plain sqrt). The update is torch's
-    for-loop AdamW's (what the CPU runs), operation by operation; anything else (CUDA's fused kernel, foreach,
-    amsgrad, maximize, a closure) is torch's own step. Tested equal to torch.optim.AdamW (tests/test_train.py).
+    denormals where it stopped. Where we differ from torch's code: the denominator sqrt(v) / sqrt(1 - beta2^t) + eps
+    is computed from max(v, 1e-36). For v < 1e-36 the first term is < 1e-18 / sqrt(1 - beta2), under half an ulp of
+    eps, so the sum rounds to eps either way (the step checks that bound for the parameter's dtype; where it fails,
+    e.g. eps = 0 or float64, the plain sqrt). The rest is torch's for-loop AdamW (what the CPU runs), operation by
+    operation; anything else (CUDA's fused kernel, foreach, amsgrad, maximize, complex parameters, a closure) is
+    torch's own step. Tested equal to torch.optim.AdamW (tests/test_train.py).
     """
     TINY = 1e-36
 
     def _plain(self, closure):
         return closure is not None or any(
             g["fused"] or g["foreach"] or g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"]
-            or any(p.device.type != "cpu" for p in g["params"]) for g in self.param_groups)
+            or any(p.device.type != "cpu" or p.is_complex() for p in g["params"]) for g in self.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None):
